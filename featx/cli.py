@@ -1,0 +1,117 @@
+"""The ``featx`` command: a thin click layer over the Python API. Errors print as one line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import FeatxError
+
+
+def emit(result: dict, as_json: bool, text: str) -> None:
+    """One JSON object on stdout with --json, else a human summary."""
+    click.echo(json.dumps(result, indent=None, default=str) if as_json else text)
+
+
+def data_options(f):
+    f = click.option("--data-root", type=click.Path(file_okay=False),
+                     help="Folder holding registered datasets (default: $FEATX_DATA, else a per-user folder).")(f)
+    f = click.option("--data", required=True, help="Dataset folder, or a registered name (see 'featx datasets').")(f)
+    return f
+
+
+def backbone_options(f):
+    f = click.option("--input-size", type=int, default=None,
+                     help="Resize the shorter side to N and centre-crop N instead of the weights' own size.")(f)
+    f = click.option("--weights", type=click.Path(dir_okay=False), default=None,
+                     help="Local state dict FILE to use instead of the registered pretrained weights.")(f)
+    f = click.option("--layer", default=None, help="Feature tap (default: pooled penultimate); see 'featx backbones'.")(f)
+    f = click.option("--backbone", default="efficientnet_lite0", show_default=True,
+                     help="Registered backbone or timm:<name>.")(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="featx")
+def cli():
+    """Transfer learning on small image datasets: extract cached features, fit heads, fine-tune."""
+
+
+@cli.command()
+@backbone_options
+@data_options
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=None, type=click.IntRange(0), help="Decoding processes (default: by device).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1),
+              help="Rows kept in memory before they are written durably (also every 15 s).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(backbone, layer, weights, input_size, data, data_root, cache_dir, device, batch_size, workers, dtype,
+            as_json, checkpoint_rows, quiet):
+    """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
+    from .extract import extract as run_extract
+
+    r = run_extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
+                    batch_size=batch_size, workers=workers, dtype=dtype, weights=weights, input_size=input_size,
+                    checkpoint_rows=checkpoint_rows, progress=not quiet)
+    for s in r.skipped_files:
+        click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
+    emit(r.as_dict(), as_json,
+         f"{r.images} images ({r.new} new, {r.skipped} skipped, {r.dropped} dropped) "
+         f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device}, {r.img_per_s} img/s -> {r.path}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+def backbones(as_json):
+    """List registered backbones, their layers, blocks and whether their weights are here."""
+    from .backbones import list_backbones
+
+    rows = list_backbones()
+    if as_json:
+        emit({"backbones": rows}, True, "")
+        return
+    for r in rows:
+        mark = "yes" if r["weights_available"] else "no "
+        click.echo(f"{r['name']:<20} {r['feature_dim']:>5}-d  weights here: {mark}  layers: {','.join(r['layers'])}")
+        click.echo(f"{'':<20} blocks: {','.join(r['blocks'])}")
+    click.echo("timm:<name> also works for any timm model whose weights are in the Hugging Face cache.")
+
+
+@cli.command()
+@click.option("--data-root", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def datasets(data_root, as_json):
+    """List registered dataset names and whether they are present under the data root."""
+    from . import data
+
+    root = data.data_root(data_root)
+    rows = [{"name": s.name, "description": s.description, "present": (root / s.name).is_dir() or s.name == "digits",
+             "path": str(root / s.name), "source": s.url or s.manual or "bundled with scikit-learn"}
+            for s in data.DATASETS.values()]
+    if as_json:
+        emit({"root": str(root), "datasets": rows}, True, "")
+        return
+    click.echo(f"data root: {root}")
+    for r in rows:
+        click.echo(f"{r['name']:<18} {'present' if r['present'] else 'absent ':<8} {r['description']}")
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="featx", standalone_mode=False)
+    except FeatxError as exc:
+        click.echo(f"featx: error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("featx: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,297 @@
+"""Datasets: resolve a name or path to a folder of class folders, list its images, decode them.
+
+A dataset root holds ``train/``, ``val/``, ``test/`` (any of them) with one folder per class, or
+class folders only; the latter gets a seeded stratified split so every stage sees the same one.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import FeatxError
+
+SPLITS = ("train", "val", "test")
+SPLIT_SEED = 0
+SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where a registered dataset comes from and how its archive unpacks."""
+
+    name: str
+    description: str
+    url: str | None = None
+    checksum: tuple[str, str] | None = None  # (algorithm, hex digest) of the archive
+    archive_root: str | None = None  # folder inside the archive that becomes the dataset root
+    expected_images: int | None = None  # checked after unpacking when no checksum is published
+    train_per_class: int | None = None  # split policy for roots with class folders only
+    manual: str | None = None  # how to get it where there is no public archive
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec
+    for spec in [
+        DatasetSpec(
+            "hymenoptera", "ants vs bees, 245 train / 153 val (PyTorch transfer-learning tutorial)",
+            url="https://download.pytorch.org/tutorial/hymenoptera_data.zip",
+            archive_root="hymenoptera_data", expected_images=398),
+        DatasetSpec(
+            "cats_dogs", "Kaggle dogs-vs-cats subset, train/val/test per class (seed S3)",
+            manual="download the Kaggle 'dogs-vs-cats' train.zip (needs a Kaggle account) and arrange "
+                   "it as train/val/test/{cats,dogs}"),
+        DatasetSpec(
+            "hotdog", "1,400 hotdog + 1,400 other food images (d2l, seed S0)",
+            url="http://d2l-data.s3-accelerate.amazonaws.com/hotdog.zip",
+            checksum=("sha1", "fba480ffa8aa7e0febbb511d181409f899b9baa5"), archive_root="hotdog"),
+        DatasetSpec(
+            "pizza_steak_sushi", "Food-101 subset, ~75 train / ~25 test per class (seed S1)",
+            url="https://github.com/mrdbourke/pytorch-deep-learning/raw/main/data/pizza_steak_sushi.zip",
+            expected_images=300),
+        DatasetSpec(
+            "caltech256", "Caltech-256, 60 train images per class, rest val (seed S4)",
+            url="https://data.caltech.edu/records/nyg1x-z6m67/files/256_ObjectCategories.tar",
+            checksum=("md5", "67b4f42ca05d46448c6bb8ecd2220f6d"),
+            archive_root="256_ObjectCategories", train_per_class=60),
+        DatasetSpec("digits", "scikit-learn's bundled 8x8 handwritten digits, 1,797 images, offline"),
+    ]
+}
+
+
+def default_data_root() -> Path:
+    """Per-user folder for registered datasets, used when neither --data-root nor $FEATX_DATA is set."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "featx" / "data"
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    return Path(root or os.environ.get("FEATX_DATA") or default_data_root()).expanduser()
+
+
+@dataclass
+class Dataset:
+    """The images of one dataset: parallel lists of relative paths, class indices and splits."""
+
+    name: str
+    root: Path
+    classes: list[str]
+    paths: list[str]
+    labels: np.ndarray
+    splits: list[str]
+    split_source: str  # "folders" or "seeded:<seed>"
+    spec: DatasetSpec | None = None
+    counts: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def split_names(self) -> list[str]:
+        return [s for s in SPLITS if s in set(self.splits)]
+
+    def subset(self, split: str) -> tuple[list[str], np.ndarray]:
+        idx = [i for i, s in enumerate(self.splits) if s == split]
+        return [self.paths[i] for i in idx], self.labels[idx]
+
+
+def resolve(data: str | os.PathLike, root: str | os.PathLike | None = None,
+            download: bool = True) -> tuple[str, Path, DatasetSpec | None]:
+    """Turn ``--data`` into (name, folder, spec): an existing path wins, else a registered name."""
+    path = Path(data).expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        return path.name, path, DATASETS.get(path.name)
+    name = str(data)
+    if name not in DATASETS:
+        raise FeatxError(
+            f"dataset '{data}' is neither a folder nor a registered name; "
+            f"pass a folder of class folders or one of: {', '.join(DATASETS)}")
+    spec = DATASETS[name]
+    folder = (data_root(root) / name).resolve()
+    if not folder.is_dir():
+        if name == "digits":
+            materialise_digits(folder)
+        elif download:
+            fetch(spec, folder)
+        else:
+            raise FeatxError(missing_message(spec, folder))
+    return name, folder, spec
+
+
+def missing_message(spec: DatasetSpec, folder: Path) -> str:
+    how = spec.manual or f"download {spec.url} and unpack it there"
+    return (f"dataset '{spec.name}' is not at {folder}: {how} "
+            f"(or point --data-root / $FEATX_DATA at a folder that holds '{spec.name}/')")
+
+
+def load(data: str | os.PathLike, root: str | os.PathLike | None = None, download: bool = True) -> Dataset:
+    """Resolve and list a dataset; errors name the folder and how to fix it."""
+    name, folder, spec = resolve(data, root, download)
+    return scan(folder, name=name, spec=spec)
+
+
+def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None) -> Dataset:
+    folder = Path(folder)
+    split_dirs = [s for s in SPLITS if (folder / s).is_dir()]
+    if split_dirs:
+        per_split = {s: class_files(folder / s) for s in split_dirs}
+        classes = sorted({c for files in per_split.values() for c in files})
+        paths, labels, splits = [], [], []
+        for s, files in per_split.items():
+            for c, names in files.items():
+                for n in names:
+                    paths.append(f"{s}/{c}/{n}")
+                    labels.append(classes.index(c))
+                    splits.append(s)
+        source = "folders"
+    else:
+        files = class_files(folder)
+        classes = sorted(files)
+        paths = [f"{c}/{n}" for c in classes for n in files[c]]
+        labels = [classes.index(p.split("/", 1)[0]) for p in paths]
+        splits = seeded_split(np.asarray(labels), spec.train_per_class if spec else None)
+        source = f"seeded:{SPLIT_SEED}"
+    if not paths:
+        raise FeatxError(f"no images under {folder}: expected train/, val/, test/ or class folders holding images")
+    if len(classes) < 2:
+        raise FeatxError(f"{folder} has one class ({classes[0]}): a classifier needs at least two class folders")
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = {s: {c: int(((labels == i) & (np.asarray(splits) == s)).sum()) for i, c in enumerate(classes)}
+              for s in SPLITS if s in splits}
+    return Dataset(name or folder.name, folder, classes, paths, labels, splits, source, spec, counts)
+
+
+def class_files(folder: Path) -> dict[str, list[str]]:
+    """Files per class folder (hidden ones excluded); format is decided later, by content."""
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    out = {}
+    for c in classes:
+        names = sorted(f.name for f in (folder / c).iterdir() if f.is_file() and not f.name.startswith("."))
+        if not names:
+            raise FeatxError(f"class folder {folder / c} is empty: add images or remove the folder")
+        out[c] = names
+    return out
+
+
+def seeded_split(labels: np.ndarray, train_per_class: int | None = None, seed: int = SPLIT_SEED) -> list[str]:
+    """Stratified train/val/test assignment that is the same on every machine for the same files."""
+    rng = np.random.default_rng(seed)
+    splits = np.empty(len(labels), dtype=object)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if train_per_class is not None:
+            n_train, n_val = min(train_per_class, len(idx)), 0
+        else:
+            n_train = max(1, round(len(idx) * SPLIT_FRACTIONS["train"]))
+            n_val = round(len(idx) * SPLIT_FRACTIONS["val"])
+        splits[idx[:n_train]] = "train"
+        splits[idx[n_train:n_train + n_val]] = "val"
+        splits[idx[n_train + n_val:]] = "test" if train_per_class is None else "val"
+    return splits.tolist()
+
+
+def fingerprint(path: Path) -> str:
+    """Size and modification time: changes whenever the file is rewritten, costs one stat."""
+    st = path.stat()
+    return f"{st.st_size}-{st.st_mtime_ns}"
+
+
+def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode any image Pillow knows as upright 8-bit RGB; JPEGs are decoded at reduced size when
+    ``draft_size`` allows, which is several times faster for large photos."""
+    img = Image.open(path)
+    if img.format == "JPEG" and draft_size:
+        img.draft("RGB", (draft_size, draft_size))
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        scale = 255.0 / max(float(arr.max()), 1.0) if img.mode != "F" or arr.max() > 1 else 255.0
+        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("P", "PA") and "transparency" in img.info or img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+def materialise_digits(folder: Path) -> None:
+    """Write sklearn's bundled digits as 8x8 grey PNGs in class folders (atomically)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for i, (image, target) in enumerate(zip(digits.images, digits.target)):
+        (tmp / str(target)).mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(image * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, "L").save(tmp / str(target) / f"{i:04d}.png")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, folder)
+
+
+def fetch(spec: DatasetSpec, folder: Path) -> None:
+    """Download, verify and unpack a registered dataset into ``folder``."""
+    if spec.url is None:
+        raise FeatxError(missing_message(spec, folder))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    archive = folder.parent / Path(spec.url).name
+    if not archive.exists():
+        partial = archive.with_name(archive.name + ".partial")
+        try:
+            with urllib.request.urlopen(spec.url, timeout=30) as response, open(partial, "wb") as out:
+                shutil.copyfileobj(response, out, 1 << 20)
+        except (urllib.error.URLError, OSError) as exc:
+            partial.unlink(missing_ok=True)
+            reason = getattr(exc, "reason", exc)
+            raise FeatxError(f"could not download '{spec.name}' ({reason}); "
+                             + missing_message(spec, folder)) from None
+        os.replace(partial, archive)
+    unpack(spec, archive, folder)
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack(spec: DatasetSpec, archive: Path, folder: Path) -> None:
+    """Check the archive's checksum (or image count) and unpack it atomically into ``folder``."""
+    if spec.checksum:
+        algorithm, expected = spec.checksum
+        actual = file_digest(archive, algorithm)
+        if actual != expected:
+            raise FeatxError(f"{archive} has {algorithm} {actual}, expected {expected}: "
+                             "delete it and download again")
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp)
+    else:
+        with tarfile.open(archive) as t:
+            t.extractall(tmp, filter="data")
+    root = tmp / spec.archive_root if spec.archive_root else tmp
+    if not root.is_dir():
+        raise FeatxError(f"{archive} has no '{spec.archive_root}/' folder: delete it and download again")
+    if spec.expected_images is not None:
+        found = sum(1 for p in root.rglob("*") if p.is_file())
+        if found != spec.expected_images:
+            raise FeatxError(f"{archive} unpacked to {found} files, expected {spec.expected_images}: "
+                             "delete it and download again")
+    os.replace(root, folder)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,5 @@
+"""One exception type for every mistake a user can fix; the CLI prints it as one line."""
+
+
+class FeatxError(Exception):
+    """A problem with the user's input or environment, with the fix in the message."""

@@ -1,0 +1,234 @@
+"""The HDF5 feature cache: one file per (dataset, backbone, weights, layer, preprocessing).
+
+Crash safety comes from never editing a file in place. Extraction appends rows to small *part*
+files, each written under a temporary name and renamed when complete; at the end of a run the main
+file and its parts are merged, streaming, into a new main file that replaces the old one atomically.
+A run killed at any moment therefore leaves only complete, openable files, and the next run reuses
+every part it finds. A file lock keeps two writers of one cache apart.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+from filelock import FileLock, Timeout
+
+from .errors import FeatxError
+
+FORMAT = "featx-features-1"
+STR = h5py.string_dtype()
+COPY_ROWS = 4096  # rows copied at a time when merging: bounds memory whatever the dataset size
+
+
+def cache_path(cache_dir: str | os.PathLike, dataset: str, identity: dict, dtype: str) -> Path:
+    """A readable name plus a digest of everything that changes the features."""
+    import hashlib
+
+    key = json.dumps({**identity, "dtype": dtype}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    readable = "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", str(p)) for p in
+                         (dataset, identity["backbone"], identity["layer"]))
+    return Path(cache_dir) / f"{readable}__{digest}.h5"
+
+
+@dataclass
+class Rows:
+    """A batch of extracted rows in memory (one part file's worth at most)."""
+
+    features: list = field(default_factory=list)
+    paths: list = field(default_factory=list)
+    fingerprints: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)  # (path, fingerprint, reason)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class Features:
+    """What fit-head and friends read from a cache file."""
+
+    X: np.ndarray
+    y: np.ndarray
+    paths: np.ndarray
+    splits: np.ndarray
+    classes: list
+    attrs: dict
+    path: Path
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mask = self.splits == name
+        return self.X[mask], self.y[mask], self.paths[mask]
+
+    def split_names(self) -> list[str]:
+        return [s for s in ("train", "val", "test") if (self.splits == s).any()]
+
+    def identity(self) -> dict:
+        return {k: self.attrs[k] for k in ("backbone", "weights", "weights_sha256", "layer", "transform")}
+
+
+def open_h5(path: Path, mode: str = "r") -> h5py.File:
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        raise FeatxError(f"{path} is not a readable HDF5 feature cache ({exc}): delete it and extract again") from None
+
+
+def load(path: str | os.PathLike) -> Features:
+    path = Path(path)
+    if not path.is_file():
+        raise FeatxError(f"feature cache {path} does not exist: run 'featx extract' first or check --features")
+    with open_h5(path) as f:
+        if f.attrs.get("format") != FORMAT:
+            raise FeatxError(f"{path} was not written by featx extract: pass a featx feature cache")
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        return Features(
+            X=f["features"][:].astype(np.float32), y=f["labels"][:], paths=f["paths"].asstr()[:],
+            splits=f["splits"].asstr()[:], classes=json.loads(attrs["classes"]), attrs=attrs, path=path)
+
+
+def part_files(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.part*.h5"))
+
+
+def write_h5(path: Path, fill) -> None:
+    """Write a file under a temporary name, flush it to disk and rename it into place."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with h5py.File(tmp, "w") as f:
+        fill(f)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_rows(f: h5py.File, features, paths, fingerprints, skipped) -> None:
+    f.create_dataset("features", data=features)
+    f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STR)
+    f.create_dataset("fingerprints", data=np.asarray(fingerprints, dtype=object), dtype=STR)
+    write_skipped(f, skipped)
+
+
+def write_skipped(f: h5py.File, skipped) -> None:
+    g = f.create_group("skipped")
+    for i, name in enumerate(("paths", "fingerprints", "reasons")):
+        g.create_dataset(name, data=np.asarray([s[i] for s in skipped], dtype=object), dtype=STR)
+
+
+@dataclass
+class Index:
+    """Which rows the cache already holds, across the main file and its parts."""
+
+    sources: list  # (file, row count)
+    rows: dict  # path -> (source number, row, fingerprint)
+    skipped: dict  # path -> (fingerprint, reason)
+    dim: int | None = None
+    main_meta: dict = field(default_factory=dict)
+
+
+class FeatureStore:
+    """Reads and grows one cache file; use as a context manager to hold its lock."""
+
+    def __init__(self, path: str | os.PathLike, dtype: str = "float32"):
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.lock = FileLock(str(self.path) + ".lock")
+        self.parts_written = 0
+
+    def __enter__(self) -> "FeatureStore":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            print(f"featx: waiting for another featx process using {self.path}", file=sys.stderr)
+            self.lock.acquire()
+        for stale in self.path.parent.glob(f"{self.path.name}*.tmp*"):
+            stale.unlink(missing_ok=True)  # left by a killed run; we hold the lock, so nobody writes them
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def index(self) -> Index:
+        index = Index([], {}, {})
+        for path in ([self.path] if self.path.is_file() else []) + part_files(self.path):
+            with open_h5(path) as f:
+                if path == self.path:
+                    if f.attrs.get("format") != FORMAT:
+                        raise FeatxError(f"{path} was not written by featx: move it out of the cache folder")
+                    index.main_meta = {"paths": list(f["paths"].asstr()[:]), "labels": f["labels"][:],
+                                       "splits": list(f["splits"].asstr()[:]),
+                                       "skipped": sorted(f["skipped/paths"].asstr()[:])}
+                n = f["features"].shape[0]
+                source = len(index.sources)
+                index.sources.append((path, n))
+                if n:
+                    index.dim = f["features"].shape[1]
+                for row, (p, fp) in enumerate(zip(f["paths"].asstr()[:], f["fingerprints"].asstr()[:])):
+                    index.rows[p] = (source, row, fp)
+                    index.skipped.pop(p, None)
+                g = f["skipped"]
+                for p, fp, reason in zip(*(g[k].asstr()[:] for k in ("paths", "fingerprints", "reasons"))):
+                    index.skipped[p] = (fp, reason)
+                    index.rows.pop(p, None)
+        return index
+
+    def write_part(self, rows: Rows) -> None:
+        """Persist extracted rows now, so a kill after this point loses none of them."""
+        existing = part_files(self.path)
+        number = int(existing[-1].name.rsplit(".part", 1)[1][:-3]) + 1 if existing else 0
+        features = np.asarray(rows.features, dtype=self.dtype) if rows.features else np.zeros((0, 0), self.dtype)
+        write_h5(self.path.with_name(f"{self.path.name}.part{number:06d}.h5"),
+                 lambda f: write_rows(f, features, rows.paths, rows.fingerprints, rows.skipped))
+        self.parts_written += 1
+
+    def consolidate(self, order: list, labels: np.ndarray, splits: list, skipped: dict, attrs: dict) -> int:
+        """Merge main file and parts into a new main file holding exactly ``order`` (paths), streaming.
+
+        Labels and splits come from the current dataset scan, features from the cache.
+        """
+        index = self.index()
+        dim = index.dim or 0
+        n = len(order)
+
+        def fill(f: h5py.File) -> None:
+            feats = f.create_dataset("features", shape=(n, dim), dtype=self.dtype,
+                                     chunks=(max(1, min(n, 256)), dim) if n and dim else None)
+            handles = {}
+            try:
+                for start in range(0, n, COPY_ROWS):
+                    chunk = order[start:start + COPY_ROWS]
+                    block = np.empty((len(chunk), dim), dtype=self.dtype)
+                    by_source: dict = {}
+                    for i, p in enumerate(chunk):
+                        source, row, _ = index.rows[p]
+                        by_source.setdefault(source, []).append((row, i))
+                    for source, pairs in by_source.items():
+                        if source not in handles:
+                            handles[source] = open_h5(index.sources[source][0])
+                        pairs.sort()
+                        rows_in = [r for r, _ in pairs]
+                        block[[i for _, i in pairs]] = handles[source]["features"][rows_in]
+                    feats[start:start + len(chunk)] = block
+            finally:
+                for h in handles.values():
+                    h.close()
+            f.create_dataset("labels", data=labels)
+            f.create_dataset("paths", data=np.asarray(order, dtype=object), dtype=STR)
+            f.create_dataset("splits", data=np.asarray(splits, dtype=object), dtype=STR)
+            f.create_dataset("fingerprints", data=np.asarray([index.rows[p][2] for p in order], dtype=object),
+                             dtype=STR)
+            write_skipped(f, [(p, fp, reason) for p, (fp, reason) in sorted(skipped.items())])
+            f.attrs.update({**attrs, "format": FORMAT, "rows": n, "feature_dim": dim,
+                            "dtype": self.dtype.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+
+        write_h5(self.path, fill)
+        for part in part_files(self.path):
+            part.unlink()
+        return n

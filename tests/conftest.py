@@ -1,0 +1,30 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import helpers  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    return helpers.save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_weights):
+    """Name of a tiny registered backbone whose weights load from a local file."""
+    return helpers.register_tiny(tiny_weights).name
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return helpers.make_dataset(tmp_path / "colours")
+
+
+@pytest.fixture
+def shared_data():
+    if not (helpers.SHARED_DATA / "hymenoptera").is_dir():
+        pytest.fail(f"real test images are missing: expected {helpers.SHARED_DATA}/hymenoptera beside the checkout")
+    return helpers.SHARED_DATA

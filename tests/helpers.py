@@ -1,0 +1,75 @@
+"""Shared test material: a tiny CNN registered as a featx backbone, and synthetic image folders."""
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+import featx
+from featx.backbones import BackboneSpec, Preprocess, Tap, Weights
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int = 10, delay: float = 0.0):
+        super().__init__()
+        self.delay = delay  # seconds per forward, to stand in for a big network in kill tests
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block1 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.block2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        time.sleep(self.delay)
+        return self.fc(self.flatten(self.pool(self.block2(self.block1(self.stem(x))))))
+
+
+def save_tiny_weights(path: Path) -> Path:
+    torch.manual_seed(0)
+    net = TinyNet()
+    for m in net.modules():  # non-trivial BN statistics, so "unchanged" checks mean something
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def register_tiny(weights: Path, name: str = "tiny", delay: float = 0.0) -> BackboneSpec:
+    spec = BackboneSpec(
+        name=name, family="tiny", build=partial(TinyNet, delay=delay), weights=Weights("file", str(weights)),
+        preprocess=Preprocess(32, 32, "bilinear"), feature_dim=32,
+        taps={"block1": Tap("block1", "gap"), "block2": Tap("block2", "gap"), "pool": Tap("fc", "input")},
+        default_tap="pool", blocks={"stem": ["stem"], "block1": ["block1"], "block2": ["block2"]}, classifier="fc")
+    return featx.register_backbone(spec)
+
+
+def colour_image(label: int, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """Class 0 is reddish, class 1 bluish, class 2 greenish: separable by any feature extractor."""
+    base = np.zeros((size, size, 3), np.float32)
+    base[..., label % 3] = 180
+    pixels = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels, "RGB")
+
+
+def make_dataset(root: Path, per_class: dict | None = None, classes=("a", "b"), fmt: str = "JPEG",
+                 seed: int = 0) -> Path:
+    """Write ``root/<split>/<class>/<i>.jpg``; per_class maps split -> images per class."""
+    rng = np.random.default_rng(seed)
+    per_class = per_class or {"train": 6, "val": 3, "test": 3}
+    for split, n in per_class.items():
+        for label, cls in enumerate(classes):
+            folder = root / split / cls if split else root / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                colour_image(label, rng).save(folder / f"{i:03d}.{'jpg' if fmt == 'JPEG' else 'png'}", fmt)
+    return root

@@ -1,0 +1,94 @@
+import urllib.error
+
+import pytest
+import torch
+
+import featx
+from featx import backbones
+from featx.errors import FeatxError
+
+
+def test_registry_names_and_contract():
+    names = {b["name"] for b in featx.list_backbones()}
+    expected = {"vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "efficientnet_b0",
+                "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "mobilenet_v3_large", "densenet121",
+                "convnext_tiny", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    assert expected <= names
+    vgg = backbones.get_spec("vgg16")
+    assert list(vgg.blocks)[:5] == [f"block{i}" for i in range(1, 6)]
+    assert {"pool5", "fc6", "fc7"} <= set(vgg.taps) and vgg.default_tap == "fc7"
+    assert list(backbones.get_spec("resnet50").blocks) == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+@pytest.mark.parametrize("name,layer,size,dim", [
+    ("vgg16", "pool5", 150, 8192), ("vgg16", "fc7", 150, 4096), ("vgg16", "block4", 64, 512),
+    ("resnet18", "avgpool", 64, 512), ("resnet18", "layer2", 64, 128), ("efficientnet_b0", "pool", 64, 1280),
+    ("mobilenet_v3_large", "pool", 64, 960), ("densenet121", "pool", 64, 1024), ("convnext_tiny", "pool", 64, 768),
+    ("efficientnet_lite0", "block5", 64, 112), ("efficientnet_lite0", "pool", 64, 1280),
+    ("resnet18", "logits", 64, 1000),
+])
+def test_taps_have_documented_dims(name, layer, size, dim):
+    net = featx.create_backbone(name, layer, pretrained=False, input_size=size)
+    with torch.inference_mode():
+        out = net(torch.randint(0, 255, (2, 3, size, size), dtype=torch.uint8))
+    assert out.shape == (2, dim)
+    if layer == net.spec.default_tap:
+        assert dim == net.spec.feature_dim
+
+
+def test_every_block_names_real_parameters():
+    for name in ("vgg16", "resnet18", "efficientnet_b0", "densenet121", "convnext_tiny", "efficientnet_lite0",
+                 "mobilenet_v3_large"):
+        net = featx.create_backbone(name, pretrained=False)
+        for block in net.spec.blocks:
+            assert net.block_parameters(block), f"{name}:{block} selects no parameters"
+
+
+def test_unknown_backbone_and_layer():
+    with pytest.raises(FeatxError, match="unknown backbone 'nope'.*vgg16"):
+        featx.create_backbone("nope")
+    with pytest.raises(FeatxError, match="no layer 'x'.*layer1"):
+        featx.create_backbone("resnet18", "x", pretrained=False)
+
+
+def test_missing_torchvision_weights_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FeatxError) as err:
+        featx.create_backbone("resnet18")
+    msg = str(err.value)
+    assert "\n" not in msg and "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg and "--weights" in msg
+
+
+def test_torchvision_weights_load_from_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    torch.manual_seed(1)
+    state = featx.create_backbone("resnet18", pretrained=False).model.state_dict()
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    assert backbones.get_spec("resnet18").describe()["weights_available"]
+    net = featx.create_backbone("resnet18")
+    assert torch.equal(net.model.conv1.weight, state["conv1.weight"])
+    assert net.weights_id == "ResNet18_Weights.IMAGENET1K_V1" and len(net.weights_sha256) == 64
+
+
+def test_weights_file(tmp_path, tiny, tiny_weights):
+    net = featx.create_backbone(tiny)
+    assert torch.equal(net.model.stem[0].weight, torch.load(tiny_weights, weights_only=True)["stem.0.weight"])
+    with pytest.raises(FeatxError, match="does not fit resnet18"):
+        featx.create_backbone("resnet18", weights=str(tiny_weights))
+    (tmp_path / "junk.pth").write_bytes(b"not a tensor file")
+    with pytest.raises(FeatxError, match="junk.pth is not a readable weights file"):
+        featx.create_backbone("resnet18", weights=str(tmp_path / "junk.pth"))
+
+
+def test_preprocess_carries_weights_config():
+    assert backbones.get_spec("efficientnet_b0").preprocess.interpolation == "bicubic"
+    pre = backbones.get_spec("resnet50").preprocess
+    assert (pre.input_size, pre.resize_size) == (224, 232)
+    lite = backbones.get_spec("efficientnet_lite0").preprocess
+    assert lite.mean == backbones.TF_LITE_MEAN

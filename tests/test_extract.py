@@ -1,0 +1,177 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+
+import featx
+from featx import store
+from featx.cli import cli
+from helpers import REPO, colour_image, make_dataset
+
+
+def run(tiny, data, cache, **kw):
+    return featx.extract(tiny, str(data), cache_dir=cache, progress=False, workers=0, batch_size=4, **kw)
+
+
+def test_extract_writes_cache_with_identity(tiny, dataset, tmp_path):
+    r = run(tiny, dataset, tmp_path / "c")
+    assert (r.images, r.new, r.skipped, r.feature_dim) == (24, 24, 0, 32)
+    f = store.load(r.path)
+    assert f.X.shape == (24, 32) and f.X.dtype == np.float32
+    assert f.classes == ["a", "b"] and sorted(set(f.splits)) == ["test", "train", "val"]
+    assert {"backbone", "weights", "weights_sha256", "layer", "transform", "torch_version", "featx_version",
+            "split_source"} <= set(f.attrs)
+    assert f.attrs["backbone"] == tiny and f.attrs["layer"] == "pool"
+    # rows match what the backbone computes for the same file
+    net = featx.create_backbone(tiny)
+    direct = featx.FeatureExtractor(tiny, workers=0).fit().transform([dataset / p for p in f.paths[:3]])
+    np.testing.assert_allclose(f.X[:3], direct, rtol=1e-4, atol=1e-5)
+    assert net.identity() == f.identity()
+
+
+def test_rerun_is_incremental(tiny, dataset, tmp_path):
+    cache = tmp_path / "c"
+    first = run(tiny, dataset, cache)
+    mtime = os.stat(first.path).st_mtime_ns
+    again = run(tiny, dataset, cache)
+    assert again.new == 0 and again.images == 24 and os.stat(first.path).st_mtime_ns == mtime
+
+    colour_image(1, np.random.default_rng(5)).save(dataset / "train" / "b" / "new.jpg")
+    (dataset / "val" / "a" / "000.jpg").unlink()
+    changed = dataset / "test" / "a" / "001.jpg"
+    colour_image(1, np.random.default_rng(6)).save(changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    r = run(tiny, dataset, cache)
+    assert (r.new, r.dropped, r.images) == (2, 1, 24)
+    f = store.load(r.path)
+    assert "train/b/new.jpg" in f.paths and "val/a/000.jpg" not in f.paths
+    assert not store.part_files(Path(r.path))
+
+
+def test_layers_and_float16_get_their_own_files(tiny, dataset, tmp_path):
+    a = run(tiny, dataset, tmp_path / "c")
+    b = run(tiny, dataset, tmp_path / "c", layer="block1")
+    c = run(tiny, dataset, tmp_path / "c", dtype="float16")
+    assert len({a.path, b.path, c.path}) == 3
+    assert b.feature_dim == 16
+    with h5py.File(c.path) as f:
+        assert f["features"].dtype == np.float16
+
+
+def test_corrupt_files_are_skipped_and_listed(tiny, dataset, tmp_path):
+    bad = dataset / "train" / "a"
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "notes.jpg").write_text("not an image")
+    whole = (dataset / "train" / "a" / "000.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    colour_image(0, np.random.default_rng(1)).convert("P").save(bad / "gif_named.jpg", "GIF")
+    r = run(tiny, dataset, tmp_path / "c")
+    assert r.skipped == 3 and r.images == 25
+    assert sorted(s["path"] for s in r.skipped_files) == ["train/a/empty.jpg", "train/a/notes.jpg",
+                                                          "train/a/truncated.jpg"]
+    with h5py.File(r.path) as f:
+        assert sorted(f["skipped/paths"].asstr()[:]) == sorted(s["path"] for s in r.skipped_files)
+    again = run(tiny, dataset, tmp_path / "c")
+    assert again.new == 0 and again.skipped == 3
+
+
+def test_merge_streams_in_chunks(tiny, dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "COPY_ROWS", 5)
+    r = run(tiny, dataset, tmp_path / "c", checkpoint_rows=7)
+    f = store.load(r.path)
+    reference = run(tiny, dataset, tmp_path / "d")
+    np.testing.assert_array_equal(f.X, store.load(reference.path).X)
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import helpers
+helpers.register_tiny(__import__('pathlib').Path({weights!r}), delay={delay})
+from featx.cli import main
+main(sys.argv[1:])
+"""
+
+
+def extract_cmd(tiny_weights, data, cache, *extra, delay=0.0):
+    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights), delay=delay)
+    return [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir",
+            str(cache), "--workers", "0", "--batch-size", "4", "--quiet", *extra]
+
+
+def test_sigkill_loses_nothing_and_resumes(tiny_weights, tmp_path):
+    data = make_dataset(tmp_path / "many", {"train": 150})
+    cache = tmp_path / "c"
+    cmd = extract_cmd(tiny_weights, data, cache, "--checkpoint-rows", "8", "--json", delay=0.02)
+    for delay in (3.0, 1.0):  # kill twice, at different points
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.time() + 60
+        while time.time() < deadline and not list(cache.glob("*.part*.h5")):
+            time.sleep(0.05)
+        time.sleep(delay * 0.1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for f in cache.glob("*.h5"):
+            h5py.File(f, "r").close()  # every file that carries the .h5 name opens
+    done = sum(h5py.File(p, "r")["features"].shape[0] for p in cache.glob("*.h5"))
+    assert 0 < done < 300, "the kills should land mid-run"
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["images"] == 300 and result["new"] == 300 - done
+    assert not list(cache.glob("*.tmp*")) and not list(cache.glob("*.part*"))
+
+
+def test_two_writers_on_one_cache(tiny_weights, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 40})
+    cache = tmp_path / "c"
+    cmd = extract_cmd(tiny_weights, data, cache, "--json")
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(r["new"] for r in results) == [0, 80]
+    assert store.load(results[0]["path"]).X.shape == (80, 32)
+
+
+def test_feature_extractor_in_sklearn_pipeline(tiny, dataset):
+    files = sorted(dataset.glob("*/*/*.jpg"))
+    y = [f.parent.name for f in files]
+    pipe = make_pipeline(featx.FeatureExtractor(tiny), LogisticRegression(max_iter=1000))
+    pipe.fit(files, y)
+    assert pipe.score(files, y) == 1.0
+    assert clone(pipe).get_params()["featureextractor__backbone"] == tiny
+
+
+def test_feature_extractor_names_unreadable_file(tiny, tmp_path):
+    (tmp_path / "bad.jpg").write_text("x")
+    with pytest.raises(featx.FeatxError, match="bad.jpg could not be read"):
+        featx.FeatureExtractor(tiny).fit().transform([tmp_path / "bad.jpg"])
+
+
+def test_cli_extract_json_and_errors(tiny, dataset, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["extract", "--backbone", tiny, "--data", str(dataset), "--cache-dir",
+                              str(tmp_path / "c"), "--workers", "0", "--json", "--quiet"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert {"path", "images", "new", "skipped", "img_per_s"} <= set(payload) and payload["images"] == 24
+    res = runner.invoke(cli, ["backbones", "--json"])
+    assert any(b["name"] == "vgg16" and "pool5" in b["layers"] for b in json.loads(res.stdout)["backbones"])
+
+
+def test_cli_error_is_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "featx", "extract", "--data", str(tmp_path / "missing")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("featx: error: dataset")
