@@ -64,23 +64,28 @@ def collate(batch):
 
 
 def prepare(net: Backbone, device: torch.device) -> Backbone:
-    net = net.to(device).eval()
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    """channels_last suits both cuDNN and oneDNN convolutions (1.7x for lite0 on a 2-core CPU)."""
+    return net.to(device).eval().to(memory_format=torch.channels_last)
 
 
 def forward(net: Backbone, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = images.to(device, non_blocking=True)
+    x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             return net(x).float()
     return net(x)
 
 
-def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int = 64,
+def default_batch_size(device: torch.device) -> int:
+    """32 keeps a CPU's caches warm (measured faster than 64 for lite0); GPUs want big batches."""
+    return 128 if device.type == "cuda" else 32
+
+
+def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
                   workers: int | None = None, progress: bool = True, desc: str = "extract"):
     """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)]."""
     workers = default_workers(device) if workers is None else workers
+    batch_size = batch_size or default_batch_size(device)
     loader = DataLoader(ImageFiles(files, net.preprocess.pil_transform(), net.preprocess.resize_size),
                         batch_size=batch_size, num_workers=workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
@@ -116,7 +121,7 @@ class ExtractResult:
 
 def extract(backbone: str = "efficientnet_lite0", data: str = "digits", layer: str | None = None, *,
             data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
-            batch_size: int = 64, workers: int | None = None, dtype: str = "float32",
+            batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
             weights: str | None = None, input_size: int | None = None, progress: bool = True,
             checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0) -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.

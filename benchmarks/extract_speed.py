@@ -1,0 +1,94 @@
+"""featx extract against a seed-style loop (torchvision ImageFolder, fp32, batch 32), side by side.
+
+    python benchmarks/extract_speed.py --backbone efficientnet_lite0 --data ../shared/data/hymenoptera
+    python benchmarks/extract_speed.py --backbone resnet50 --data ../shared/data/hymenoptera --repeat 10
+
+--repeat N links every file N times into a scratch copy, for volume on fast machines. Prints one table and
+one JSON line: both img/s, their ratio, and the time of a second featx run over the unchanged dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+from torchvision import datasets, transforms
+
+import featx
+from featx.extract import resolve_device
+
+
+def replicate(src: Path, dst: Path, repeat: int) -> Path:
+    for f in src.rglob("*"):
+        if f.is_file():
+            target = dst / f.relative_to(src).parent
+            target.mkdir(parents=True, exist_ok=True)
+            for k in range(repeat):
+                os.symlink(f.resolve(), target / f"{k}_{f.name}")
+    return dst
+
+
+def seed_loop(backbone: str, root: Path, device: torch.device, workers: int) -> tuple[int, float]:
+    """What the tutorials do: ImageFolder + ToTensor + Normalize, fp32, batch 32, full-size decode."""
+    net = featx.create_backbone(backbone).to(device).eval()
+    pre = net.preprocess
+    tf = transforms.Compose([
+        transforms.Resize(pre.resize_size, interpolation=transforms.InterpolationMode(pre.interpolation)),
+        transforms.CenterCrop(pre.input_size), transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])
+    splits = [d for d in sorted(root.iterdir()) if d.is_dir()]
+    ds = ConcatDataset([datasets.ImageFolder(str(s), tf) for s in splits])
+    loader = DataLoader(ds, batch_size=32, num_workers=workers, shuffle=False)
+    n, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for x, _ in loader:
+            net(x.to(device))
+            n += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n, time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed-workers", type=int, default=4, help="DataLoader workers of the seed loop (S2 uses 4)")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.data)
+        if args.repeat > 1:
+            root = replicate(root, Path(tmp) / "data", args.repeat)
+        n_seed, t_seed = seed_loop(args.backbone, root, device, args.seed_workers)
+        cache = Path(tmp) / "cache"
+        first = featx.extract(args.backbone, str(root), cache_dir=cache, device=args.device, progress=False)
+        start = time.perf_counter()
+        second = featx.extract(args.backbone, str(root), cache_dir=cache, device=args.device, progress=False)
+        t_second = time.perf_counter() - start
+    seed_rate = n_seed / t_seed
+    result = {
+        "backbone": args.backbone, "images": first.images, "device": str(device),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+                   + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "seed_img_per_s": round(seed_rate, 1), "featx_img_per_s": first.img_per_s,
+        "ratio": round(first.img_per_s / seed_rate, 2),
+        "first_run_s": first.seconds, "second_run_s": round(t_second, 3), "second_run_new": second.new,
+        "rerun_speedup": round(first.seconds / t_second, 1),
+    }
+    print(f"{'':<28}{'img/s':>10}")
+    print(f"{'seed loop (ImageFolder fp32)':<28}{seed_rate:>10.1f}")
+    print(f"{'featx extract':<28}{first.img_per_s:>10.1f}   ratio {result['ratio']}x")
+    print(f"second run over unchanged data: {t_second:.2f} s ({result['rerun_speedup']}x faster than the first)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
