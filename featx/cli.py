@@ -65,6 +65,79 @@ def extract(backbone, layer, weights, input_size, data, data_root, cache_dir, de
          f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device}, {r.img_per_s} img/s -> {r.path}")
 
 
+@cli.command("fit-head")
+@click.option("--clf", type=click.Choice(["svm", "logreg", "knn", "mlp"]), default="logreg", show_default=True)
+@click.option("--features", type=click.Path(dir_okay=False), default=None, help="A featx feature cache (.h5).")
+@backbone_options
+@click.option("--data", default=None, help="Dataset folder or registered name (extracts if not cached).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--select-on", type=click.Choice(["cv", "val"]), default="cv", show_default=True,
+              help="Choose C / k by 5-fold CV on train, or on val (then refit on train+val, report test only).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (default: runs/<dataset>__<backbone>__<layer>__<clf>).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
+@click.option("--quiet", is_flag=True)
+def fit_head(clf, features, backbone, layer, weights, input_size, data, data_root, cache_dir, select_on, out, device,
+             as_json, quiet):
+    """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
+    from .model import fit_head as run_fit_head
+    from .report import summary_line
+
+    m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
+                     select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
+                     progress=not quiet)
+    chosen = ", ".join(f"{k}={v}" for k, v in m["selected"].items() if k in ("C", "k", "epochs"))
+    emit(m, as_json, f"{clf}: selected {chosen} ({m['selected']['select_on']}); {summary_line(m)}\n"
+                     f"model: {m['model']}")
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="model.featx from fit-head/finetune.")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG grid of titled images.")
+@click.option("--weights", type=click.Path(dir_okay=False), default=None,
+              help="The --weights FILE the model's features were extracted with, if any.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def predict(model, images, top_k, plot, weights, device, as_json):
+    """Label and probability for image files or folders."""
+    from .model import predict as run_predict
+
+    results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot)
+    if as_json:
+        emit({"predictions": results, "plot": plot}, True, "")
+        return
+    for r in results:
+        if "error" in r:
+            click.echo(f"{r['path']}: skipped ({r['error']})", err=True)
+            continue
+        ranked = ", ".join(f"{t['label']} {t['probability']:.6f}" for t in r["top_k"])
+        click.echo(f"{r['path']}\t{ranked}")
+
+
+@cli.command()
+@click.option("--model", required=True, type=click.Path(dir_okay=False))
+@data_options
+@click.option("--split", default="test", show_default=True)
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--weights", type=click.Path(dir_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_json, quiet):
+    """Metrics, confusion matrix and top losses of a model on a split of any dataset."""
+    from .model import evaluate as run_evaluate
+    from .report import summary_line
+
+    m = run_evaluate(model, data, split, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
+                     weights=weights, progress=not quiet)
+    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1])
+
+
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def backbones(as_json):

@@ -119,21 +119,24 @@ class ExtractResult:
         return asdict(self)
 
 
-def extract(backbone: str = "efficientnet_lite0", data: str = "digits", layer: str | None = None, *,
+def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer: str | None = None, *,
             data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
             batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
             weights: str | None = None, input_size: int | None = None, progress: bool = True,
             checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0) -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
 
-    Only images that are new or changed since the last run are computed; deleted ones are dropped.
+    ``backbone`` is a registry name or an already built ``Backbone`` (then ``layer``, ``weights`` and
+    ``input_size`` are its own). Only images that are new or changed since the last run are computed;
+    deleted ones are dropped.
     Rows are persisted every ``checkpoint_rows`` images or ``checkpoint_seconds``, so a killed run
     resumes where it stopped.
     """
     if dtype not in ("float32", "float16"):
         raise FeatxError(f"--dtype {dtype} is not supported: use float32 or float16")
     ds = data_mod.load(data, data_root)
-    net = create_backbone(backbone, layer, weights, input_size=input_size)
+    net = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, layer, weights,
+                                                                          input_size=input_size)
     dev = resolve_device(device)
     path = cache_path(cache_dir, ds.name, net.identity(), dtype)
     start = time.perf_counter()

@@ -45,3 +45,33 @@ def test_hymenoptera_cache_rows_and_rerun(hymenoptera_features):
 def test_the_gif_and_progressive_jpeg_are_features_not_skips(hymenoptera_features):
     f = store.load(hymenoptera_features[0].path)
     assert "train/ants/imageNotFound.gif" in set(f.paths)
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm", "knn", "mlp"])
+def test_heads_on_hymenoptera(hymenoptera_features, tmp_path, clf):
+    from featx import model
+
+    m = model.fit_head(clf, features=hymenoptera_features[0].path, out=tmp_path / clf, progress=False)
+    assert m["val"]["n"] == 153
+    assert m["val"]["accuracy"] >= (0.94 if clf == "logreg" else 0.90), m["val"]["accuracy"]
+    bees = sorted((SHARED_DATA / "hymenoptera" / "val" / "bees").iterdir())[:5]
+    predictions = model.predict(tmp_path / clf / "model.featx", bees)
+    assert sum(p["label"] == "bees" for p in predictions) >= 4
+
+
+def test_predict_agrees_with_fit_head_on_real_images(hymenoptera_features, tmp_path):
+    from featx import model
+
+    m = model.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
+    val = SHARED_DATA / "hymenoptera" / "val"
+    predictions = model.predict(tmp_path / "model.featx", [val])
+    correct = [p["label"] == p["path"].split("/")[-2] for p in predictions]
+    assert len(correct) == 153 and np.mean(correct) == pytest.approx(m["val"]["accuracy"], abs=1e-9)
+
+
+def test_cats_dogs_logreg_test_accuracy(tmp_path):
+    from featx import model
+
+    m = model.fit_head("logreg", backbone="efficientnet_lite0", data="cats_dogs", data_root=str(SHARED_DATA),
+                       cache_dir=tmp_path / "cache", out=tmp_path / "run", progress=False)
+    assert m["test"]["n"] == 400 and m["test"]["accuracy"] >= 0.96

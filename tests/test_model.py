@@ -1,0 +1,90 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import featx
+from featx import model, store
+from featx.cli import cli
+from featx.errors import FeatxError
+from helpers import save_tiny_weights
+
+
+@pytest.fixture
+def fitted(tiny, dataset, tmp_path):
+    m = model.fit_head("logreg", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c", out=tmp_path / "run",
+                       progress=False)
+    return m, tmp_path / "run"
+
+
+def test_fit_head_writes_everything(fitted):
+    m, run = fitted
+    assert set(m) >= {"val", "test", "selected", "model"}
+    for split in ("val", "test"):
+        assert m[split]["accuracy"] == 1.0 and m[split]["n"] == 6
+        assert {"balanced_accuracy", "macro_f1", "per_class", "confusion_matrix", "top_losses"} <= set(m[split])
+        assert (run / f"confusion_{split}.png").stat().st_size > 1000
+        assert (run / f"top_losses_{split}.csv").exists()
+    assert json.loads((run / "metrics.json").read_text())["test"]["n"] == 6
+    assert m["selected"]["C"] > 0
+
+
+def test_predict_and_evaluate_use_the_model(fitted, dataset, tmp_path):
+    m, run = fitted
+    results = model.predict(run / "model.featx", [dataset / "val" / "b" / "000.jpg", dataset / "val" / "a"], top_k=2,
+                            plot=str(tmp_path / "grid.png"))
+    assert [r["label"] for r in results] == ["b", "a", "a", "a"]
+    assert all(0.5 < r["probability"] <= 1 for r in results) and len(results[0]["top_k"]) == 2
+    assert (tmp_path / "grid.png").stat().st_size > 1000
+    ev = model.evaluate(run / "model.featx", str(dataset), "test", cache_dir=tmp_path / "c", progress=False)
+    assert ev["test"]["confusion_matrix"] == m["test"]["confusion_matrix"]
+
+
+def test_model_file_tampering_is_refused(fitted, tmp_path):
+    path = fitted[1] / "model.featx"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    (tmp_path / "tampered.featx").write_bytes(bytes(raw))
+    with pytest.raises(FeatxError, match="fails its SHA-256 check"):
+        model.load_model(tmp_path / "tampered.featx")
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.featx")
+    with pytest.raises(FeatxError, match="is not a featx model file"):
+        model.load_model(tmp_path / "pickle.featx")
+
+
+def test_features_of_another_backbone_are_refused(fitted, tmp_path):
+    other = save_tiny_weights(tmp_path / "other.pth")
+    torch.save({k: v + 1 for k, v in torch.load(other, weights_only=True).items()}, other)
+    with pytest.raises(FeatxError, match="weights_sha256 differ"):
+        model.load_predictor(fitted[1] / "model.featx", weights=str(other))
+
+
+def test_select_on_val_reports_test_only(tiny, dataset, tmp_path):
+    m = model.fit_head("svm", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c", out=tmp_path / "r",
+                       select_on="val", progress=False)
+    assert "val" not in m and m["test"]["accuracy"] == 1.0 and m["selected"]["select_on"] == "val"
+
+
+@pytest.mark.parametrize("clf", ["knn", "mlp"])
+def test_cli_fit_head_json(tiny, dataset, tmp_path, clf):
+    r = featx.extract(tiny, str(dataset), cache_dir=tmp_path / "c", progress=False, workers=0)
+    res = CliRunner().invoke(cli, ["fit-head", "--clf", clf, "--features", r.path, "--out", str(tmp_path / clf),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.stdout)
+    assert payload["test"]["accuracy"] == 1.0 and payload["model"].endswith("model.featx")
+    res = CliRunner().invoke(cli, ["predict", "--model", payload["model"], str(dataset / "test" / "a" / "000.jpg")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.split("\t")[1].startswith("a ")
+
+
+def test_fit_head_needs_train_split(tiny, tmp_path):
+    from helpers import make_dataset
+    data = make_dataset(tmp_path / "d", {"val": 3, "test": 3})
+    r = featx.extract(tiny, str(data), cache_dir=tmp_path / "c", progress=False, workers=0)
+    with pytest.raises(FeatxError, match="has no train split"):
+        model.fit_head("logreg", features=r.path)
+    assert store.load(r.path).X.shape[0] == 12
+    assert np.isfinite(store.load(r.path).X).all()
