@@ -1,28 +1,28 @@
 """Stage 2 heads on cached features: linear SVM, logistic regression, kNN and a small torch MLP.
 
-Each head is a scikit-learn classifier (``fit`` / ``predict`` / ``predict_proba``). Fitting uses
-scikit-learn with model selection that cannot leak: the preprocessing sits inside the cross-validated
-pipeline, and ``cv`` may be a ``PredefinedSplit`` to select on a validation split instead. After
-fitting, a head keeps only plain arrays (``arrays()``), and prediction runs from those arrays, so the
-saved model is exactly the evaluated one and loading it executes no code.
+Each head is a scikit-learn classifier (``fit`` / ``predict`` / ``predict_proba``) whose model
+selection cannot leak: preprocessing is fitted inside each cross-validation fold, and ``cv`` may be a
+``PredefinedSplit`` to select on a validation split instead. The linear heads solve scikit-learn's
+objectives with full-batch L-BFGS in torch, warm-started along the C path; kNN uses scikit-learn.
+After fitting, a head keeps only plain arrays (``arrays()``) and predicts from them, so the saved
+model is exactly the evaluated one and loading it executes no code.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
-from sklearn.svm import LinearSVC
+from sklearn.preprocessing import Normalizer
 
 from .errors import FeatxError
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
+PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) below the best
 
 
 def check_xy(X, y) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +76,51 @@ class Head(ClassifierMixin, BaseEstimator):
             setattr(self, name + "_", value)
 
 
+def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, loss: str,
+               init: tuple | None = None, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-batch L-BFGS on mean loss + ||W||^2 / (2 C n): the minimiser of scikit-learn's
+    ``C * sum(loss) + ||W||^2 / 2``. ``logreg``: multinomial cross-entropy; ``svm``: one-vs-rest
+    squared hinge (LinearSVC's default loss). Warm-started from ``init`` along a C path."""
+    n, d = X.shape
+    k = 1 if (loss == "svm" and n_classes == 2) else n_classes
+    signs = (torch.nn.functional.one_hot(codes, n_classes).to(X.dtype) * 2 - 1) if k > 1 else \
+        (codes.to(X.dtype) * 2 - 1)[:, None]
+    if init is None:  # the optimum at W = 0, so heavily regularised fits start converged
+        prior = torch.bincount(codes, minlength=n_classes).to(X.dtype) / n
+        init = (torch.zeros(d, k, dtype=X.dtype), prior.clamp_min(1e-12).log() if loss == "logreg" else signs.mean(0))
+    W, b = init[0].clone().requires_grad_(True), init[1].clone().requires_grad_(True)
+    penalty = 1.0 / (2 * C * n)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=1e-5,
+                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = X @ W + b
+        data = torch.nn.functional.cross_entropy(z, codes) if loss == "logreg" else \
+            torch.clamp(1 - signs * z, min=0).pow(2).sum(1).mean()
+        value = data + penalty * (W * W).sum()
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
+def standardise(X_fit: np.ndarray, *others: np.ndarray) -> tuple:
+    mean = X_fit.mean(0, dtype=np.float64)
+    scale = X_fit.std(0, dtype=np.float64)
+    scale[scale == 0] = 1.0
+    return (mean, scale, *(torch.as_tensor((x - mean) / scale, dtype=torch.float32) for x in (X_fit, *others)))
+
+
 class LinearHead(Head):
     """Standardised features -> one linear layer. ``loss='logreg'``: multinomial logistic regression;
-    ``loss='svm'``: linear SVM with sigmoid-calibrated probabilities (Platt, 3-fold)."""
+    ``loss='svm'``: linear SVM (squared hinge, one-vs-rest) with Platt-sigmoid probabilities fitted on
+    3-fold out-of-fold decision values. C is chosen from ``Cs`` by cross-validation on the training
+    data, each fold standardised on its own training part; then the head is refitted on all of it."""
 
-    def __init__(self, loss: str = "logreg", Cs=None, cv=5, max_iter: int = 2000, n_jobs: int | None = None):
-        self.loss, self.Cs, self.cv, self.max_iter, self.n_jobs = loss, Cs, cv, max_iter, n_jobs
+    def __init__(self, loss: str = "logreg", Cs=None, cv=5):
+        self.loss, self.Cs, self.cv = loss, Cs, cv
 
     @property
     def kind(self) -> str:
@@ -89,45 +128,62 @@ class LinearHead(Head):
 
     def fit(self, X, y):
         X, y = check_xy(X, y)
-        if self.loss == "logreg":
-            clf = LogisticRegression(max_iter=self.max_iter)
-        elif self.loss == "svm":
-            clf = LinearSVC(max_iter=self.max_iter * 5)
-        else:
+        if self.loss not in ("logreg", "svm"):
             raise FeatxError(f"unknown linear loss '{self.loss}': use logreg or svm")
-        Cs = DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float)
-        pipe = make_pipeline(StandardScaler(), clf)
-        param = f"{type(clf).__name__.lower()}__C"
-        search = GridSearchCV(pipe, {param: Cs}, cv=folds(self.cv, y), n_jobs=self.n_jobs, refit=True).fit(X, y)
-        C = float(search.best_params_[param])
-        self.selected_ = {"C": C, "cv_accuracy": float(search.best_score_), "candidates": len(Cs)}
-        best = search.best_estimator_
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        Cs = np.sort(DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float))
+        splits = []
+        for train, test in folds(self.cv, codes).split(X, codes):  # each fold standardised on its own train part
+            _, _, Xtr, Xte = standardise(X[train], X[test])
+            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, codes[test]))
+        states, scores = [None] * len(splits), []
+        for C in Cs:  # most to least regularised, each fit warm-started from the last
+            accuracy = 0.0
+            for f, (Xtr, ytr, Xte, yte) in enumerate(splits):
+                states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f])
+                accuracy += (self._labels(Xte @ states[f][0] + states[f][1]).numpy() == yte).mean() / len(splits)
+            scores.append(accuracy)
+            if len(scores) - 1 - int(np.argmax(scores)) >= PATH_PATIENCE:
+                break  # CV accuracy fell for PATH_PATIENCE values in a row: weaker regularisation only overfits
+        best = int(np.argmax(scores))  # ties go to the smaller C: more regularisation
+        C = float(Cs[best])
+        self.selected_ = {"C": C, "cv_accuracy": float(scores[best]), "candidates": len(Cs),
+                          "evaluated": len(scores)}
+        self.mean_, self.scale_, Xall = standardise(X)
+        W, b = fit_linear(Xall, torch.as_tensor(codes), len(self.classes_), C, self.loss)
+        self.coef_, self.intercept_ = W.T.double().numpy(), b.double().numpy()
         if self.loss == "svm":
-            calibrated = CalibratedClassifierCV(best, method="sigmoid", cv=folds(3, y), ensemble=False).fit(X, y)
-            fitted = calibrated.calibrated_classifiers_[0]
-            best = fitted.estimator
-            self.calib_a_ = np.array([c.a_ for c in fitted.calibrators], dtype=np.float64)
-            self.calib_b_ = np.array([c.b_ for c in fitted.calibrators], dtype=np.float64)
-        scaler, model = best.steps[0][1], best.steps[1][1]
-        self.mean_, self.scale_ = scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64)
-        self.coef_, self.intercept_ = model.coef_.astype(np.float64), model.intercept_.astype(np.float64)
-        self.classes_ = model.classes_
+            self._calibrate(X, codes, C)
         return self
+
+    def _labels(self, z: torch.Tensor) -> torch.Tensor:
+        return (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
+
+    def _calibrate(self, X: np.ndarray, codes: np.ndarray, C: float) -> None:
+        """Platt scaling: a sigmoid per decision column, fitted on out-of-fold decision values."""
+        decision = np.zeros((len(X), self.coef_.shape[0]))
+        for train, test in folds(3, codes).split(X, codes):
+            _, _, Xtr, Xte = standardise(X[train], X[test])
+            W, b = fit_linear(Xtr, torch.as_tensor(codes[train]), len(self.classes_), C, "svm")
+            decision[test] = (Xte @ W + b).double().numpy()
+        targets = codes[:, None] == (np.arange(decision.shape[1]) + (1 if decision.shape[1] == 1 else 0))
+        a, b = [], []
+        for col in range(decision.shape[1]):
+            platt = LogisticRegression(C=1e6).fit(decision[:, [col]], targets[:, col])
+            a.append(-platt.coef_[0, 0])
+            b.append(-platt.intercept_[0])
+        self.calib_a_, self.calib_b_ = np.asarray(a), np.asarray(b)
 
     def decision_function(self, X) -> np.ndarray:
         return ((np.asarray(X, np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
         z = self.decision_function(X)
-        if self.loss == "svm":  # sklearn's _SigmoidCalibration: p = 1 / (1 + exp(a * d + b)), per class
+        if self.loss == "svm":  # p = 1 / (1 + exp(a * d + b)) per column, normalised
             p = 1.0 / (1.0 + np.exp(self.calib_a_ * z + self.calib_b_))
             if p.shape[1] == 1:
                 return np.hstack([1 - p, p])
-            p_sum = p.sum(1, keepdims=True)
-            return np.where(p_sum > 0, p / np.where(p_sum > 0, p_sum, 1), 1.0 / p.shape[1])
-        if z.shape[1] == 1:
-            p = 1.0 / (1.0 + np.exp(-z))
-            return np.hstack([1 - p, p])
+            return p / np.maximum(p.sum(1, keepdims=True), 1e-300)
         return softmax(z)
 
     def arrays(self) -> dict:
