@@ -139,6 +139,47 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 
 
 @cli.command()
+@backbone_options
+@data_options
+@click.option("--unfreeze", required=True, help="Comma-separated blocks (see 'featx backbones'), all, or none.")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--lr", default=1e-3, show_default=True, type=float, help="Head learning rate.")
+@click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
+              help="Unfrozen blocks learn at lr x this (discriminative learning rates).")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
+@click.option("--step-size", default=7, show_default=True, type=click.IntRange(1), help="Epochs per step (step).")
+@click.option("--augment", type=click.Choice(["none", "light", "strong"]), default="light", show_default=True)
+@click.option("--head", type=click.Path(dir_okay=False), default=None,
+              help="Start the head from a fit-head model (logreg/svm/mlp) on this backbone.")
+@click.option("--from-scratch", is_flag=True, help="Random initialisation, everything trainable.")
+@click.option("--patience", type=click.IntRange(1), default=None, help="Stop after N epochs without val gain.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out after a kill.")
+@click.option("--out", type=click.Path(file_okay=False), default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--workers", default=None, type=click.IntRange(0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def finetune(backbone, layer, weights, input_size, data, data_root, unfreeze, epochs, batch_size, lr,
+             backbone_lr_scale, optimizer, schedule, step_size, augment, head, from_scratch, patience, resume, out,
+             device, workers, seed, as_json, quiet):
+    """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
+    from .finetune import finetune as run_finetune
+    from .report import summary_line
+
+    if layer:
+        raise click.UsageError("finetune trains on the backbone's pooled features; --layer does not apply")
+    m = run_finetune(backbone, data, unfreeze, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
+                     backbone_lr_scale=backbone_lr_scale, optimizer=optimizer, schedule=schedule,
+                     step_size=step_size, augment=augment, head=head, from_scratch=from_scratch, patience=patience,
+                     resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
+                     seed=seed, progress=not quiet)
+    emit(m, as_json, f"best epoch {m['best_epoch']}: {summary_line(m)}\nmodel: {m['model']}")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def backbones(as_json):
     """List registered backbones, their layers, blocks and whether their weights are here."""

@@ -22,7 +22,7 @@ from .errors import FeatxError
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
-PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) below the best
+PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) strictly below the best
 
 
 def check_xy(X, y) -> tuple[np.ndarray, np.ndarray]:
@@ -143,8 +143,9 @@ class LinearHead(Head):
                 states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f])
                 accuracy += (self._labels(Xte @ states[f][0] + states[f][1]).numpy() == yte).mean() / len(splits)
             scores.append(accuracy)
-            if len(scores) - 1 - int(np.argmax(scores)) >= PATH_PATIENCE:
-                break  # CV accuracy fell for PATH_PATIENCE values in a row: weaker regularisation only overfits
+            last_at_best = max(i for i, a in enumerate(scores) if a >= max(scores) - 1e-12)
+            if len(scores) - 1 - last_at_best >= PATH_PATIENCE:
+                break  # CV accuracy stayed below its best for PATH_PATIENCE values: weaker regularisation overfits
         best = int(np.argmax(scores))  # ties go to the smaller C: more regularisation
         C = float(Cs[best])
         self.selected_ = {"C": C, "cv_accuracy": float(scores[best]), "candidates": len(Cs),

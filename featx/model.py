@@ -173,8 +173,9 @@ def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predi
     head = load_head(head_arrays, manifest["head"])
     if manifest["kind"] == "finetuned":
         net = create_backbone(identity["backbone"], identity["layer"], pretrained=False)
+        shapes = {k: v.shape for k, v in net.model.state_dict().items()}  # safetensors stores 0-d as 1-d
         state = {k[len("backbone."):]: torch.as_tensor(v) for k, v in tensors.items() if k.startswith("backbone.")}
-        net.model.load_state_dict(state)
+        net.model.load_state_dict({k: v.reshape(shapes[k]) for k, v in state.items()})
         net.weights_id, net.weights_sha256 = identity["weights"], identity["weights_sha256"]
     else:
         net = create_backbone(identity["backbone"], identity["layer"], weights or manifest.get("weights_file"))

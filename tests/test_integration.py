@@ -75,3 +75,12 @@ def test_cats_dogs_logreg_test_accuracy(tmp_path):
     m = model.fit_head("logreg", backbone="efficientnet_lite0", data="cats_dogs", data_root=str(SHARED_DATA),
                        cache_dir=tmp_path / "cache", out=tmp_path / "run", progress=False)
     assert m["test"]["n"] == 400 and m["test"]["accuracy"] >= 0.96
+
+
+def test_finetune_top_block_on_cats_dogs(tmp_path):
+    from featx.finetune import finetune
+
+    m = finetune("efficientnet_lite0", "cats_dogs", "top", data_root=str(SHARED_DATA), epochs=2, out=tmp_path,
+                 progress=False)
+    assert m["unfreeze"] == ["top"] and m["val"]["n"] == 200
+    assert m["val"]["accuracy"] >= 0.95, m["val"]["accuracy"]

@@ -1,0 +1,118 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import featx
+from featx import finetune as ft
+from featx import model
+from featx.errors import FeatxError
+from helpers import REPO, make_dataset
+
+
+def snapshot(net_model):
+    return {k: v.detach().clone() for k, v in net_model.state_dict().items()}
+
+
+def trained(tiny, dataset, tmp_path, unfreeze, **kw):
+    before = snapshot(featx.create_backbone(tiny).model)
+    m = ft.finetune(tiny, str(dataset), unfreeze, epochs=2, lr=0.05, backbone_lr_scale=1.0, out=tmp_path / "run",
+                    workers=0, progress=False, **kw)
+    tensors, _ = model.load_model(m["model"])
+    after = {k[len("backbone."):]: torch.as_tensor(v).reshape(before[k[len("backbone."):]].shape)
+             for k, v in tensors.items() if k.startswith("backbone.")}
+    return m, before, after
+
+
+def test_only_named_blocks_change(tiny, dataset, tmp_path):
+    m, before, after = trained(tiny, dataset, tmp_path, "block2")
+    for name, value in before.items():
+        if name.startswith("block2."):
+            continue
+        assert torch.equal(value, after[name]), f"{name} changed although frozen"
+    changed = [n for n in before if n.startswith("block2.") and not torch.equal(before[n], after[n])]
+    assert "block2.0.weight" in changed and "block2.1.running_mean" in changed
+    assert m["unfreeze"] == ["block2"] and m["val"]["accuracy"] == 1.0
+
+
+def test_unfreeze_none_trains_only_the_head(tiny, dataset, tmp_path):
+    m, before, after = trained(tiny, dataset, tmp_path, "none", augment="strong")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert m["trainable_params"] == 32 * 2 + 2
+
+
+def test_unknown_block_lists_valid_names(tiny, dataset, tmp_path):
+    with pytest.raises(FeatxError, match="has no block block9: choose from stem, block1, block2, all or none"):
+        ft.finetune(tiny, str(dataset), "block9", out=tmp_path / "x", progress=False)
+
+
+def test_outputs_and_model_file_work_with_predict_and_evaluate(tiny, dataset, tmp_path):
+    m, _, _ = trained(tiny, dataset, tmp_path, "all")
+    run = tmp_path / "run"
+    for name in ("history.csv", "curves_loss.png", "curves_accuracy.png", "confusion_val.png", "metrics.json"):
+        assert (run / name).exists(), name
+    assert len(m["history"]) == 2 and {"train_loss", "val_accuracy"} <= set(m["history"][0])
+    preds = model.predict(m["model"], [dataset / "test" / "b"])
+    assert [p["label"] for p in preds] == ["b"] * 3
+    ev = model.evaluate(m["model"], str(dataset), "test", cache_dir=tmp_path / "c", progress=False)
+    assert ev["test"]["accuracy"] == m["test"]["accuracy"]
+
+
+def test_head_warm_start_reproduces_stage_two(tiny, dataset, tmp_path):
+    stage2 = model.fit_head("logreg", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c",
+                            out=tmp_path / "s2", progress=False)
+    net = featx.create_backbone(tiny)
+    head = ft.head_from_model(stage2["model"], net, ["a", "b"])
+    predictor = model.load_predictor(stage2["model"])
+    X = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
+    with torch.no_grad():
+        ours = torch.softmax(head(torch.as_tensor(X)), 1).numpy()
+    np.testing.assert_allclose(ours, predictor.head.predict_proba(X), atol=1e-5)
+    m = ft.finetune(tiny, str(dataset), "none", epochs=1, head=stage2["model"], out=tmp_path / "ft", workers=0,
+                    progress=False)
+    assert m["val"]["accuracy"] == 1.0
+
+
+def test_from_scratch_trains_everything(tiny, dataset, tmp_path):
+    m = ft.finetune(tiny, str(dataset), "none", from_scratch=True, epochs=1, out=tmp_path / "s", workers=0,
+                    progress=False)
+    assert m["trainable_params"] == m["total_params"]
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import helpers, pathlib
+helpers.register_tiny(pathlib.Path({weights!r}), delay=0.05)
+from featx.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_kill_and_resume_keeps_finished_epochs(tiny_weights, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 12, "val": 3})
+    out = tmp_path / "run"
+    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights))
+    cmd = [sys.executable, "-c", code, "finetune", "--backbone", "tiny", "--data", str(data), "--unfreeze", "block2",
+           "--epochs", "6", "--out", str(out), "--workers", "0", "--batch-size", "4", "--quiet", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = (out / "history.csv").read_text().strip().splitlines()[1:]
+    assert 1 <= len(done) < 6
+    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    history = json.loads(res.stdout)["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    first = done[0].split(",")
+    assert float(first[1]) == pytest.approx(history[0]["train_loss"])
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and "--resume" in again.stderr
