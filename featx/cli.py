@@ -180,6 +180,41 @@ def finetune(backbone, layer, weights, input_size, data, data_root, unfreeze, ep
 
 
 @cli.command()
+@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (default: runs/<name>).")
+@click.option("--backbone", default=None, help="Run every step on this backbone instead of the file's.")
+@click.option("--max-epochs", default=None, type=click.IntRange(1), help="Cap fine-tuning epochs (quick runs).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def run(pipeline, data_root, cache_dir, out, backbone, max_epochs, device, as_json, quiet):
+    """Run a reference experiment (pipelines/*.toml) and write a comparison report."""
+    from .pipeline import comparison_table, run_pipeline
+
+    result = run_pipeline(pipeline, data_root=data_root, cache_dir=cache_dir, out=out, backbone=backbone,
+                          max_epochs=max_epochs, device=device, progress=not quiet)
+    emit(result, as_json, comparison_table(result) + f"\nreport: {result['report']}")
+
+
+@cli.command()
+@data_options
+@click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def advise(data, data_root, backbone, device, as_json):
+    """Measure dataset size and shift from ImageNet; recommend one of the four scenarios."""
+    from .advise import advise as run_advise
+
+    r = run_advise(data, backbone, data_root, device)
+    emit(r, as_json, f"scenario {r['scenario']}: {r['verdict']}\n"
+                     f"  {r['images_per_class']} training images per class ({r['size']}; large from "
+                     f"{r['thresholds']['large_per_class']}), shift {r['shift']} ({r['similarity']}; different from "
+                     f"{r['thresholds']['shift']})\n" + "\n".join(f"  {c}" for c in r["commands"]))
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def backbones(as_json):
     """List registered backbones, their layers, blocks and whether their weights are here."""

@@ -3,7 +3,8 @@
 Each head is a scikit-learn classifier (``fit`` / ``predict`` / ``predict_proba``) whose model
 selection cannot leak: preprocessing is fitted inside each cross-validation fold, and ``cv`` may be a
 ``PredefinedSplit`` to select on a validation split instead. The linear heads solve scikit-learn's
-objectives with full-batch L-BFGS in torch, warm-started along the C path; kNN uses scikit-learn.
+objectives with full-batch L-BFGS in torch, warm-started along the C path; kNN scores every k
+from one similarity matrix per fold.
 After fitting, a head keeps only plain arrays (``arrays()``) and predicts from them, so the saved
 model is exactly the evaluated one and loading it executes no code.
 """
@@ -13,10 +14,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import GridSearchCV, StratifiedKFold, train_test_split
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import Normalizer
+from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from .errors import FeatxError
 
@@ -204,29 +202,45 @@ class KNNHead(Head):
 
     def fit(self, X, y):
         X, y = check_xy(X, y)
-        splitter = folds(self.cv, y)
-        smallest_fold_train = min(len(t) for t, _ in splitter.split(X, y))
-        ks = [k for k in (self.ks or DEFAULT_KS) if k <= smallest_fold_train] or [1]
-        pipe = make_pipeline(Normalizer(), KNeighborsClassifier(algorithm="brute"))
-        search = GridSearchCV(pipe, {"kneighborsclassifier__n_neighbors": ks}, cv=splitter).fit(X, y)
-        k = int(search.best_params_["kneighborsclassifier__n_neighbors"])
-        self.selected_ = {"k": k, "cv_accuracy": float(search.best_score_), "candidates": len(ks)}
         self.classes_, codes = np.unique(y, return_inverse=True)
+        splitter = folds(self.cv, codes)
+        smallest_fold_train = min(len(t) for t, _ in splitter.split(X, codes))
+        ks = [k for k in (self.ks or DEFAULT_KS) if k <= smallest_fold_train] or [1]
+        correct = np.zeros(len(ks))
+        for train, test in splitter.split(X, codes):  # one similarity matrix per fold serves every k
+            neighbours = nearest_labels(normalise(X[test]), normalise(X[train]), codes[train], max(ks))
+            for j, k in enumerate(ks):
+                correct[j] += (vote(neighbours[:, :k], len(self.classes_)).argmax(1) == codes[test]).sum()
+        best = int(np.argmax(correct))
+        k = ks[best]
+        self.selected_ = {"k": k, "cv_accuracy": float(correct[best] / len(X)), "candidates": len(ks)}
         self.train_ = normalise(X)
         self.train_labels_ = codes.astype(np.int64)
         self.k_ = np.array([min(k, len(X))])  # 1-d: safetensors keeps no 0-d arrays
         return self
 
     def predict_proba(self, X) -> np.ndarray:
-        sims = normalise(np.asarray(X, np.float32)) @ self.train_.T
         k = int(self.k_[0])
-        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        votes = self.train_labels_[nearest]
-        counts = np.stack([(votes == c).sum(1) for c in range(len(self.classes_))], axis=1)
-        return counts / k
+        neighbours = nearest_labels(normalise(np.asarray(X, np.float32)), self.train_, self.train_labels_, k)
+        return vote(neighbours, len(self.classes_)) / k
 
     def arrays(self) -> dict:
         return {"train": self.train_, "train_labels": self.train_labels_, "k": self.k_}
+
+
+def nearest_labels(queries: np.ndarray, train: np.ndarray, labels: np.ndarray, k: int, chunk: int = 2048):
+    """Labels of the k most cosine-similar training rows, nearest first (rows are L2-normalised)."""
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), chunk):
+        sims = queries[start:start + chunk] @ train.T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable"), 1)
+        out[start:start + chunk] = labels[order]
+    return out
+
+
+def vote(neighbour_labels: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.stack([(neighbour_labels == c).sum(1) for c in range(n_classes)], axis=1)
 
 
 def normalise(X: np.ndarray) -> np.ndarray:

@@ -84,3 +84,19 @@ def test_finetune_top_block_on_cats_dogs(tmp_path):
                  progress=False)
     assert m["unfreeze"] == ["top"] and m["val"]["n"] == 200
     assert m["val"]["accuracy"] >= 0.95, m["val"]["accuracy"]
+
+
+def test_advise_hymenoptera_is_small_and_similar():
+    from featx.advise import advise
+
+    r = advise("hymenoptera", data_root=str(SHARED_DATA))
+    assert (r["scenario"], r["size"], r["similarity"]) == (1, "small", "similar")
+    assert r["images_per_class"] == 122.5 and r["commands"][0].startswith("featx extract")
+
+
+def test_advise_digits_is_different(tmp_path):
+    from featx.advise import advise
+
+    r = advise("digits", data_root=str(tmp_path))
+    assert r["similarity"] == "different" and r["scenario"] in (3, 4)
+    assert "--layer" in r["commands"][0]

@@ -1,0 +1,147 @@
+"""``featx run PIPELINE.toml``: a reference experiment as data — its dataset, backbone, steps and the
+seed's own figures — run in order with caches reused, ending in one comparison report.
+
+Schema (unknown keys are errors)::
+
+    name = "S2 hymenoptera"            # required
+    description = "..."
+    data = "hymenoptera"               # required: registered name or folder
+    backbone = "efficientnet_lite0"    # default for every step
+    seed_backbone = "resnet18"         # what the seed used, shown beside the results
+
+    [[steps]]
+    name = "fixed features + logreg"   # required, unique
+    kind = "fit-head"                  # extract | fit-head | finetune
+    clf = "logreg"
+    seed_figure = 0.961                # number or text, e.g. "0.93-0.96"
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from . import data as data_mod
+from .errors import FeatxError
+
+TOP_KEYS = {"name", "description", "data", "backbone", "seed", "seed_backbone", "notes", "steps"}
+COMMON = {"name", "kind", "backbone", "layer", "weights", "input_size", "seed_figure", "note"}
+STEP_KEYS = {
+    "extract": COMMON | {"batch_size", "dtype"},
+    "fit-head": COMMON | {"clf", "select_on"},
+    "finetune": COMMON | {"unfreeze", "epochs", "batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
+                          "step_size", "augment", "from_scratch", "patience", "head_from", "seed"},
+}
+REQUIRED = {"extract": set(), "fit-head": {"clf"}, "finetune": {"unfreeze"}}
+
+
+def load_pipeline(path: str | os.PathLike) -> dict:
+    """Parse and validate a pipeline file; every error names the file, the step and the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatxError(f"pipeline {path} does not exist: pass a TOML file such as pipelines/quickstart.toml")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FeatxError(f"{path} is not valid TOML ({exc}): fix the syntax") from None
+    unknown = sorted(set(spec) - TOP_KEYS)
+    if unknown:
+        raise FeatxError(f"{path}: unknown key '{unknown[0]}' (allowed: {', '.join(sorted(TOP_KEYS))})")
+    for key in ("name", "data", "steps"):
+        if key not in spec:
+            raise FeatxError(f"{path}: missing '{key}'")
+    names = set()
+    for i, step in enumerate(spec["steps"], 1):
+        where = f"{path}: step {i} ({step.get('name', 'unnamed')})"
+        kind = step.get("kind")
+        if kind not in STEP_KEYS:
+            raise FeatxError(f"{where}: kind must be one of {', '.join(STEP_KEYS)}, not {kind!r}")
+        bad = sorted(set(step) - STEP_KEYS[kind])
+        if bad:
+            raise FeatxError(f"{where}: unknown key '{bad[0]}' for a {kind} step "
+                             f"(allowed: {', '.join(sorted(STEP_KEYS[kind]))})")
+        missing = sorted((REQUIRED[kind] | {"name"}) - set(step))
+        if missing:
+            raise FeatxError(f"{where}: missing '{missing[0]}'")
+        if step["name"] in names:
+            raise FeatxError(f"{where}: the name '{step['name']}' is used twice")
+        if step.get("head_from") and step["head_from"] not in names:
+            raise FeatxError(f"{where}: head_from '{step['head_from']}' names no earlier step")
+        names.add(step["name"])
+    return spec
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_").lower()
+
+
+def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache_dir: str | os.PathLike = "cache",
+                 out: str | os.PathLike | None = None, backbone: str | None = None, max_epochs: int | None = None,
+                 device: str = "auto", progress: bool = True) -> dict:
+    """Run every step; ``backbone`` overrides the file's, ``max_epochs`` caps fine-tuning (both recorded)."""
+    from .extract import extract
+    from .finetune import finetune
+    from .model import fit_head
+
+    spec = load_pipeline(path)
+    name, folder, _ = data_mod.resolve(spec["data"], data_root, download=False)  # absent data fails here
+    out = Path(out or Path("runs") / slug(spec["name"]))
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    models = {}
+    for step in spec["steps"]:
+        net = backbone or step.get("backbone") or spec.get("backbone", "efficientnet_lite0")
+        step_out = out / slug(step["name"])
+        started = time.perf_counter()
+        if progress:
+            print(f"featx run: {step['name']} ({step['kind']}, {net})", file=sys.stderr)
+        common = {"data_root": data_root, "device": device, "weights": step.get("weights"),
+                  "input_size": step.get("input_size"), "progress": progress}
+        if step["kind"] == "extract":
+            r = extract(net, str(folder), step.get("layer"), cache_dir=cache_dir, batch_size=step.get("batch_size"),
+                        dtype=step.get("dtype", "float32"), **common)
+            metrics = {"extract": r.as_dict()}
+        elif step["kind"] == "fit-head":
+            metrics = fit_head(step["clf"], None, net, str(folder), step.get("layer"), cache_dir=cache_dir,
+                               select_on=step.get("select_on", "cv"), out=step_out, **common)
+            models[step["name"]] = metrics["model"]
+        else:
+            epochs = step.get("epochs", 5)
+            if max_epochs:
+                epochs = min(epochs, max_epochs)
+            options = {k: step[k] for k in ("batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
+                                            "step_size", "augment", "from_scratch", "patience", "seed") if k in step}
+            metrics = finetune(net, str(folder), step["unfreeze"], epochs=epochs, out=step_out,
+                               head=models.get(step.get("head_from")), **options, **common)
+            metrics["epochs_run"] = epochs
+            models[step["name"]] = metrics["model"]
+        score_split = "test" if "test" in metrics else "val" if "val" in metrics else None
+        rows.append({"step": step["name"], "kind": step["kind"], "backbone": net,
+                     "split": score_split,
+                     "accuracy": metrics[score_split]["accuracy"] if score_split else None,
+                     "balanced_accuracy": metrics[score_split]["balanced_accuracy"] if score_split else None,
+                     "seed_figure": step.get("seed_figure"), "seconds": round(time.perf_counter() - started, 1),
+                     "output": str(step_out) if step["kind"] != "extract" else metrics["extract"]["path"]})
+    result = {"pipeline": spec["name"], "data": name, "seed_backbone": spec.get("seed_backbone"),
+              "backbone_override": backbone, "max_epochs": max_epochs, "steps": rows, "report": str(out)}
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "comparison.md").write_text(comparison_table(result))
+    return result
+
+
+def comparison_table(result: dict) -> str:
+    lines = [f"# {result['pipeline']}", "",
+             f"data: {result['data']}; seed backbone: {result['seed_backbone'] or '-'}"
+             + (f"; fine-tuning capped at {result['max_epochs']} epochs" if result["max_epochs"] else ""), "",
+             "| step | backbone | split | accuracy | balanced accuracy | seed's figure | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["steps"]:
+        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
+        bal = f"{r['balanced_accuracy']:.4f}" if r["balanced_accuracy"] is not None else "-"
+        lines.append(f"| {r['step']} | {r['backbone']} | {r['split'] or '-'} | {acc} | {bal} | "
+                     f"{r['seed_figure'] if r['seed_figure'] is not None else '-'} | {r['seconds']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from featx.cli import cli
+from featx.errors import FeatxError
+from featx.pipeline import load_pipeline, run_pipeline
+from helpers import REPO
+
+PIPELINE = """
+name = "tiny end to end"
+data = "{data}"
+backbone = "{backbone}"
+
+[[steps]]
+name = "extract"
+kind = "extract"
+
+[[steps]]
+name = "logreg"
+kind = "fit-head"
+clf = "logreg"
+seed_figure = 0.9
+
+[[steps]]
+name = "fine-tune block2 from the logreg head"
+kind = "finetune"
+unfreeze = "block2"
+head_from = "logreg"
+epochs = 3
+"""
+
+
+def test_pipeline_runs_end_to_end(tiny, dataset, tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(PIPELINE.format(data=dataset, backbone=tiny))
+    result = run_pipeline(path, cache_dir=tmp_path / "c", out=tmp_path / "report", max_epochs=1, progress=False)
+    steps = {s["step"]: s for s in result["steps"]}
+    assert steps["logreg"]["accuracy"] == 1.0 and steps["logreg"]["seed_figure"] == 0.9
+    assert steps["fine-tune block2 from the logreg head"]["split"] == "test"
+    table = (tmp_path / "report" / "comparison.md").read_text()
+    assert "| logreg | tiny | test | 1.0000 | 1.0000 | 0.9 |" in table
+    assert json.loads((tmp_path / "report" / "results.json").read_text())["max_epochs"] == 1
+    assert (tmp_path / "report" / "fine_tune_block2_from_the_logreg_head" / "curves_loss.png").exists()
+
+
+@pytest.mark.parametrize("body,message", [
+    ('name="x"\ndata="d"\ncolour="red"\nsteps=[]', "unknown key 'colour'"),
+    ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="fit-head"\nclf="svm"\nepochs=3', "unknown key 'epochs' for a fit-head"),
+    ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="train"', "kind must be one of"),
+    ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="finetune"', "missing 'unfreeze'"),
+    ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="finetune"\nunfreeze="all"\nhead_from="b"', "names no earlier"),
+    ('name="x"\nsteps=[]', "missing 'data'"),
+    ('name = ', "is not valid TOML"),
+])
+def test_schema_errors_name_file_and_step(tmp_path, body, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(body)
+    with pytest.raises(FeatxError, match=message) as err:
+        load_pipeline(path)
+    assert "bad.toml" in str(err.value)
+
+
+def test_shipped_pipelines_validate():
+    files = sorted((REPO / "pipelines").glob("*.toml"))
+    assert {f.stem for f in files} >= {"quickstart", "s0_hotdog", "s1_pizza_steak_sushi", "s2_hymenoptera",
+                                       "s3_cats_dogs", "s4_caltech256"}
+    for f in files:
+        spec = load_pipeline(f)
+        assert spec["steps"]
+        if f.stem != "quickstart":
+            assert spec["seed_backbone"] and any("seed_figure" in s for s in spec["steps"])
+
+
+def test_absent_dataset_fails_at_start(tmp_path):
+    res = CliRunner().invoke(cli, ["run", str(REPO / "pipelines" / "s0_hotdog.toml"), "--data-root", str(tmp_path)])
+    assert isinstance(res.exception, FeatxError) and "hotdog.zip" in str(res.exception)
+    assert not (tmp_path / "hotdog").exists()
