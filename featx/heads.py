@@ -74,6 +74,23 @@ class Head(ClassifierMixin, BaseEstimator):
             setattr(self, name + "_", value)
 
 
+class Affine(torch.autograd.Function):
+    """X @ W + b whose weight gradient is computed as (G^T X)^T: BLAS is several times faster at
+    that than at the transposed product autograd would use for tall, skinny problems."""
+
+    @staticmethod
+    def forward(ctx, X, W, b):
+        ctx.save_for_backward(X)
+        k = W.shape[1]
+        padded = torch.nn.functional.pad(W, (0, -k % 16))  # 16 columns: measured ~2x faster than 10 on AVX2
+        return torch.addmm(torch.nn.functional.pad(b, (0, -k % 16)), X, padded)[:, :k]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (X,) = ctx.saved_tensors
+        return None, (grad.t() @ X).t(), grad.sum(0)
+
+
 def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, loss: str,
                init: tuple | None = None, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
     """Full-batch L-BFGS on mean loss + ||W||^2 / (2 C n): the minimiser of scikit-learn's
@@ -93,7 +110,7 @@ def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, l
 
     def closure():
         opt.zero_grad()
-        z = X @ W + b
+        z = Affine.apply(X, W, b)
         data = torch.nn.functional.cross_entropy(z, codes) if loss == "logreg" else \
             torch.clamp(1 - signs * z, min=0).pow(2).sum(1).mean()
         value = data + penalty * (W * W).sum()
@@ -114,7 +131,7 @@ def standardise(X_fit: np.ndarray, *others: np.ndarray) -> tuple:
 class LinearHead(Head):
     """Standardised features -> one linear layer. ``loss='logreg'``: multinomial logistic regression;
     ``loss='svm'``: linear SVM (squared hinge, one-vs-rest) with Platt-sigmoid probabilities fitted on
-    3-fold out-of-fold decision values. C is chosen from ``Cs`` by cross-validation on the training
+    the selection folds' out-of-fold decision values. C is chosen from ``Cs`` by cross-validation on the training
     data, each fold standardised on its own training part; then the head is refitted on all of it."""
 
     def __init__(self, loss: str = "logreg", Cs=None, cv=5):
@@ -133,14 +150,17 @@ class LinearHead(Head):
         splits = []
         for train, test in folds(self.cv, codes).split(X, codes):  # each fold standardised on its own train part
             _, _, Xtr, Xte = standardise(X[train], X[test])
-            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, codes[test]))
-        states, scores = [None] * len(splits), []
+            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, test))
+        states, scores, out_of_fold = [None] * len(splits), [], []
         for C in Cs:  # most to least regularised, each fit warm-started from the last
-            accuracy = 0.0
-            for f, (Xtr, ytr, Xte, yte) in enumerate(splits):
+            decision = None
+            for f, (Xtr, ytr, Xte, test) in enumerate(splits):
                 states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f])
-                accuracy += (self._labels(Xte @ states[f][0] + states[f][1]).numpy() == yte).mean() / len(splits)
-            scores.append(accuracy)
+                z = (Xte @ states[f][0] + states[f][1]).double().numpy()
+                decision = np.zeros((len(X), z.shape[1])) if decision is None else decision
+                decision[test] = z
+            out_of_fold.append(decision)
+            scores.append(float((self._labels(decision) == codes).mean()))
             last_at_best = max(i for i, a in enumerate(scores) if a >= max(scores) - 1e-12)
             if len(scores) - 1 - last_at_best >= PATH_PATIENCE:
                 break  # CV accuracy stayed below its best for PATH_PATIENCE values: weaker regularisation overfits
@@ -152,19 +172,16 @@ class LinearHead(Head):
         W, b = fit_linear(Xall, torch.as_tensor(codes), len(self.classes_), C, self.loss)
         self.coef_, self.intercept_ = W.T.double().numpy(), b.double().numpy()
         if self.loss == "svm":
-            self._calibrate(X, codes, C)
+            self._calibrate(out_of_fold[best], codes)
         return self
 
-    def _labels(self, z: torch.Tensor) -> torch.Tensor:
-        return (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
+    @staticmethod
+    def _labels(z: np.ndarray) -> np.ndarray:
+        return (z[:, 0] > 0).astype(int) if z.shape[1] == 1 else z.argmax(1)
 
-    def _calibrate(self, X: np.ndarray, codes: np.ndarray, C: float) -> None:
-        """Platt scaling: a sigmoid per decision column, fitted on out-of-fold decision values."""
-        decision = np.zeros((len(X), self.coef_.shape[0]))
-        for train, test in folds(3, codes).split(X, codes):
-            _, _, Xtr, Xte = standardise(X[train], X[test])
-            W, b = fit_linear(Xtr, torch.as_tensor(codes[train]), len(self.classes_), C, "svm")
-            decision[test] = (Xte @ W + b).double().numpy()
+    def _calibrate(self, decision: np.ndarray, codes: np.ndarray) -> None:
+        """Platt scaling: a sigmoid per decision column, fitted on the cross-validation folds'
+        out-of-fold decision values at the chosen C (no extra fits)."""
         targets = codes[:, None] == (np.arange(decision.shape[1]) + (1 if decision.shape[1] == 1 else 0))
         a, b = [], []
         for col in range(decision.shape[1]):
