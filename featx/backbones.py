@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import os
 import urllib.error
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable

@@ -5,6 +5,7 @@ copies on the CPU); normalisation, bf16 autocast and channels_last happen on the
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -188,8 +189,6 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
 
 
 def cache_attrs(net: Backbone, ds: data_mod.Dataset) -> dict:
-    import json
-
     return {**net.identity(), "preprocess": json.dumps(net.preprocess.__dict__), "dataset": ds.name,
             "dataset_root": str(ds.root), "split_source": ds.split_source, "classes": json.dumps(ds.classes),
             "featx_version": __version__, "torch_version": str(torch.__version__)}

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from . import __version__
-from . import data as data_mod
 from . import report, store
 from .backbones import Backbone, Preprocess, create_backbone
 from .errors import FeatxError

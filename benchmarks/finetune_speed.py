@@ -1,0 +1,82 @@
+"""Fine-tuning throughput: featx finetune against a seed-S2-style loop (torchvision ImageFolder,
+ToTensor + Normalize, fp32, batch 32, SGD momentum 0.9), same backbone, same unfrozen blocks, same
+images and device, one epoch each, in one run.
+
+    python benchmarks/finetune_speed.py --backbone efficientnet_lite0 --data ../shared/data/hymenoptera --unfreeze top
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+import featx
+from featx.extract import resolve_device
+from featx.finetune import finetune
+
+
+def seed_loop(backbone: str, root: Path, unfreeze: list, device: torch.device, workers: int) -> float:
+    """The tutorial recipe: freeze everything, unfreeze the same blocks, new fc, fp32, contiguous."""
+    net = featx.create_backbone(backbone)
+    for p in net.model.parameters():
+        p.requires_grad_(False)
+    params = [p for b in unfreeze for p in net.block_parameters(b)]
+    for p in params:
+        p.requires_grad_(True)
+    classes = len([d for d in (root / "train").iterdir() if d.is_dir()])
+    model = nn.Sequential(net, nn.Linear(net.spec.feature_dim, classes)).to(device)
+    pre = net.preprocess
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(pre.input_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(pre.mean, pre.std)])
+    loader = DataLoader(datasets.ImageFolder(str(root / "train"), tf), batch_size=32, shuffle=True,
+                        num_workers=workers)
+    opt = torch.optim.SGD(params + list(model[1].parameters()), lr=1e-3, momentum=0.9)
+    model.train()
+    n, start = 0, time.perf_counter()
+    for x, y in loader:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        opt.step()
+        n += len(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--unfreeze", default="top")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed-workers", type=int, default=4)
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    blocks = args.unfreeze.split(",")
+    seed_rate = seed_loop(args.backbone, Path(args.data), blocks, device, args.seed_workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        m = finetune(args.backbone, args.data, args.unfreeze, epochs=1, out=Path(tmp) / "run", device=args.device,
+                     optimizer="sgd", progress=False)
+    featx_rate = m["history"][0]["train_img_per_s"]
+    result = {"backbone": args.backbone, "unfreeze": blocks, "device": str(device),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cores"
+                         + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+              "seed_train_img_per_s": round(seed_rate, 1), "featx_train_img_per_s": round(featx_rate, 1),
+              "ratio": round(featx_rate / seed_rate, 2)}
+    print(f"seed-S2 loop: {seed_rate:.1f} train img/s; featx finetune: {featx_rate:.1f} train img/s; "
+          f"ratio {result['ratio']}x")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
