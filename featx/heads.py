@@ -20,6 +20,8 @@ from .errors import FeatxError
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
+PREPROCESSING = {"logreg": "standardise (mean/std of the training rows)", "svm": "standardise",
+                 "knn": "L2-normalise, cosine similarity", "mlp": "standardise"}
 PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) strictly below the best
 
 
@@ -67,7 +69,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def export(self) -> tuple[dict, dict]:
         """(arrays, JSON-able config) that ``load_head`` turns back into an equivalent head."""
         return {**self.arrays(), "classes": np.asarray(self.classes_)}, {
-            "kind": self.kind, "selected": getattr(self, "selected_", {})}
+            "kind": self.kind, "preprocessing": PREPROCESSING[self.kind], "selected": getattr(self, "selected_", {})}
 
     def load_arrays(self, arrays: dict) -> None:
         for name, value in arrays.items():

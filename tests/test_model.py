@@ -29,6 +29,9 @@ def test_fit_head_writes_everything(fitted):
         assert (run / f"top_losses_{split}.csv").exists()
     assert json.loads((run / "metrics.json").read_text())["test"]["n"] == 6
     assert m["selected"]["C"] > 0
+    _, manifest = model.load_model(run / "model.featx")
+    assert manifest["head"]["preprocessing"].startswith("standardise") and manifest["classes"] == ["a", "b"]
+    assert manifest["identity"]["layer"] == "pool" and len(manifest["identity"]["weights_sha256"]) == 64
 
 
 def test_predict_and_evaluate_use_the_model(fitted, dataset, tmp_path):
