@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import data as data_mod
 from . import report, store
 from .backbones import Backbone, Preprocess, create_backbone
 from .errors import FeatxError
@@ -227,16 +228,16 @@ def evaluate(model: str | os.PathLike, data: str, split: str = "test", *, data_r
              weights: str | None = None, progress: bool = True) -> dict:
     """Metrics, confusion matrix and top losses of a model on one split of a dataset (features cached)."""
     predictor = load_predictor(model, weights)
+    unknown = sorted(set(data_mod.load(data, data_root).classes) - set(predictor.classes))
+    if unknown:  # checked before any extraction
+        raise FeatxError(f"{data} has classes the model does not know ({', '.join(unknown[:5])}): "
+                         f"evaluate on data with the model's classes {', '.join(predictor.classes[:10])}")
     r = extract(predictor.backbone, data, data_root=data_root, cache_dir=cache_dir, device=device, progress=progress)
     F = store.load(r.path)
     if split not in F.split_names():
         raise FeatxError(f"dataset {data} has no '{split}' split (it has {', '.join(F.split_names())}): "
                          f"pass --split with one of those")
     X, y, paths = F.split(split)
-    unknown = sorted(set(F.classes) - set(predictor.classes))
-    if unknown:
-        raise FeatxError(f"{data} has classes the model does not know ({', '.join(unknown[:5])}): "
-                         f"evaluate on data with the model's classes {', '.join(predictor.classes[:10])}")
     y_model = np.asarray([predictor.classes.index(F.classes[i]) for i in y])
     proba = proba_over(predictor.head, X, len(predictor.classes))
     metrics = {split: report.classification_metrics(y_model, proba, predictor.classes, paths),

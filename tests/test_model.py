@@ -91,3 +91,11 @@ def test_fit_head_needs_train_split(tiny, tmp_path):
         model.fit_head("logreg", features=r.path)
     assert store.load(r.path).X.shape[0] == 12
     assert np.isfinite(store.load(r.path).X).all()
+
+
+def test_evaluate_refuses_unknown_classes_before_extracting(fitted, tmp_path):
+    from helpers import make_dataset
+    other = make_dataset(tmp_path / "other", {"test": 2}, classes=("a", "zebra"))
+    with pytest.raises(FeatxError, match=r"classes the model does not know \(zebra\)"):
+        model.evaluate(fitted[1] / "model.featx", str(other), cache_dir=tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh").exists()
