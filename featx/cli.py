@@ -89,7 +89,8 @@ def fit_head(clf, features, backbone, layer, weights, input_size, data, data_roo
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
                      progress=not quiet)
     chosen = ", ".join(f"{k}={v}" for k, v in m["selected"].items() if k in ("C", "k", "epochs"))
-    emit(m, as_json, f"{clf}: selected {chosen} ({m['selected']['select_on']}); {summary_line(m)}\n"
+    how = "early stopping on 15% of train" if clf == "mlp" else m["selected"]["select_on"]
+    emit(m, as_json, f"{clf}: selected {chosen} ({how}); {summary_line(m)}\n"
                      f"model: {m['model']}")
 
 
