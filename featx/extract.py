@@ -174,7 +174,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         splits = [ds.splits[position[p]] for p in order]
         main = index.main_meta
         dropped = len(main.get("paths", ())) - sum(1 for p in main.get("paths", ()) if p in position)
-        unchanged = (store.parts_written == 0 and len(index.sources) == 1 and list(main.get("paths", [])) == order
+        unchanged = (bool(main) and store.parts_written == 0 and len(index.sources) == 1 and main["paths"] == order
                      and np.array_equal(main["labels"], labels) and list(main["splits"]) == splits
                      and main.get("skipped") == sorted(skipped))
         if not unchanged:
