@@ -142,7 +142,7 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 @cli.command()
 @backbone_options
 @data_options
-@click.option("--unfreeze", required=True, help="Comma-separated blocks (see 'featx backbones'), all, or none.")
+@click.option("--unfreeze", required=True, help="Comma-separated blocks (see 'featx backbones'), top:N (the last N), all, or none.")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Head learning rate.")

@@ -96,11 +96,16 @@ def parse_unfreeze(unfreeze: str, net: Backbone) -> list:
         return names
     if unfreeze in ("none", ""):
         return []
+    if unfreeze.startswith("top:"):  # the last N blocks, whatever this backbone calls them
+        count = unfreeze[4:]
+        if not count.isdigit() or not 1 <= int(count) <= len(names):
+            raise FeatxError(f"--unfreeze {unfreeze}: use top:N with N from 1 to {len(names)} for {net.spec.name}")
+        return names[-int(count):]
     asked = [b.strip() for b in unfreeze.split(",") if b.strip()]
     unknown = [b for b in asked if b not in names]
     if unknown:
         raise FeatxError(f"{net.spec.name} has no block {', '.join(unknown)}: choose from {', '.join(names)}, "
-                         f"all or none")
+                         f"all, none or top:N")
     return asked
 
 

@@ -47,8 +47,17 @@ def test_unfreeze_none_trains_only_the_head(tiny, dataset, tmp_path):
 
 
 def test_unknown_block_lists_valid_names(tiny, dataset, tmp_path):
-    with pytest.raises(FeatxError, match="has no block block9: choose from stem, block1, block2, all or none"):
+    with pytest.raises(FeatxError, match="has no block block9: choose from stem, block1, block2, all, none or top:N"):
         ft.finetune(tiny, str(dataset), "block9", out=tmp_path / "x", progress=False)
+    with pytest.raises(FeatxError, match="top:N with N from 1 to 3"):
+        ft.finetune(tiny, str(dataset), "top:4", out=tmp_path / "y", progress=False)
+
+
+def test_top_n_names_the_last_blocks(tiny):
+    net = featx.create_backbone(tiny)
+    assert ft.parse_unfreeze("top:2", net) == ["block1", "block2"]
+    assert ft.parse_unfreeze("top:2", featx.create_backbone("vgg16", pretrained=False)) == ["block5", "fc"]
+    assert ft.parse_unfreeze("top:2", featx.create_backbone("efficientnet_lite0", pretrained=False)) == ["block7", "top"]
 
 
 def test_outputs_and_model_file_work_with_predict_and_evaluate(tiny, dataset, tmp_path):
