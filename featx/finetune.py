@@ -29,7 +29,7 @@ from . import report
 from .backbones import Backbone, create_backbone
 from .errors import FeatxError
 from .extract import ImageFiles, collate, default_workers, resolve_device
-from .heads import MLP, LinearHead, MLPHead, load_head
+from .heads import LinearHead, MLPHead, load_head, mlp_arrays
 from .model import MODEL_NAME, load_model, load_predictor, save_model
 
 AUGMENTATIONS = ("none", "light", "strong")
@@ -120,9 +120,7 @@ def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
         raise FeatxError(f"{path} knows classes {manifest['classes']}, the dataset has {classes}: fit it on this data")
     head = load_head({k[5:]: v for k, v in tensors.items() if k.startswith("head.")}, manifest["head"])
     if isinstance(head, MLPHead):
-        mlp = MLP(len(head.mean_), head.state_["net__1__weight"].shape[0], len(classes), head.dropout)
-        mlp.load_state_dict({k.replace("__", "."): torch.as_tensor(v) for k, v in head.state_.items()})
-        return nn.Sequential(Standardise(head.mean_, head.scale_), mlp)
+        return nn.Sequential(Standardise(head.mean_, head.scale_), head.net_)
     if not isinstance(head, LinearHead) or len(head.classes_) != len(classes):
         raise FeatxError(f"{path} holds a {manifest['head']['kind']} head trained on a subset of the classes: "
                          "warm-start from fit-head --clf logreg or mlp")
@@ -146,9 +144,8 @@ def export_head(head: nn.Module, classes: list) -> tuple[dict, dict]:
                   "intercept": head.bias.detach().cpu().double().numpy(), "classes": np.arange(n)}
         return arrays, {"kind": "logreg", "selected": {}}
     scaler, mlp = head[0], head[1]
-    arrays = {"mean": scaler.mean.cpu().double().numpy(), "scale": scaler.scale.cpu().double().numpy(),
-              "classes": np.arange(n),
-              **{k.replace(".", "__"): v.detach().cpu().numpy() for k, v in mlp.state_dict().items()}}
+    arrays = {**mlp_arrays(scaler.mean.cpu().numpy(), scaler.scale.cpu().numpy(), mlp.state_dict()),
+              "classes": np.arange(n)}
     return arrays, {"kind": "mlp", "selected": {}}
 
 
@@ -172,18 +169,16 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, manifest: dict) 
                                       "weights_file": None})
 
 
-def loader(files, labels, transform, draft, batch_size, workers, shuffle, device, seed):
-    ds = ImageFiles(files, transform, draft)
+def loader(files, transform, draft, batch_size, workers, shuffle, device, seed) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda", generator=g, drop_last=False), labels
+    return DataLoader(ImageFiles(files, transform, draft), batch_size=batch_size, shuffle=shuffle,
+                      num_workers=workers, collate_fn=collate, pin_memory=device.type == "cuda", generator=g)
 
 
-def run_epoch(net, batches, labels, device, optimizer=None, scaler=None, bar=None):
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy, probabilities by index)."""
+def run_epoch(net, batches, labels, device, optimizer=None, bar=None) -> tuple[float, float]:
+    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy)."""
     loss_fn = nn.CrossEntropyLoss()
     total, correct, count = 0.0, 0, 0
-    proba = {}
     use_amp = device.type == "cuda"
     for indices, images, _failures in batches:
         if images is None:
@@ -198,16 +193,13 @@ def run_epoch(net, batches, labels, device, optimizer=None, scaler=None, bar=Non
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        else:
-            for i, p in zip(indices, torch.softmax(logits.float(), 1).cpu().numpy()):
-                proba[i] = p
         total += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         count += len(y)
         if bar is not None:
             bar.update(len(indices))
             bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{correct / count:.3f}")
-    return total / max(count, 1), correct / max(count, 1), proba
+    return total / max(count, 1), correct / max(count, 1)
 
 
 def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreeze: str = "none", *,
@@ -278,8 +270,9 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
     elif checkpoint.exists():
         raise FeatxError(f"{out} already holds a fine-tuning run: pass --resume to continue it or --out elsewhere")
 
-    files = {s: [ds.root / p for p in ds.subset(s)[0]] for s in ds.split_names()}
-    labels = {s: ds.subset(s)[1] for s in ds.split_names()}
+    subsets = {s: ds.subset(s) for s in ds.split_names()}
+    files = {s: [ds.root / p for p in paths] for s, (paths, _) in subsets.items()}
+    labels = {s: y for s, (_, y) in subsets.items()}
     workers = default_workers(dev) if workers is None else workers
     draft = net_b.preprocess.resize_size
     eval_tf = net_b.preprocess.pil_transform()
@@ -287,18 +280,17 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
     since_best = 0
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        batches, y_train = loader(files["train"], labels["train"], train_tf, draft, batch_size, workers, True, dev,
-                                  seed + epoch)
+        batches = loader(files["train"], train_tf, draft, batch_size, workers, True, dev, seed + epoch)
         with tqdm(total=len(files["train"]), unit="img", file=sys.stderr, disable=not progress,
                   desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True) as bar:
             net.train()
-            train_loss, train_acc, _ = run_epoch(net, batches, y_train, dev, opt, bar=bar)
+            train_loss, train_acc = run_epoch(net, batches, labels["train"], dev, opt, bar=bar)
         sched.step()
         train_seconds = time.perf_counter() - started
         net.eval()
-        val_batches, y_val = loader(files["val"], labels["val"], eval_tf, draft, batch_size, workers, False, dev, 0)
+        val_batches = loader(files["val"], eval_tf, draft, batch_size, workers, False, dev, 0)
         with torch.inference_mode():
-            val_loss, val_acc, _ = run_epoch(net, val_batches, y_val, dev)
+            val_loss, val_acc = run_epoch(net, val_batches, labels["val"], dev)
         row = {"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc, "val_loss": val_loss,
                "val_accuracy": val_acc, "train_img_per_s": len(files["train"]) / train_seconds,
                "lr": opt.param_groups[0]["lr"]}

@@ -123,10 +123,16 @@ def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, l
     return W.detach(), b.detach()
 
 
-def standardise(X_fit: np.ndarray, *others: np.ndarray) -> tuple:
+def scaling(X_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and standard deviation (1 where constant) of the rows a head is fitted on."""
     mean = X_fit.mean(0, dtype=np.float64)
     scale = X_fit.std(0, dtype=np.float64)
     scale[scale == 0] = 1.0
+    return mean, scale
+
+
+def standardise(X_fit: np.ndarray, *others: np.ndarray) -> tuple:
+    mean, scale = scaling(X_fit)
     return (mean, scale, *(torch.as_tensor((x - mean) / scale, dtype=torch.float32) for x in (X_fit, *others)))
 
 
@@ -276,6 +282,12 @@ class MLP(torch.nn.Module):
         return self.net(x)
 
 
+def mlp_arrays(mean: np.ndarray, scale: np.ndarray, state: dict) -> dict:
+    """An MLP's scaler and state dict in the flat array form MLPHead stores (dots become '__')."""
+    return {"mean": np.asarray(mean, np.float64), "scale": np.asarray(scale, np.float64),
+            **{k.replace(".", "__"): v.detach().cpu().numpy() for k, v in state.items()}}
+
+
 class MLPHead(Head):
     """Standardised features -> one hidden layer with dropout, AdamW, early stopping on a held-out
     part of the training split. Seeded; on the GPU when present."""
@@ -298,8 +310,7 @@ class MLPHead(Head):
         torch.manual_seed(self.random_state)
         tr, ho = train_test_split(np.arange(len(X)), test_size=self.holdout, stratify=codes,
                                   random_state=self.random_state)
-        self.mean_ = X[tr].mean(0).astype(np.float64)
-        self.scale_ = np.where(X[tr].std(0) > 0, X[tr].std(0), 1.0).astype(np.float64)
+        self.mean_, self.scale_ = scaling(X[tr])
         Xs = torch.as_tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=device)
         ys = torch.as_tensor(codes, device=device)
         net = MLP(X.shape[1], self.hidden, len(self.classes_), self.dropout).to(device)
@@ -328,8 +339,7 @@ class MLPHead(Head):
                 if since >= self.patience:
                     break
         self.selected_ = {"epochs": epochs, "best_holdout_loss": float(best), "holdout": len(ho)}
-        self.load_arrays({"mean": self.mean_, "scale": self.scale_,
-                          **{k.replace(".", "__"): v.numpy() for k, v in best_state.items()}})
+        self.load_arrays(mlp_arrays(self.mean_, self.scale_, best_state))
         return self
 
     def load_arrays(self, arrays: dict) -> None:

@@ -95,20 +95,19 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "
              progress: bool = True) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
     and write model.featx, metrics.json, confusion PNGs and top losses to ``out``."""
+    if select_on not in ("cv", "val"):
+        raise FeatxError(f"--select-on {select_on}: use cv or val")
     if features is None:
         if data is None:
             raise FeatxError("fit-head needs --features FILE, or --backbone and --data to extract them")
-        note = sys.stderr if progress else None
         r = extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     weights=weights, input_size=input_size, progress=progress)
-        if r.new and note:
-            print(f"featx: extracted {r.new} new images into {r.path} first", file=note)
+        if r.new and progress:
+            print(f"featx: extracted {r.new} new images into {r.path} first", file=sys.stderr)
         features = r.path
     F = store.load(features)
     if "train" not in F.split_names():
         raise FeatxError(f"{F.path} has no train split: fit-head trains on train/ (and selects on CV or val/)")
-    if select_on not in ("cv", "val"):
-        raise FeatxError(f"--select-on {select_on}: use cv or val")
     X, y, _ = F.split("train")
     held_out = [s for s in ("val", "test") if s in F.split_names()]
     cv = 5
