@@ -42,8 +42,9 @@ class Preprocess:
         """Same weights at another input size: resize the shorter side to ``size`` and keep it all."""
         return replace(self, input_size=size, resize_size=size)
 
-    def pil_transform(self) -> Callable:
-        """PIL image -> uint8 CHW tensor; normalisation happens on the device, inside the model."""
+    def transform(self) -> Callable:
+        """PIL image, or uint8 CHW tensor on any device -> resized, centre-cropped uint8 CHW tensor.
+        Normalisation happens on the device, inside the model."""
         return T.Compose([
             T.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
             T.CenterCrop(self.input_size),
@@ -342,17 +343,17 @@ def load_pretrained(spec: BackboneSpec, model: nn.Module, weights_file: str | No
         if not path.is_file():
             raise FeatxError(f"weights file {path} does not exist: pass an existing --weights FILE")
         state = read_state_dict(path)
-        expected = {k for k in model.state_dict() if not k.startswith(spec.classifier + ".")}
-        missing = sorted(expected - set(state))
+        target = model.state_dict()
+        missing = sorted(k for k in target if k not in state and not k.startswith(spec.classifier + "."))
         if missing:
             raise FeatxError(f"{path} does not fit {spec.name}: {len(missing)} tensors missing "
                              f"(first: {missing[0]}); pass a state dict of this architecture")
-        model.load_state_dict({k: v for k, v in state.items() if k in model.state_dict()}, strict=False)
-        return f"file:{path.name}", file_sha256(path)
+        model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+        return weights_identity(spec, weights_file)
     w = spec.weights
     path = w.local_path()
     if w.source == "timm":
-        return load_timm(spec, model, path)
+        return load_timm(spec, model)
     if path is None and w.source == "torchvision":
         path = download_torchvision(spec)
     if path is None:
@@ -366,7 +367,18 @@ def load_pretrained(spec: BackboneSpec, model: nn.Module, weights_file: str | No
                              f"{w.package.replace('_', '-')}")
         state = dict(zip(target.keys(), state.values()))
     model.load_state_dict(state)
-    return w.ident, file_sha256(path)
+    return weights_identity(spec)
+
+
+def weights_identity(spec: BackboneSpec, weights_file: str | None = None) -> tuple[str, str] | None:
+    """(identity, SHA-256) of the weights ``create_backbone`` loads, or None while they are not on this
+    machine. Costs one hash (remembered per process), so a cache can be checked without building a network."""
+    if weights_file:
+        path = Path(weights_file).expanduser()
+        return (f"file:{path.name}", file_sha256(path)) if path.is_file() else None
+    path = spec.weights.local_path()
+    ident = f"timm:{spec.weights.ident}" if spec.weights.source == "timm" else spec.weights.ident
+    return (ident, file_sha256(path)) if path else None
 
 
 def download_torchvision(spec: BackboneSpec) -> Path:
@@ -381,7 +393,7 @@ def download_torchvision(spec: BackboneSpec) -> Path:
     return target
 
 
-def load_timm(spec: BackboneSpec, model: nn.Module, path: Path | None) -> tuple[str, str]:
+def load_timm(spec: BackboneSpec, model: nn.Module) -> tuple[str, str]:
     import timm
 
     name = spec.name.split(":", 1)[1]
@@ -391,8 +403,7 @@ def load_timm(spec: BackboneSpec, model: nn.Module, path: Path | None) -> tuple[
         raise FeatxError(f"weights for {spec.name} are not in {spec.weights.where()} and could not be downloaded "
                          f"({type(exc).__name__}); fetch them once online or pass --weights FILE") from None
     model.load_state_dict(loaded.state_dict())
-    path = path or timm_cached_file(name)
-    return f"timm:{name}", file_sha256(path) if path else "unknown"
+    return weights_identity(spec) or (f"timm:{name}", "unknown")
 
 
 # ---------------------------------------------------------------- the runtime module
@@ -448,23 +459,33 @@ class Backbone(nn.Module):
         return out.flatten(1)
 
     def identity(self) -> dict:
-        """What makes two feature sets comparable: same backbone, weights, tap and preprocessing."""
-        return {"backbone": self.spec.name, "weights": self.weights_id, "weights_sha256": self.weights_sha256,
-                "layer": self.tap_name, "transform": self.preprocess.key()}
+        return feature_identity(self.spec, (self.weights_id, self.weights_sha256), self.tap_name, self.preprocess)
 
     def block_parameters(self, block: str) -> list[nn.Parameter]:
         prefixes = self.spec.blocks[block]
         return [p for n, p in self.model.named_parameters() if any(n.startswith(f"{q}.") for q in prefixes)]
 
 
-def create_backbone(name: str, layer: str | None = None, weights: str | None = None,
-                    pretrained: bool = True, input_size: int | None = None) -> Backbone:
-    """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode."""
+def resolve_backbone(name: str, layer: str | None = None,
+                     input_size: int | None = None) -> tuple[BackboneSpec, str, Preprocess]:
+    """The registry entry, tap and preprocessing that ``create_backbone`` would use, checked."""
     spec = get_spec(name)
     layer = layer or spec.default_tap
     if layer not in spec.taps:
         raise FeatxError(f"backbone {spec.name} has no layer '{layer}': choose one of {', '.join(spec.taps)}")
+    return spec, layer, spec.preprocess.at_size(input_size) if input_size else spec.preprocess
+
+
+def feature_identity(spec: BackboneSpec, weights: tuple[str, str], layer: str, preprocess: Preprocess) -> dict:
+    """What makes two feature sets comparable: same backbone, weights, tap and preprocessing."""
+    return {"backbone": spec.name, "weights": weights[0], "weights_sha256": weights[1], "layer": layer,
+            "transform": preprocess.key()}
+
+
+def create_backbone(name: str, layer: str | None = None, weights: str | None = None,
+                    pretrained: bool = True, input_size: int | None = None) -> Backbone:
+    """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode."""
+    spec, layer, preprocess = resolve_backbone(name, layer, input_size)
     model = spec.build()
     weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", "none")
-    preprocess = spec.preprocess.at_size(input_size) if input_size else spec.preprocess
     return Backbone(spec, model, layer, preprocess, weights_id, sha).eval()

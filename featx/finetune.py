@@ -41,7 +41,7 @@ def augmentation(net: Backbone, preset: str):
     pre = net.preprocess
     interp = InterpolationMode(pre.interpolation)
     if preset == "none":
-        return pre.pil_transform()
+        return pre.transform()
     if preset not in AUGMENTATIONS:
         raise FeatxError(f"unknown augmentation '{preset}': use none, light or strong")
     steps = [T.RandomResizedCrop(pre.input_size, scale=(0.5 if preset == "strong" else 0.08, 1.0),
@@ -275,7 +275,7 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
     labels = {s: y for s, (_, y) in subsets.items()}
     workers = default_workers(dev) if workers is None else workers
     draft = net_b.preprocess.resize_size
-    eval_tf = net_b.preprocess.pil_transform()
+    eval_tf = net_b.preprocess.transform()
     train_tf = augmentation(net_b, augment)
     since_best = 0
     for epoch in range(start_epoch, epochs):

@@ -15,7 +15,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
 import featx
+import torch
+from PIL import Image
 from featx import store
+from featx.backbones import Preprocess
+from featx.extract import EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate, decode_jpegs, decode_on_device
 from featx.cli import cli
 from helpers import REPO, colour_image, make_dataset
 
@@ -59,6 +63,19 @@ def test_rerun_is_incremental(tiny, dataset, tmp_path):
     assert not store.part_files(Path(r.path))
 
 
+def test_up_to_date_cache_builds_no_network(tiny, dataset, tmp_path, monkeypatch):
+    first = run(tiny, dataset, tmp_path / "c")
+    (dataset / "val" / "a" / "000.jpg").unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was built although no image needed it")
+
+    monkeypatch.setattr(sys.modules["featx.extract"], "create_backbone", refuse)
+    again = run(tiny, dataset, tmp_path / "c")
+    assert (again.path, again.new, again.dropped, again.images) == (first.path, 0, 1, 23)
+    assert store.load(again.path).identity() == featx.create_backbone(tiny).identity()
+
+
 def test_layers_and_float16_get_their_own_files(tiny, dataset, tmp_path):
     a = run(tiny, dataset, tmp_path / "c")
     b = run(tiny, dataset, tmp_path / "c", layer="block1")
@@ -69,14 +86,15 @@ def test_layers_and_float16_get_their_own_files(tiny, dataset, tmp_path):
         assert f["features"].dtype == np.float16
 
 
-def test_corrupt_files_are_skipped_and_listed(tiny, dataset, tmp_path):
+@pytest.mark.parametrize("decode", ["pil", "device"])
+def test_corrupt_files_are_skipped_and_listed(tiny, dataset, tmp_path, decode):
     bad = dataset / "train" / "a"
     (bad / "empty.jpg").write_bytes(b"")
     (bad / "notes.jpg").write_text("not an image")
     whole = (dataset / "train" / "a" / "000.jpg").read_bytes()
     (bad / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     colour_image(0, np.random.default_rng(1)).convert("P").save(bad / "gif_named.jpg", "GIF")
-    r = run(tiny, dataset, tmp_path / "c")
+    r = run(tiny, dataset, tmp_path / "c", decode=decode)
     assert r.skipped == 3 and r.images == 25
     assert sorted(s["path"] for s in r.skipped_files) == ["train/a/empty.jpg", "train/a/notes.jpg",
                                                           "train/a/truncated.jpg"]
@@ -84,6 +102,43 @@ def test_corrupt_files_are_skipped_and_listed(tiny, dataset, tmp_path):
         assert sorted(f["skipped/paths"].asstr()[:]) == sorted(s["path"] for s in r.skipped_files)
     again = run(tiny, dataset, tmp_path / "c")
     assert again.new == 0 and again.skipped == 3
+
+
+def varied_images(folder: Path) -> list[Path]:
+    """What nvjpeg gets (plain RGB and grey JPEGs) and what Pillow keeps (CMYK, progressive,
+    EXIF-rotated, PNG), each non-square so a missed rotation or crop shows."""
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 255, (48, 72, 3), dtype=np.uint8), "RGB")
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6
+    variants = [("rgb.jpg", img, {}), ("grey.jpg", img.convert("L"), {}), ("cmyk.jpg", img.convert("CMYK"), {}),
+                ("progressive.jpg", img, {"progressive": True}), ("rotated.jpg", img, {"exif": exif}),
+                ("png.jpg", img, {"format": "PNG"})]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image, kw in variants:
+        image.save(folder / name, **{"format": "JPEG", "quality": 95, **kw})
+    return [folder / name for name, _, _ in variants]
+
+
+def test_device_decode_gives_the_pil_images(tmp_path):
+    files = varied_images(tmp_path)
+    pre = Preprocess(input_size=32, resize_size=40)
+    on_cpu = ImageFiles(files, pre.transform(), pre.resize_size)
+    encoded = EncodedFiles(files, pre.transform(), pre.resize_size)
+    indices, items, failures = collate([encoded[i] for i in range(len(files))], stack=False)
+    assert [t.dim() for t in items] == [1, 1, 3, 3, 3, 3] and not failures
+    kept, images, refused = decode_on_device(indices, items, encoded, torch.device("cpu"))
+    assert kept == list(range(len(files))) and not refused
+    expected = torch.stack([on_cpu[i][1] for i in kept])
+    assert images.shape == expected.shape == (6, 3, 32, 32)
+    assert (images.float() - expected.float()).abs().mean() < 1.0
+
+
+def test_a_refused_jpeg_costs_only_itself(tmp_path):
+    good = torch.frombuffer(bytearray(varied_images(tmp_path)[0].read_bytes()), dtype=torch.uint8)
+    bad = torch.frombuffer(bytearray(b"\xff\xd8\xff" + bytes(200)), dtype=torch.uint8)
+    out = decode_jpegs([good, bad, good], torch.device("cpu"))
+    assert out[1] is None and out[0].shape == out[2].shape == (3, 48, 72)
 
 
 def test_merge_streams_in_chunks(tiny, dataset, tmp_path, monkeypatch):
