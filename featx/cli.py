@@ -154,8 +154,9 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
 @click.option("--step-size", default=7, show_default=True, type=click.IntRange(1), help="Epochs per step (step).")
 @click.option("--augment", type=click.Choice(["none", "light", "strong"]), default="light", show_default=True)
-@click.option("--head", type=click.Path(dir_okay=False), default=None,
-              help="Start the head from a fit-head model (logreg/svm/mlp) on this backbone.")
+@click.option("--head", default=None,
+              help="Start the head from a fit-head model FILE (logreg/svm/mlp) on this backbone, or from ImageNet "
+                   "classifier rows: imagenet:ROW,... one per class (index, name or - for fresh), e.g. imagenet:ant,bee.")
 @click.option("--from-scratch", is_flag=True, help="Random initialisation, everything trainable.")
 @click.option("--patience", type=click.IntRange(1), default=None, help="Stop after N epochs without val gain.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out after a kill.")

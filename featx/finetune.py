@@ -2,7 +2,8 @@
 
 Frozen blocks keep ``requires_grad=False`` *and* stay in eval mode, so their BatchNorm statistics
 never move (the Keras fine-tuning lesson). The head may start from a stage-2 model (logreg/svm folded
-into one linear layer, or the MLP), which is the point of staging. Every epoch writes a checkpoint;
+into one linear layer, or the MLP), which is the point of staging, or from rows of the backbone's own
+ImageNet classifier. Every epoch writes a checkpoint;
 ``resume=True`` continues after a kill. The best epoch by val accuracy is saved as a featx model file
 that ``predict`` and ``evaluate`` use like any stage-2 model.
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
@@ -135,6 +137,46 @@ def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
     return linear
 
 
+def imagenet_categories() -> list[str]:
+    return torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+def head_from_imagenet(rows: str, net: Backbone, classes: list) -> nn.Linear:
+    """A head whose rows start as the backbone's own ImageNet classifier rows (seed S0's exercise:
+    hotdog is ImageNet class 934). ``rows`` is ``imagenet:`` then one entry per dataset class, in class
+    order: an ImageNet index, a category name, or ``-`` for a fresh (Xavier) row."""
+    usage = (f"--head {rows}: give one ImageNet class per dataset class ({', '.join(classes)}), as an index, "
+             "a category name or - for a fresh row, e.g. imagenet:ant,bee or imagenet:934,-")
+    entries = [e.strip() for e in rows.split(":", 1)[1].split(",")]
+    if len(entries) != len(classes) or not all(entries):
+        raise FeatxError(usage)
+    classifier = net.model.get_submodule(net.spec.classifier)
+    if not isinstance(classifier, nn.Linear) or classifier.in_features != net.spec.feature_dim:
+        raise FeatxError(f"{net.spec.name}'s ImageNet classifier is not one linear layer on its pooled features, "
+                         "so it cannot seed a head: use --head FILE from fit-head, or no --head")
+    names = imagenet_categories() if classifier.out_features == 1000 else []
+    picked = []
+    for entry in entries:
+        if entry == "-":
+            picked.append(None)
+        elif entry.isdigit() and int(entry) < classifier.out_features:
+            picked.append(int(entry))
+        elif [n.lower() for n in names].count(entry.lower()) == 1:
+            picked.append([n.lower() for n in names].index(entry.lower()))
+        else:
+            raise FeatxError(f"{usage} ('{entry}' is not an index below {classifier.out_features}"
+                             f"{' or a unique ImageNet category name' if names else ''})")
+    head = nn.Linear(classifier.in_features, len(classes))
+    nn.init.xavier_uniform_(head.weight)
+    nn.init.zeros_(head.bias)
+    with torch.no_grad():
+        for row, source in enumerate(picked):
+            if source is not None:
+                head.weight[row] = classifier.weight[source]
+                head.bias[row] = classifier.bias[source] if classifier.bias is not None else 0.0
+    return head
+
+
 def export_head(head: nn.Module, classes: list) -> tuple[dict, dict]:
     """Arrays and config in the stage-2 head format, so predict/evaluate load fine-tuned models alike."""
     n = len(classes)
@@ -220,7 +262,9 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
     blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
     out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")
     out.mkdir(parents=True, exist_ok=True)
-    if head and not from_scratch:
+    if head and not from_scratch and str(head).startswith("imagenet:"):
+        head_module = head_from_imagenet(str(head), net_b, ds.classes)
+    elif head and not from_scratch:
         head_module = head_from_model(head, net_b, ds.classes)
     else:
         head_module = nn.Linear(net_b.spec.feature_dim, len(ds.classes))

@@ -34,7 +34,7 @@ STEP_KEYS = {
     "extract": COMMON | {"batch_size", "dtype"},
     "fit-head": COMMON | {"clf", "select_on"},
     "finetune": COMMON | {"unfreeze", "epochs", "batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
-                          "step_size", "augment", "from_scratch", "patience", "head_from", "seed"},
+                          "step_size", "augment", "from_scratch", "patience", "head", "head_from", "seed"},
 }
 REQUIRED = {"extract": set(), "fit-head": {"clf"}, "finetune": {"unfreeze"}}
 
@@ -71,6 +71,8 @@ def load_pipeline(path: str | os.PathLike) -> dict:
             raise FeatxError(f"{where}: the name '{step['name']}' is used twice")
         if step.get("head_from") and step["head_from"] not in names:
             raise FeatxError(f"{where}: head_from '{step['head_from']}' names no earlier step")
+        if step.get("head_from") and step.get("head"):
+            raise FeatxError(f"{where}: give head (imagenet:ROWS or a model file) or head_from, not both")
         names.add(step["name"])
     return spec
 
@@ -115,8 +117,9 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
                 epochs = min(epochs, max_epochs)
             options = {k: step[k] for k in ("batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
                                             "step_size", "augment", "from_scratch", "patience", "seed") if k in step}
-            metrics = finetune(net, str(folder), step["unfreeze"], epochs=epochs, out=step_out,
-                               head=models.get(step.get("head_from")), **options, **common)
+            head = models[step["head_from"]] if step.get("head_from") else step.get("head")
+            metrics = finetune(net, str(folder), step["unfreeze"], epochs=epochs, out=step_out, head=head,
+                               **options, **common)
             metrics["epochs_run"] = epochs
             models[step["name"]] = metrics["model"]
         score_split = "test" if "test" in metrics else "val" if "val" in metrics else None

@@ -1,4 +1,5 @@
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -85,6 +86,28 @@ def test_head_warm_start_reproduces_stage_two(tiny, dataset, tmp_path):
     m = ft.finetune(tiny, str(dataset), "none", epochs=1, head=stage2["model"], out=tmp_path / "ft", workers=0,
                     progress=False)
     assert m["val"]["accuracy"] == 1.0
+
+
+def test_imagenet_rows_seed_the_head(tiny, dataset, tmp_path):
+    net = featx.create_backbone(tiny)
+    logits_net = featx.create_backbone(tiny, "logits")
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    head = ft.head_from_imagenet("imagenet:7,-", net, ["a", "b"])
+    with torch.no_grad():
+        seeded, logits = head(net(images)), logits_net(images)
+    torch.testing.assert_close(seeded[:, 0], logits[:, 7])
+    assert head.bias[1] == 0 and not torch.allclose(seeded[:, 1], logits[:, 7])
+    m = ft.finetune(tiny, str(dataset), "none", epochs=1, head="imagenet:3,-", out=tmp_path / "ft", workers=0,
+                    progress=False)
+    assert model.load_model(m["model"])[1]["finetune"]["head"] == "imagenet:3,-"
+
+
+@pytest.mark.parametrize("rows, says", [("imagenet:1", "one ImageNet class per dataset class (a, b)"),
+                                        ("imagenet:1,10", "'10' is not an index below 10"),
+                                        ("imagenet:ant,-", "'ant' is not an index below 10")])
+def test_imagenet_rows_errors_say_what_to_write(tiny, rows, says):
+    with pytest.raises(FeatxError, match=re.escape(says)):
+        ft.head_from_imagenet(rows, featx.create_backbone(tiny), ["a", "b"])
 
 
 def test_from_scratch_trains_everything(tiny, dataset, tmp_path):

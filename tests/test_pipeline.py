@@ -29,6 +29,12 @@ kind = "finetune"
 unfreeze = "block2"
 head_from = "logreg"
 epochs = 3
+
+[[steps]]
+name = "head from the classifier's own rows"
+kind = "finetune"
+unfreeze = "none"
+head = "imagenet:3,-"
 """
 
 
@@ -39,6 +45,7 @@ def test_pipeline_runs_end_to_end(tiny, dataset, tmp_path):
     steps = {s["step"]: s for s in result["steps"]}
     assert steps["logreg"]["accuracy"] == 1.0 and steps["logreg"]["seed_figure"] == 0.9
     assert steps["fine-tune block2 from the logreg head"]["split"] == "test"
+    assert steps["head from the classifier's own rows"]["split"] == "test"
     table = (tmp_path / "report" / "comparison.md").read_text()
     assert "| logreg | tiny | test | 1.0000 | 1.0000 | 0.9 |" in table
     assert json.loads((tmp_path / "report" / "results.json").read_text())["max_epochs"] == 1
@@ -51,6 +58,8 @@ def test_pipeline_runs_end_to_end(tiny, dataset, tmp_path):
     ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="train"', "kind must be one of"),
     ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="finetune"', "missing 'unfreeze'"),
     ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="finetune"\nunfreeze="all"\nhead_from="b"', "names no earlier"),
+    ('name="x"\ndata="d"\n[[steps]]\nname="a"\nkind="fit-head"\nclf="svm"\n[[steps]]\nname="b"\nkind="finetune"\n'
+     'unfreeze="all"\nhead_from="a"\nhead="imagenet:1,2"', "or head_from, not both"),
     ('name="x"\nsteps=[]', "missing 'data'"),
     ('name = ', "is not valid TOML"),
 ])
