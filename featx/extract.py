@@ -81,7 +81,7 @@ class ImageFiles(torch.utils.data.Dataset):
 class EncodedFiles(ImageFiles):
     """For decoding on the device: a plain JPEG (baseline, RGB or grey, upright) comes back as its
     bytes, a 1-D uint8 tensor; anything else is decoded here by Pillow, as ImageFiles does, because
-    nvjpeg refuses other formats, and a refusal costs its whole batch."""
+    nvjpeg refuses other formats and one refusal sends its whole batch to file-by-file decoding."""
 
     def load(self, i: int) -> torch.Tensor:
         with Image.open(self.files[i]) as img:
@@ -157,6 +157,11 @@ def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 32
 
 
+def check_decode(decode: str) -> None:
+    if decode not in DECODERS:
+        raise FeatxError(f"--decode {decode} is not supported: use one of {', '.join(DECODERS)}")
+
+
 def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
                   workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil"):
     """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)].
@@ -164,8 +169,7 @@ def iter_features(net: Backbone, files: list, device: torch.device, batch_size: 
     ``decode="pil"`` decodes in the workers (JPEG draft mode); ``"device"`` has the workers read
     JPEG bytes and decodes them in batches on ``device``, which lifts the CPU decoding ceiling on a GPU.
     """
-    if decode not in DECODERS:
-        raise FeatxError(f"--decode {decode} is not supported: use one of {', '.join(DECODERS)}")
+    check_decode(decode)
     workers = default_workers(device) if workers is None else workers
     batch_size = batch_size or default_batch_size(device)
     on_device = decode == "device"
@@ -222,6 +226,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     """
     if dtype not in ("float32", "float16"):
         raise FeatxError(f"--dtype {dtype} is not supported: use float32 or float16")
+    check_decode(decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
     dev = resolve_device(device)

@@ -3,8 +3,7 @@
 Frozen blocks keep ``requires_grad=False`` *and* stay in eval mode, so their BatchNorm statistics
 never move (the Keras fine-tuning lesson). The head may start from a stage-2 model (logreg/svm folded
 into one linear layer, or the MLP), which is the point of staging, or from rows of the backbone's own
-ImageNet classifier. Every epoch writes a checkpoint;
-``resume=True`` continues after a kill. The best epoch by val accuracy is saved as a featx model file
+ImageNet classifier. Every epoch writes a checkpoint; ``resume=True`` continues after a kill. The best epoch by val accuracy is saved as a featx model file
 that ``predict`` and ``evaluate`` use like any stage-2 model.
 """
 from __future__ import annotations
@@ -154,15 +153,15 @@ def head_from_imagenet(rows: str, net: Backbone, classes: list) -> nn.Linear:
     if not isinstance(classifier, nn.Linear) or classifier.in_features != net.spec.feature_dim:
         raise FeatxError(f"{net.spec.name}'s ImageNet classifier is not one linear layer on its pooled features, "
                          "so it cannot seed a head: use --head FILE from fit-head, or no --head")
-    names = imagenet_categories() if classifier.out_features == 1000 else []
+    names = [n.lower() for n in imagenet_categories()] if classifier.out_features == 1000 else []
     picked = []
     for entry in entries:
         if entry == "-":
             picked.append(None)
         elif entry.isdigit() and int(entry) < classifier.out_features:
             picked.append(int(entry))
-        elif [n.lower() for n in names].count(entry.lower()) == 1:
-            picked.append([n.lower() for n in names].index(entry.lower()))
+        elif names.count(entry.lower()) == 1:
+            picked.append(names.index(entry.lower()))
         else:
             raise FeatxError(f"{usage} ('{entry}' is not an index below {classifier.out_features}"
                              f"{' or a unique ImageNet category name' if names else ''})")

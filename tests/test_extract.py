@@ -134,6 +134,12 @@ def test_device_decode_gives_the_pil_images(tmp_path):
     assert (images.float() - expected.float()).abs().mean() < 1.0
 
 
+def test_unknown_decoder_is_refused_before_any_work(tiny, dataset, tmp_path):
+    with pytest.raises(featx.FeatxError, match="--decode gpu is not supported: use one of pil, device"):
+        run(tiny, dataset, tmp_path / "c", decode="gpu")
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_refused_jpeg_costs_only_itself(tmp_path):
     good = torch.frombuffer(bytearray(varied_images(tmp_path)[0].read_bytes()), dtype=torch.uint8)
     bad = torch.frombuffer(bytearray(b"\xff\xd8\xff" + bytes(200)), dtype=torch.uint8)
