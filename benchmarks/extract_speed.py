@@ -24,17 +24,8 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
 
 import featx
+from common import replicate
 from featx.extract import resolve_device
-
-
-def replicate(src: Path, dst: Path, repeat: int) -> Path:
-    for f in src.rglob("*"):
-        if f.is_file():
-            target = dst / f.relative_to(src).parent
-            target.mkdir(parents=True, exist_ok=True)
-            for k in range(repeat):
-                os.symlink(f.resolve(), target / f"{k}_{f.name}")
-    return dst
 
 
 def seed_loop(backbone: str, weights: str | None, root: Path, device: torch.device, workers: int) -> tuple[int, float]:

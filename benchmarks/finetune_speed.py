@@ -3,6 +3,8 @@ ToTensor + Normalize, fp32, batch 32, SGD momentum 0.9), same backbone, same unf
 images and device, one epoch each, in one run.
 
     python benchmarks/finetune_speed.py --backbone efficientnet_lite0 --data ../shared/data/hymenoptera --unfreeze top
+
+--repeat N links every file N times into a scratch copy, so a GPU epoch is long enough to time.
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import featx
+from common import replicate
 from featx.extract import resolve_device
 from featx.finetune import finetune
 
 
-def seed_loop(backbone: str, root: Path, unfreeze: list, device: torch.device, workers: int) -> float:
+def seed_loop(backbone: str, weights: str | None, root: Path, unfreeze: list, device: torch.device,
+              workers: int) -> float:
     """The tutorial recipe: freeze everything, unfreeze the same blocks, new fc, fp32, contiguous."""
-    net = featx.create_backbone(backbone)
+    net = featx.create_backbone(backbone, weights=weights)
     for p in net.model.parameters():
         p.requires_grad_(False)
     params = [p for b in unfreeze for p in net.block_parameters(b)]
@@ -56,17 +60,22 @@ def seed_loop(backbone: str, root: Path, unfreeze: list, device: torch.device, w
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--weights", default=None, help="A local state dict, for backbones whose weights are not here.")
     ap.add_argument("--data", required=True)
+    ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--unfreeze", default="top")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed-workers", type=int, default=4)
     args = ap.parse_args()
     device = resolve_device(args.device)
     blocks = args.unfreeze.split(",")
-    seed_rate = seed_loop(args.backbone, Path(args.data), blocks, device, args.seed_workers)
     with tempfile.TemporaryDirectory() as tmp:
-        m = finetune(args.backbone, args.data, args.unfreeze, epochs=1, out=Path(tmp) / "run", device=args.device,
-                     optimizer="sgd", progress=False)
+        root = Path(args.data)
+        if args.repeat > 1:
+            root = replicate(root, Path(tmp) / "data", args.repeat)
+        seed_rate = seed_loop(args.backbone, args.weights, root, blocks, device, args.seed_workers)
+        m = finetune(args.backbone, str(root), args.unfreeze, epochs=1, out=Path(tmp) / "run", device=args.device,
+                     weights=args.weights, optimizer="sgd", progress=False)
     featx_rate = m["history"][0]["train_img_per_s"]
     result = {"backbone": args.backbone, "unfreeze": blocks, "device": str(device),
               "machine": f"{platform.machine()}, {os.cpu_count()} cores"
