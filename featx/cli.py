@@ -184,7 +184,7 @@ def finetune(backbone, layer, weights, input_size, data, data_root, unfreeze, ep
 
 
 @cli.command()
-@click.argument("pipeline", type=click.Path(dir_okay=False))
+@click.argument("pipeline")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Report folder (default: runs/<name>).")
@@ -194,12 +194,22 @@ def finetune(backbone, layer, weights, input_size, data, data_root, unfreeze, ep
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def run(pipeline, data_root, cache_dir, out, backbone, max_epochs, device, as_json, quiet):
-    """Run a reference experiment (pipelines/*.toml) and write a comparison report."""
+    """Run a reference experiment (a TOML file, or a shipped one by name: quickstart, s2_hymenoptera...)."""
     from .pipeline import comparison_table, run_pipeline
 
     result = run_pipeline(pipeline, data_root=data_root, cache_dir=cache_dir, out=out, backbone=backbone,
                           max_epochs=max_epochs, device=device, progress=not quiet)
     emit(result, as_json, comparison_table(result) + f"\nreport: {result['report']}")
+
+
+@cli.command()
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+@click.pass_context
+def demo(ctx, device, as_json, quiet):
+    """Offline demo: lite0 features of scikit-learn's digits, then logreg and kNN heads (= featx run quickstart)."""
+    ctx.invoke(run, pipeline="quickstart", device=device, as_json=as_json, quiet=quiet)
 
 
 @cli.command()

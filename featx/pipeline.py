@@ -39,11 +39,33 @@ STEP_KEYS = {
 REQUIRED = {"extract": set(), "fit-head": {"clf"}, "finetune": {"unfreeze"}}
 
 
+# The reference experiments ship inside the package (installed from a wheel) or sit beside it (a checkout).
+SHIPPED_FOLDERS = (Path(__file__).parent / "pipelines", Path(__file__).resolve().parents[1] / "pipelines")
+
+
+def shipped_pipelines() -> dict[str, Path]:
+    """Name -> file of the pipelines that come with featx, so ``featx run quickstart`` works anywhere."""
+    for folder in SHIPPED_FOLDERS:
+        if folder.is_dir():
+            return {p.stem: p for p in sorted(folder.glob("*.toml"))}
+    return {}
+
+
+def find_pipeline(path: str | os.PathLike) -> Path:
+    """A pipeline file by path, or by the name of a shipped one (``quickstart``, ``s2_hymenoptera``...)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_pipelines()
+    if path.suffix in ("", ".toml") and path.parent == Path(".") and path.stem in shipped:
+        return shipped[path.stem]
+    raise FeatxError(f"pipeline {path} does not exist: pass a TOML file or a shipped pipeline's name "
+                     f"({', '.join(shipped) or 'none found'})")
+
+
 def load_pipeline(path: str | os.PathLike) -> dict:
     """Parse and validate a pipeline file; every error names the file, the step and the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeatxError(f"pipeline {path} does not exist: pass a TOML file such as pipelines/quickstart.toml")
+    path = find_pipeline(path)
     try:
         spec = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:

@@ -5,7 +5,8 @@ from click.testing import CliRunner
 
 from featx.cli import cli
 from featx.errors import FeatxError
-from featx.pipeline import load_pipeline, run_pipeline
+from featx import pipeline as pipeline_mod
+from featx.pipeline import find_pipeline, load_pipeline, run_pipeline, shipped_pipelines
 from helpers import REPO
 
 PIPELINE = """
@@ -80,6 +81,24 @@ def test_shipped_pipelines_validate():
         assert spec["steps"]
         if f.stem != "quickstart":
             assert spec["seed_backbone"] and any("seed_figure" in s for s in spec["steps"])
+
+
+def test_shipped_pipelines_run_by_name(monkeypatch):
+    assert shipped_pipelines() == {f.stem: f for f in sorted((REPO / "pipelines").glob("*.toml"))}
+    assert find_pipeline("s2_hymenoptera") == find_pipeline("s2_hymenoptera.toml") == \
+        REPO / "pipelines" / "s2_hymenoptera.toml"
+    with pytest.raises(FeatxError, match=r"pipeline nope does not exist: .*\(quickstart, s0_hotdog, "):
+        find_pipeline("nope")
+    seen = []
+
+    def stop(path, **kwargs):
+        seen.append(path)
+        raise FeatxError("stopped before running")
+
+    monkeypatch.setattr(pipeline_mod, "run_pipeline", stop)
+    res = CliRunner().invoke(cli, ["demo", "--quiet"])
+    assert "stopped before running" in str(res.exception)
+    assert [find_pipeline(p) for p in seen] == [REPO / "pipelines" / "quickstart.toml"]
 
 
 def test_absent_dataset_fails_at_start(tmp_path):
