@@ -9,18 +9,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
+from PIL import Image
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
 import featx
-import torch
-from PIL import Image
 from featx import store
 from featx.backbones import Preprocess
-from featx.extract import EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate, decode_jpegs, decode_on_device
 from featx.cli import cli
+from featx.extract import EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate, decode_jpegs, decode_on_device
 from helpers import REPO, colour_image, make_dataset
 
 

@@ -3,9 +3,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from featx import pipeline as pipeline_mod
 from featx.cli import cli
 from featx.errors import FeatxError
-from featx import pipeline as pipeline_mod
 from featx.pipeline import find_pipeline, load_pipeline, run_pipeline, shipped_pipelines
 from helpers import REPO
 
