@@ -11,10 +11,7 @@ the unchanged dataset (both calls in this process, network building included).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +21,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchvision import datasets, transforms
 
 import featx
-from common import replicate
+from common import machine, parser, replicate
 from featx.extract import resolve_device
 
 
@@ -49,14 +46,8 @@ def seed_loop(backbone: str, weights: str | None, root: Path, device: torch.devi
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--weights", default=None, help="A local state dict, for backbones whose weights are not here.")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--device", default="auto")
+    ap = parser()
     ap.add_argument("--decode", nargs="+", choices=["pil", "device"], default=["pil"])
-    ap.add_argument("--seed-workers", type=int, default=4, help="DataLoader workers of the seed loop (S2 uses 4)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     runs = {}
@@ -79,8 +70,7 @@ def main() -> None:
     first = runs[decode]
     result = {
         "backbone": args.backbone, "images": first.images, "device": str(device),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-                   + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+        "machine": machine(device),
         "seed_img_per_s": round(seed_rate, 1),
         "featx_img_per_s": {d: r.img_per_s for d, r in runs.items()},
         "ratio": {d: round(r.img_per_s / seed_rate, 2) for d, r in runs.items()},

@@ -8,10 +8,7 @@ images and device, one epoch each, in one run.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import featx
-from common import replicate
+from common import machine, parser, replicate
 from featx.extract import resolve_device
 from featx.finetune import finetune
 
@@ -58,14 +55,8 @@ def seed_loop(backbone: str, weights: str | None, root: Path, unfreeze: list, de
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--backbone", default="efficientnet_lite0")
-    ap.add_argument("--weights", default=None, help="A local state dict, for backbones whose weights are not here.")
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--repeat", type=int, default=1)
+    ap = parser()
     ap.add_argument("--unfreeze", default="top")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed-workers", type=int, default=4)
     args = ap.parse_args()
     device = resolve_device(args.device)
     blocks = args.unfreeze.split(",")
@@ -78,8 +69,7 @@ def main() -> None:
                      weights=args.weights, optimizer="sgd", progress=False)
     featx_rate = m["history"][0]["train_img_per_s"]
     result = {"backbone": args.backbone, "unfreeze": blocks, "device": str(device),
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores"
-                         + (f", {torch.cuda.get_device_name()}" if device.type == "cuda" else ""),
+              "machine": machine(device),
               "seed_train_img_per_s": round(seed_rate, 1), "featx_train_img_per_s": round(featx_rate, 1),
               "ratio": round(featx_rate / seed_rate, 2)}
     print(f"seed-S2 loop: {seed_rate:.1f} train img/s; featx finetune: {featx_rate:.1f} train img/s; "

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 
 import numpy as np
 from sklearn.datasets import make_classification
 
+from common import machine
 from featx import heads, store
 
 
@@ -43,10 +42,9 @@ def main() -> None:
         seconds, selected = timed(clf, Xs, ys)
         rows.append({"data": f"synthetic {Xs.shape}", "clf": clf, "seconds": round(seconds, 2),
                      "selected": {k: v for k, v in selected.items() if k in ("C", "k", "epochs", "candidates")}})
-    machine = f"{platform.machine()}, {os.cpu_count()} cores"
     for r in rows:
         print(f"{r['data']:<34} {r['clf']:<7} {r['seconds']:>7.2f} s   {r['selected']}")
-    print(json.dumps({"machine": machine, "rows": rows}))
+    print(json.dumps({"machine": machine(), "rows": rows}))
 
 
 if __name__ == "__main__":
