@@ -235,9 +235,10 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         identity = net.identity()
     else:  # the network is built only if some image needs it, so an up-to-date cache answers at once
         net, (spec, layer, preprocess) = None, resolve_backbone(backbone, layer, input_size)
+        build = partial(create_backbone, backbone, layer, weights, input_size=input_size)
         found = weights_identity(spec, weights)
         if found is None:  # not on this machine: building fetches them or says why it cannot
-            net = create_backbone(backbone, layer, weights, input_size=input_size)
+            net = build()
             found = net.weights_id, net.weights_sha256
         identity = feature_identity(spec, found, layer, preprocess)
     path = cache_path(cache_dir, ds.name, identity, dtype)
@@ -251,7 +252,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
 
         todo = [p for p in ds.paths if not up_to_date(p)]
         if todo and net is None:
-            net = create_backbone(backbone, layer, weights, input_size=input_size)
+            net = build()
         rows, last_flush, computed = Rows(), time.monotonic(), 0
         batches = iter_features(net, [ds.root / p for p in todo], dev, batch_size, workers, progress,
                                 desc=f"{spec.name}:{layer}", decode=decode) if todo else ()
