@@ -22,7 +22,7 @@ from torchvision import datasets, transforms
 
 import featx
 from common import machine, parser, replicate
-from featx.extract import resolve_device
+from featx.devices import resolve_device
 
 
 def seed_loop(backbone: str, weights: str | None, root: Path, device: torch.device, workers: int) -> tuple[int, float]:

@@ -20,8 +20,8 @@ from torchvision import datasets, transforms
 
 import featx
 from common import machine, parser, replicate
-from featx.extract import resolve_device
-from featx.finetune import finetune
+from featx.devices import resolve_device
+from featx.finetuning import finetune
 
 
 def seed_loop(backbone: str, weights: str | None, root: Path, unfreeze: list, device: torch.device,

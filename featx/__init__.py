@@ -1,8 +1,39 @@
-"""featx: transfer learning on small image datasets — cached pretrained features, classical heads, fine-tuning."""
+"""featx: transfer learning on small image datasets — cached pretrained features, classical heads, fine-tuning.
+
+The public names below are imported on first use (PEP 562), so ``import featx`` and the CLI stay
+fast: a command imports torch, torchvision or scikit-learn only when it needs them.
+"""
+from importlib import import_module
+
 __version__ = "0.1.0"
 
-from .backbones import BackboneSpec, Preprocess, Tap, Weights, create_backbone, list_backbones, register_backbone  # noqa: E402
-from .errors import FeatxError  # noqa: E402
-from .extract import FeatureExtractor, extract  # noqa: E402
+# public name -> module that defines it, in data-flow order
+_EXPORTS = {
+    "FeatxError": "errors",
+    "FeatureIdentity": "identity",
+    "BackboneSpec": "backbones", "Preprocess": "backbones", "Tap": "backbones", "create_backbone": "backbones",
+    "list_backbones": "backbones", "register_backbone": "backbones",
+    "Weights": "weights",
+    "extract": "extraction",
+    "FeatureExtractor": "transformer",
+    "fit_head": "fit",
+    "ModelFile": "modelfile",
+    "predict": "predictor", "evaluate": "predictor", "load_predictor": "predictor",
+    "finetune": "finetuning",
+    "advise": "advice",
+    "run_pipeline": "pipeline",
+}
 
-__all__ = ["BackboneSpec", "Preprocess", "Tap", "Weights", "register_backbone", "FeatxError", "FeatureExtractor", "create_backbone", "extract", "list_backbones", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'featx' has no attribute '{name}'")
+
+
+def __dir__():
+    return sorted(__all__)

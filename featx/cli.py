@@ -55,7 +55,7 @@ def cli():
 def extract(backbone, layer, weights, input_size, data, data_root, cache_dir, device, batch_size, workers, decode,
             dtype, as_json, checkpoint_rows, quiet):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
-    from .extract import extract as run_extract
+    from .extraction import extract as run_extract
 
     r = run_extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
@@ -84,7 +84,7 @@ def extract(backbone, layer, weights, input_size, data, data_root, cache_dir, de
 def fit_head(clf, features, backbone, layer, weights, input_size, data, data_root, cache_dir, select_on, out, device,
              as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
-    from .model import fit_head as run_fit_head
+    from .fit import fit_head as run_fit_head
     from .report import summary_line
 
     m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
@@ -107,7 +107,7 @@ def fit_head(clf, features, backbone, layer, weights, input_size, data, data_roo
 @click.option("--json", "as_json", is_flag=True)
 def predict(model, images, top_k, plot, weights, device, as_json):
     """Label and probability for image files or folders."""
-    from .model import predict as run_predict
+    from .predictor import predict as run_predict
 
     results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot)
     if as_json:
@@ -133,7 +133,7 @@ def predict(model, images, top_k, plot, weights, device, as_json):
 @click.option("--quiet", is_flag=True)
 def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_json, quiet):
     """Metrics, confusion matrix and top losses of a model on a split of any dataset."""
-    from .model import evaluate as run_evaluate
+    from .predictor import evaluate as run_evaluate
     from .report import summary_line
 
     m = run_evaluate(model, data, split, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
@@ -170,7 +170,7 @@ def finetune(backbone, layer, weights, input_size, data, data_root, unfreeze, ep
              backbone_lr_scale, optimizer, schedule, step_size, augment, head, from_scratch, patience, resume, out,
              device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
-    from .finetune import finetune as run_finetune
+    from .finetuning import finetune as run_finetune
     from .report import summary_line
 
     if layer:
@@ -219,7 +219,7 @@ def demo(ctx, device, as_json, quiet):
 @click.option("--json", "as_json", is_flag=True)
 def advise(data, data_root, backbone, device, as_json):
     """Measure dataset size and shift from ImageNet; recommend one of the four scenarios."""
-    from .advise import advise as run_advise
+    from .advice import advise as run_advise
 
     r = run_advise(data, backbone, data_root, device)
     emit(r, as_json, f"scenario {r['scenario']}: {r['verdict']}\n"

@@ -1,11 +1,11 @@
-"""Datasets: resolve a name or path to a folder of class folders, list its images, decode them.
+"""Datasets: resolve a name or path to a folder of class folders, download registered ones, list
+their images with labels and splits.
 
 A dataset root holds ``train/``, ``val/``, ``test/`` (any of them) with one folder per class, or
 class folders only; the latter gets a seeded stratified split so every stage sees the same one.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
 from .errors import FeatxError
+from .files import file_digest
 
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 0
@@ -205,28 +205,9 @@ def fingerprint(path: Path) -> str:
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
-def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
-    """Decode any image Pillow knows as upright 8-bit RGB; JPEGs are decoded at reduced size when
-    ``draft_size`` allows, which is several times faster for large photos."""
-    img = Image.open(path)
-    if img.format == "JPEG" and draft_size:
-        img.draft("RGB", (draft_size, draft_size))
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        scale = 255.0 / max(float(arr.max()), 1.0) if img.mode != "F" or arr.max() > 1 else 255.0
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
-    if img.mode in ("P", "PA") and "transparency" in img.info or img.mode == "PA":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
 def materialise_digits(folder: Path) -> None:
     """Write sklearn's bundled digits as 8x8 grey PNGs in class folders (atomically)."""
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -258,14 +239,6 @@ def fetch(spec: DatasetSpec, folder: Path) -> None:
                              + missing_message(spec, folder)) from None
         os.replace(partial, archive)
     unpack(spec, archive, folder)
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def unpack(spec: DatasetSpec, archive: Path, folder: Path) -> None:

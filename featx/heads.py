@@ -1,4 +1,4 @@
-"""Stage 2 heads on cached features: linear SVM, logistic regression, kNN and a small torch MLP.
+"""Heads, stage 2: classifiers on cached features: linear SVM, logistic regression, kNN and a small torch MLP.
 
 Each head is a scikit-learn classifier (``fit`` / ``predict`` / ``predict_proba``) whose model
 selection cannot leak: preprocessing is fitted inside each cross-validation fold, and ``cv`` may be a
@@ -16,7 +16,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from .devices import resolve_device
 from .errors import FeatxError
+from .solvers import fit_linear, nearest_labels, normalise, scaling, softmax, standardise, vote
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
@@ -45,10 +47,12 @@ def folds(cv, y) -> object:
     return StratifiedKFold(min(cv, smallest), shuffle=True, random_state=0)
 
 
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+def proba_over(head: "Head", X: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities over every dataset class, also when training lacked some of them."""
+    p = head.predict_proba(X)
+    full = np.zeros((len(X), n_classes))
+    full[:, np.asarray(head.classes_, dtype=int)] = p
+    return full
 
 
 class Head(ClassifierMixin, BaseEstimator):
@@ -74,66 +78,6 @@ class Head(ClassifierMixin, BaseEstimator):
     def load_arrays(self, arrays: dict) -> None:
         for name, value in arrays.items():
             setattr(self, name + "_", value)
-
-
-class Affine(torch.autograd.Function):
-    """X @ W + b whose weight gradient is computed as (G^T X)^T: BLAS is several times faster at
-    that than at the transposed product autograd would use for tall, skinny problems."""
-
-    @staticmethod
-    def forward(ctx, X, W, b):
-        ctx.save_for_backward(X)
-        k = W.shape[1]
-        padded = torch.nn.functional.pad(W, (0, -k % 16))  # 16 columns: measured ~2x faster than 10 on AVX2
-        return torch.addmm(torch.nn.functional.pad(b, (0, -k % 16)), X, padded)[:, :k]
-
-    @staticmethod
-    def backward(ctx, grad):
-        (X,) = ctx.saved_tensors
-        return None, (grad.t() @ X).t(), grad.sum(0)
-
-
-def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, loss: str,
-               init: tuple | None = None, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full-batch L-BFGS on mean loss + ||W||^2 / (2 C n): the minimiser of scikit-learn's
-    ``C * sum(loss) + ||W||^2 / 2``. ``logreg``: multinomial cross-entropy; ``svm``: one-vs-rest
-    squared hinge (LinearSVC's default loss). Warm-started from ``init`` along a C path."""
-    n, d = X.shape
-    k = 1 if (loss == "svm" and n_classes == 2) else n_classes
-    signs = (torch.nn.functional.one_hot(codes, n_classes).to(X.dtype) * 2 - 1) if k > 1 else \
-        (codes.to(X.dtype) * 2 - 1)[:, None]
-    if init is None:  # the optimum at W = 0, so heavily regularised fits start converged
-        prior = torch.bincount(codes, minlength=n_classes).to(X.dtype) / n
-        init = (torch.zeros(d, k, dtype=X.dtype), prior.clamp_min(1e-12).log() if loss == "logreg" else signs.mean(0))
-    W, b = init[0].clone().requires_grad_(True), init[1].clone().requires_grad_(True)
-    penalty = 1.0 / (2 * C * n)
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, history_size=10, tolerance_grad=1e-5,
-                            tolerance_change=1e-9, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        z = Affine.apply(X, W, b)
-        data = torch.nn.functional.cross_entropy(z, codes) if loss == "logreg" else \
-            torch.clamp(1 - signs * z, min=0).pow(2).sum(1).mean()
-        value = data + penalty * (W * W).sum()
-        value.backward()
-        return value
-
-    opt.step(closure)
-    return W.detach(), b.detach()
-
-
-def scaling(X_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-feature mean and standard deviation (1 where constant) of the rows a head is fitted on."""
-    mean = X_fit.mean(0, dtype=np.float64)
-    scale = X_fit.std(0, dtype=np.float64)
-    scale[scale == 0] = 1.0
-    return mean, scale
-
-
-def standardise(X_fit: np.ndarray, *others: np.ndarray) -> tuple:
-    mean, scale = scaling(X_fit)
-    return (mean, scale, *(torch.as_tensor((x - mean) / scale, dtype=torch.float32) for x in (X_fit, *others)))
 
 
 class LinearHead(Head):
@@ -253,25 +197,6 @@ class KNNHead(Head):
         return {"train": self.train_, "train_labels": self.train_labels_, "k": self.k_}
 
 
-def nearest_labels(queries: np.ndarray, train: np.ndarray, labels: np.ndarray, k: int, chunk: int = 2048):
-    """Labels of the k most cosine-similar training rows, nearest first (rows are L2-normalised)."""
-    out = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), chunk):
-        sims = queries[start:start + chunk] @ train.T
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(top, np.argsort(-np.take_along_axis(sims, top, 1), axis=1, kind="stable"), 1)
-        out[start:start + chunk] = labels[order]
-    return out
-
-
-def vote(neighbour_labels: np.ndarray, n_classes: int) -> np.ndarray:
-    return np.stack([(neighbour_labels == c).sum(1) for c in range(n_classes)], axis=1)
-
-
-def normalise(X: np.ndarray) -> np.ndarray:
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-
-
 class MLP(torch.nn.Module):
     def __init__(self, dim: int, hidden: int, classes: int, dropout: float):
         super().__init__()
@@ -302,8 +227,6 @@ class MLPHead(Head):
         self.device, self.random_state = device, random_state
 
     def fit(self, X, y):
-        from .extract import resolve_device
-
         X, y = check_xy(X, y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         device = resolve_device(self.device)

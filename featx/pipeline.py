@@ -1,4 +1,4 @@
-"""``featx run PIPELINE.toml``: a reference experiment as data — its dataset, backbone, steps and the
+"""Pipelines: ``featx run PIPELINE.toml`` runs a reference experiment as data — its dataset, backbone, steps and the
 seed's own figures — run in order with caches reused, ending in one comparison report.
 
 Schema (unknown keys are errors)::
@@ -107,9 +107,9 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
                  out: str | os.PathLike | None = None, backbone: str | None = None, max_epochs: int | None = None,
                  device: str = "auto", progress: bool = True) -> dict:
     """Run every step; ``backbone`` overrides the file's, ``max_epochs`` caps fine-tuning (both recorded)."""
-    from .extract import extract
-    from .finetune import finetune
-    from .model import fit_head
+    from .extraction import extract
+    from .finetuning import finetune
+    from .fit import fit_head
 
     spec = load_pipeline(path)
     name, folder, _ = data_mod.resolve(spec["data"], data_root, download=False)  # absent data fails here

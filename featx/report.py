@@ -1,4 +1,4 @@
-"""Metrics, confusion matrices, top losses and plots: the same report for every head and fine-tuned net."""
+"""Reports: metrics, confusion matrices, top losses and plots: the same report for every head and fine-tuned net."""
 from __future__ import annotations
 
 import csv
@@ -69,7 +69,7 @@ def plot_confusion(matrix, classes: list, path: Path, title: str) -> Path:
 def plot_image_grid(files: list, titles: list, path: Path, columns: int = 4) -> Path:
     """Images titled with label and probability, as in the S1/S2 tutorials."""
     plt = pyplot()
-    from .data import open_rgb
+    from .images import open_rgb
 
     rows = max(1, -(-len(files) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)

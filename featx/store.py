@@ -21,21 +21,19 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .errors import FeatxError
+from .files import atomic_write
+from .identity import FeatureIdentity
 
 FORMAT = "featx-features-1"
 STR = h5py.string_dtype()
 COPY_ROWS = 4096  # rows copied at a time when merging: bounds memory whatever the dataset size
 
 
-def cache_path(cache_dir: str | os.PathLike, dataset: str, identity: dict, dtype: str) -> Path:
+def cache_path(cache_dir: str | os.PathLike, dataset: str, identity: FeatureIdentity, dtype: str) -> Path:
     """A readable name plus a digest of everything that changes the features."""
-    import hashlib
-
-    key = json.dumps({**identity, "dtype": dtype}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     readable = "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", str(p)) for p in
-                         (dataset, identity["backbone"], identity["layer"]))
-    return Path(cache_dir) / f"{readable}__{digest}.h5"
+                         (dataset, identity.backbone, identity.layer))
+    return Path(cache_dir) / f"{readable}__{identity.digest(dtype=dtype)}.h5"
 
 
 @dataclass
@@ -70,8 +68,8 @@ class Features:
     def split_names(self) -> list[str]:
         return [s for s in ("train", "val", "test") if (self.splits == s).any()]
 
-    def identity(self) -> dict:
-        return {k: self.attrs[k] for k in ("backbone", "weights", "weights_sha256", "layer", "transform")}
+    def identity(self) -> FeatureIdentity:
+        return FeatureIdentity.from_mapping(self.attrs)
 
 
 def open_h5(path: Path, mode: str = "r") -> h5py.File:
@@ -99,13 +97,9 @@ def part_files(path: Path) -> list[Path]:
 
 
 def write_h5(path: Path, fill) -> None:
-    """Write a file under a temporary name, flush it to disk and rename it into place."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
+    """Write an HDF5 file atomically: ``fill(f)`` writes its content."""
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         fill(f)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_rows(f: h5py.File, features, paths, fingerprints, skipped) -> None:

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from featx import data
+from featx.images import open_rgb
 from featx.errors import FeatxError
 from helpers import make_dataset
 
@@ -108,7 +109,7 @@ def test_open_rgb_converts_every_mode(tmp_path, mode):
         Image.fromarray(np.full((6, 10), 40000, np.uint16))
     path = tmp_path / f"img.{'tiff' if mode in ('CMYK', 'I;16') else 'png'}"
     img.save(path)
-    out = data.open_rgb(path)
+    out = open_rgb(path)
     assert out.mode == "RGB" and out.size == (10, 6)
 
 
@@ -117,15 +118,15 @@ def test_open_rgb_applies_exif_orientation(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90
     img.save(tmp_path / "o.jpg", exif=exif)
-    assert data.open_rgb(tmp_path / "o.jpg").size == (10, 20)
+    assert open_rgb(tmp_path / "o.jpg").size == (10, 20)
 
 
 def test_open_rgb_decides_by_content(tmp_path):
     Image.new("P", (5, 5)).save(tmp_path / "looks_like.jpg", "GIF")
-    assert data.open_rgb(tmp_path / "looks_like.jpg", draft_size=256).size == (5, 5)
+    assert open_rgb(tmp_path / "looks_like.jpg", draft_size=256).size == (5, 5)
 
 
 def test_draft_mode_decodes_large_jpeg_smaller(tmp_path):
     Image.new("RGB", (2000, 1600), (10, 200, 10)).save(tmp_path / "big.jpg", quality=90)
-    assert data.open_rgb(tmp_path / "big.jpg", draft_size=256).size == (500, 400)
-    assert data.open_rgb(tmp_path / "big.jpg").size == (2000, 1600)
+    assert open_rgb(tmp_path / "big.jpg", draft_size=256).size == (500, 400)
+    assert open_rgb(tmp_path / "big.jpg").size == (2000, 1600)

@@ -20,7 +20,8 @@ import featx
 from featx import store
 from featx.backbones import Preprocess
 from featx.cli import cli
-from featx.extract import EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate, decode_jpegs, decode_on_device
+from featx import extraction
+from featx.images import EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate, decode_jpegs, decode_on_device
 from helpers import REPO, colour_image, make_dataset
 
 
@@ -70,7 +71,7 @@ def test_up_to_date_cache_builds_no_network(tiny, dataset, tmp_path, monkeypatch
     def refuse(*args, **kwargs):
         raise AssertionError("the network was built although no image needed it")
 
-    monkeypatch.setattr(sys.modules["featx.extract"], "create_backbone", refuse)
+    monkeypatch.setattr(extraction, "create_backbone", refuse)
     again = run(tiny, dataset, tmp_path / "c")
     assert (again.path, again.new, again.dropped, again.images) == (first.path, 0, 1, 23)
     assert store.load(again.path).identity() == featx.create_backbone(tiny).identity()

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import featx
-from featx import finetune as ft
-from featx import model
+from featx import finetuning as ft
+from featx import fit, predictor, warmstart
+from featx.modelfile import ModelFile
 from featx.errors import FeatxError
 from helpers import REPO, make_dataset
 
@@ -24,9 +25,8 @@ def trained(tiny, dataset, tmp_path, unfreeze, **kw):
     before = snapshot(featx.create_backbone(tiny).model)
     m = ft.finetune(tiny, str(dataset), unfreeze, epochs=2, lr=0.05, backbone_lr_scale=1.0, out=tmp_path / "run",
                     workers=0, progress=False, **kw)
-    tensors, _ = model.load_model(m["model"])
-    after = {k[len("backbone."):]: torch.as_tensor(v).reshape(before[k[len("backbone."):]].shape)
-             for k, v in tensors.items() if k.startswith("backbone.")}
+    saved = ModelFile.load(m["model"])
+    after = {k: torch.as_tensor(v).reshape(before[k].shape) for k, v in saved.backbone_state.items()}
     return m, before, after
 
 
@@ -67,22 +67,22 @@ def test_outputs_and_model_file_work_with_predict_and_evaluate(tiny, dataset, tm
     for name in ("history.csv", "curves_loss.png", "curves_accuracy.png", "confusion_val.png", "metrics.json"):
         assert (run / name).exists(), name
     assert len(m["history"]) == 2 and {"train_loss", "val_accuracy"} <= set(m["history"][0])
-    preds = model.predict(m["model"], [dataset / "test" / "b"])
+    preds = predictor.predict(m["model"], [dataset / "test" / "b"])
     assert [p["label"] for p in preds] == ["b"] * 3
-    ev = model.evaluate(m["model"], str(dataset), "test", cache_dir=tmp_path / "c", progress=False)
+    ev = predictor.evaluate(m["model"], str(dataset), "test", cache_dir=tmp_path / "c", progress=False)
     assert ev["test"]["accuracy"] == m["test"]["accuracy"]
 
 
 def test_head_warm_start_reproduces_stage_two(tiny, dataset, tmp_path):
-    stage2 = model.fit_head("logreg", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c",
+    stage2 = fit.fit_head("logreg", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c",
                             out=tmp_path / "s2", progress=False)
     net = featx.create_backbone(tiny)
-    head = ft.head_from_model(stage2["model"], net, ["a", "b"])
-    predictor = model.load_predictor(stage2["model"])
+    head = warmstart.head_from_model(stage2["model"], net, ["a", "b"])
+    loaded = predictor.load_predictor(stage2["model"])
     X = np.random.default_rng(0).normal(size=(5, 32)).astype(np.float32)
     with torch.no_grad():
         ours = torch.softmax(head(torch.as_tensor(X)), 1).numpy()
-    np.testing.assert_allclose(ours, predictor.head.predict_proba(X), atol=1e-5)
+    np.testing.assert_allclose(ours, loaded.head.predict_proba(X), atol=1e-5)
     m = ft.finetune(tiny, str(dataset), "none", epochs=1, head=stage2["model"], out=tmp_path / "ft", workers=0,
                     progress=False)
     assert m["val"]["accuracy"] == 1.0
@@ -92,14 +92,14 @@ def test_imagenet_rows_seed_the_head(tiny, dataset, tmp_path):
     net = featx.create_backbone(tiny)
     logits_net = featx.create_backbone(tiny, "logits")
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    head = ft.head_from_imagenet("imagenet:7,-", net, ["a", "b"])
+    head = warmstart.head_from_imagenet("imagenet:7,-", net, ["a", "b"])
     with torch.no_grad():
         seeded, logits = head(net(images)), logits_net(images)
     torch.testing.assert_close(seeded[:, 0], logits[:, 7])
     assert head.bias[1] == 0 and not torch.allclose(seeded[:, 1], logits[:, 7])
     m = ft.finetune(tiny, str(dataset), "none", epochs=1, head="imagenet:3,-", out=tmp_path / "ft", workers=0,
                     progress=False)
-    assert model.load_model(m["model"])[1]["finetune"]["head"] == "imagenet:3,-"
+    assert ModelFile.load(m["model"]).info["finetune"]["head"] == "imagenet:3,-"
 
 
 @pytest.mark.parametrize("rows, says", [("imagenet:1", "one ImageNet class per dataset class (a, b)"),
@@ -107,7 +107,7 @@ def test_imagenet_rows_seed_the_head(tiny, dataset, tmp_path):
                                         ("imagenet:ant,-", "'ant' is not an index below 10")])
 def test_imagenet_rows_errors_say_what_to_write(tiny, rows, says):
     with pytest.raises(FeatxError, match=re.escape(says)):
-        ft.head_from_imagenet(rows, featx.create_backbone(tiny), ["a", "b"])
+        warmstart.head_from_imagenet(rows, featx.create_backbone(tiny), ["a", "b"])
 
 
 def test_from_scratch_trains_everything(tiny, dataset, tmp_path):

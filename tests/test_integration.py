@@ -49,7 +49,7 @@ def test_the_gif_and_progressive_jpeg_are_features_not_skips(hymenoptera_feature
 
 def test_imagenet_rows_classify_ants_and_bees_before_training(hymenoptera_features):
     import torch
-    from featx.finetune import head_from_imagenet
+    from featx.warmstart import head_from_imagenet
 
     f = store.load(hymenoptera_features[0].path)
     head = head_from_imagenet("imagenet:ant,bee", featx.create_backbone("efficientnet_lite0"), f.classes)
@@ -61,36 +61,36 @@ def test_imagenet_rows_classify_ants_and_bees_before_training(hymenoptera_featur
 
 @pytest.mark.parametrize("clf", ["logreg", "svm", "knn", "mlp"])
 def test_heads_on_hymenoptera(hymenoptera_features, tmp_path, clf):
-    from featx import model
+    from featx import fit, predictor
 
-    m = model.fit_head(clf, features=hymenoptera_features[0].path, out=tmp_path / clf, progress=False)
+    m = fit.fit_head(clf, features=hymenoptera_features[0].path, out=tmp_path / clf, progress=False)
     assert m["val"]["n"] == 153
     assert m["val"]["accuracy"] >= (0.94 if clf == "logreg" else 0.90), m["val"]["accuracy"]
     bees = sorted((SHARED_DATA / "hymenoptera" / "val" / "bees").iterdir())[:5]
-    predictions = model.predict(tmp_path / clf / "model.featx", bees)
+    predictions = predictor.predict(tmp_path / clf / "model.featx", bees)
     assert sum(p["label"] == "bees" for p in predictions) >= 4
 
 
 def test_predict_agrees_with_fit_head_on_real_images(hymenoptera_features, tmp_path):
-    from featx import model
+    from featx import fit, predictor
 
-    m = model.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
+    m = fit.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
     val = SHARED_DATA / "hymenoptera" / "val"
-    predictions = model.predict(tmp_path / "model.featx", [val])
+    predictions = predictor.predict(tmp_path / "model.featx", [val])
     correct = [p["label"] == p["path"].split("/")[-2] for p in predictions]
     assert len(correct) == 153 and np.mean(correct) == pytest.approx(m["val"]["accuracy"], abs=1e-9)
 
 
 def test_cats_dogs_logreg_test_accuracy(tmp_path):
-    from featx import model
+    from featx import fit, predictor
 
-    m = model.fit_head("logreg", backbone="efficientnet_lite0", data="cats_dogs", data_root=str(SHARED_DATA),
+    m = fit.fit_head("logreg", backbone="efficientnet_lite0", data="cats_dogs", data_root=str(SHARED_DATA),
                        cache_dir=tmp_path / "cache", out=tmp_path / "run", progress=False)
     assert m["test"]["n"] == 400 and m["test"]["accuracy"] >= 0.96
 
 
 def test_finetune_top_block_on_cats_dogs(tmp_path):
-    from featx.finetune import finetune
+    from featx.finetuning import finetune
 
     m = finetune("efficientnet_lite0", "cats_dogs", "top", data_root=str(SHARED_DATA), epochs=2, out=tmp_path,
                  progress=False)
@@ -99,7 +99,7 @@ def test_finetune_top_block_on_cats_dogs(tmp_path):
 
 
 def test_advise_hymenoptera_is_small_and_similar():
-    from featx.advise import advise
+    from featx.advice import advise
 
     r = advise("hymenoptera", data_root=str(SHARED_DATA))
     assert (r["scenario"], r["size"], r["similarity"]) == (1, "small", "similar")
@@ -107,7 +107,7 @@ def test_advise_hymenoptera_is_small_and_similar():
 
 
 def test_advise_digits_is_different(tmp_path):
-    from featx.advise import advise
+    from featx.advice import advise
 
     r = advise("digits", data_root=str(tmp_path))
     assert r["similarity"] == "different" and r["scenario"] in (3, 4)

@@ -6,7 +6,8 @@ import torch
 from click.testing import CliRunner
 
 import featx
-from featx import model, store
+from featx import fit, predictor, store
+from featx.modelfile import ModelFile
 from featx.cli import cli
 from featx.errors import FeatxError
 from helpers import save_tiny_weights
@@ -14,7 +15,7 @@ from helpers import save_tiny_weights
 
 @pytest.fixture
 def fitted(tiny, dataset, tmp_path):
-    m = model.fit_head("logreg", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c", out=tmp_path / "run",
+    m = fit.fit_head("logreg", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c", out=tmp_path / "run",
                        progress=False)
     return m, tmp_path / "run"
 
@@ -29,19 +30,19 @@ def test_fit_head_writes_everything(fitted):
         assert (run / f"top_losses_{split}.csv").exists()
     assert json.loads((run / "metrics.json").read_text())["test"]["n"] == 6
     assert m["selected"]["C"] > 0
-    _, manifest = model.load_model(run / "model.featx")
-    assert manifest["head"]["preprocessing"].startswith("standardise") and manifest["classes"] == ["a", "b"]
-    assert manifest["identity"]["layer"] == "pool" and len(manifest["identity"]["weights_sha256"]) == 64
+    saved = ModelFile.load(run / "model.featx")
+    assert saved.head_config["preprocessing"].startswith("standardise") and saved.classes == ["a", "b"]
+    assert saved.identity.layer == "pool" and len(saved.identity.weights_sha256) == 64
 
 
 def test_predict_and_evaluate_use_the_model(fitted, dataset, tmp_path):
     m, run = fitted
-    results = model.predict(run / "model.featx", [dataset / "val" / "b" / "000.jpg", dataset / "val" / "a"], top_k=2,
+    results = predictor.predict(run / "model.featx", [dataset / "val" / "b" / "000.jpg", dataset / "val" / "a"], top_k=2,
                             plot=str(tmp_path / "grid.png"))
     assert [r["label"] for r in results] == ["b", "a", "a", "a"]
     assert all(0.5 < r["probability"] <= 1 for r in results) and len(results[0]["top_k"]) == 2
     assert (tmp_path / "grid.png").stat().st_size > 1000
-    ev = model.evaluate(run / "model.featx", str(dataset), "test", cache_dir=tmp_path / "c", progress=False)
+    ev = predictor.evaluate(run / "model.featx", str(dataset), "test", cache_dir=tmp_path / "c", progress=False)
     assert ev["test"]["confusion_matrix"] == m["test"]["confusion_matrix"]
 
 
@@ -51,21 +52,21 @@ def test_model_file_tampering_is_refused(fitted, tmp_path):
     raw[-3] ^= 0xFF
     (tmp_path / "tampered.featx").write_bytes(bytes(raw))
     with pytest.raises(FeatxError, match="fails its SHA-256 check"):
-        model.load_model(tmp_path / "tampered.featx")
+        ModelFile.load(tmp_path / "tampered.featx")
     torch.save({"w": torch.zeros(2)}, tmp_path / "pickle.featx")
     with pytest.raises(FeatxError, match="is not a featx model file"):
-        model.load_model(tmp_path / "pickle.featx")
+        ModelFile.load(tmp_path / "pickle.featx")
 
 
 def test_features_of_another_backbone_are_refused(fitted, tmp_path):
     other = save_tiny_weights(tmp_path / "other.pth")
     torch.save({k: v + 1 for k, v in torch.load(other, weights_only=True).items()}, other)
     with pytest.raises(FeatxError, match="weights_sha256 differ"):
-        model.load_predictor(fitted[1] / "model.featx", weights=str(other))
+        predictor.load_predictor(fitted[1] / "model.featx", weights=str(other))
 
 
 def test_select_on_val_reports_test_only(tiny, dataset, tmp_path):
-    m = model.fit_head("svm", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c", out=tmp_path / "r",
+    m = fit.fit_head("svm", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c", out=tmp_path / "r",
                        select_on="val", progress=False)
     assert "val" not in m and m["test"]["accuracy"] == 1.0 and m["selected"]["select_on"] == "val"
 
@@ -88,7 +89,7 @@ def test_fit_head_needs_train_split(tiny, tmp_path):
     data = make_dataset(tmp_path / "d", {"val": 3, "test": 3})
     r = featx.extract(tiny, str(data), cache_dir=tmp_path / "c", progress=False, workers=0)
     with pytest.raises(FeatxError, match="has no train split"):
-        model.fit_head("logreg", features=r.path)
+        fit.fit_head("logreg", features=r.path)
     assert store.load(r.path).X.shape[0] == 12
     assert np.isfinite(store.load(r.path).X).all()
 
@@ -97,5 +98,5 @@ def test_evaluate_refuses_unknown_classes_before_extracting(fitted, tmp_path):
     from helpers import make_dataset
     other = make_dataset(tmp_path / "other", {"test": 2}, classes=("a", "zebra"))
     with pytest.raises(FeatxError, match=r"classes the model does not know \(zebra\)"):
-        model.evaluate(fitted[1] / "model.featx", str(other), cache_dir=tmp_path / "fresh", progress=False)
+        predictor.evaluate(fitted[1] / "model.featx", str(other), cache_dir=tmp_path / "fresh", progress=False)
     assert not (tmp_path / "fresh").exists()

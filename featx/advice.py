@@ -1,4 +1,4 @@
-"""Which of the four transfer-learning scenarios a dataset is in, measured rather than guessed.
+"""Advice: which of the four transfer-learning scenarios a dataset is in, measured rather than guessed.
 
 Size: training images per class (``LARGE_PER_CLASS`` or more is large). Shift from the backbone's
 pretraining data: a sample of the images goes through the backbone, and at every BatchNorm layer
@@ -13,8 +13,9 @@ import numpy as np
 import torch
 
 from . import data as data_mod
-from .backbones import create_backbone
-from .extract import iter_features, resolve_device
+from .backbones import create_backbone, get_spec
+from .devices import resolve_device
+from .extraction import iter_features
 
 LARGE_PER_CLASS = 1000
 SHIFT_THRESHOLD = 0.3
@@ -67,8 +68,6 @@ def advise(data: str, backbone: str = "efficientnet_lite0", data_root: str | Non
     shift, _ = batchnorm_shift(backbone, [ds.root / ds.paths[i] for i in sample], device)
     large, different = per_class >= LARGE_PER_CLASS, shift >= SHIFT_THRESHOLD
     scenario = {(False, False): 1, (True, False): 2, (False, True): 3, (True, True): 4}[(large, different)]
-    from .backbones import get_spec
-
     spec = get_spec(backbone)
     taps = [t for t in spec.taps if t not in (spec.default_tap, "logits")]
     early = taps[int(len(taps) * 0.6)] if taps else spec.default_tap

@@ -1,0 +1,188 @@
+"""Extraction, stage 1: run images through a frozen backbone and keep the features in the HDF5 cache.
+
+Images are decoded in DataLoader workers straight to uint8 tensors (JPEG draft mode, no float
+copies on the CPU), or, with ``decode="device"``, the workers only read JPEG bytes and the device
+decodes them in batches (``images.py``). Normalisation, autocast and channels_last happen on the
+device (``devices.py``). Both decoders give the same features to within JPEG-decoder noise (cosine
+>= 0.9999 on hymenoptera), so they share one cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from . import data as data_mod
+from .backbones import Backbone, Preprocess, create_backbone, feature_identity, resolve_backbone
+from .devices import default_batch_size, default_workers, forward, make_loader, prepare, resolve_device
+from .errors import FeatxError
+from .identity import FeatureIdentity
+from .images import EncodedFiles, ImageFiles, check_decode, collate, decode_on_device
+from .store import FeatureStore, Rows, cache_path
+from .weights import weights_identity
+
+
+def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
+                  workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil"):
+    """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)].
+
+    ``decode="pil"`` decodes in the workers (JPEG draft mode); ``"device"`` has the workers read
+    JPEG bytes and decodes them in batches on ``device``, which lifts the CPU decoding ceiling on a GPU.
+    """
+    check_decode(decode)
+    workers = default_workers(device) if workers is None else workers
+    on_device = decode == "device"
+    dataset = (EncodedFiles if on_device else ImageFiles)(files, net.preprocess.transform(),
+                                                          net.preprocess.resize_size)
+    loader = make_loader(dataset, device, batch_size or default_batch_size(device), workers,
+                         partial(collate, stack=not on_device))
+    net = prepare(net, device)
+    with tqdm(total=len(files), unit="img", desc=desc, file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar, torch.inference_mode():
+        for indices, images, failures in loader:
+            if on_device:
+                indices, images, refused = decode_on_device(indices, images, dataset, device)
+                failures += refused
+            feats = forward(net, images, device).cpu().numpy() if images is not None else np.zeros((0, 0))
+            bar.update(len(indices) + len(failures))
+            yield indices, feats, failures
+
+
+@dataclass
+class ExtractResult:
+    path: str
+    images: int
+    new: int
+    skipped: int
+    dropped: int
+    img_per_s: float
+    seconds: float
+    device: str
+    backbone: str
+    layer: str
+    feature_dim: int
+    dataset: str
+    skipped_files: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """What an extraction works with before any image is read: the identity of the features it
+    will write, and how to build the network should some image need computing."""
+
+    spec: object
+    layer: str
+    preprocess: Preprocess
+    identity: FeatureIdentity
+    build: Callable[[], Backbone]
+
+
+def plan(backbone: str | Backbone, layer: str | None, weights: str | None, input_size: int | None) -> Plan:
+    """``backbone`` is a registry name or an already built ``Backbone`` (then ``layer``, ``weights``
+    and ``input_size`` are its own). For a name, the weights are hashed but no network is built."""
+    if isinstance(backbone, Backbone):
+        return Plan(backbone.spec, backbone.tap_name, backbone.preprocess, backbone.identity(), lambda: backbone)
+    spec, layer, preprocess = resolve_backbone(backbone, layer, input_size)
+    build = partial(create_backbone, backbone, layer, weights, input_size=input_size)
+    found = weights_identity(spec, weights)
+    if found is None:  # not on this machine: building fetches them or says why it cannot
+        net = build()
+        found, build = (net.weights_id, net.weights_sha256), (lambda: net)
+    return Plan(spec, layer, preprocess, feature_identity(spec, found, layer, preprocess), build)
+
+
+def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer: str | None = None, *,
+            data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
+            batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
+            weights: str | None = None, input_size: int | None = None, progress: bool = True,
+            decode: str = "pil", checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0) -> ExtractResult:
+    """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
+
+    Only images that are new or changed since the last run are computed; deleted ones are dropped.
+    The network is built only if some image needs it, so an up-to-date cache answers at once.
+    Rows are persisted every ``checkpoint_rows`` images or ``checkpoint_seconds``, so a killed run
+    resumes where it stopped. ``decode`` is where JPEGs are decoded: ``pil`` (CPU workers) or
+    ``device`` (batched, nvjpeg on CUDA); see ``iter_features``.
+    """
+    if dtype not in ("float32", "float16"):
+        raise FeatxError(f"--dtype {dtype} is not supported: use float32 or float16")
+    check_decode(decode)
+    start = time.perf_counter()
+    ds = data_mod.load(data, data_root)
+    dev = resolve_device(device)
+    p = plan(backbone, layer, weights, input_size)
+    path = cache_path(cache_dir, ds.name, p.identity, dtype)
+    with FeatureStore(path, dtype) as store:
+        index = store.index()
+        fingerprints = {f: data_mod.fingerprint(ds.root / f) for f in ds.paths}
+        todo = [f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
+                                            f in index.skipped and index.skipped[f][0] == fingerprints[f])]
+        compute_start = time.perf_counter()
+        if todo:
+            batches = iter_features(p.build(), [ds.root / f for f in todo], dev, batch_size, workers, progress,
+                                    desc=f"{p.spec.name}:{p.layer}", decode=decode)
+            write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
+        compute_seconds = time.perf_counter() - compute_start
+        index, order, skipped, dropped = finish(store, ds, cache_attrs(p.identity, p.preprocess, ds))
+    seconds = time.perf_counter() - start
+    return ExtractResult(
+        path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped),
+        skipped=len(skipped), dropped=dropped,
+        img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
+        seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
+        feature_dim=int(index.dim or 0), dataset=ds.name,
+        skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()])
+
+
+def write_batches(store: FeatureStore, batches, todo: list, fingerprints: dict, checkpoint_rows: int,
+                  checkpoint_seconds: float) -> None:
+    """Write computed rows (and skips) into part files, every ``checkpoint_rows`` rows or seconds."""
+    rows, last_flush = Rows(), time.monotonic()
+    for indices, feats, failures in batches:
+        for i, row in zip(indices, feats):
+            rows.features.append(row)
+            rows.paths.append(todo[i])
+            rows.fingerprints.append(fingerprints[todo[i]])
+        rows.skipped += [(todo[i], fingerprints[todo[i]], reason) for i, reason in failures]
+        if len(rows) + len(rows.skipped) >= checkpoint_rows or time.monotonic() - last_flush > checkpoint_seconds:
+            store.write_part(rows)
+            rows, last_flush = Rows(), time.monotonic()
+    if len(rows) or rows.skipped:
+        store.write_part(rows)
+
+
+def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: dict):
+    """Merge parts into the main file in dataset order, unless it already holds exactly that.
+    Returns (index, ordered paths, skipped {path: (fingerprint, reason)}, rows dropped)."""
+    index = store.index()
+    order = [f for f in ds.paths if f in index.rows]
+    skipped = {f: index.skipped[f] for f in ds.paths if f in index.skipped}
+    position = {f: i for i, f in enumerate(ds.paths)}
+    labels = ds.labels[[position[f] for f in order]]
+    splits = [ds.splits[position[f]] for f in order]
+    main = index.main_meta
+    dropped = len(main.get("paths", ())) - sum(1 for f in main.get("paths", ()) if f in position)
+    unchanged = (bool(main) and store.parts_written == 0 and len(index.sources) == 1 and main["paths"] == order
+                 and np.array_equal(main["labels"], labels) and list(main["splits"]) == splits
+                 and main.get("skipped") == sorted(skipped))
+    if not unchanged:
+        store.consolidate(order, labels, splits, skipped, attrs)
+    return index, order, skipped, dropped
+
+
+def cache_attrs(identity: FeatureIdentity, preprocess: Preprocess, ds: data_mod.Dataset) -> dict:
+    return {**identity.as_dict(), "preprocess": json.dumps(preprocess.__dict__), "dataset": ds.name,
+            "dataset_root": str(ds.root), "split_source": ds.split_source, "classes": json.dumps(ds.classes),
+            "featx_version": __version__, "torch_version": str(torch.__version__)}

@@ -1,0 +1,303 @@
+"""Fine-tuning, stage 3: unfreeze named top blocks of a backbone and train them end to end with a head.
+
+Frozen blocks keep ``requires_grad=False`` *and* stay in eval mode, so their BatchNorm statistics
+never move (the Keras fine-tuning lesson). The head may start from a stage-2 model or ImageNet rows
+(``warmstart.py``). Every epoch writes a checkpoint; ``resume=True`` continues after a kill. The best
+epoch by val accuracy is saved as a featx model file that ``predict`` and ``evaluate`` use like any
+stage-2 model.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from . import data as data_mod
+from . import report
+from .backbones import Backbone, create_backbone
+from .devices import autocast, default_workers, make_loader, resolve_device, to_device
+from .errors import FeatxError
+from .files import atomic_write
+from .images import ImageFiles, collate
+from .modelfile import MODEL_NAME, ModelFile, digest
+from .predictor import load_predictor
+from .warmstart import export_head, starting_head
+
+AUGMENTATIONS = ("none", "light", "strong")
+
+
+def augmentation(net: Backbone, preset: str):
+    """PIL -> uint8 tensor. ``light``: random resized crop + flip; ``strong``: + rotation, zoom, shift,
+    shear and colour (seed S3's Keras ImageDataGenerator settings)."""
+    pre = net.preprocess
+    interp = InterpolationMode(pre.interpolation)
+    if preset == "none":
+        return pre.transform()
+    if preset not in AUGMENTATIONS:
+        raise FeatxError(f"unknown augmentation '{preset}': use none, light or strong")
+    steps = [T.RandomResizedCrop(pre.input_size, scale=(0.5 if preset == "strong" else 0.08, 1.0),
+                                 interpolation=interp, antialias=True), T.RandomHorizontalFlip()]
+    if preset == "strong":
+        steps += [T.RandomAffine(degrees=40, translate=(0.2, 0.2), scale=(0.7, 1.3), shear=20, interpolation=interp),
+                  T.ColorJitter(0.3, 0.3, 0.3, 0.05)]
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+class FineTuneNet(nn.Module):
+    """Backbone (pooled features) -> head; takes uint8 images, returns logits."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.trainable_blocks: list = []
+
+    def forward(self, images):
+        return self.head(self.backbone(images).float())
+
+    def train(self, mode: bool = True):
+        """Only unfrozen blocks (and the head) enter training mode; frozen BatchNorm stays in eval."""
+        super().train(False)
+        if mode:
+            self.head.train()
+            for name, module in self.backbone.model.named_modules():
+                if in_blocks(name, self.backbone, self.trainable_blocks):
+                    module.train()
+        self.training = mode
+        return self
+
+
+def in_blocks(module_name: str, net: Backbone, blocks: list) -> bool:
+    prefixes = [p for b in blocks for p in net.spec.blocks[b]]
+    return any(module_name == p or module_name.startswith(p + ".") for p in prefixes)
+
+
+def parse_unfreeze(unfreeze: str, net: Backbone) -> list:
+    names = list(net.spec.blocks)
+    if unfreeze == "all":
+        return names
+    if unfreeze in ("none", ""):
+        return []
+    if unfreeze.startswith("top:"):  # the last N blocks, whatever this backbone calls them
+        count = unfreeze[4:]
+        if not count.isdigit() or not 1 <= int(count) <= len(names):
+            raise FeatxError(f"--unfreeze {unfreeze}: use top:N with N from 1 to {len(names)} for {net.spec.name}")
+        return names[-int(count):]
+    asked = [b.strip() for b in unfreeze.split(",") if b.strip()]
+    unknown = [b for b in asked if b not in names]
+    if unknown:
+        raise FeatxError(f"{net.spec.name} has no block {', '.join(unknown)}: choose from {', '.join(names)}, "
+                         f"all, none or top:N")
+    return asked
+
+
+def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> Path:
+    state = {k: v.detach().cpu().numpy() for k, v in net.backbone.model.state_dict().items()}
+    sha = digest("", state)
+    arrays, config = export_head(net.head, classes)
+    identity = net.backbone.identity()
+    identity = type(identity)(**{**identity.as_dict(), "weights": f"finetuned:{sha[:12]}", "weights_sha256": sha})
+    return ModelFile(kind="finetuned", classes=classes, identity=identity, preprocess=net.backbone.preprocess.__dict__,
+                     head_config=config, head_arrays=arrays, backbone_state=state, info=info).save(path)
+
+
+def run_epoch(net, batches, labels, device, optimizer=None, bar=None) -> tuple[float, float]:
+    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+    loss_fn = nn.CrossEntropyLoss()
+    total, correct, count = 0.0, 0, 0
+    for indices, images, _failures in batches:
+        if images is None:
+            continue
+        y = torch.as_tensor(labels[indices], device=device)
+        with torch.set_grad_enabled(optimizer is not None), autocast(device):
+            logits = net(to_device(images, device))
+            loss = loss_fn(logits.float(), y)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        total += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        count += len(y)
+        if bar is not None:
+            bar.update(len(indices))
+            bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{correct / count:.3f}")
+    return total / max(count, 1), correct / max(count, 1)
+
+
+def training_setup(net: FineTuneNet, blocks: list, lr: float, lr_scale: float, optimizer: str, schedule: str,
+                   epochs: int, step_size: int, weight_decay: float):
+    """Freeze everything, then give the head and each unfrozen block a parameter group; build the
+    optimizer and the learning-rate schedule."""
+    for p in net.backbone.model.parameters():
+        p.requires_grad_(False)
+    net.trainable_blocks = blocks
+    groups = [{"params": list(net.head.parameters()), "lr": lr}]
+    for block in blocks:
+        params = net.backbone.block_parameters(block)
+        for p in params:
+            p.requires_grad_(True)
+        groups.append({"params": params, "lr": lr * lr_scale})
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    else:
+        raise FeatxError(f"unknown optimizer '{optimizer}': use sgd or adamw")
+    if schedule == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    if schedule == "step":
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.1)
+    raise FeatxError(f"unknown schedule '{schedule}': use cosine or step")
+
+
+@dataclass
+class Progress:
+    """What survives a kill: the finished epochs, the best val accuracy, the next epoch."""
+
+    history: list
+    best: float = -1.0
+    start_epoch: int = 0
+
+
+def save_checkpoint(path: Path, net, opt, sched, epoch: int, progress: Progress, config: dict) -> None:
+    with atomic_write(path) as tmp:
+        torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "epoch": epoch, "best": progress.best, "history": json.dumps(progress.history),
+                    "config": json.dumps(config), "rng": torch.get_rng_state()}, tmp)
+
+
+def load_checkpoint(path: Path, net, opt, sched, config: dict, device: torch.device) -> Progress:
+    state = torch.load(path, map_location=device, weights_only=True)
+    saved = json.loads(state["config"])
+    if {k: v for k, v in saved.items() if k != "epochs"} != {k: v for k, v in config.items() if k != "epochs"}:
+        raise FeatxError(f"{path} was written by a different finetune setup: rerun without --resume "
+                         "or with the same options")
+    net.load_state_dict(state["net"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"])
+    return Progress(json.loads(state["history"]), float(state["best"]), int(state["epoch"]) + 1)
+
+
+def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreeze: str = "none", *,
+             data_root: str | None = None, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
+             backbone_lr_scale: float = 0.1, optimizer: str = "adamw", schedule: str = "cosine",
+             step_size: int = 7, weight_decay: float = 1e-4, augment: str = "light", head: str | None = None,
+             from_scratch: bool = False, patience: int | None = None, resume: bool = False,
+             out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
+             weights: str | None = None, input_size: int | None = None, seed: int = 0,
+             progress: bool = True) -> dict:
+    """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``."""
+    torch.manual_seed(seed)
+    dev = resolve_device(device)
+    ds = data_mod.load(data, data_root)
+    if "train" not in ds.split_names() or "val" not in ds.split_names():
+        raise FeatxError(f"{ds.root} needs train and val splits to fine-tune (it has {', '.join(ds.split_names())})")
+    net_b = create_backbone(backbone, None, weights, pretrained=not from_scratch, input_size=input_size)
+    blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
+    out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")
+    out.mkdir(parents=True, exist_ok=True)
+    net = FineTuneNet(net_b, starting_head(None if from_scratch else head, net_b, ds.classes))
+    opt, sched = training_setup(net, blocks, lr, 1.0 if from_scratch else backbone_lr_scale, optimizer, schedule,
+                                epochs, step_size, weight_decay)
+    net = net.to(dev).to(memory_format=torch.channels_last)
+    config = {"backbone": net_b.spec.name, "data": str(ds.root), "unfreeze": blocks, "from_scratch": from_scratch,
+              "epochs": epochs, "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+              "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
+              "head": str(head) if head else None}
+    checkpoint = out / "checkpoint.pt"
+    if resume and checkpoint.exists():
+        state = load_checkpoint(checkpoint, net, opt, sched, config, dev)
+    elif checkpoint.exists():
+        raise FeatxError(f"{out} already holds a fine-tuning run: pass --resume to continue it or --out elsewhere")
+    else:
+        state = Progress([])
+
+    subsets = {s: ds.subset(s) for s in ds.split_names()}
+    files = {s: [ds.root / p for p in paths] for s, (paths, _) in subsets.items()}
+    labels = {s: y for s, (_, y) in subsets.items()}
+    workers = default_workers(dev) if workers is None else workers
+    draft = net_b.preprocess.resize_size
+    datasets = {"train": ImageFiles(files["train"], augmentation(net_b, augment), draft),
+                "val": ImageFiles(files["val"], net_b.preprocess.transform(), draft)}
+    since_best = 0
+    for epoch in range(state.start_epoch, epochs):
+        started = time.perf_counter()
+        with tqdm(total=len(files["train"]), unit="img", file=sys.stderr, disable=not progress,
+                  desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True) as bar:
+            net.train()
+            train_loss, train_acc = run_epoch(
+                net, make_loader(datasets["train"], dev, batch_size, workers, collate, shuffle=True, seed=seed + epoch),
+                labels["train"], dev, opt, bar=bar)
+        sched.step()
+        train_seconds = time.perf_counter() - started
+        net.eval()
+        with torch.inference_mode():
+            val_loss, val_acc = run_epoch(net, make_loader(datasets["val"], dev, batch_size, workers, collate),
+                                          labels["val"], dev)
+        state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                              "val_loss": val_loss, "val_accuracy": val_acc,
+                              "train_img_per_s": len(files["train"]) / train_seconds, "lr": opt.param_groups[0]["lr"]})
+        if progress:
+            print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} "
+                  f"acc {val_acc:.4f}", file=sys.stderr)
+        if val_acc > state.best:
+            state.best, since_best = val_acc, 0
+            save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
+                                                                "epoch": epoch + 1})
+        else:
+            since_best += 1
+        write_history(out / "history.csv", state.history)
+        save_checkpoint(checkpoint, net, opt, sched, epoch, state, config)
+        if patience is not None and since_best >= patience:
+            break
+    return final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers)
+
+
+def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, history: list, blocks: list,
+                 device: str, batch_size: int, workers: int) -> dict:
+    """Score the best epoch's saved model on val and test, and write the report and curves."""
+    best_net = load_predictor(out / MODEL_NAME)
+    metrics = {}
+    for split in ("val", "test"):
+        if split in files:
+            proba, _ = best_net.proba(files[split], device, batch_size, workers)
+            paths = ds.subset(split)[0]
+            ok = ~np.isnan(proba).any(1)
+            metrics[split] = report.classification_metrics(labels[split][ok], proba[ok], ds.classes,
+                                                           np.asarray(paths)[ok])
+    result = {**metrics, "history": history, "best_epoch": int(np.argmax([h["val_accuracy"] for h in history])) + 1,
+              "unfreeze": blocks, "model": str(out / MODEL_NAME), "trainable_params": trainable(net),
+              "total_params": used_params(net)}
+    report.write_report(out, result, ds.classes)
+    report.plot_curves(history, out / "curves")
+    return result
+
+
+def trainable(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+
+
+def used_params(net: FineTuneNet) -> int:
+    """Parameters on the path from image to logits (the backbone's ImageNet classifier is not)."""
+    classifier = net.backbone.spec.classifier
+    return sum(p.numel() for n, p in net.named_parameters()
+               if not n.startswith(f"backbone.model.{classifier}."))
+
+
+def write_history(path: Path, history: list) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)

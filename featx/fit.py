@@ -1,0 +1,67 @@
+"""Fitting, stage 2: cached features -> a head with leak-free selection -> model file and report."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import report, store
+from .errors import FeatxError
+from .extraction import extract
+from .heads import make_head, proba_over
+from .modelfile import MODEL_NAME, ModelFile
+
+
+def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "efficientnet_lite0",
+             data: str | None = None, layer: str | None = None, *, data_root: str | None = None,
+             cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
+             device: str = "auto", weights: str | None = None, input_size: int | None = None,
+             progress: bool = True) -> dict:
+    """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
+    and write model.featx, metrics.json, confusion PNGs and top losses to ``out``."""
+    if select_on not in ("cv", "val"):
+        raise FeatxError(f"--select-on {select_on}: use cv or val")
+    if features is None:
+        if data is None:
+            raise FeatxError("fit-head needs --features FILE, or --backbone and --data to extract them")
+        r = extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
+                    weights=weights, input_size=input_size, progress=progress)
+        if r.new and progress:
+            print(f"featx: extracted {r.new} new images into {r.path} first", file=sys.stderr)
+        features = r.path
+    F = store.load(features)
+    if "train" not in F.split_names():
+        raise FeatxError(f"{F.path} has no train split: fit-head trains on train/ (and selects on CV or val/)")
+    X, y, _ = F.split("train")
+    held_out = [s for s in ("val", "test") if s in F.split_names()]
+    cv = 5
+    if select_on == "val":
+        if "val" not in held_out:
+            raise FeatxError(f"--select-on val needs a val split, and {F.path} has none: use --select-on cv")
+        from sklearn.model_selection import PredefinedSplit
+
+        Xv, yv, _ = F.split("val")
+        cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv), int)])
+        X, y = np.vstack([X, Xv]), np.r_[y, yv]  # select on val, then refit on train + val
+        held_out.remove("val")
+    start = time.perf_counter()
+    head = make_head(clf, cv=cv, device=device).fit(X, y)
+    fit_seconds = time.perf_counter() - start
+    metrics = {}
+    for split in held_out:
+        Xs, ys, paths = F.split(split)
+        metrics[split] = report.classification_metrics(ys, proba_over(head, Xs, len(F.classes)), F.classes, paths)
+    out = Path(out or Path("runs") / f"{F.attrs['dataset']}__{F.attrs['backbone']}__{F.attrs['layer']}__{clf}")
+    arrays, config = head.export()
+    model_path = ModelFile(kind="head", classes=F.classes, identity=F.identity(),
+                           preprocess=json.loads(F.attrs["preprocess"]), head_config=config, head_arrays=arrays,
+                           weights_file=weights, info={"dataset": F.attrs["dataset"], "features": str(F.path),
+                                                       "select_on": select_on}).save(out / MODEL_NAME)
+    result = {**metrics, "selected": {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3)},
+              "clf": clf, "model": str(model_path), "features": str(F.path)}
+    report.write_report(out, result, F.classes)
+    return result

@@ -1,0 +1,39 @@
+"""The feature identity: what makes two sets of features interchangeable.
+
+The cache names its files by it, the model file records it, and fine-tuning and prediction check it
+before they trust a head with features: same backbone, same weights (by content), same tap, same
+preprocessing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class FeatureIdentity:
+    backbone: str
+    weights: str  # what the weights are called: an enum name, a package, file:<name>, finetuned:<sha>
+    weights_sha256: str
+    layer: str
+    transform: str  # Preprocess.key(): resize, crop, interpolation, mean, std
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_mapping(cls, mapping) -> "FeatureIdentity":
+        """From a model manifest's ``identity`` or a cache file's attributes (extra keys ignored)."""
+        missing = [f.name for f in fields(cls) if f.name not in mapping]
+        if missing:
+            raise KeyError(f"feature identity lacks {', '.join(missing)}")
+        return cls(**{f.name: str(mapping[f.name]) for f in fields(cls)})
+
+    def digest(self, **extra) -> str:
+        """A short digest of the identity plus storage options (e.g. dtype), for file names."""
+        key = json.dumps({**self.as_dict(), **extra}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+    def differences(self, other: "FeatureIdentity") -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]

