@@ -116,7 +116,7 @@ def vgg_spec(name: str, cfg_key: str) -> BackboneSpec:
     taps["pool5"] = Tap("features", "flat")
     taps["fc6"] = Tap("classifier.1", "flat")
     taps["fc7"] = Tap("classifier.4", "flat")
-    blocks["fc"] = ["classifier.0", "classifier.3"]
+    blocks["fc"] = [f"classifier.{i}" for i in range(6)]  # the dropouts too, so they follow train/eval
     weights, pre = torchvision_weights(name)
     return BackboneSpec(name, "vgg", torchvision_builder(name), weights, pre, 4096, taps, "fc7", blocks,
                         "classifier.6")
@@ -184,6 +184,7 @@ def builtin_specs() -> dict[str, BackboneSpec]:
     specs.append(staged_spec("convnext_tiny", "convnext", 768,
                              [("stem", [0]), ("stage1", [1]), ("stage2", [2, 3]), ("stage3", [4, 5]),
                               ("stage4", [6, 7])], Tap("classifier.2", "input"), "classifier.2"))
+    specs[-1].blocks["stage4"].append("classifier.0")  # the LayerNorm before the ImageNet classifier
     specs += [lite_spec(v) for v in (0, 1, 2)]
     return {s.name: with_logits(s) for s in specs}
 
@@ -206,12 +207,15 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
 
 
 def timm_spec(name: str) -> BackboneSpec:
-    """Any timm model: taps and blocks from its ``feature_info``, preprocessing from its pretrained config."""
+    """Any timm model: taps from its ``feature_info``, blocks that partition every parameter on the path
+    from image to features, preprocessing from its pretrained config. The probe is built on the ``meta``
+    device, so this costs no memory or time whatever the model's size."""
     import timm
 
     if name not in timm.list_models(pretrained=True) and name not in timm.list_models():
         raise FeatxError(f"timm has no model '{name}': see timm.list_models() for names")
-    probe = timm.create_model(name, pretrained=False)
+    with torch.device("meta"):
+        probe = timm.create_model(name, pretrained=False)
     cfg = timm.data.resolve_data_config({}, model=probe)
     size = cfg["input_size"][-1]
     pre = Preprocess(size, int(size / cfg["crop_pct"]), cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"]))
@@ -219,9 +223,44 @@ def timm_spec(name: str) -> BackboneSpec:
     taps = {f"stage{i}": Tap(module, "gap") for i, module in enumerate(stages, 1)}
     classifier = probe.default_cfg.get("classifier", "classifier")
     taps["pool"] = Tap(classifier, "input")
-    blocks = {f"stage{i}": [module] for i, module in enumerate(stages, 1)}
+    head = probe.get_submodule(classifier)
+    dim = head.in_features if isinstance(head, nn.Linear) else probe.num_features
     return with_logits(BackboneSpec(f"timm:{name}", "timm", lambda: timm.create_model(name, pretrained=False),
-                        Weights("timm", name), pre, probe.num_features, taps, "pool", blocks, classifier))
+                                    Weights("timm", name), pre, dim, taps, "pool",
+                                    partition_blocks(probe, stages, classifier), classifier))
+
+
+def partition_blocks(model: nn.Module, boundaries: list[str], classifier: str) -> dict[str, list[str]]:
+    """Blocks ``stage1``...``stageN`` ending at each boundary module (in forward order), then ``head`` for
+    what follows the last one, so that every parameter but the ImageNet classifier's is in exactly one
+    block. Blocks without parameters are folded into the next one."""
+    units = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        units.extend(f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False))
+        for child, sub in module.named_children():
+            path = prefix + child
+            if any(target.startswith(path + ".") for target in (*boundaries, classifier)):
+                walk(path + ".", sub)  # a container holding a boundary or the classifier: split it
+            elif path != classifier:
+                units.append(path)
+
+    walk("", model)
+    names = [n for n, _ in model.named_parameters()]
+
+    def has_parameters(group: list[str]) -> bool:
+        return any(n == u or n.startswith(u + ".") for u in group for n in names)
+
+    blocks, current = {}, []
+    for unit in units:
+        current.append(unit)
+        if unit in boundaries and has_parameters(current):
+            blocks[f"stage{boundaries.index(unit) + 1}"], current = current, []
+    if has_parameters(current):
+        blocks["head"] = current
+    elif current and blocks:
+        blocks[list(blocks)[-1]] += current
+    return blocks
 
 
 def get_spec(name: str) -> BackboneSpec:
@@ -294,7 +333,7 @@ class Backbone(nn.Module):
 
     def block_parameters(self, block: str) -> list[nn.Parameter]:
         prefixes = self.spec.blocks[block]
-        return [p for n, p in self.model.named_parameters() if any(n.startswith(f"{q}.") for q in prefixes)]
+        return [p for n, p in self.model.named_parameters() if any(n == q or n.startswith(f"{q}.") for q in prefixes)]
 
 
 def resolve_backbone(name: str, layer: str | None = None,

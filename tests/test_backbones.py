@@ -92,3 +92,50 @@ def test_preprocess_carries_weights_config():
     assert (pre.input_size, pre.resize_size) == (224, 232)
     lite = backbones.get_spec("efficientnet_lite0").preprocess
     assert lite.mean == backbones.TF_LITE_MEAN
+
+
+BLOCK_MAP_NAMES = ["vgg16", "resnet50", "efficientnet_b0", "mobilenet_v3_large", "densenet121", "convnext_tiny",
+                   "efficientnet_lite0", "timm:efficientnet_b0", "timm:resnet50", "timm:mobilenetv3_large_100",
+                   "timm:convnext_tiny", "timm:vit_tiny_patch16_224", "timm:regnety_002"]
+
+
+@pytest.mark.parametrize("name", BLOCK_MAP_NAMES)
+def test_blocks_partition_every_parameter_and_pool_has_feature_dim(name):
+    """Every parameter on the image-to-features path is in exactly one block, no block is empty
+    (so --unfreeze all trains everything), and the default (pooled) tap has the spec's feature_dim."""
+    spec = backbones.get_spec(name)
+    with torch.device("meta"):
+        model = spec.build()
+    names = [n for n, _ in model.named_parameters() if not n.startswith(spec.classifier + ".")]
+    owners = {n: [b for b, prefixes in spec.blocks.items() if any(n == q or n.startswith(q + ".") for q in prefixes)]
+              for n in names}
+    assert {n: o for n, o in owners.items() if len(o) != 1} == {}
+    assert sorted({o[0] for o in owners.values()}) == sorted(spec.blocks)
+    net = backbones.Backbone(spec, model, spec.default_tap, spec.preprocess, "random", "none").to("meta")
+    size = spec.preprocess.input_size
+    assert net(torch.zeros(2, 3, size, size, dtype=torch.uint8, device="meta")).shape == (2, spec.feature_dim)
+
+
+def test_order_mapping_checks_every_position(tiny_weights):
+    from featx.weights import map_by_order
+
+    target = torch.load(tiny_weights, weights_only=True)
+    renamed = {f"t{i}": v for i, v in enumerate(target.values())}
+    assert list(map_by_order(renamed, target, tiny_weights, "pkg")) == list(target)
+    keys = list(renamed)
+    assert list(target)[3] == "stem.1.bias" and list(target)[5] == "stem.1.running_var"
+    swapped = dict(renamed)
+    swapped["t3"], swapped["t5"] = renamed["t5"], renamed["t3"]  # same shape: a count check cannot see it
+    with pytest.raises(FeatxError, match=r"t5 lands on stem.1.running_var but is not a variance\): reinstall pkg"):
+        map_by_order(swapped, target, tiny_weights, "pkg")
+    shuffled = dict(zip(keys, [renamed[keys[1]], renamed[keys[0]], *list(renamed.values())[2:]]))
+    with pytest.raises(FeatxError, match=r"lands on stem.0.weight"):
+        map_by_order(shuffled, target, tiny_weights, "pkg")
+
+
+def test_weights_with_another_classifier_shape_is_one_line(tiny, tiny_weights, tmp_path):
+    state = torch.load(tiny_weights, weights_only=True)
+    state["fc.weight"], state["fc.bias"] = torch.zeros(2, 32), torch.zeros(2)
+    torch.save(state, tmp_path / "two_classes.pth")
+    with pytest.raises(FeatxError, match=r"fc.weight \(2, 32\) \(needs \(10, 32\)\), fc.bias"):
+        featx.create_backbone(tiny, weights=str(tmp_path / "two_classes.pth"))
