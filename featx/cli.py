@@ -75,25 +75,39 @@ def extract(backbone, layer, weights, input_size, data, data_root, cache_dir, de
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--select-on", type=click.Choice(["cv", "val"]), default="cv", show_default=True,
-              help="Choose C / k by 5-fold CV on train, or on val (then refit on train+val, report test only).")
+              help="Choose C / k / MLP epochs by cross-validation on train, or on val (then refit on train+val, "
+                   "report test only).")
+@click.option("--C", "C", type=float, default=None, help="Fix logreg/svm's C instead of selecting it.")
+@click.option("--k", "k", type=click.IntRange(1), default=None, help="Fix knn's k instead of selecting it.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: runs/<dataset>__<backbone>__<layer>__<clf>).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
 @click.option("--quiet", is_flag=True)
-def fit_head(clf, features, backbone, layer, weights, input_size, data, data_root, cache_dir, select_on, out, device,
-             as_json, quiet):
+def fit_head(clf, features, backbone, layer, weights, input_size, data, data_root, cache_dir, select_on, C, k, out,
+             device, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
     m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
-                     select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
+                     select_on=select_on, out=out, device=device, weights=weights, input_size=input_size, C=C, k=k,
                      progress=not quiet)
-    chosen = ", ".join(f"{k}={v}" for k, v in m["selected"].items() if k in ("C", "k", "epochs"))
-    how = "early stopping on 15% of train" if clf == "mlp" else m["selected"]["select_on"]
-    emit(m, as_json, f"{clf}: selected {chosen} ({how}); {summary_line(m)}\n"
-                     f"model: {m['model']}")
+    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}")
+
+
+def selection_line(selected: dict) -> str:
+    """How the hyper-parameter was chosen, in words: the value, on what, and what could not be scored."""
+    chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in selected.items() if k in ("C", "k", "epochs"))
+    held = f"held-out accuracy {selected['cv_accuracy']:.4f} over {selected['scored_rows']} images, " \
+        if selected.get("cv_accuracy") is not None else ""
+    text = f"{chosen} (selected by {selected['selection']}; {held}select-on {selected['select_on']})"
+    if selected.get("unscored_classes"):
+        names = selected["unscored_classes"]
+        text += (f"; {len(names)} classes with one training image are always trained on, never scored: "
+                 f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    return text
 
 
 @cli.command()

@@ -20,11 +20,16 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "
              data: str | None = None, layer: str | None = None, *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
              device: str = "auto", weights: str | None = None, input_size: int | None = None,
-             progress: bool = True) -> dict:
+             C: float | None = None, k: int | None = None, progress: bool = True) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
-    and write model.featx, metrics.json, confusion PNGs and top losses to ``out``."""
+    and write model.featx, metrics.json, confusion PNGs and top losses to ``out``.
+
+    ``select_on="cv"`` selects by cross-validation on train (``selection.make_folds``) and scores val and
+    test; ``"val"`` selects on val, refits on train + val and scores test only. ``C`` / ``k`` fix the value."""
     if select_on not in ("cv", "val"):
         raise FeatxError(f"--select-on {select_on}: use cv or val")
+    if C is not None and not (C > 0 and np.isfinite(C)) or k is not None and k < 1:
+        raise FeatxError(f"--C must be a positive number and --k a positive integer (got C={C}, k={k})")
     if features is None:
         if data is None:
             raise FeatxError("fit-head needs --features FILE, or --backbone and --data to extract them")
@@ -49,19 +54,21 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "
         X, y = np.vstack([X, Xv]), np.r_[y, yv]  # select on val, then refit on train + val
         held_out.remove("val")
     start = time.perf_counter()
-    head = make_head(clf, cv=cv, device=device).fit(X, y)
+    head = make_head(clf, cv=cv, device=device, C=C, k=k).fit(X, y)
     fit_seconds = time.perf_counter() - start
+    selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3)}
+    selected["unscored_classes"] = [F.classes[int(head.classes_[c])] for c in selected.get("unscored_classes", [])]
     metrics = {}
     for split in held_out:
         Xs, ys, paths = F.split(split)
         metrics[split] = report.classification_metrics(ys, proba_over(head, Xs, len(F.classes)), F.classes, paths)
     out = Path(out or Path("runs") / f"{F.attrs['dataset']}__{F.attrs['backbone']}__{F.attrs['layer']}__{clf}")
     arrays, config = head.export()
+    config["selected"] = selected
     model_path = ModelFile(kind="head", classes=F.classes, identity=F.identity(),
                            preprocess=json.loads(F.attrs["preprocess"]), head_config=config, head_arrays=arrays,
                            weights_file=weights, info={"dataset": F.attrs["dataset"], "features": str(F.path),
                                                        "select_on": select_on}).save(out / MODEL_NAME)
-    result = {**metrics, "selected": {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3)},
-              "clf": clf, "model": str(model_path), "features": str(F.path)}
+    result = {**metrics, "selected": selected, "clf": clf, "model": str(model_path), "features": str(F.path)}
     report.write_report(out, result, F.classes)
     return result

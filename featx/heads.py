@@ -13,15 +13,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from .devices import resolve_device
 from .errors import FeatxError
+from .selection import Folds, best_index, fit_sigmoid, fit_temperature, holdout, log_loss_of, make_folds
 from .solvers import fit_linear, nearest_labels, normalise, scaling, softmax, standardise, vote
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
+FALLBACK_C, FALLBACK_K, FALLBACK_EPOCHS = 1.0, 1, 30  # used when no held-out row exists to select with
 PREPROCESSING = {"logreg": "standardise (mean/std of the training rows)", "svm": "standardise",
                  "knn": "L2-normalise, cosine similarity", "mlp": "standardise"}
 PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) strictly below the best
@@ -35,16 +35,6 @@ def check_xy(X, y) -> tuple[np.ndarray, np.ndarray]:
     if len(np.unique(y)) < 2:
         raise FeatxError("the training split has one class: a classifier needs at least two")
     return X, y
-
-
-def folds(cv, y) -> object:
-    """An int becomes stratified, shuffled, seeded folds, capped by the smallest class."""
-    if not isinstance(cv, int):
-        return cv
-    smallest = np.bincount(np.unique(y, return_inverse=True)[1]).min()
-    if smallest < 2:
-        raise FeatxError("a class has a single training image: cross-validation needs at least two per class")
-    return StratifiedKFold(min(cv, smallest), shuffle=True, random_state=0)
 
 
 def proba_over(head: "Head", X: np.ndarray, n_classes: int) -> np.ndarray:
@@ -82,9 +72,10 @@ class Head(ClassifierMixin, BaseEstimator):
 
 class LinearHead(Head):
     """Standardised features -> one linear layer. ``loss='logreg'``: multinomial logistic regression;
-    ``loss='svm'``: linear SVM (squared hinge, one-vs-rest) with Platt-sigmoid probabilities fitted on
-    the selection folds' out-of-fold decision values. C is chosen from ``Cs`` by cross-validation on the training
-    data, each fold standardised on its own training part; then the head is refitted on all of it."""
+    ``loss='svm'``: linear SVM (squared hinge, one-vs-rest) whose probabilities are calibrated on held-out
+    decision values (Platt sigmoid for two classes, one temperature for more). C is chosen from ``Cs`` on
+    held-out rows (``selection.make_folds``), each fold standardised on its own training part, ties
+    broken by held-out loss; then the head is refitted on all rows."""
 
     def __init__(self, loss: str = "logreg", Cs=None, cv=5):
         self.loss, self.Cs, self.cv = loss, Cs, cv
@@ -98,71 +89,92 @@ class LinearHead(Head):
         if self.loss not in ("logreg", "svm"):
             raise FeatxError(f"unknown linear loss '{self.loss}': use logreg or svm")
         self.classes_, codes = np.unique(y, return_inverse=True)
-        Cs = np.sort(DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float))
-        splits = []
-        for train, test in folds(self.cv, codes).split(X, codes):  # each fold standardised on its own train part
-            _, _, Xtr, Xte = standardise(X[train], X[test])
-            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, test))
-        states, scores, out_of_fold = [None] * len(splits), [], []
-        for C in Cs:  # most to least regularised, each fit warm-started from the last
-            decision = None
-            for f, (Xtr, ytr, Xte, test) in enumerate(splits):
-                states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f])
-                z = (Xte @ states[f][0] + states[f][1]).double().numpy()
-                decision = np.zeros((len(X), z.shape[1])) if decision is None else decision
-                decision[test] = z
-            out_of_fold.append(decision)
-            scores.append(float((self._labels(decision) == codes).mean()))
-            last_at_best = max(i for i, a in enumerate(scores) if a >= max(scores) - 1e-12)
-            if len(scores) - 1 - last_at_best >= PATH_PATIENCE:
-                break  # CV accuracy stayed below its best for PATH_PATIENCE values: weaker regularisation overfits
-        best = int(np.argmax(scores))  # ties go to the smaller C: more regularisation
-        C = float(Cs[best])
-        self.selected_ = {"C": C, "cv_accuracy": float(scores[best]), "candidates": len(Cs),
-                          "evaluated": len(scores)}
+        Cs = np.sort(DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float).ravel())
+        folds = make_folds(self.cv, codes)
+        scores, losses, held_out = self._path(X, codes, Cs, folds) if folds else ([], [], [])
+        if folds:
+            best = best_index(scores, losses)
+            C = float(Cs[best])
+            self.selected_ = {"C": C, "cv_accuracy": scores[best], "cv_loss": losses[best],
+                              "candidates": len(Cs), "evaluated": len(scores), **folds.describe()}
+        else:
+            C = float(Cs[0]) if len(Cs) == 1 else FALLBACK_C
+            self.selected_ = {"C": C, "cv_accuracy": None, "candidates": len(Cs), **folds.describe()}
         self.mean_, self.scale_, Xall = standardise(X)
-        W, b = fit_linear(Xall, torch.as_tensor(codes), len(self.classes_), C, self.loss)
+        W, b, iterations = fit_linear(Xall, torch.as_tensor(codes), len(self.classes_), C, self.loss, max_iter=1000)
+        self.selected_["refit_iterations"] = iterations
         self.coef_, self.intercept_ = W.T.double().numpy(), b.double().numpy()
         if self.loss == "svm":
-            self._calibrate(out_of_fold[best], codes)
+            scored = folds.scored
+            self._calibrate(held_out[best][scored] if folds else None, codes[scored])
         return self
+
+    def _path(self, X, codes, Cs, folds: Folds):
+        """Held-out accuracy, loss and decisions for each C, most to least regularised, warm-started."""
+        splits = []
+        for train, test in folds.pairs:  # each fold standardised on its own train part
+            _, _, Xtr, Xte = standardise(X[train], X[test])
+            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, test))
+        states, scores, losses, decisions = [None] * len(splits), [], [], []
+        scored = folds.scored
+        for C in Cs:
+            decision = np.zeros((len(X), 1 if self.loss == "svm" and len(self.classes_) == 2 else len(self.classes_)))
+            for f, (Xtr, ytr, Xte, test) in enumerate(splits):
+                states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f][:2] if states[f] else None)
+                decision[test] = (Xte @ states[f][0] + states[f][1]).double().numpy()
+            decisions.append(decision)
+            scores.append(float((self._labels(decision[scored]) == codes[scored]).mean()))
+            losses.append(self._held_out_loss(decision[scored], codes[scored]))
+            last_at_best = max(i for i, a in enumerate(scores) if a >= max(scores) - 1e-12)
+            if len(scores) - 1 - last_at_best >= PATH_PATIENCE:
+                break  # held-out accuracy stayed below its best for PATH_PATIENCE values: weaker regularisation overfits
+        return scores, losses, decisions
+
+    def _held_out_loss(self, z: np.ndarray, codes: np.ndarray) -> float:
+        """The head's own loss on held-out rows: cross-entropy for logreg, squared hinge for svm."""
+        if self.loss == "logreg":
+            return log_loss_of(softmax(z), codes)
+        signs = np.where(codes[:, None] == (np.arange(z.shape[1]) + (z.shape[1] == 1)), 1.0, -1.0)
+        return float(np.square(np.clip(1 - signs * z, 0, None)).sum(1).mean())
 
     @staticmethod
     def _labels(z: np.ndarray) -> np.ndarray:
         return (z[:, 0] > 0).astype(int) if z.shape[1] == 1 else z.argmax(1)
 
-    def _calibrate(self, decision: np.ndarray, codes: np.ndarray) -> None:
-        """Platt scaling: a sigmoid per decision column, fitted on the cross-validation folds'
-        out-of-fold decision values at the chosen C (no extra fits)."""
-        targets = codes[:, None] == (np.arange(decision.shape[1]) + (1 if decision.shape[1] == 1 else 0))
-        a, b = [], []
-        for col in range(decision.shape[1]):
-            platt = LogisticRegression(C=1e6).fit(decision[:, [col]], targets[:, col])
-            a.append(-platt.coef_[0, 0])
-            b.append(-platt.intercept_[0])
-        self.calib_a_, self.calib_b_ = np.asarray(a), np.asarray(b)
+    def _calibrate(self, decision: np.ndarray | None, codes: np.ndarray) -> None:
+        """Probabilities from held-out decision values at the chosen C (none held out: uncalibrated,
+        a = 1 or T = 1, and ``selected_`` says so)."""
+        self.selected_["calibration"] = "held-out decisions" if decision is not None else "none (nothing held out)"
+        if len(self.classes_) == 2:
+            a = fit_sigmoid(decision[:, 0], codes == 1) if decision is not None else 1.0
+            self.calib_a_, self.calib_b_ = np.array([-a]), np.array([0.0])
+        else:
+            self.temperature_ = np.array([fit_temperature(decision, codes) if decision is not None else 1.0])
 
     def decision_function(self, X) -> np.ndarray:
         return ((np.asarray(X, np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def predict_proba(self, X) -> np.ndarray:
         z = self.decision_function(X)
-        if self.loss == "svm":  # p = 1 / (1 + exp(a * d + b)) per column, normalised
-            p = 1.0 / (1.0 + np.exp(self.calib_a_ * z + self.calib_b_))
-            if p.shape[1] == 1:
-                return np.hstack([1 - p, p])
-            return p / np.maximum(p.sum(1, keepdims=True), 1e-300)
-        return softmax(z)
+        if self.loss == "logreg":
+            return softmax(z)
+        if hasattr(self, "temperature_"):
+            return softmax(z / self.temperature_[0])
+        p = 1.0 / (1.0 + np.exp(self.calib_a_ * z + self.calib_b_))  # p = 1 / (1 + exp(a * d + b)) per column
+        if p.shape[1] == 1:
+            return np.hstack([1 - p, p])
+        return p / np.maximum(p.sum(1, keepdims=True), 1e-300)  # model files written before temperature scaling
 
     def arrays(self) -> dict:
         out = {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_}
         if self.loss == "svm":
-            out |= {"calib_a": self.calib_a_, "calib_b": self.calib_b_}
+            out |= {"temperature": self.temperature_} if hasattr(self, "temperature_") else \
+                {"calib_a": self.calib_a_, "calib_b": self.calib_b_}
         return out
 
 
 class KNNHead(Head):
-    """L2-normalised features, cosine similarity, majority vote of the k nearest; k chosen by CV."""
+    """L2-normalised features, cosine similarity, majority vote of the k nearest; k chosen on held-out rows."""
 
     kind = "knn"
 
@@ -172,17 +184,21 @@ class KNNHead(Head):
     def fit(self, X, y):
         X, y = check_xy(X, y)
         self.classes_, codes = np.unique(y, return_inverse=True)
-        splitter = folds(self.cv, codes)
-        smallest_fold_train = min(len(t) for t, _ in splitter.split(X, codes))
-        ks = [k for k in (self.ks or DEFAULT_KS) if k <= smallest_fold_train] or [1]
-        correct = np.zeros(len(ks))
-        for train, test in splitter.split(X, codes):  # one similarity matrix per fold serves every k
-            neighbours = nearest_labels(normalise(X[test]), normalise(X[train]), codes[train], max(ks))
-            for j, k in enumerate(ks):
-                correct[j] += (vote(neighbours[:, :k], len(self.classes_)).argmax(1) == codes[test]).sum()
-        best = int(np.argmax(correct))
-        k = ks[best]
-        self.selected_ = {"k": k, "cv_accuracy": float(correct[best] / len(X)), "candidates": len(ks)}
+        folds = make_folds(self.cv, codes)
+        asked = list(self.ks or DEFAULT_KS)
+        if folds:
+            smallest_fold_train = min(len(t) for t, _ in folds.pairs)
+            ks = [k for k in asked if k <= smallest_fold_train] or [1]
+            correct = np.zeros(len(ks))
+            for train, test in folds.pairs:  # one similarity matrix per fold serves every k
+                neighbours = nearest_labels(normalise(X[test]), normalise(X[train]), codes[train], max(ks))
+                for j, k in enumerate(ks):
+                    correct[j] += (vote(neighbours[:, :k], len(self.classes_)).argmax(1) == codes[test]).sum()
+            best = int(np.argmax(correct))  # ties go to the smaller k
+            k, accuracy = ks[best], float(correct[best] / folds.scored.sum())
+        else:
+            ks, k, accuracy = asked, asked[0] if len(asked) == 1 else FALLBACK_K, None
+        self.selected_ = {"k": k, "cv_accuracy": accuracy, "candidates": len(ks), **folds.describe()}
         self.train_ = normalise(X)
         self.train_labels_ = codes.astype(np.int64)
         self.k_ = np.array([min(k, len(X))])  # 1-d: safetensors keeps no 0-d arrays
@@ -214,25 +230,27 @@ def mlp_arrays(mean: np.ndarray, scale: np.ndarray, state: dict) -> dict:
 
 
 class MLPHead(Head):
-    """Standardised features -> one hidden layer with dropout, AdamW, early stopping on a held-out
-    part of the training split. Seeded; on the GPU when present."""
+    """Standardised features -> one hidden layer with dropout, AdamW, early stopping on held-out rows:
+    ``cv``'s val rows when it is a split object (``--select-on val``), else ``holdout`` of each class
+    that has images to spare. With nothing to hold out it trains ``FALLBACK_EPOCHS`` epochs and says so.
+    Seeded; on the GPU when present."""
 
     kind = "mlp"
 
     def __init__(self, hidden: int = 512, dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-2,
                  max_epochs: int = 200, patience: int = 15, batch_size: int = 64, holdout: float = 0.15,
-                 device: str = "auto", random_state: int = 0):
+                 cv=5, device: str = "auto", random_state: int = 0):
         self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
         self.max_epochs, self.patience, self.batch_size, self.holdout = max_epochs, patience, batch_size, holdout
-        self.device, self.random_state = device, random_state
+        self.cv, self.device, self.random_state = cv, device, random_state
 
     def fit(self, X, y):
         X, y = check_xy(X, y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         device = resolve_device(self.device)
         torch.manual_seed(self.random_state)
-        tr, ho = train_test_split(np.arange(len(X)), test_size=self.holdout, stratify=codes,
-                                  random_state=self.random_state)
+        tr, ho, how = holdout(self.cv, codes, self.holdout)
+        max_epochs = self.max_epochs if len(ho) else min(self.max_epochs, FALLBACK_EPOCHS)
         self.mean_, self.scale_ = scaling(X[tr])
         Xs = torch.as_tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=device)
         ys = torch.as_tensor(codes, device=device)
@@ -242,7 +260,7 @@ class MLPHead(Head):
         generator = torch.Generator().manual_seed(self.random_state)
         tr_t, ho_t = torch.as_tensor(tr, device=device), torch.as_tensor(ho, device=device)
         best, best_state, since, epochs = np.inf, None, 0, 0
-        for epoch in range(self.max_epochs):
+        for epoch in range(max_epochs):
             net.train()
             order = tr_t[torch.randperm(len(tr), generator=generator).to(device)]
             for start in range(0, len(order), self.batch_size):
@@ -252,7 +270,7 @@ class MLPHead(Head):
                 opt.step()
             net.eval()
             with torch.no_grad():
-                held = loss_fn(net(Xs[ho_t]), ys[ho_t]).item()
+                held = loss_fn(net(Xs[ho_t]), ys[ho_t]).item() if len(ho) else -epoch  # nothing held out: last wins
             epochs = epoch + 1
             if held < best - 1e-4:
                 best, since = held, 0
@@ -261,7 +279,8 @@ class MLPHead(Head):
                 since += 1
                 if since >= self.patience:
                     break
-        self.selected_ = {"epochs": epochs, "best_holdout_loss": float(best), "holdout": len(ho)}
+        self.selected_ = {"epochs": epochs, "best_holdout_loss": float(best) if len(ho) else None,
+                          "holdout": len(ho), "selection": how}
         self.load_arrays(mlp_arrays(self.mean_, self.scale_, best_state))
         return self
 
@@ -282,14 +301,17 @@ class MLPHead(Head):
         return {"mean": self.mean_, "scale": self.scale_, **self.state_}
 
 
-def make_head(clf: str, cv=5, device: str = "auto") -> Head:
-    """The head for ``--clf``; ``cv`` is a fold count or a ``PredefinedSplit`` for ``--select-on val``."""
+def make_head(clf: str, cv=5, device: str = "auto", C: float | None = None, k: int | None = None) -> Head:
+    """The head for ``--clf``; ``cv`` is a fold count or a ``PredefinedSplit`` for ``--select-on val``.
+    ``C`` / ``k`` fix the hyper-parameter instead of selecting it (held-out rows still score it)."""
+    if C is not None and clf not in ("logreg", "svm") or k is not None and clf != "knn":
+        raise FeatxError(f"--C applies to logreg and svm, --k to knn; not to --clf {clf}")
     if clf in ("logreg", "svm"):
-        return LinearHead(loss=clf, cv=cv)
+        return LinearHead(loss=clf, Cs=None if C is None else [C], cv=cv)
     if clf == "knn":
-        return KNNHead(cv=cv)
+        return KNNHead(ks=None if k is None else [k], cv=cv)
     if clf == "mlp":
-        return MLPHead(device=device)
+        return MLPHead(cv=cv, device=device)
     raise FeatxError(f"unknown head '{clf}': use svm, logreg, knn or mlp")
 
 

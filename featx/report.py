@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
-from sklearn.metrics import precision_recall_fscore_support
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 TOP_LOSSES = 16
+ECE_BINS = 15
 
 
 def pyplot():
@@ -21,10 +21,13 @@ def pyplot():
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list, paths=None) -> dict:
-    """Accuracy, balanced accuracy, macro F1, per-class P/R/F1, confusion matrix and the worst mistakes."""
+    """Accuracy, balanced accuracy, macro F1, log-loss, ECE, per-class P/R/F1, confusion matrix and the
+    worst mistakes. Balanced accuracy and macro F1 average over the classes present in this split; a
+    predicted class absent from it is listed under ``predicted_absent`` rather than warned about."""
     y_true = np.asarray(y_true)
     pred = proba.argmax(1)
     labels = np.arange(len(classes))
+    present = np.unique(y_true)
     precision, recall, f1, support = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
     p_true = proba[np.arange(len(y_true)), y_true]
     loss = -np.log(np.clip(p_true, 1e-12, 1.0))
@@ -32,10 +35,13 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list,
     worst = wrong[np.argsort(-loss[wrong])][:TOP_LOSSES]
     return {
         "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, pred)),
-        "macro_f1": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
+        "accuracy": float((pred == y_true).mean()),
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_f1": float(f1[present].mean()),
         "log_loss": float(loss.mean()),
+        "ece": expected_calibration_error(proba, y_true),
+        "classes_present": int(len(present)),
+        "predicted_absent": [classes[c] for c in sorted(set(pred) - set(present))],
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(classes)},
         "confusion_matrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
@@ -43,6 +49,15 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list,
                         "predicted": classes[pred[i]], "p_true": float(p_true[i]), "loss": float(loss[i])}
                        for i in worst],
     }
+
+
+def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
+    confidence = proba.max(1)
+    correct = proba.argmax(1) == y_true
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
+                     for b in range(bins) if (which == b).any()))
 
 
 def plot_confusion(matrix, classes: list, path: Path, title: str) -> Path:
@@ -125,6 +140,6 @@ def write_report(out_dir: Path, metrics: dict, classes: list) -> None:
 
 
 def summary_line(metrics: dict) -> str:
-    parts = [f"{s} acc {metrics[s]['accuracy']:.4f} bal {metrics[s]['balanced_accuracy']:.4f} (n={metrics[s]['n']})"
-             for s in ("val", "test") if s in metrics]
+    parts = [f"{s} acc {m['accuracy']:.4f} bal {m['balanced_accuracy']:.4f} log-loss {m['log_loss']:.4f} "
+             f"ECE {m['ece']:.4f} (n={m['n']})" for s, m in ((s, metrics[s]) for s in ("val", "test") if s in metrics)]
     return "; ".join(parts) or "no held-out split to score"

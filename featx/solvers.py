@@ -31,10 +31,11 @@ class Affine(torch.autograd.Function):
 
 
 def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, loss: str,
-               init: tuple | None = None, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+               init: tuple | None = None, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Full-batch L-BFGS on mean loss + ||W||^2 / (2 C n): the minimiser of scikit-learn's
     ``C * sum(loss) + ||W||^2 / 2``. ``logreg``: multinomial cross-entropy; ``svm``: one-vs-rest
-    squared hinge (LinearSVC's default loss). Warm-started from ``init`` along a C path."""
+    squared hinge (LinearSVC's default loss). Warm-started from ``init`` along a C path.
+    Returns (W, b, iterations); fewer iterations than ``max_iter`` means L-BFGS met its tolerance."""
     n, d = X.shape
     k = 1 if (loss == "svm" and n_classes == 2) else n_classes
     signs = (torch.nn.functional.one_hot(codes, n_classes).to(X.dtype) * 2 - 1) if k > 1 else \
@@ -57,7 +58,7 @@ def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, l
         return value
 
     opt.step(closure)
-    return W.detach(), b.detach()
+    return W.detach(), b.detach(), int(opt.state[opt._params[0]]["n_iter"])
 
 
 def scaling(X_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -85,7 +85,105 @@ def test_select_on_predefined_validation_split(blobs):
 def test_bad_training_input():
     with pytest.raises(FeatxError, match="one class"):
         heads.make_head("logreg").fit(np.zeros((4, 3)), [1, 1, 1, 1])
-    with pytest.raises(FeatxError, match="single training image"):
-        heads.make_head("logreg").fit(np.random.rand(3, 3), [0, 0, 1])
     with pytest.raises(FeatxError, match="unknown head"):
         heads.make_head("forest")
+    with pytest.raises(FeatxError, match="--C applies to logreg and svm"):
+        heads.make_head("mlp", C=1.0)
+
+
+def few_shot(n_classes=12, seed=0):
+    """Classes with 1, 2, ... 9 training images (cycled), Gaussian clusters, plus 5 test rows per class."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 3, (n_classes, 20))
+    counts = [1 + c % 9 for c in range(n_classes)]
+    y = np.repeat(np.arange(n_classes), counts)
+    yt = np.repeat(np.arange(n_classes), 5)
+    X, Xt = centres[y] + rng.normal(size=(len(y), 20)), centres[yt] + rng.normal(size=(len(yt), 20))
+    return X.astype(np.float32), y, Xt.astype(np.float32), yt
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm", "knn", "mlp"])
+def test_every_head_runs_on_few_shot_classes(clf):
+    X, y, Xt, yt = few_shot()
+    head = heads.make_head(clf, device="cpu").fit(X, y)
+    assert head.score(Xt, yt) >= 0.8
+    if clf != "mlp":
+        singles = [c for c in range(12) if (y == c).sum() == 1]
+        assert head.selected_["unscored_classes"] == singles and head.selected_["cv_accuracy"] is not None
+        assert head.selected_["scored_rows"] == len(y) - len(singles)
+
+
+def test_folds_train_on_single_image_classes_and_never_score_them():
+    from featx.selection import make_folds
+
+    _, y, _, _ = few_shot()
+    folds = make_folds(5, y)
+    singles = np.flatnonzero(np.bincount(y) == 1)
+    for train, test in folds.pairs:
+        assert np.isin(np.flatnonzero(np.isin(y, singles)), train).all()
+        assert not np.isin(y[test], singles).any()
+        assert np.isin(y[test], y[train]).all()  # every scored image's class was trained on in its fold
+    assert folds.scored.sum() == len(y) - len(singles)
+
+
+@pytest.mark.parametrize("clf,key,default", [("logreg", "C", heads.FALLBACK_C), ("knn", "k", heads.FALLBACK_K)])
+def test_nothing_to_score_falls_back_and_says_so(clf, key, default):
+    X = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+    head = heads.make_head(clf).fit(X, [0, 1, 2])
+    assert head.selected_[key] == default and head.selected_["selection"].startswith("none")
+    assert head.selected_["cv_accuracy"] is None and head.predict(X).tolist() == [0, 1, 2]
+
+
+def test_fixed_c_and_k_are_used():
+    X, y, _, _ = few_shot()
+    assert heads.make_head("logreg", C=0.5).fit(X, y).selected_["C"] == 0.5
+    assert heads.make_head("knn", k=3).fit(X, y).selected_["k"] == 3
+
+
+def test_select_on_val_scores_only_val_rows(blobs):
+    """The held-out accuracy is val's own accuracy, not diluted by the train rows nobody scored."""
+    X, y, Xt, yt = blobs
+    cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yt), int)])
+    for clf in ("logreg", "knn"):
+        head = heads.make_head(clf, cv=cv, C=0.1 if clf == "logreg" else None, k=5 if clf == "knn" else None)
+        head.fit(np.vstack([X, Xt]), np.r_[y, yt])
+        alone = heads.make_head(clf, C=0.1 if clf == "logreg" else None, k=5 if clf == "knn" else None).fit(X, y)
+        assert abs(head.selected_["cv_accuracy"] - alone.score(Xt, yt)) <= 1 / len(yt) + 1e-9
+        assert head.selected_["scored_rows"] == len(yt)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_svm_probabilities_agree_with_decisions_and_are_calibrated(blobs, n_classes):
+    from featx.selection import log_loss_of
+    from featx.solvers import softmax
+
+    X, y, Xt, yt = blobs
+    keep, keep_t = y < n_classes, yt < n_classes
+    cv = PredefinedSplit(np.r_[np.full(keep.sum(), -1), np.zeros(keep_t.sum() // 2, int)])
+    Xs, ys = np.vstack([X[keep], Xt[keep_t][:keep_t.sum() // 2]]), np.r_[y[keep], yt[keep_t][:keep_t.sum() // 2]]
+    head = heads.LinearHead("svm", cv=cv).fit(Xs, ys)
+    Xtest, ytest = Xt[keep_t][keep_t.sum() // 2:], yt[keep_t][keep_t.sum() // 2:]
+    z = head.decision_function(Xtest)
+    decided = (z[:, 0] > 0).astype(int) if z.shape[1] == 1 else z.argmax(1)
+    assert (head.predict_proba(Xtest).argmax(1) == decided).mean() >= 0.99
+    raw = np.hstack([-z / 2, z / 2]) if z.shape[1] == 1 else z
+    assert log_loss_of(head.predict_proba(Xtest), ytest) <= log_loss_of(softmax(raw), ytest)
+
+
+def test_c_ties_go_to_the_lowest_held_out_loss(blobs):
+    """Easy data: many C values tie at full accuracy; the smallest C would give timid probabilities."""
+    from featx.selection import log_loss_of
+
+    X, y, Xt, yt = blobs
+    head = heads.LinearHead("logreg").fit(X, y)
+    assert head.selected_["C"] > heads.DEFAULT_CS.min()
+    timid = heads.LinearHead("logreg", Cs=[heads.DEFAULT_CS.min()]).fit(X, y)
+    assert log_loss_of(head.predict_proba(Xt), yt) < log_loss_of(timid.predict_proba(Xt), yt)
+    assert head.selected_["refit_iterations"] < 1000
+
+
+def test_mlp_honours_a_val_split(blobs):
+    X, y, Xt, yt = blobs
+    cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yt), int)])
+    head = heads.MLPHead(cv=cv, device="cpu", max_epochs=20).fit(np.vstack([X, Xt]), np.r_[y, yt])
+    assert head.selected_["holdout"] == len(yt) and head.selected_["selection"] == "val split"
