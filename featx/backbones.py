@@ -294,6 +294,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.spec, self.model, self.tap_name, self.preprocess = spec, model, tap, preprocess
         self.weights_id, self.weights_sha256 = weights_id, weights_sha256
+        self.precision = "fp32"
         self.tap = spec.taps[tap]
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -329,7 +330,8 @@ class Backbone(nn.Module):
         return out.flatten(1)
 
     def identity(self) -> FeatureIdentity:
-        return feature_identity(self.spec, (self.weights_id, self.weights_sha256), self.tap_name, self.preprocess)
+        return feature_identity(self.spec, (self.weights_id, self.weights_sha256), self.tap_name, self.preprocess,
+                                self.precision)
 
     def block_parameters(self, block: str) -> list[nn.Parameter]:
         prefixes = self.spec.blocks[block]
@@ -347,15 +349,18 @@ def resolve_backbone(name: str, layer: str | None = None,
 
 
 def feature_identity(spec: BackboneSpec, weights: tuple[str, str], layer: str,
-                     preprocess: Preprocess) -> FeatureIdentity:
-    """What makes two feature sets comparable: same backbone, weights, tap and preprocessing."""
-    return FeatureIdentity(spec.name, weights[0], weights[1], layer, preprocess.key())
+                     preprocess: Preprocess, precision: str = "fp32") -> FeatureIdentity:
+    """What makes two feature sets comparable: same backbone, weights, tap, preprocessing and precision."""
+    return FeatureIdentity(spec.name, weights[0], weights[1], layer, preprocess.key(), precision)
 
 
 def create_backbone(name: str, layer: str | None = None, weights: str | None = None,
-                    pretrained: bool = True, input_size: int | None = None) -> Backbone:
-    """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode."""
+                    pretrained: bool = True, input_size: int | None = None, precision: str = "fp32") -> Backbone:
+    """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode;
+    it runs under ``precision`` (fp32, bf16 or fp16 autocast), which is part of its features' identity."""
     spec, layer, preprocess = resolve_backbone(name, layer, input_size)
     model = spec.build()
     weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", "none")
-    return Backbone(spec, model, layer, preprocess, weights_id, sha).eval()
+    net = Backbone(spec, model, layer, preprocess, weights_id, sha).eval()
+    net.precision = precision
+    return net

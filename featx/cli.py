@@ -22,7 +22,9 @@ def data_options(f):
 
 
 def backbone_options(f):
-    f = click.option("--input-size", type=int, default=None,
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True, help="fp32 on a CPU; on CUDA bf16 where the GPU supports it, else fp16.")(f)
+    f = click.option("--input-size", type=click.IntRange(1), default=None,
                      help="Resize the shorter side to N and centre-crop N instead of the weights' own size.")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local state dict FILE to use instead of the registered pretrained weights.")(f)
@@ -52,14 +54,14 @@ def cli():
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1),
               help="Rows kept in memory before they are written durably (also every 15 s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def extract(backbone, layer, weights, input_size, data, data_root, cache_dir, device, batch_size, workers, decode,
+def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
             dtype, as_json, checkpoint_rows, quiet):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     from .extraction import extract as run_extract
 
     r = run_extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
-                    input_size=input_size, checkpoint_rows=checkpoint_rows, progress=not quiet)
+                    input_size=input_size, precision=precision, checkpoint_rows=checkpoint_rows, progress=not quiet)
     for s in r.skipped_files:
         click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
     emit(r.as_dict(), as_json,
@@ -84,15 +86,15 @@ def extract(backbone, layer, weights, input_size, data, data_root, cache_dir, de
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
 @click.option("--quiet", is_flag=True)
-def fit_head(clf, features, backbone, layer, weights, input_size, data, data_root, cache_dir, select_on, C, k, out,
+def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k, out,
              device, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
     m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
-                     select_on=select_on, out=out, device=device, weights=weights, input_size=input_size, C=C, k=k,
-                     progress=not quiet)
+                     select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
+                     precision=precision, C=C, k=k, progress=not quiet)
     emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}")
 
 
@@ -180,7 +182,7 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def finetune(backbone, layer, weights, input_size, data, data_root, unfreeze, epochs, batch_size, lr,
+def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, lr,
              backbone_lr_scale, optimizer, schedule, step_size, augment, head, from_scratch, patience, resume, out,
              device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
@@ -193,7 +195,7 @@ def finetune(backbone, layer, weights, input_size, data, data_root, unfreeze, ep
                      backbone_lr_scale=backbone_lr_scale, optimizer=optimizer, schedule=schedule,
                      step_size=step_size, augment=augment, head=head, from_scratch=from_scratch, patience=patience,
                      resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
-                     seed=seed, progress=not quiet)
+                     precision=precision, seed=seed, progress=not quiet)
     emit(m, as_json, f"best epoch {m['best_epoch']}: {summary_line(m)}\nmodel: {m['model']}")
 
 

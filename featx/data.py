@@ -2,10 +2,12 @@
 their images with labels and splits.
 
 A dataset root holds ``train/``, ``val/``, ``test/`` (any of them) with one folder per class, or
-class folders only; the latter gets a seeded stratified split so every stage sees the same one.
+class folders only; the latter gets a split by a seeded hash of each path, so every stage sees the
+same one and adding files moves no other file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
@@ -88,7 +90,7 @@ class Dataset:
     paths: list[str]
     labels: np.ndarray
     splits: list[str]
-    split_source: str  # "folders" or "seeded:<seed>"
+    split_source: str  # "folders" or "hash:<seed>"
     spec: DatasetSpec | None = None
     counts: dict = field(default_factory=dict)
 
@@ -158,8 +160,8 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
         classes = sorted(files)
         paths = [f"{c}/{n}" for c in classes for n in files[c]]
         labels = [classes.index(p.split("/", 1)[0]) for p in paths]
-        splits = seeded_split(np.asarray(labels), spec.train_per_class if spec else None)
-        source = f"seeded:{SPLIT_SEED}"
+        splits = hashed_split(paths, np.asarray(labels), spec.train_per_class if spec else None)
+        source = f"hash:{SPLIT_SEED}"
     if not paths:
         raise FeatxError(f"no images under {folder}: expected train/, val/, test/ or class folders holding images")
     if len(classes) < 2:
@@ -182,20 +184,27 @@ def class_files(folder: Path) -> dict[str, list[str]]:
     return out
 
 
-def seeded_split(labels: np.ndarray, train_per_class: int | None = None, seed: int = SPLIT_SEED) -> list[str]:
-    """Stratified train/val/test assignment that is the same on every machine for the same files."""
-    rng = np.random.default_rng(seed)
-    splits = np.empty(len(labels), dtype=object)
+def unit_hash(key: str, seed: int = SPLIT_SEED) -> float:
+    """A number in [0, 1) fixed by ``key`` and ``seed`` alone: the same on every machine and every run."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def hashed_split(paths: list[str], labels: np.ndarray, train_per_class: int | None = None,
+                 seed: int = SPLIT_SEED) -> list[str]:
+    """Train/val/test by a seeded hash of each file's path relative to the dataset root, so adding or
+    removing files never moves another file: a model fitted earlier is never tested on its own training
+    images. The 70/15/15 fractions hold on average per class. With ``train_per_class`` (Caltech-256's
+    fixed 60), the files with the smallest hashes train and the rest are val; a file added there can
+    move at most one other file, the one it displaces from train."""
+    u = np.asarray([unit_hash(p, seed) for p in paths])
+    if train_per_class is None:
+        edges = np.cumsum([SPLIT_FRACTIONS["train"], SPLIT_FRACTIONS["val"]])
+        return np.asarray(SPLITS)[np.searchsorted(edges, u, side="right")].tolist()
+    splits = np.full(len(paths), "val", dtype=object)
     for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        if train_per_class is not None:
-            n_train, n_val = min(train_per_class, len(idx)), 0
-        else:
-            n_train = max(1, round(len(idx) * SPLIT_FRACTIONS["train"]))
-            n_val = round(len(idx) * SPLIT_FRACTIONS["val"])
-        splits[idx[:n_train]] = "train"
-        splits[idx[n_train:n_train + n_val]] = "val"
-        splits[idx[n_train + n_val:]] = "test" if train_per_class is None else "val"
+        rows = np.flatnonzero(labels == c)
+        splits[rows[np.argsort(u[rows])[:train_per_class]]] = "train"
     return splits.tolist()
 
 

@@ -44,11 +44,25 @@ def make_loader(dataset, device: torch.device, batch_size: int, workers: int, co
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: fp32 on a CPU; on CUDA bf16 where the GPU supports it natively, else fp16."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    if precision not in PRECISIONS:
+        raise FeatxError(f"--precision {precision} is not supported: use auto, {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """Autocast to ``precision``'s dtype on ``device``; fp32 runs as it is."""
+    if PRECISIONS[precision] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=PRECISIONS[precision])
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -61,5 +75,6 @@ def prepare(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 
 def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    with autocast(device):
+    """A backbone's features at the precision it carries (``Backbone.precision``)."""
+    with autocast(device, net.precision):
         return net(to_device(images, device)).float()

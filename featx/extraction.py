@@ -23,7 +23,8 @@ from tqdm import tqdm
 from . import __version__
 from . import data as data_mod
 from .backbones import Backbone, Preprocess, create_backbone, feature_identity, resolve_backbone
-from .devices import default_batch_size, default_workers, forward, make_loader, prepare, resolve_device
+from .devices import (default_batch_size, default_workers, forward, make_loader, prepare, resolve_device,
+                      resolve_precision)
 from .errors import FeatxError
 from .identity import FeatureIdentity
 from .images import EncodedFiles, ImageFiles, check_decode, collate, decode_on_device
@@ -89,32 +90,35 @@ class Plan:
     build: Callable[[], Backbone]
 
 
-def plan(backbone: str | Backbone, layer: str | None, weights: str | None, input_size: int | None) -> Plan:
-    """``backbone`` is a registry name or an already built ``Backbone`` (then ``layer``, ``weights``
-    and ``input_size`` are its own). For a name, the weights are hashed but no network is built."""
+def plan(backbone: str | Backbone, layer: str | None, weights: str | None, input_size: int | None,
+         precision: str) -> Plan:
+    """``backbone`` is a registry name or an already built ``Backbone`` (then ``layer``, ``weights``,
+    ``input_size`` and ``precision`` are its own). For a name, the weights are hashed but no network is built."""
     if isinstance(backbone, Backbone):
         return Plan(backbone.spec, backbone.tap_name, backbone.preprocess, backbone.identity(), lambda: backbone)
     spec, layer, preprocess = resolve_backbone(backbone, layer, input_size)
-    build = partial(create_backbone, backbone, layer, weights, input_size=input_size)
+    build = partial(create_backbone, backbone, layer, weights, input_size=input_size, precision=precision)
     found = weights_identity(spec, weights)
     if found is None:  # not on this machine: building fetches them or says why it cannot
         net = build()
         found, build = (net.weights_id, net.weights_sha256), (lambda: net)
-    return Plan(spec, layer, preprocess, feature_identity(spec, found, layer, preprocess), build)
+    return Plan(spec, layer, preprocess, feature_identity(spec, found, layer, preprocess, precision), build)
 
 
 def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer: str | None = None, *,
             data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
             batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
             weights: str | None = None, input_size: int | None = None, progress: bool = True,
-            decode: str = "pil", checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0) -> ExtractResult:
+            decode: str = "pil", precision: str = "auto", checkpoint_rows: int = 1024,
+            checkpoint_seconds: float = 15.0) -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
 
     Only images that are new or changed since the last run are computed; deleted ones are dropped.
     The network is built only if some image needs it, so an up-to-date cache answers at once.
     Rows are persisted every ``checkpoint_rows`` images or ``checkpoint_seconds``, so a killed run
     resumes where it stopped. ``decode`` is where JPEGs are decoded: ``pil`` (CPU workers) or
-    ``device`` (batched, nvjpeg on CUDA); see ``iter_features``.
+    ``device`` (batched, nvjpeg on CUDA); see ``iter_features``. ``precision`` (``auto``: fp32 on a CPU,
+    bf16 or fp16 on CUDA) is part of the features' identity, so each precision has its own cache.
     """
     if dtype not in ("float32", "float16"):
         raise FeatxError(f"--dtype {dtype} is not supported: use float32 or float16")
@@ -122,8 +126,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
     dev = resolve_device(device)
-    p = plan(backbone, layer, weights, input_size)
-    path = cache_path(cache_dir, ds.name, p.identity, dtype)
+    p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev))
+    path = cache_path(cache_dir, ds.name, ds.root, p.identity, dtype)
     with FeatureStore(path, dtype) as store:
         index = store.index()
         fingerprints = {f: data_mod.fingerprint(ds.root / f) for f in ds.paths}

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import data as data_mod
 from . import report
 from .backbones import Backbone, create_backbone
-from .devices import autocast, default_workers, make_loader, resolve_device, to_device
+from .devices import autocast, default_workers, make_loader, resolve_device, resolve_precision, to_device
 from .errors import FeatxError
 from .files import atomic_write
 from .images import ImageFiles, collate
@@ -105,8 +105,7 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> P
     state = {k: v.detach().cpu().numpy() for k, v in net.backbone.model.state_dict().items()}
     sha = digest("", state)
     arrays, config = export_head(net.head, classes)
-    identity = net.backbone.identity()
-    identity = type(identity)(**{**identity.as_dict(), "weights": f"finetuned:{sha[:12]}", "weights_sha256": sha})
+    identity = replace(net.backbone.identity(), weights=f"finetuned:{sha[:12]}", weights_sha256=sha)
     return ModelFile(kind="finetuned", classes=classes, identity=identity, preprocess=net.backbone.preprocess.__dict__,
                      head_config=config, head_arrays=arrays, backbone_state=state, info=info).save(path)
 
@@ -119,7 +118,7 @@ def run_epoch(net, batches, labels, device, optimizer=None, bar=None) -> tuple[f
         if images is None:
             continue
         y = torch.as_tensor(labels[indices], device=device)
-        with torch.set_grad_enabled(optimizer is not None), autocast(device):
+        with torch.set_grad_enabled(optimizer is not None), autocast(device, net.backbone.precision):
             logits = net(to_device(images, device))
             loss = loss_fn(logits.float(), y)
         if optimizer is not None:
@@ -196,7 +195,7 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
              step_size: int = 7, weight_decay: float = 1e-4, augment: str = "light", head: str | None = None,
              from_scratch: bool = False, patience: int | None = None, resume: bool = False,
              out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
-             weights: str | None = None, input_size: int | None = None, seed: int = 0,
+             weights: str | None = None, input_size: int | None = None, precision: str = "auto", seed: int = 0,
              progress: bool = True) -> dict:
     """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``."""
     torch.manual_seed(seed)
@@ -204,7 +203,8 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
     ds = data_mod.load(data, data_root)
     if "train" not in ds.split_names() or "val" not in ds.split_names():
         raise FeatxError(f"{ds.root} needs train and val splits to fine-tune (it has {', '.join(ds.split_names())})")
-    net_b = create_backbone(backbone, None, weights, pretrained=not from_scratch, input_size=input_size)
+    net_b = create_backbone(backbone, None, weights, pretrained=not from_scratch, input_size=input_size,
+                            precision=resolve_precision(precision, dev))
     blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
     out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "
              data: str | None = None, layer: str | None = None, *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
              device: str = "auto", weights: str | None = None, input_size: int | None = None,
-             C: float | None = None, k: int | None = None, progress: bool = True) -> dict:
+             precision: str = "auto", C: float | None = None, k: int | None = None, progress: bool = True) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
     and write model.featx, metrics.json, confusion PNGs and top losses to ``out``.
 
@@ -34,7 +34,7 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "
         if data is None:
             raise FeatxError("fit-head needs --features FILE, or --backbone and --data to extract them")
         r = extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
-                    weights=weights, input_size=input_size, progress=progress)
+                    weights=weights, input_size=input_size, precision=precision, progress=progress)
         if r.new and progress:
             print(f"featx: extracted {r.new} new images into {r.path} first", file=sys.stderr)
         features = r.path

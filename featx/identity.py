@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 
 @dataclass(frozen=True)
@@ -18,17 +18,19 @@ class FeatureIdentity:
     weights_sha256: str
     layer: str
     transform: str  # Preprocess.key(): resize, crop, interpolation, mean, std
+    precision: str = "fp32"  # fp32, or the autocast dtype the network ran under (bf16, fp16)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_mapping(cls, mapping) -> "FeatureIdentity":
-        """From a model manifest's ``identity`` or a cache file's attributes (extra keys ignored)."""
-        missing = [f.name for f in fields(cls) if f.name not in mapping]
+        """From a model manifest's ``identity`` or a cache file's attributes (extra keys ignored; files
+        written before precision was recorded are fp32)."""
+        missing = [f.name for f in fields(cls) if f.name not in mapping and f.default is MISSING]
         if missing:
             raise KeyError(f"feature identity lacks {', '.join(missing)}")
-        return cls(**{f.name: str(mapping[f.name]) for f in fields(cls)})
+        return cls(**{f.name: str(mapping[f.name]) for f in fields(cls) if f.name in mapping})
 
     def digest(self, **extra) -> str:
         """A short digest of the identity plus storage options (e.g. dtype), for file names."""

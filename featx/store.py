@@ -29,11 +29,12 @@ STR = h5py.string_dtype()
 COPY_ROWS = 4096  # rows copied at a time when merging: bounds memory whatever the dataset size
 
 
-def cache_path(cache_dir: str | os.PathLike, dataset: str, identity: FeatureIdentity, dtype: str) -> Path:
-    """A readable name plus a digest of everything that changes the features."""
+def cache_path(cache_dir: str | os.PathLike, dataset: str, root: Path, identity: FeatureIdentity, dtype: str) -> Path:
+    """A readable name plus a digest of everything that changes the rows: the feature identity, the
+    storage dtype and the resolved dataset root (two folders called ``photos`` never share a file)."""
     readable = "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", str(p)) for p in
                          (dataset, identity.backbone, identity.layer))
-    return Path(cache_dir) / f"{readable}__{identity.digest(dtype=dtype)}.h5"
+    return Path(cache_dir) / f"{readable}__{identity.digest(dtype=dtype, root=str(Path(root).resolve()))}.h5"
 
 
 @dataclass

@@ -21,16 +21,29 @@ def test_scan_split_folders(dataset):
     assert paths[0] == "val/a/000.jpg" and labels.tolist() == [0, 0, 0, 1, 1, 1]
 
 
-def test_class_folders_only_get_seeded_stratified_split(tmp_path):
-    make_dataset(tmp_path / "flat", {"": 20})
+def test_class_folders_only_get_a_hashed_split(tmp_path):
+    make_dataset(tmp_path / "flat", {"": 200})
     first, second = data.scan(tmp_path / "flat"), data.scan(tmp_path / "flat")
     assert first.splits == second.splits
-    assert first.split_source == "seeded:0"
-    assert first.counts == {s: {"a": n, "b": n} for s, n in [("train", 14), ("val", 3), ("test", 3)]}
+    assert first.split_source == "hash:0"
+    for c in ("a", "b"):  # 70/15/15 on average
+        assert 120 <= first.counts["train"][c] <= 160 and 15 <= first.counts["test"][c] <= 45
+
+
+def test_adding_or_removing_files_moves_no_other_file(tmp_path):
+    make_dataset(tmp_path / "flat", {"": 100})
+    before = dict(zip(data.scan(tmp_path / "flat").paths, data.scan(tmp_path / "flat").splits))
+    for name in ("000_first.jpg", "zzz_last.jpg", "050_middle.jpg"):  # sorts first, last and between
+        (tmp_path / "flat" / "a" / name).write_bytes((tmp_path / "flat" / "a" / "000.jpg").read_bytes())
+    (tmp_path / "flat" / "b" / "007.jpg").unlink()
+    after = dict(zip(data.scan(tmp_path / "flat").paths, data.scan(tmp_path / "flat").splits))
+    assert {p: s for p, s in after.items() if p in before and before[p] != s} == {}
+    assert len(after) == len(before) + 2
 
 
 def test_train_per_class_policy():
-    splits = data.seeded_split(np.repeat([0, 1], 70), train_per_class=60)
+    paths = [f"{c}/{i:03d}.jpg" for c in "ab" for i in range(70)]
+    splits = data.hashed_split(paths, np.repeat([0, 1], 70), train_per_class=60)
     assert splits.count("train") == 120 and splits.count("val") == 20 and "test" not in splits
 
 

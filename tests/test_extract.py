@@ -236,3 +236,25 @@ def test_cli_error_is_one_line(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("featx: error: dataset")
+
+
+def test_two_folders_with_one_name_get_two_caches(tiny, tmp_path):
+    one = make_dataset(tmp_path / "a" / "photos", seed=1)
+    two = make_dataset(tmp_path / "b" / "photos", {"train": 4, "val": 2}, seed=2)
+    cache = tmp_path / "c"
+    r1, r2 = (featx.extract(tiny, str(d), cache_dir=cache, progress=False, workers=0) for d in (one, two))
+    assert r1.path != r2.path and r1.images == 24 and r2.images == 12
+    again = featx.extract(tiny, str(one), cache_dir=cache, progress=False, workers=0)
+    assert again.new == 0 and again.images == 24 and store.load(again.path).attrs["dataset_root"] == str(one)
+
+
+def test_precision_is_part_of_the_identity(tiny, dataset, tmp_path):
+    fp32 = featx.extract(tiny, str(dataset), cache_dir=tmp_path, progress=False, workers=0)
+    bf16 = featx.extract(tiny, str(dataset), cache_dir=tmp_path, progress=False, workers=0, precision="bf16")
+    assert fp32.path != bf16.path and bf16.new == 24
+    assert store.load(fp32.path).identity().precision == "fp32" and store.load(bf16.path).attrs["precision"] == "bf16"
+    a, b = store.load(fp32.path).X, store.load(bf16.path).X
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)
+    with pytest.raises(featx.FeatxError, match="--precision fp8 is not supported"):
+        featx.extract(tiny, str(dataset), cache_dir=tmp_path, progress=False, workers=0, precision="fp8")
