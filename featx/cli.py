@@ -175,6 +175,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
                    "classifier rows: imagenet:ROW,... one per class (index, name or - for fresh), e.g. imagenet:ant,bee.")
 @click.option("--from-scratch", is_flag=True, help="Random initialisation, everything trainable.")
 @click.option("--patience", type=click.IntRange(1), default=None, help="Stop after N epochs without val gain.")
+@click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Without a val/ folder, this share of train (by path hash, stable) chooses the epoch.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out after a kill.")
 @click.option("--out", type=click.Path(file_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True)
@@ -183,8 +185,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, lr,
-             backbone_lr_scale, optimizer, schedule, step_size, augment, head, from_scratch, patience, resume, out,
-             device, workers, seed, as_json, quiet):
+             backbone_lr_scale, optimizer, schedule, step_size, augment, head, from_scratch, patience, val_fraction,
+             resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
     from .finetuning import finetune as run_finetune
     from .report import summary_line
@@ -195,8 +197,9 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
                      backbone_lr_scale=backbone_lr_scale, optimizer=optimizer, schedule=schedule,
                      step_size=step_size, augment=augment, head=head, from_scratch=from_scratch, patience=patience,
                      resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
-                     precision=precision, seed=seed, progress=not quiet)
-    emit(m, as_json, f"best epoch {m['best_epoch']}: {summary_line(m)}\nmodel: {m['model']}")
+                     precision=precision, val_fraction=val_fraction, seed=seed, progress=not quiet)
+    emit(m, as_json, f"best epoch {m['best_epoch']} (chosen on val: {m['val_source']}): {summary_line(m)}\n"
+                     f"model: {m['model']}")
 
 
 @cli.command()

@@ -14,7 +14,7 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from .files import file_digest
 
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 0
+VAL_SEED = 1  # a different hash for carving val out of train, independent of the split hash
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
 
@@ -99,6 +100,20 @@ class Dataset:
 
     def split_names(self) -> list[str]:
         return [s for s in SPLITS if s in set(self.splits)]
+
+    def with_val_from_train(self, fraction: float) -> "Dataset":
+        """A copy whose val split is a stable share of train (by path hash, as splits are), for data that
+        has no val/; every class keeps at least one training image."""
+        splits = list(self.splits)
+        for c in range(len(self.classes)):
+            rows = [i for i, s in enumerate(splits) if s == "train" and self.labels[i] == c]
+            hashes = {i: unit_hash(self.paths[i], seed=VAL_SEED) for i in rows}
+            carved = [i for i in rows if hashes[i] < fraction]
+            if len(carved) == len(rows) and rows:
+                carved.remove(max(rows, key=hashes.get))
+            for i in carved:
+                splits[i] = "val"
+        return replace(self, splits=splits, split_source=f"{self.split_source}+val:{fraction:g}")
 
     def subset(self, split: str) -> tuple[list[str], np.ndarray]:
         idx = [i for i, s in enumerate(self.splits) if s == split]

@@ -162,22 +162,34 @@ def training_setup(net: FineTuneNet, blocks: list, lr: float, lr_scale: float, o
 
 @dataclass
 class Progress:
-    """What survives a kill: the finished epochs, the best val accuracy, the next epoch."""
+    """What survives a kill: the finished epochs, the best (val accuracy, -val loss), the next epoch."""
 
     history: list
-    best: float = -1.0
+    best: tuple = (-1.0, -np.inf)
     start_epoch: int = 0
+
+    def improves(self, row: dict) -> bool:
+        """Higher val accuracy wins; equal accuracy goes to the lower val loss; with no val images at all,
+        the latest epoch."""
+        if row["val_accuracy"] is None:
+            return True
+        score = (row["val_accuracy"], -row["val_loss"])
+        if score > self.best:
+            self.best = score
+            return True
+        return False
 
 
 def save_checkpoint(path: Path, net, opt, sched, epoch: int, progress: Progress, config: dict) -> None:
     with atomic_write(path) as tmp:
         torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch, "best": progress.best, "history": json.dumps(progress.history),
-                    "config": json.dumps(config), "rng": torch.get_rng_state()}, tmp)
+                    "epoch": epoch, "best": list(progress.best), "history": json.dumps(progress.history),
+                    "config": json.dumps(config), "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp)
 
 
 def load_checkpoint(path: Path, net, opt, sched, config: dict, device: torch.device) -> Progress:
-    state = torch.load(path, map_location=device, weights_only=True)
+    state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
     saved = json.loads(state["config"])
     if {k: v for k, v in saved.items() if k != "epochs"} != {k: v for k, v in config.items() if k != "epochs"}:
         raise FeatxError(f"{path} was written by a different finetune setup: rerun without --resume "
@@ -186,7 +198,9 @@ def load_checkpoint(path: Path, net, opt, sched, config: dict, device: torch.dev
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"])
-    return Progress(json.loads(state["history"]), float(state["best"]), int(state["epoch"]) + 1)
+    if state.get("cuda_rng") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return Progress(json.loads(state["history"]), tuple(state["best"]), int(state["epoch"]) + 1)
 
 
 def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreeze: str = "none", *,
@@ -195,14 +209,23 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
              step_size: int = 7, weight_decay: float = 1e-4, augment: str = "light", head: str | None = None,
              from_scratch: bool = False, patience: int | None = None, resume: bool = False,
              out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
-             weights: str | None = None, input_size: int | None = None, precision: str = "auto", seed: int = 0,
-             progress: bool = True) -> dict:
-    """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``."""
+             weights: str | None = None, input_size: int | None = None, precision: str = "auto",
+             val_fraction: float = 0.15, seed: int = 0, progress: bool = True) -> dict:
+    """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``.
+
+    The epoch is chosen on val; data without val/ gets a stable ``val_fraction`` of train instead. The
+    result says which split chose the epoch (``selected_on``): its figures are optimistic, test's are not."""
     torch.manual_seed(seed)
     dev = resolve_device(device)
     ds = data_mod.load(data, data_root)
-    if "train" not in ds.split_names() or "val" not in ds.split_names():
-        raise FeatxError(f"{ds.root} needs train and val splits to fine-tune (it has {', '.join(ds.split_names())})")
+    if "train" not in ds.split_names():
+        raise FeatxError(f"{ds.root} has no train/ split (it has {', '.join(ds.split_names())}): fine-tuning "
+                         "trains on train/")
+    if "val" not in ds.split_names():
+        if not 0 < val_fraction < 1:
+            raise FeatxError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
+        ds = ds.with_val_from_train(val_fraction)
+    val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
     net_b = create_backbone(backbone, None, weights, pretrained=not from_scratch, input_size=input_size,
                             precision=resolve_precision(precision, dev))
     blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
@@ -212,7 +235,8 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
     opt, sched = training_setup(net, blocks, lr, 1.0 if from_scratch else backbone_lr_scale, optimizer, schedule,
                                 epochs, step_size, weight_decay)
     net = net.to(dev).to(memory_format=torch.channels_last)
-    config = {"backbone": net_b.spec.name, "data": str(ds.root), "unfreeze": blocks, "from_scratch": from_scratch,
+    config = {"backbone": net_b.spec.name, "data": str(ds.root), "split": ds.split_source, "unfreeze": blocks,
+              "from_scratch": from_scratch,
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
               "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
               "head": str(head) if head else None}
@@ -230,7 +254,7 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
     workers = default_workers(dev) if workers is None else workers
     draft = net_b.preprocess.resize_size
     datasets = {"train": ImageFiles(files["train"], augmentation(net_b, augment), draft),
-                "val": ImageFiles(files["val"], net_b.preprocess.transform(), draft)}
+                "val": ImageFiles(files.get("val", []), net_b.preprocess.transform(), draft)}
     since_best = 0
     for epoch in range(state.start_epoch, epochs):
         started = time.perf_counter()
@@ -245,15 +269,15 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
         net.eval()
         with torch.inference_mode():
             val_loss, val_acc = run_epoch(net, make_loader(datasets["val"], dev, batch_size, workers, collate),
-                                          labels["val"], dev)
+                                          labels.get("val"), dev) if len(datasets["val"]) else (None, None)
         state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                               "val_loss": val_loss, "val_accuracy": val_acc,
                               "train_img_per_s": len(files["train"]) / train_seconds, "lr": opt.param_groups[0]["lr"]})
         if progress:
-            print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}, val loss {val_loss:.4f} "
-                  f"acc {val_acc:.4f}", file=sys.stderr)
-        if val_acc > state.best:
-            state.best, since_best = val_acc, 0
+            print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}"
+                  + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""), file=sys.stderr)
+        if state.improves(state.history[-1]):
+            since_best = 0
             save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
                                                                 "epoch": epoch + 1})
         else:
@@ -262,12 +286,13 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
         save_checkpoint(checkpoint, net, opt, sched, epoch, state, config)
         if patience is not None and since_best >= patience:
             break
-    return final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers)
+    return final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers, val_source)
 
 
 def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, history: list, blocks: list,
-                 device: str, batch_size: int, workers: int) -> dict:
-    """Score the best epoch's saved model on val and test, and write the report and curves."""
+                 device: str, batch_size: int, workers: int, val_source: str) -> dict:
+    """Score the best epoch's saved model on val (which chose it, so optimistic) and test, and write the
+    report and curves."""
     best_net = load_predictor(out / MODEL_NAME)
     metrics = {}
     for split in ("val", "test"):
@@ -277,7 +302,7 @@ def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, his
             ok = ~np.isnan(proba).any(1)
             metrics[split] = report.classification_metrics(labels[split][ok], proba[ok], ds.classes,
                                                            np.asarray(paths)[ok])
-    result = {**metrics, "history": history, "best_epoch": int(np.argmax([h["val_accuracy"] for h in history])) + 1,
+    result = {**metrics, "history": history, "best_epoch": best_net.model.info["epoch"], "selected_on": "val", "val_source": val_source,
               "unfreeze": blocks, "model": str(out / MODEL_NAME), "trainable_params": trainable(net),
               "total_params": used_params(net)}
     report.write_report(out, result, ds.classes)

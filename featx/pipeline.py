@@ -26,6 +26,7 @@ import tomllib
 from pathlib import Path
 
 from . import data as data_mod
+from . import report
 from .errors import FeatxError
 
 TOP_KEYS = {"name", "description", "data", "backbone", "seed", "seed_backbone", "notes", "steps"}
@@ -146,7 +147,7 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
             models[step["name"]] = metrics["model"]
         score_split = "test" if "test" in metrics else "val" if "val" in metrics else None
         rows.append({"step": step["name"], "kind": step["kind"], "backbone": net,
-                     "split": score_split,
+                     "split": report.split_label(score_split, metrics) if score_split else None,
                      "accuracy": metrics[score_split]["accuracy"] if score_split else None,
                      "balanced_accuracy": metrics[score_split]["balanced_accuracy"] if score_split else None,
                      "seed_figure": step.get("seed_figure"), "seconds": round(time.perf_counter() - started, 1),

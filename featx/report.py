@@ -139,7 +139,13 @@ def write_report(out_dir: Path, metrics: dict, classes: list) -> None:
             writer.writerows(m["top_losses"])
 
 
+def split_label(split: str, metrics: dict) -> str:
+    """The split's name, marked when it chose something (an epoch): its figure is then optimistic."""
+    return f"{split} (chose the epoch, optimistic)" if metrics.get("selected_on") == split else split
+
+
 def summary_line(metrics: dict) -> str:
-    parts = [f"{s} acc {m['accuracy']:.4f} bal {m['balanced_accuracy']:.4f} log-loss {m['log_loss']:.4f} "
-             f"ECE {m['ece']:.4f} (n={m['n']})" for s, m in ((s, metrics[s]) for s in ("val", "test") if s in metrics)]
+    parts = [f"{split_label(s, metrics)} acc {m['accuracy']:.4f} bal {m['balanced_accuracy']:.4f} "
+             f"log-loss {m['log_loss']:.4f} ECE {m['ece']:.4f} (n={m['n']})"
+             for s, m in ((s, metrics[s]) for s in ("val", "test") if s in metrics)]
     return "; ".join(parts) or "no held-out split to score"

@@ -142,9 +142,53 @@ def test_kill_and_resume_keeps_finished_epochs(tiny_weights, tmp_path):
     assert 1 <= len(done) < 6
     res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    history = json.loads(res.stdout)["history"]
+    resumed = json.loads(res.stdout)
+    history = resumed["history"]
     assert [h["epoch"] for h in history] == list(range(1, 7))
     first = done[0].split(",")
     assert float(first[1]) == pytest.approx(history[0]["train_loss"])
     again = subprocess.run(cmd, capture_output=True, text=True)
     assert again.returncode == 2 and "--resume" in again.stderr
+    whole = subprocess.run([a if a != str(out) else str(tmp_path / "whole") for a in cmd], capture_output=True,
+                           text=True)
+    uninterrupted = json.loads(whole.stdout)  # the same run, never killed: same losses, same chosen model
+    for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
+        assert [h[key] for h in history] == pytest.approx([h[key] for h in uninterrupted["history"]], abs=1e-6)
+    assert resumed["best_epoch"] == uninterrupted["best_epoch"]
+    assert resumed["val"]["log_loss"] == pytest.approx(uninterrupted["val"]["log_loss"], abs=1e-6)
+
+
+def test_folders_without_val_carve_a_stable_share_of_train(tiny, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 10, "test": 3})
+    m = ft.finetune(tiny, str(data), "none", epochs=2, out=tmp_path / "run", workers=0, progress=False)
+    assert m["val_source"] == "15% of train, by path hash" and m["selected_on"] == "val"
+    assert m["test"]["n"] == 6 and 1 <= m["val"]["n"] <= 8  # 15% of 20 on average, by hash
+    from featx import data as data_mod
+    from featx.report import summary_line
+    carved = data_mod.load(str(data)).with_val_from_train(0.15)
+    assert carved.splits == data_mod.load(str(data)).with_val_from_train(0.15).splits
+    assert summary_line(m).startswith("val (chose the epoch, optimistic) acc")
+
+
+def test_every_class_keeps_a_training_image_when_val_is_carved(tmp_path):
+    from featx import data as data_mod
+    data = make_dataset(tmp_path / "d", {"train": 1, "test": 1}, classes=tuple("abcdefgh"))
+    carved = data_mod.load(str(data)).with_val_from_train(0.99)
+    assert carved.counts == data_mod.load(str(data)).counts  # counts are of the scan; splits below
+    assert all(("train", c) in {(s, carved.labels[i]) for i, s in enumerate(carved.splits)} for c in range(8))
+
+
+def test_epoch_ties_go_to_the_lower_val_loss():
+    progress = ft.Progress([])
+    assert progress.improves({"val_accuracy": 0.9, "val_loss": 0.5})
+    assert not progress.improves({"val_accuracy": 0.9, "val_loss": 0.6})
+    assert progress.improves({"val_accuracy": 0.9, "val_loss": 0.4})
+    assert not progress.improves({"val_accuracy": 0.8, "val_loss": 0.1})
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda(tiny, dataset, tmp_path):
+    kw = dict(epochs=2, out=tmp_path / "run", workers=0, progress=False, device="cuda")
+    ft.finetune(tiny, str(dataset), "block2", **{**kw, "epochs": 1})
+    m = ft.finetune(tiny, str(dataset), "block2", resume=True, **kw)
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
