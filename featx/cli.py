@@ -63,9 +63,11 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
                     input_size=input_size, precision=precision, checkpoint_rows=checkpoint_rows, progress=not quiet)
     for s in r.skipped_files:
-        click.echo(f"skipped {s['path']}: {s['reason']}", err=True)
+        again = " (tried again next run)" if s.get("retried_next_run") else ""
+        click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)
+    unreadable = f", {r.unreadable} of them unreadable now and tried again next run" if r.unreadable else ""
     emit(r.as_dict(), as_json,
-         f"{r.images} images ({r.new} new, {r.skipped} skipped, {r.dropped} dropped) "
+         f"{r.images} images ({r.new} new, {r.skipped} skipped{unreadable}, {r.dropped} dropped) "
          f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device}, {r.img_per_s} img/s -> {r.path}")
 
 

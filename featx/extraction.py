@@ -27,7 +27,7 @@ from .devices import (default_batch_size, default_workers, forward, make_loader,
                       resolve_precision)
 from .errors import FeatxError
 from .identity import FeatureIdentity
-from .images import EncodedFiles, ImageFiles, check_decode, collate, decode_on_device
+from .images import IO_ERROR, EncodedFiles, ImageFiles, check_decode, collate, decode_on_device
 from .store import FeatureStore, Rows, cache_path
 from .weights import weights_identity
 
@@ -72,6 +72,7 @@ class ExtractResult:
     layer: str
     feature_dim: int
     dataset: str
+    unreadable: int = 0  # of ``skipped``: I/O errors, not cached, tried again next run
     skipped_files: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -133,38 +134,44 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         fingerprints = {f: data_mod.fingerprint(ds.root / f) for f in ds.paths}
         todo = [f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
                                             f in index.skipped and index.skipped[f][0] == fingerprints[f])]
-        compute_start = time.perf_counter()
+        compute_start, unreadable = time.perf_counter(), {}
         if todo:
             batches = iter_features(p.build(), [ds.root / f for f in todo], dev, batch_size, workers, progress,
                                     desc=f"{p.spec.name}:{p.layer}", decode=decode)
-            write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
+            unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
         index, order, skipped, dropped = finish(store, ds, cache_attrs(p.identity, p.preprocess, ds))
     seconds = time.perf_counter() - start
     return ExtractResult(
-        path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped),
-        skipped=len(skipped), dropped=dropped,
+        path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped or f in unreadable),
+        skipped=len(skipped) + len(unreadable), dropped=dropped, unreadable=len(unreadable),
         img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
         seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
         feature_dim=int(index.dim or 0), dataset=ds.name,
-        skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()])
+        skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
+        + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()])
 
 
 def write_batches(store: FeatureStore, batches, todo: list, fingerprints: dict, checkpoint_rows: int,
-                  checkpoint_seconds: float) -> None:
-    """Write computed rows (and skips) into part files, every ``checkpoint_rows`` rows or seconds."""
-    rows, last_flush = Rows(), time.monotonic()
+                  checkpoint_seconds: float) -> dict:
+    """Write computed rows and undecodable files into part files, every ``checkpoint_rows`` rows or
+    seconds. Files that could not be *read* (I/O errors) are not cached: they are returned, and tried
+    again on the next run."""
+    rows, last_flush, unreadable = Rows(), time.monotonic(), {}
     for indices, feats, failures in batches:
         for i, row in zip(indices, feats):
             rows.features.append(row)
             rows.paths.append(todo[i])
             rows.fingerprints.append(fingerprints[todo[i]])
-        rows.skipped += [(todo[i], fingerprints[todo[i]], reason) for i, reason in failures]
+        unreadable |= {todo[i]: reason for i, reason in failures if reason.startswith(IO_ERROR)}
+        rows.skipped += [(todo[i], fingerprints[todo[i]], reason) for i, reason in failures
+                         if not reason.startswith(IO_ERROR)]
         if len(rows) + len(rows.skipped) >= checkpoint_rows or time.monotonic() - last_flush > checkpoint_seconds:
             store.write_part(rows)
             rows, last_flush = Rows(), time.monotonic()
     if len(rows) or rows.skipped:
         store.write_part(rows)
+    return unreadable
 
 
 def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: dict):

@@ -8,6 +8,7 @@ ends the same way with either decoder.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,8 @@ from .errors import FeatxError
 
 DECODERS = ("pil", "device")
 EXIF_ORIENTATION = 0x0112
+IO_ERROR = "I/O "  # reasons that start so came from the file system, not the file's content: worth retrying
+READ_ATTEMPTS = 3
 
 
 def check_decode(decode: str) -> None:
@@ -32,10 +35,13 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
     if img.format == "JPEG" and draft_size:
         img.draft("RGB", (draft_size, draft_size))
     img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        scale = 255.0 / max(float(arr.max()), 1.0) if img.mode != "F" or arr.max() > 1 else 255.0
-        img = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # scaled by bit depth, not by the image's own maximum
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            full_scale = 1.0 if arr.max() <= 1 else 255.0
+        else:
+            full_scale = 65535.0 if img.mode.startswith("I;16") or arr.max() <= 65535 else 2.0 ** 31 - 1
+        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / full_scale)), 0, 255).astype(np.uint8), "L")
     if img.mode in ("P", "PA") and "transparency" in img.info or img.mode == "PA":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
@@ -46,7 +52,10 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
 
 
 def failure_reason(exc: Exception) -> str:
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+    """One line naming the error; file-system errors (an errno: permissions, a flaky disk) start with
+    ``IO_ERROR``, decoding errors (truncated, corrupt, not an image) do not."""
+    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+    return IO_ERROR + text if isinstance(exc, OSError) and exc.errno is not None else text
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -65,10 +74,15 @@ class ImageFiles(torch.utils.data.Dataset):
         return self.decode(i)
 
     def __getitem__(self, i: int):
-        try:
-            return i, self.load(i), ""
-        except Exception as exc:  # corrupt, truncated, empty or not an image: reported, not fatal
-            return i, None, failure_reason(exc)
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                return i, self.load(i), ""
+            except Exception as exc:  # corrupt, truncated, empty or not an image: reported, not fatal
+                reason = failure_reason(exc)
+                if not reason.startswith(IO_ERROR):
+                    break
+                time.sleep(0.05 * (attempt + 1))  # a file-system hiccup may pass: read again
+        return i, None, reason
 
 
 class EncodedFiles(ImageFiles):

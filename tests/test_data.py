@@ -143,3 +143,12 @@ def test_draft_mode_decodes_large_jpeg_smaller(tmp_path):
     Image.new("RGB", (2000, 1600), (10, 200, 10)).save(tmp_path / "big.jpg", quality=90)
     assert open_rgb(tmp_path / "big.jpg", draft_size=256).size == (500, 400)
     assert open_rgb(tmp_path / "big.jpg").size == (2000, 1600)
+
+
+def test_sixteen_bit_images_scale_by_bit_depth_not_their_own_maximum(tmp_path):
+    dark = np.full((4, 4), 1000, np.uint16)
+    dark[0, 0] = 4000
+    for suffix in ("png", "tiff"):
+        Image.fromarray(dark).save(tmp_path / f"dark.{suffix}")
+        out = np.asarray(open_rgb(tmp_path / f"dark.{suffix}"))
+        assert out[1, 1].tolist() == [4, 4, 4] and out[0, 0].tolist() == [16, 16, 16]  # 1000 / 65535 * 255

@@ -258,3 +258,36 @@ def test_precision_is_part_of_the_identity(tiny, dataset, tmp_path):
     assert cos.min() > 0.99 and not np.array_equal(a, b)
     with pytest.raises(featx.FeatxError, match="--precision fp8 is not supported"):
         featx.extract(tiny, str(dataset), cache_dir=tmp_path, progress=False, workers=0, precision="fp8")
+
+
+def failing_reads(monkeypatch, name: str, times: int):
+    """open_rgb raises a permission error for ``name`` the first ``times`` calls (workers=0: same process)."""
+    from featx import images
+
+    real, calls = images.open_rgb, {"n": 0}
+
+    def flaky(path, draft_size=None):
+        if Path(path).name == name and calls["n"] < times:
+            calls["n"] += 1
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, draft_size)
+
+    monkeypatch.setattr(images, "open_rgb", flaky)
+    return calls
+
+
+def test_read_errors_are_retried_and_never_cached(tiny, dataset, tmp_path, monkeypatch):
+    calls = failing_reads(monkeypatch, "001.jpg", times=10 ** 6)  # unreadable for this whole run
+    r = run(tiny, dataset, tmp_path / "c")
+    assert r.unreadable == 6 and r.skipped == 6 and r.images == 18 and calls["n"] == 6 * 3
+    assert all(s["reason"].startswith("I/O PermissionError") and s["retried_next_run"] for s in r.skipped_files)
+    assert len(store.load(r.path).paths) == 18
+    monkeypatch.undo()
+    again = run(tiny, dataset, tmp_path / "c")  # permissions fixed: the files are read, not remembered as bad
+    assert again.new == 6 and again.skipped == 0 and again.images == 24
+
+
+def test_a_passing_read_error_costs_nothing(tiny, dataset, tmp_path, monkeypatch):
+    failing_reads(monkeypatch, "002.jpg", times=1)
+    r = run(tiny, dataset, tmp_path / "c")
+    assert r.skipped == 0 and r.images == 24

@@ -1,0 +1,40 @@
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+from featx.files import atomic_write
+from featx.report import classification_metrics, expected_calibration_error
+
+
+def test_absent_classes_do_not_count_and_nothing_leaks_to_stderr():
+    classes = ["a", "b", "c"]
+    y = np.array([0, 0, 1, 1])  # "c" is absent from this split, but predicted once
+    proba = np.array([[.9, .05, .05], [.1, .1, .8], [.1, .8, .1], [.2, .7, .1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = classification_metrics(y, proba, classes)
+    assert m["accuracy"] == 0.75 and m["balanced_accuracy"] == pytest.approx(0.75)
+    assert m["macro_f1"] == pytest.approx(np.mean([2 / 3, 1.0]))  # a: P 1, R 1/2; b: P 1, R 1; c absent
+    assert m["predicted_absent"] == ["c"] and m["classes_present"] == 2
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_large_when_overconfident():
+    y = np.array([0] * 8 + [1] * 2)
+    honest = np.tile([0.8, 0.2], (10, 1))  # 80% sure, right 80% of the time
+    assert expected_calibration_error(honest, y) == pytest.approx(0.0)
+    assert expected_calibration_error(np.tile([0.99, 0.01], (10, 1)), y) == pytest.approx(0.19)
+
+
+def test_atomic_write_uses_a_per_process_name_and_cleans_up(tmp_path):
+    target = tmp_path / "model.featx"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            assert str(os.getpid()) in tmp.name
+            tmp.write_text("half")
+            raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_write(target) as tmp:
+        tmp.write_text("whole")
+    assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
