@@ -50,18 +50,21 @@ def cli():
 @click.option("--decode", type=click.Choice(["pil", "device"]), default="pil", show_default=True,
               help="Decode JPEGs in the CPU workers, or in batches on the device (nvjpeg on CUDA).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--verify", type=click.Choice(["stat", "content"]), default="stat", show_default=True,
+              help="How a file is known unchanged: size, times and inode (stat), or a hash of its bytes (content).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1),
               help="Rows kept in memory before they are written durably (also every 15 s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
-            dtype, as_json, checkpoint_rows, quiet):
+            dtype, verify, as_json, checkpoint_rows, quiet):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     from .extraction import extract as run_extract
 
     r = run_extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
-                    input_size=input_size, precision=precision, checkpoint_rows=checkpoint_rows, progress=not quiet)
+                    input_size=input_size, precision=precision, verify=verify, checkpoint_rows=checkpoint_rows,
+                    progress=not quiet)
     for s in r.skipped_files:
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)

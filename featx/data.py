@@ -223,10 +223,18 @@ def hashed_split(paths: list[str], labels: np.ndarray, train_per_class: int | No
     return splits.tolist()
 
 
-def fingerprint(path: Path) -> str:
-    """Size and modification time: changes whenever the file is rewritten, costs one stat."""
+VERIFY = ("stat", "content")
+
+
+def fingerprint(path: Path, verify: str = "stat") -> str:
+    """What says a file is unchanged since its row was cached. ``stat``: size, mtime, inode and ctime from
+    one stat call, so files swapped with ``mv`` or rewritten with their old timestamp (unzip, tar,
+    ``cp -p``, ``rsync -a``) are seen as changed. ``content``: size and SHA-256 of the bytes, for
+    datasets copied around (a copy with the same content keeps its rows)."""
     st = path.stat()
-    return f"{st.st_size}-{st.st_mtime_ns}"
+    if verify == "content":
+        return f"{st.st_size}-sha256:{file_digest(path)}"
+    return f"{st.st_size}-{st.st_mtime_ns}-{st.st_ino}-{st.st_ctime_ns}"
 
 
 def materialise_digits(folder: Path) -> None:

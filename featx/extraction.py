@@ -110,7 +110,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
             data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
             batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
             weights: str | None = None, input_size: int | None = None, progress: bool = True,
-            decode: str = "pil", precision: str = "auto", checkpoint_rows: int = 1024,
+            decode: str = "pil", precision: str = "auto", verify: str = "stat", checkpoint_rows: int = 1024,
             checkpoint_seconds: float = 15.0) -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
 
@@ -120,7 +120,10 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     resumes where it stopped. ``decode`` is where JPEGs are decoded: ``pil`` (CPU workers) or
     ``device`` (batched, nvjpeg on CUDA); see ``iter_features``. ``precision`` (``auto``: fp32 on a CPU,
     bf16 or fp16 on CUDA) is part of the features' identity, so each precision has its own cache.
+    ``verify`` is how a file is known to be unchanged: ``stat`` (cheap) or ``content`` (hashes every file).
     """
+    if verify not in data_mod.VERIFY:
+        raise FeatxError(f"--verify {verify} is not supported: use {' or '.join(data_mod.VERIFY)}")
     if dtype not in ("float32", "float16"):
         raise FeatxError(f"--dtype {dtype} is not supported: use float32 or float16")
     check_decode(decode)
@@ -131,11 +134,12 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     path = cache_path(cache_dir, ds.name, ds.root, p.identity, dtype)
     with FeatureStore(path, dtype) as store:
         index = store.index()
-        fingerprints = {f: data_mod.fingerprint(ds.root / f) for f in ds.paths}
+        fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
         todo = [f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
                                             f in index.skipped and index.skipped[f][0] == fingerprints[f])]
         compute_start, unreadable = time.perf_counter(), {}
         if todo:
+            store.check_writable(len(todo))
             batches = iter_features(p.build(), [ds.root / f for f in todo], dev, batch_size, workers, progress,
                                     desc=f"{p.spec.name}:{p.layer}", decode=decode)
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
@@ -189,6 +193,7 @@ def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: dict):
                  and np.array_equal(main["labels"], labels) and list(main["splits"]) == splits
                  and main.get("skipped") == sorted(skipped))
     if not unchanged:
+        store.check_writable(0)
         store.consolidate(order, labels, splits, skipped, attrs)
     return index, order, skipped, dropped
 

@@ -9,10 +9,14 @@ stage-2 model.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -125,7 +129,11 @@ def run_epoch(net, batches, labels, device, optimizer=None, bar=None) -> tuple[f
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        total += loss.item() * len(y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FeatxError(f"the {'training' if optimizer else 'validation'} loss became {value}: the network "
+                             "diverged, so lower --lr; the epochs finished before this one are kept")
+        total += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         count += len(y)
         if bar is not None:
@@ -180,27 +188,74 @@ class Progress:
         return False
 
 
+CHECKPOINT_MAGIC = b"featx-checkpoint-1 sha256="
+
+
 def save_checkpoint(path: Path, net, opt, sched, epoch: int, progress: Progress, config: dict) -> None:
-    with atomic_write(path) as tmp:
-        torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+    """A torch.save payload behind a header line with its SHA-256, written atomically: ``--resume``
+    trusts no byte it cannot verify."""
+    payload = io.BytesIO()
+    torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "best": list(progress.best), "history": json.dumps(progress.history),
                     "config": json.dumps(config), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, tmp)
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, payload)
+    body = payload.getvalue()
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
 
 
-def load_checkpoint(path: Path, net, opt, sched, config: dict, device: torch.device) -> Progress:
-    state = torch.load(path, map_location="cpu", weights_only=True)  # RNG states must stay CPU tensors
+def read_checkpoint(path: Path) -> dict:
+    """The verified payload of a checkpoint; anything else (bit flips, truncation, an empty file, a file
+    featx did not write) is one line naming the file and what to do."""
+    raw = path.read_bytes()
+    header, _, body = raw.partition(b"\n")
+    fix = f"delete it to start the run again, or pass another --out"
+    if not header.startswith(CHECKPOINT_MAGIC):
+        raise FeatxError(f"{path} is not a featx checkpoint (or was written before checkpoints carried a digest): {fix}")
+    if hashlib.sha256(body).hexdigest().encode() != header[len(CHECKPOINT_MAGIC):]:
+        raise FeatxError(f"{path} fails its SHA-256 check (damaged or truncated): {fix}")
+    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
+
+
+def load_checkpoint(path: Path, net, opt, sched, config: dict) -> Progress:
+    """Restore a run. ``--epochs`` may change: the schedule is then rebuilt for the new total, as a fresh
+    run of that length would have it at this epoch (earlier epochs keep the rates they ran with)."""
+    state = read_checkpoint(path)
     saved = json.loads(state["config"])
     if {k: v for k, v in saved.items() if k != "epochs"} != {k: v for k, v in config.items() if k != "epochs"}:
         raise FeatxError(f"{path} was written by a different finetune setup: rerun without --resume "
                          "or with the same options")
     net.load_state_dict(state["net"])
     opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
+    if saved["epochs"] == config["epochs"]:
+        sched.load_state_dict(state["scheduler"])
+    else:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"]
+        with warnings.catch_warnings():  # stepping the schedule alone, to replay it, is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(int(state["epoch"]) + 1):
+                sched.step()
     torch.set_rng_state(state["rng"])
     if state.get("cuda_rng") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return Progress(json.loads(state["history"]), tuple(state["best"]), int(state["epoch"]) + 1)
+
+
+POSITIVE = {"epochs", "batch_size", "lr", "step_size", "patience"}  # the rest must be >= 0
+
+
+def check_options(**options) -> None:
+    """Every numeric option finite and in range, before any work: one line naming the option."""
+    for name, value in options.items():
+        if value is None and name == "patience":
+            continue
+        low = "> 0" if name in POSITIVE else ">= 0"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (value <= 0 if name in POSITIVE else value < 0):
+            raise FeatxError(f"--{name.replace('_', '-')} {value}: must be a finite number {low}")
+        if name in ("epochs", "batch_size", "step_size", "patience") and value != int(value):
+            raise FeatxError(f"--{name.replace('_', '-')} {value}: must be a whole number")
 
 
 def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreeze: str = "none", *,
@@ -215,6 +270,8 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
 
     The epoch is chosen on val; data without val/ gets a stable ``val_fraction`` of train instead. The
     result says which split chose the epoch (``selected_on``): its figures are optimistic, test's are not."""
+    check_options(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
+                  weight_decay=weight_decay, step_size=step_size, patience=patience)
     torch.manual_seed(seed)
     dev = resolve_device(device)
     ds = data_mod.load(data, data_root)
@@ -242,7 +299,7 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
               "head": str(head) if head else None}
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, net, opt, sched, config, dev)
+        state = load_checkpoint(checkpoint, net, opt, sched, config)
     elif checkpoint.exists():
         raise FeatxError(f"{out} already holds a fine-tuning run: pass --resume to continue it or --out elsewhere")
     else:
@@ -261,6 +318,7 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
         with tqdm(total=len(files["train"]), unit="img", file=sys.stderr, disable=not progress,
                   desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True) as bar:
             net.train()
+            lr_used = opt.param_groups[0]["lr"]
             train_loss, train_acc = run_epoch(
                 net, make_loader(datasets["train"], dev, batch_size, workers, collate, shuffle=True, seed=seed + epoch),
                 labels["train"], dev, opt, bar=bar)
@@ -272,7 +330,7 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
                                           labels.get("val"), dev) if len(datasets["val"]) else (None, None)
         state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                               "val_loss": val_loss, "val_accuracy": val_acc,
-                              "train_img_per_s": len(files["train"]) / train_seconds, "lr": opt.param_groups[0]["lr"]})
+                              "train_img_per_s": len(files["train"]) / train_seconds, "lr": lr_used})
         if progress:
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}"
                   + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""), file=sys.stderr)

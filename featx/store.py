@@ -8,9 +8,11 @@ every part it finds. A file lock keeps two writers of one cache apart.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -80,16 +82,27 @@ def open_h5(path: Path, mode: str = "r") -> h5py.File:
         raise FeatxError(f"{path} is not a readable HDF5 feature cache ({exc}): delete it and extract again") from None
 
 
+def read_features(dataset: h5py.Dataset, rows=slice(None)) -> np.ndarray:
+    """Rows of a features array; a Fletcher-32 checksum failure (bytes changed on disk) is one line."""
+    try:
+        return dataset[rows]
+    except OSError as exc:
+        raise FeatxError(f"{dataset.file.filename} is damaged ({str(exc).splitlines()[0]}): delete it and "
+                         "run featx extract again") from None
+
+
 def load(path: str | os.PathLike) -> Features:
     path = Path(path)
     if not path.is_file():
         raise FeatxError(f"feature cache {path} does not exist: run 'featx extract' first or check --features")
+    if not h5py.is_hdf5(path):
+        raise FeatxError(f"{path} is not a featx feature cache: pass the .h5 file featx extract wrote under cache/")
     with open_h5(path) as f:
         if f.attrs.get("format") != FORMAT:
             raise FeatxError(f"{path} was not written by featx extract: pass a featx feature cache")
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         return Features(
-            X=f["features"][:].astype(np.float32), y=f["labels"][:], paths=f["paths"].asstr()[:],
+            X=read_features(f["features"]).astype(np.float32), y=f["labels"][:], paths=f["paths"].asstr()[:],
             splits=f["splits"].asstr()[:], classes=json.loads(attrs["classes"]), attrs=attrs, path=path)
 
 
@@ -97,14 +110,41 @@ def part_files(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f"{path.name}.part*.h5"))
 
 
-def write_h5(path: Path, fill) -> None:
-    """Write an HDF5 file atomically: ``fill(f)`` writes its content."""
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
-        fill(f)
+def write_h5(path: Path, fill, needed: int) -> None:
+    """Write an HDF5 file atomically: ``fill(f)`` writes its content, about ``needed`` bytes. The free
+    space is checked first (HDF5 can crash the process on a full disk rather than raise), and a full or
+    read-only disk met anyway is one line; the temporary file is removed either way."""
+    folder = path.parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise FeatxError(no_room(folder, needed, free))
+    try:
+        with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+            fill(f)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise FeatxError(no_room(folder, needed, shutil.disk_usage(folder).free)) from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise FeatxError(read_only(folder)) from None
+        raise
+
+
+def no_room(folder: Path, needed: int, free: int) -> str:
+    return (f"no room in {folder}: about {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free; free some "
+            "space or pass --cache-dir elsewhere (rows already written are kept and reused)")
+
+
+def read_only(folder: Path, why: str = "") -> str:
+    return f"the cache folder {folder} is not writable{why}: pass --cache-dir a writable folder (or make it writable)"
+
+
+def size_of(rows: int, dim: int, itemsize: int, paths) -> int:
+    """A generous estimate of an HDF5 file's size: features, path strings, fingerprints, overhead."""
+    return rows * dim * itemsize + sum(len(p) + 96 for p in paths) + (1 << 20)
 
 
 def write_rows(f: h5py.File, features, paths, fingerprints, skipped) -> None:
-    f.create_dataset("features", data=features)
+    f.create_dataset("features", data=features, fletcher32=features.size > 0)
     f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STR)
     f.create_dataset("fingerprints", data=np.asarray(fingerprints, dtype=object), dtype=STR)
     write_skipped(f, skipped)
@@ -135,20 +175,35 @@ class FeatureStore:
         self.dtype = np.dtype(dtype)
         self.lock = FileLock(str(self.path) + ".lock")
         self.parts_written = 0
+        self.writable = True
 
     def __enter__(self) -> "FeatureStore":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Take the write lock; in a folder featx cannot write to, read without it (``writable`` False),
+        so an up-to-date cache stays usable, and any write then says which folder to change."""
         try:
-            self.lock.acquire(timeout=0)
-        except Timeout:
-            print(f"featx: waiting for another featx process using {self.path}", file=sys.stderr)
-            self.lock.acquire()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.lock.acquire(timeout=0)
+            except Timeout:
+                print(f"featx: waiting for another featx process using {self.path}", file=sys.stderr)
+                self.lock.acquire()
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            self.writable = False
+            return self
         for stale in self.path.parent.glob(f"{self.path.name}*.tmp*"):
             stale.unlink(missing_ok=True)  # left by a killed run; we hold the lock, so nobody writes them
         return self
 
     def __exit__(self, *exc) -> None:
-        self.lock.release()
+        if self.writable:
+            self.lock.release()
+
+    def check_writable(self, images: int) -> None:
+        if not self.writable:
+            why = f" and {images} images need extracting" if images else " and the cache needs updating"
+            raise FeatxError(read_only(self.path.parent, why))
 
     def index(self) -> Index:
         index = Index([], {}, {})
@@ -180,7 +235,8 @@ class FeatureStore:
         number = int(existing[-1].name.rsplit(".part", 1)[1][:-3]) + 1 if existing else 0
         features = np.asarray(rows.features, dtype=self.dtype) if rows.features else np.zeros((0, 0), self.dtype)
         write_h5(self.path.with_name(f"{self.path.name}.part{number:06d}.h5"),
-                 lambda f: write_rows(f, features, rows.paths, rows.fingerprints, rows.skipped))
+                 lambda f: write_rows(f, features, rows.paths, rows.fingerprints, rows.skipped),
+                 size_of(*features.shape, self.dtype.itemsize, rows.paths + [s[0] for s in rows.skipped]))
         self.parts_written += 1
 
     def consolidate(self, order: list, labels: np.ndarray, splits: list, skipped: dict, attrs: dict) -> int:
@@ -193,7 +249,7 @@ class FeatureStore:
         n = len(order)
 
         def fill(f: h5py.File) -> None:
-            feats = f.create_dataset("features", shape=(n, dim), dtype=self.dtype,
+            feats = f.create_dataset("features", shape=(n, dim), dtype=self.dtype, fletcher32=bool(n and dim),
                                      chunks=(max(1, min(n, 256)), dim) if n and dim else None)
             handles = {}
             try:
@@ -209,7 +265,7 @@ class FeatureStore:
                             handles[source] = open_h5(index.sources[source][0])
                         pairs.sort()
                         rows_in = [r for r, _ in pairs]
-                        block[[i for _, i in pairs]] = handles[source]["features"][rows_in]
+                        block[[i for _, i in pairs]] = read_features(handles[source]["features"], rows_in)
                     feats[start:start + len(chunk)] = block
             finally:
                 for h in handles.values():
@@ -223,7 +279,7 @@ class FeatureStore:
             f.attrs.update({**attrs, "format": FORMAT, "rows": n, "feature_dim": dim,
                             "dtype": self.dtype.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
-        write_h5(self.path, fill)
+        write_h5(self.path, fill, size_of(n, dim, self.dtype.itemsize, order))
         for part in part_files(self.path):
             part.unlink()
         return n

@@ -291,3 +291,97 @@ def test_a_passing_read_error_costs_nothing(tiny, dataset, tmp_path, monkeypatch
     failing_reads(monkeypatch, "002.jpg", times=1)
     r = run(tiny, dataset, tmp_path / "c")
     assert r.skipped == 0 and r.images == 24
+
+
+def test_files_swapped_with_mv_are_seen_as_changed(tiny, tmp_path):
+    """Same size, same mtime (as unzip, tar, cp -p and rsync -a leave them), swapped with mv."""
+    data = make_dataset(tmp_path / "d", {"train": 3, "val": 2})
+    a, b = data / "train" / "a" / "000.bmp", data / "train" / "b" / "000.bmp"
+    colour_image(0, np.random.default_rng(1)).save(a)
+    colour_image(1, np.random.default_rng(2)).save(b)
+    assert a.stat().st_size == b.stat().st_size
+    for f in (a, b):
+        os.utime(f, ns=(1_000_000_000, 1_000_000_000))
+    first = run(tiny, data, tmp_path / "c")
+    os.rename(a, data / "tmp.bmp")
+    os.rename(b, a)
+    os.rename(data / "tmp.bmp", b)
+    again = run(tiny, data, tmp_path / "c")
+    assert again.new == 2
+    fresh = run(tiny, data, tmp_path / "fresh")
+    np.testing.assert_allclose(store.load(again.path).X, store.load(fresh.path).X, atol=1e-6)
+    assert first.images == again.images == 12
+
+
+def test_verify_content_keeps_rows_of_identical_copies(tiny, dataset, tmp_path):
+    import shutil
+
+    run(tiny, dataset, tmp_path / "c", verify="content")
+    victim = dataset / "train" / "a" / "000.jpg"
+    shutil.copy(victim, tmp_path / "copy.jpg")
+    os.replace(tmp_path / "copy.jpg", victim)  # same bytes, new inode and times
+    assert run(tiny, dataset, tmp_path / "c", verify="content").new == 0
+    assert run(tiny, dataset, tmp_path / "stat").new == 24 and run(tiny, dataset, tmp_path / "stat").new == 0
+    with pytest.raises(featx.FeatxError, match="--verify hash is not supported"):
+        run(tiny, dataset, tmp_path / "c", verify="hash")
+
+
+def test_flipped_feature_bytes_are_an_error_naming_the_cache(tiny, dataset, tmp_path):
+    r = run(tiny, dataset, tmp_path / "c")
+    with h5py.File(r.path, "r") as f:
+        offset = f["features"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(Path(r.path).read_bytes())
+    raw[offset + 40] ^= 0xFF
+    Path(r.path).write_bytes(bytes(raw))
+    with pytest.raises(featx.FeatxError, match=r"is damaged .*delete it and run featx extract again"):
+        store.load(r.path)
+
+
+def test_a_file_that_is_not_a_cache_is_named_as_such(tmp_path):
+    colour_image(0, np.random.default_rng(0)).save(tmp_path / "photo.jpg")
+    with pytest.raises(featx.FeatxError, match="photo.jpg is not a featx feature cache: pass the .h5 file"):
+        store.load(tmp_path / "photo.jpg")
+
+
+def test_a_full_disk_is_one_line_and_keeps_finished_parts(tiny, dataset, tmp_path, monkeypatch):
+    import errno
+    import shutil as shutil_mod
+
+    real = store.atomic_write
+
+    def full_on_merge(path):
+        if ".part" not in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path)
+
+    monkeypatch.setattr(store, "atomic_write", full_on_merge)
+    with pytest.raises(featx.FeatxError, match="no room in .*needed.*rows already written are kept"):
+        run(tiny, dataset, tmp_path / "c", checkpoint_rows=8)
+    cache = tmp_path / "c"
+    assert len(list(cache.glob("*.part*.h5"))) == 3 and not list(cache.glob("*.tmp*"))
+    monkeypatch.undo()
+    again = run(tiny, dataset, cache)
+    assert again.new == 0 and again.images == 24  # the parts were reused
+    monkeypatch.setattr(shutil_mod, "disk_usage", lambda folder: shutil_mod._ntuple_diskusage(10 ** 9, 10 ** 9, 1000))
+    (dataset / "train" / "a" / "000.jpg").unlink()
+    colour_image(0, np.random.default_rng(9)).save(dataset / "train" / "a" / "new.jpg")
+    with pytest.raises(featx.FeatxError, match=r"no room in .*MiB needed, 0.0 MiB free"):
+        run(tiny, dataset, cache)  # checked before writing: HDF5 may crash rather than raise on a full disk
+
+
+def test_a_read_only_cache_that_is_up_to_date_stays_usable(tiny, dataset, tmp_path, monkeypatch):
+    import errno
+
+    from filelock import FileLock
+
+    first = run(tiny, dataset, tmp_path / "c")
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", self.lock_file)
+
+    monkeypatch.setattr(FileLock, "acquire", read_only)
+    again = run(tiny, dataset, tmp_path / "c")
+    assert again.new == 0 and again.path == first.path
+    colour_image(1, np.random.default_rng(3)).save(dataset / "train" / "b" / "extra.jpg")
+    with pytest.raises(featx.FeatxError, match=r"cache folder .* is not writable and 1 images need extracting"):
+        run(tiny, dataset, tmp_path / "c")

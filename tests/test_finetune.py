@@ -192,3 +192,45 @@ def test_resume_on_cuda(tiny, dataset, tmp_path):
     ft.finetune(tiny, str(dataset), "block2", **{**kw, "epochs": 1})
     m = ft.finetune(tiny, str(dataset), "block2", resume=True, **kw)
     assert [h["epoch"] for h in m["history"]] == [1, 2]
+
+
+@pytest.fixture
+def one_epoch(tiny, dataset, tmp_path):
+    kw = dict(out=tmp_path / "run", workers=0, progress=False)
+    ft.finetune(tiny, str(dataset), "block2", epochs=1, **kw)
+    return kw
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "pickle"])
+def test_a_damaged_checkpoint_is_one_line(tiny, dataset, one_epoch, damage):
+    path = one_epoch["out"] / "checkpoint.pt"
+    raw = bytearray(path.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01
+    path.write_bytes({"flip": bytes(raw), "truncate": bytes(raw[:len(raw) // 3]), "empty": b""}.get(damage, b""))
+    if damage == "pickle":
+        torch.save({"net": {}}, path)
+    with pytest.raises(FeatxError, match=r"checkpoint.pt (fails its SHA-256 check|is not a featx checkpoint)"):
+        ft.finetune(tiny, str(dataset), "block2", epochs=2, resume=True, **one_epoch)
+
+
+def test_resume_with_more_epochs_rebuilds_the_schedule(tiny, dataset, one_epoch, tmp_path):
+    resumed = ft.finetune(tiny, str(dataset), "block2", epochs=3, resume=True, **one_epoch)
+    clean = ft.finetune(tiny, str(dataset), "block2", epochs=3, out=tmp_path / "clean", workers=0, progress=False)
+    # epoch 1 ran under the 1-epoch plan; from epoch 2 the rates are those of a clean 3-epoch run
+    assert [h["lr"] for h in resumed["history"]][1:] == pytest.approx([h["lr"] for h in clean["history"]][1:])
+    assert clean["history"][0]["lr"] == pytest.approx(1e-3)  # the lr column is the rate the epoch used
+
+
+@pytest.mark.parametrize("option,value", [("lr", float("nan")), ("lr", -1.0), ("epochs", 0), ("batch_size", -4),
+                                          ("weight_decay", -0.1), ("backbone_lr_scale", float("inf"))])
+def test_numeric_options_are_validated_before_any_work(tiny, dataset, tmp_path, option, value):
+    with pytest.raises(FeatxError, match=f"--{option.replace('_', '-')} {value}: must be a finite number"):
+        ft.finetune(tiny, str(dataset), "none", out=tmp_path / "run", **{option: value})
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_loss_stops_before_a_model_is_written(tiny, dataset, tmp_path):
+    with pytest.raises(FeatxError, match="loss became nan: the network diverged, so lower --lr"):
+        ft.finetune(tiny, str(dataset), "all", epochs=1, lr=1e30, out=tmp_path / "run", workers=0, progress=False)
+    assert not (tmp_path / "run" / "model.featx").exists()

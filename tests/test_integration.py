@@ -65,7 +65,11 @@ def test_heads_on_hymenoptera(hymenoptera_features, tmp_path, clf):
 
     m = fit.fit_head(clf, features=hymenoptera_features[0].path, out=tmp_path / clf, progress=False)
     assert m["val"]["n"] == 153
-    assert m["val"]["accuracy"] >= (0.94 if clf == "logreg" else 0.90), m["val"]["accuracy"]
+    # logreg: C ties on CV accuracy go to the lowest CV log-loss (C = 0.1 here): val 0.9346 with log-loss 0.157,
+    # where the smallest tied C gave 0.9477 with log-loss 0.283 (two images of 153 apart)
+    assert m["val"]["accuracy"] >= (0.93 if clf == "logreg" else 0.90), m["val"]["accuracy"]
+    if clf in ("logreg", "svm"):
+        assert m["val"]["log_loss"] <= 0.2 and m["val"]["ece"] <= 0.08, (m["val"]["log_loss"], m["val"]["ece"])
     bees = sorted((SHARED_DATA / "hymenoptera" / "val" / "bees").iterdir())[:5]
     predictions = predictor.predict(tmp_path / clf / "model.featx", bees)
     assert sum(p["label"] == "bees" for p in predictions) >= 4
