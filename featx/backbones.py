@@ -341,6 +341,8 @@ class Backbone(nn.Module):
 def resolve_backbone(name: str, layer: str | None = None,
                      input_size: int | None = None) -> tuple[BackboneSpec, str, Preprocess]:
     """The registry entry, tap and preprocessing that ``create_backbone`` would use, checked."""
+    if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
+        raise FeatxError(f"--input-size {input_size}: must be a whole number of pixels >= 1")
     spec = get_spec(name)
     layer = layer or spec.default_tap
     if layer not in spec.taps:

@@ -133,13 +133,19 @@ def predict(model, images, top_k, plot, weights, device, as_json):
     results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot)
     if as_json:
         emit({"predictions": results, "plot": plot}, True, "")
-        return
     for r in results:
         if "error" in r:
-            click.echo(f"{r['path']}: skipped ({r['error']})", err=True)
-            continue
-        ranked = ", ".join(f"{t['label']} {t['probability']:.6f}" for t in r["top_k"])
-        click.echo(f"{r['path']}\t{ranked}")
+            click.echo(f"featx: {tsv_safe(r['path'])}: could not be read ({r['error']})", err=True)
+        elif not as_json:
+            ranked = ", ".join(f"{t['label']} {t['probability']:.6f}" for t in r["top_k"])
+            click.echo(f"{tsv_safe(r['path'])}\t{ranked}")
+    if all("error" in r for r in results):
+        raise FeatxError(f"none of the {len(results)} inputs could be predicted: pass image files")
+
+
+def tsv_safe(text: str) -> str:
+    """A path on one tab-separated line: backslash, tab, newline and carriage return are escaped."""
+    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
 
 
 @cli.command()

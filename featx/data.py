@@ -7,6 +7,7 @@ same one and adding files moves no other file.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -94,6 +95,7 @@ class Dataset:
     split_source: str  # "folders" or "hash:<seed>"
     spec: DatasetSpec | None = None
     counts: dict = field(default_factory=dict)
+    broken: list = field(default_factory=list)  # (relative path, reason): symlinks that lead nowhere
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -159,8 +161,9 @@ def load(data: str | os.PathLike, root: str | os.PathLike | None = None, downloa
 def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None) -> Dataset:
     folder = Path(folder)
     split_dirs = [s for s in SPLITS if (folder / s).is_dir()]
+    broken: list = []
     if split_dirs:
-        per_split = {s: class_files(folder / s) for s in split_dirs}
+        per_split = {s: class_files(folder / s, broken, f"{s}/") for s in split_dirs}
         classes = sorted({c for files in per_split.values() for c in files})
         paths, labels, splits = [], [], []
         for s, files in per_split.items():
@@ -171,7 +174,7 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
                     splits.append(s)
         source = "folders"
     else:
-        files = class_files(folder)
+        files = class_files(folder, broken)
         classes = sorted(files)
         paths = [f"{c}/{n}" for c in classes for n in files[c]]
         labels = [classes.index(p.split("/", 1)[0]) for p in paths]
@@ -184,19 +187,36 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
     labels = np.asarray(labels, dtype=np.int64)
     counts = {s: {c: int(((labels == i) & (np.asarray(splits) == s)).sum()) for i, c in enumerate(classes)}
               for s in SPLITS if s in splits}
-    return Dataset(name or folder.name, folder, classes, paths, labels, splits, source, spec, counts)
+    return Dataset(name or folder.name, folder, classes, paths, labels, splits, source, spec, counts, broken)
 
 
-def class_files(folder: Path) -> dict[str, list[str]]:
-    """Files per class folder (hidden ones excluded); format is decided later, by content."""
+def class_files(folder: Path, broken: list, prefix: str = "") -> dict[str, list[str]]:
+    """Files per class folder (hidden ones excluded); format is decided later, by content. Symbolic links
+    that lead nowhere go to ``broken`` as (relative path, reason) instead of vanishing silently."""
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     out = {}
     for c in classes:
-        names = sorted(f.name for f in (folder / c).iterdir() if f.is_file() and not f.name.startswith("."))
+        names = []
+        for f in sorted((folder / c).iterdir()):
+            if f.name.startswith("."):
+                continue
+            if f.is_file():
+                names.append(f.name)
+            elif f.is_symlink() and not f.exists():
+                broken.append((f"{prefix}{c}/{f.name}", symlink_problem(f)))
         if not names:
             raise FeatxError(f"class folder {folder / c} is empty: add images or remove the folder")
         out[c] = names
     return out
+
+
+def symlink_problem(link: Path) -> str:
+    try:
+        os.stat(link)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symlink loop: the link leads back to itself"
+    return f"dangling symlink: its target {os.readlink(link)} does not exist"
 
 
 def unit_hash(key: str, seed: int = SPLIT_SEED) -> float:

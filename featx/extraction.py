@@ -148,12 +148,13 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     seconds = time.perf_counter() - start
     return ExtractResult(
         path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped or f in unreadable),
-        skipped=len(skipped) + len(unreadable), dropped=dropped, unreadable=len(unreadable),
+        skipped=len(skipped) + len(unreadable) + len(ds.broken), dropped=dropped, unreadable=len(unreadable),
         img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
         seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
         feature_dim=int(index.dim or 0), dataset=ds.name,
         skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
-        + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()])
+        + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()]
+        + [{"path": f, "reason": reason} for f, reason in ds.broken])
 
 
 def write_batches(store: FeatureStore, batches, todo: list, fingerprints: dict, checkpoint_rows: int,

@@ -13,7 +13,8 @@ def atomic_write(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success flush it to disk and rename it into place.
 
     Readers see the old file or the new one, never half of one. The temporary name carries the pid, so
-    two writers never share it, and it is removed if the block raises.
+    two writers never share it, and it is removed if the block raises. The file gets the mode the umask
+    gives any new file (some writers, safetensors among them, create 0600 files).
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
@@ -21,9 +22,16 @@ def atomic_write(path: str | os.PathLike):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:

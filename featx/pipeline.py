@@ -39,6 +39,23 @@ STEP_KEYS = {
 }
 REQUIRED = {"extract": set(), "fit-head": {"clf"}, "finetune": {"unfreeze"}}
 
+# key -> (accepted types, the smallest value for numbers, what to write), for the top level and the steps
+TEXT, WHOLE, NUMBER, FLAG = ((str,), None, "text"), ((int,), 1, "a whole number >= 1"), \
+    ((int, float), 0, "a number >= 0"), ((bool,), None, "true or false")
+TYPES = {**{k: TEXT for k in ("name", "description", "data", "backbone", "seed_backbone", "notes", "kind", "layer",
+                              "weights", "note", "dtype", "clf", "select_on", "unfreeze", "optimizer", "schedule",
+                              "augment", "head", "head_from")},
+         **{k: WHOLE for k in ("input_size", "batch_size", "epochs", "step_size", "patience")},
+         "seed": ((int,), 0, "a whole number >= 0"), "lr": ((int, float), 1e-300, "a number > 0"),
+         "backbone_lr_scale": NUMBER, "from_scratch": FLAG, "seed_figure": ((int, float, str), None, "a number or text")}
+
+
+def check_value(where: str, key: str, value) -> None:
+    types, low, what = TYPES[key]
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types) or \
+            low is not None and not (value >= low and value == value and value != float("inf")):
+        raise FeatxError(f"{where}: '{key}' must be {what}, not {value!r}")
+
 
 # The reference experiments ship inside the package (installed from a wheel) or sit beside it (a checkout).
 SHIPPED_FOLDERS = (Path(__file__).parent / "pipelines", Path(__file__).resolve().parents[1] / "pipelines")
@@ -68,7 +85,9 @@ def load_pipeline(path: str | os.PathLike) -> dict:
     """Parse and validate a pipeline file; every error names the file, the step and the fix."""
     path = find_pipeline(path)
     try:
-        spec = tomllib.loads(path.read_text())
+        spec = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise FeatxError(f"{path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise FeatxError(f"{path} is not valid TOML ({exc}): fix the syntax") from None
     unknown = sorted(set(spec) - TOP_KEYS)
@@ -77,6 +96,10 @@ def load_pipeline(path: str | os.PathLike) -> dict:
     for key in ("name", "data", "steps"):
         if key not in spec:
             raise FeatxError(f"{path}: missing '{key}'")
+    for key in set(spec) - {"steps"}:
+        check_value(str(path), key, spec[key])
+    if not isinstance(spec["steps"], list) or not spec["steps"] or not all(isinstance(s, dict) for s in spec["steps"]):
+        raise FeatxError(f"{path}: 'steps' must be one or more [[steps]] tables, not {spec['steps']!r}")
     names = set()
     for i, step in enumerate(spec["steps"], 1):
         where = f"{path}: step {i} ({step.get('name', 'unnamed')})"
@@ -90,6 +113,8 @@ def load_pipeline(path: str | os.PathLike) -> dict:
         missing = sorted((REQUIRED[kind] | {"name"}) - set(step))
         if missing:
             raise FeatxError(f"{where}: missing '{missing[0]}'")
+        for key, value in step.items():
+            check_value(where, key, value)
         if step["name"] in names:
             raise FeatxError(f"{where}: the name '{step['name']}' is used twice")
         if step.get("head_from") and step["head_from"] not in names:

@@ -72,9 +72,10 @@ def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predi
 def image_files(inputs: list) -> list[Path]:
     files = []
     for item in map(Path, inputs):
-        if item.is_dir():
-            files += sorted(p for p in item.rglob("*") if p.is_file() and not p.name.startswith("."))
-        elif item.is_file():
+        if item.is_dir():  # broken symlinks stay in, so they are reported per file rather than dropped
+            files += sorted(p for p in item.rglob("*") if (p.is_file() or p.is_symlink() and not p.exists())
+                            and not p.name.startswith("."))
+        elif item.is_file() or item.is_symlink():
             files.append(item)
         else:
             raise FeatxError(f"{item} does not exist: pass image files or folders")

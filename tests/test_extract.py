@@ -157,17 +157,21 @@ def test_merge_streams_in_chunks(tiny, dataset, tmp_path, monkeypatch):
 
 
 CHILD = """
-import sys
+import sys, time
 sys.path.insert(0, {tests!r})
 import helpers
 helpers.register_tiny(__import__('pathlib').Path({weights!r}), delay={delay})
+from featx import store
+if {slow_merge}:  # one row per block, 20 ms each: a merge long enough to be killed or read during
+    store.COPY_ROWS, read = 1, store.read_features
+    store.read_features = lambda *a: (time.sleep(0.02), read(*a))[1]
 from featx.cli import main
 main(sys.argv[1:])
 """
 
 
-def extract_cmd(tiny_weights, data, cache, *extra, delay=0.0):
-    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights), delay=delay)
+def extract_cmd(tiny_weights, data, cache, *extra, delay=0.0, slow_merge=False):
+    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights), delay=delay, slow_merge=slow_merge)
     return [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir",
             str(cache), "--workers", "0", "--batch-size", "4", "--quiet", *extra]
 
@@ -192,6 +196,49 @@ def test_sigkill_loses_nothing_and_resumes(tiny_weights, tmp_path):
     result = json.loads(out.stdout)
     assert result["images"] == 300 and result["new"] == 300 - done
     assert not list(cache.glob("*.tmp*")) and not list(cache.glob("*.part*"))
+
+
+def merging(cache: Path, proc, timeout: float = 60) -> None:
+    """Wait until the writer is merging: its temporary main file exists."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not [
+            p for p in cache.glob("*.h5.tmp*") if ".part" not in p.name]:
+        time.sleep(0.01)
+
+
+def test_a_kill_during_the_merge_loses_nothing(tiny, tiny_weights, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 30})
+    cache = tmp_path / "c"
+    proc = subprocess.Popen(extract_cmd(tiny_weights, data, cache, "--checkpoint-rows", "8", slow_merge=True))
+    merging(cache, proc)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(list(cache.glob("*.part*.h5"))) == 8  # every row is still in a finished part
+    out = subprocess.run(extract_cmd(tiny_weights, data, cache, "--json"), capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["new"] == 0 and result["images"] == 60
+    assert not list(cache.glob("*.tmp*")) and not list(cache.glob("*.part*"))
+    clean = run(tiny, data, tmp_path / "clean")
+    np.testing.assert_array_equal(store.load(result["path"]).X, store.load(clean.path).X)
+
+
+def test_readers_during_a_merge_see_the_old_file_or_the_new_one(tiny, tiny_weights, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 10})
+    cache = tmp_path / "c"
+    first = run(tiny, data, cache).as_dict()
+    more = make_dataset(tmp_path / "more", {"train": 10}, seed=5)
+    for f in more.glob("train/*/*.jpg"):
+        f.rename(data / "train" / f.parent.name / f"new_{f.name}")
+    proc = subprocess.Popen(extract_cmd(tiny_weights, data, cache, slow_merge=True))
+    merging(cache, proc)
+    seen = set()
+    while proc.poll() is None:
+        f = store.load(first["path"])
+        assert len(f.X) == len(f.paths) == len(f.y) and np.isfinite(f.X).all()
+        seen.add(len(f.X))
+    assert proc.returncode == 0 and seen <= {20, 40} and 20 in seen
+    assert len(store.load(first["path"]).X) == 40
 
 
 def test_two_writers_on_one_cache(tiny_weights, tmp_path):

@@ -100,3 +100,28 @@ def test_evaluate_refuses_unknown_classes_before_extracting(fitted, tmp_path):
     with pytest.raises(FeatxError, match=r"classes the model does not know \(zebra\)"):
         predictor.evaluate(fitted[1] / "model.featx", str(other), cache_dir=tmp_path / "fresh", progress=False)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_predict_exit_code_and_tab_safe_output(fitted, dataset, tmp_path):
+    model_file = str(fitted[1] / "model.featx")
+    odd = tmp_path / "a\tb\nc.jpg"
+    odd.write_bytes((dataset / "test" / "a" / "000.jpg").read_bytes())
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    res = CliRunner().invoke(cli, ["predict", "--model", model_file, str(odd), str(tmp_path / "junk.jpg")])
+    assert res.exit_code == 0
+    lines = res.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].split("\t")[0].endswith("a\\tb\\nc.jpg") and lines[0].split("\t")[1][0] == "a"
+    assert "junk.jpg: could not be read" in res.stderr
+    from featx.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--model", model_file, str(tmp_path / "junk.jpg")])
+    assert exit_info.value.code == 2
+
+
+def test_broken_symlinks_in_a_dataset_are_listed_as_skipped(tiny, dataset, tmp_path):
+    (dataset / "train" / "a" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (dataset / "train" / "b" / "loop.jpg").symlink_to(dataset / "train" / "b" / "loop.jpg")
+    r = featx.extract(tiny, str(dataset), cache_dir=tmp_path / "c", progress=False, workers=0)
+    reasons = {s["path"]: s["reason"] for s in r.skipped_files}
+    assert reasons["train/a/gone.jpg"].startswith("dangling symlink") and r.images == 24
+    assert reasons["train/b/loop.jpg"].startswith("symlink loop") and r.skipped == 2

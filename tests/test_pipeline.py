@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
@@ -105,3 +106,32 @@ def test_absent_dataset_fails_at_start(tmp_path):
     res = CliRunner().invoke(cli, ["run", str(REPO / "pipelines" / "s0_hotdog.toml"), "--data-root", str(tmp_path)])
     assert isinstance(res.exception, FeatxError) and "hotdog.zip" in str(res.exception)
     assert not (tmp_path / "hotdog").exists()
+
+
+@pytest.mark.parametrize("body,message", [
+    ('steps = 5', "'steps' must be one or more"),
+    ('steps = ["a"]', "'steps' must be one or more"),
+    ('[[steps]]\nname = "x"\nkind = "finetune"\nunfreeze = "none"\nepochs = "two"', "'epochs' must be a whole number >= 1, not 'two'"),
+    ('[[steps]]\nname = "x"\nkind = "extract"\nbatch_size = -4', "'batch_size' must be a whole number >= 1, not -4"),
+    ('[[steps]]\nname = "x"\nkind = "finetune"\nunfreeze = "none"\nlr = nan', "'lr' must be a number > 0, not nan"),
+    ('[[steps]]\nname = "x"\nkind = "finetune"\nunfreeze = "none"\nfrom_scratch = 1', "'from_scratch' must be true or false"),
+    ('[[steps]]\nname = 3\nkind = "extract"', "'name' must be text, not 3"),
+])
+def test_pipeline_values_are_checked_with_one_line(tmp_path, body, message):
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\ndata = "digits"\n{body}\n')
+    with pytest.raises(FeatxError, match=re.escape(message)):
+        load_pipeline(path)
+
+
+def test_a_pipeline_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "p.toml").write_bytes(b'name = "caf\xe9"\ndata = "digits"\n')
+    with pytest.raises(FeatxError, match="is not UTF-8 text"):
+        load_pipeline(tmp_path / "p.toml")
+
+
+def test_input_size_is_checked_in_the_api(tiny, dataset, tmp_path):
+    import featx
+    for size in (-5, 0):
+        with pytest.raises(FeatxError, match=f"--input-size {size}: must be a whole number"):
+            featx.extract(tiny, str(dataset), cache_dir=tmp_path, input_size=size, progress=False)

@@ -38,3 +38,18 @@ def test_atomic_write_uses_a_per_process_name_and_cleans_up(tmp_path):
     with atomic_write(target) as tmp:
         tmp.write_text("whole")
     assert target.read_text() == "whole" and list(tmp_path.iterdir()) == [target]
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    import numpy as np
+
+    from featx.identity import FeatureIdentity
+    from featx.modelfile import ModelFile
+
+    old = os.umask(0o027)
+    try:
+        path = ModelFile("head", ["a", "b"], FeatureIdentity("b", "w", "s", "l", "t"), {}, {"kind": "logreg"},
+                         {"coef": np.zeros((2, 2))}).save(tmp_path / "model.featx")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640
