@@ -7,6 +7,7 @@ import sys
 import click
 
 from .errors import FeatxError
+from .workspace import DEFAULT_BACKBONE
 
 
 def emit(result: dict, as_json: bool, text: str) -> None:
@@ -14,23 +15,27 @@ def emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=None, default=str) if as_json else text)
 
 
-def data_options(f):
-    f = click.option("--data-root", type=click.Path(file_okay=False),
-                     help="Folder holding registered datasets (default: $FEATX_DATA, else a per-user folder).")(f)
-    f = click.option("--data", required=True, help="Dataset folder, or a registered name (see 'featx datasets').")(f)
-    return f
+def data_options(required: bool = True):
+    """--data and --data-root; a later stage may leave --data out and take the last extract's."""
+    def add(f):
+        f = click.option("--data-root", type=click.Path(file_okay=False),
+                         help="Folder holding registered datasets (default: $FEATX_DATA, else a per-user folder).")(f)
+        default = "" if required else "; default: the last extract's"
+        return click.option("--data", required=required, default=None, help="Dataset folder, or a registered name "
+                            f"(see 'featx datasets'){default}.")(f)
+    return add
 
 
 def backbone_options(f):
-    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-                     show_default=True, help="fp32 on a CPU; on CUDA bf16 where the GPU supports it, else fp16.")(f)
+    f = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+                     help="auto (the default): fp32 on a CPU; on CUDA bf16 where the GPU supports it, else fp16.")(f)
     f = click.option("--input-size", type=click.IntRange(1), default=None,
                      help="Resize the shorter side to N and centre-crop N instead of the weights' own size.")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local state dict FILE to use instead of the registered pretrained weights.")(f)
     f = click.option("--layer", default=None, help="Feature tap (default: pooled penultimate); see 'featx backbones'.")(f)
-    f = click.option("--backbone", default="efficientnet_lite0", show_default=True,
-                     help="Registered backbone or timm:<name>.")(f)
+    f = click.option("--backbone", default=None, help="Registered backbone or timm:<name> (default: extract "
+                     "efficientnet_lite0; later stages, the last extract's).")(f)
     return f
 
 
@@ -42,7 +47,7 @@ def cli():
 
 @cli.command()
 @backbone_options
-@data_options
+@data_options()
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", default=None, type=click.IntRange(1), help="Default: 32 on CPU, 128 on CUDA.")
@@ -61,9 +66,9 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     from .extraction import extract as run_extract
 
-    r = run_extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
+    r = run_extract(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
-                    input_size=input_size, precision=precision, verify=verify, checkpoint_rows=checkpoint_rows,
+                    input_size=input_size, precision=precision or "auto", verify=verify, checkpoint_rows=checkpoint_rows,
                     progress=not quiet)
     for s in r.skipped_files:
         again = " (tried again next run)" if s.get("retried_next_run") else ""
@@ -78,7 +83,8 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
 @click.option("--clf", type=click.Choice(["svm", "logreg", "knn", "mlp"]), default="logreg", show_default=True)
 @click.option("--features", type=click.Path(dir_okay=False), default=None, help="A featx feature cache (.h5).")
 @backbone_options
-@click.option("--data", default=None, help="Dataset folder or registered name (extracts if not cached).")
+@click.option("--data", default=None, help="Dataset folder or registered name (extracts if not cached; default: "
+              "the last extract's).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--select-on", type=click.Choice(["cv", "val"]), default="cv", show_default=True,
@@ -150,7 +156,7 @@ def tsv_safe(text: str) -> str:
 
 @cli.command()
 @click.option("--model", required=True, type=click.Path(dir_okay=False))
-@data_options
+@data_options(required=False)
 @click.option("--split", default="test", show_default=True)
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--out", type=click.Path(file_okay=False), default=None)
@@ -170,7 +176,7 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 
 @cli.command()
 @backbone_options
-@data_options
+@data_options(required=False)
 @click.option("--unfreeze", required=True, help="Comma-separated blocks (see 'featx backbones'), top:N (the last N), all, or none.")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
@@ -182,8 +188,11 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 @click.option("--step-size", default=7, show_default=True, type=click.IntRange(1), help="Epochs per step (step).")
 @click.option("--augment", type=click.Choice(["none", "light", "strong"]), default="light", show_default=True)
 @click.option("--head", default=None,
-              help="Start the head from a fit-head model FILE (logreg/svm/mlp) on this backbone, or from ImageNet "
-                   "classifier rows: imagenet:ROW,... one per class (index, name or - for fresh), e.g. imagenet:ant,bee.")
+              help="Start the head from a fit-head model FILE (logreg/svm/mlp) on this backbone, from ImageNet "
+                   "classifier rows: imagenet:ROW,... one per class (index, name or - for fresh), e.g. imagenet:ant,bee, "
+                   "or 'none' for a fresh head. Default: the last fit-head's head when it fits, else fresh.")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
+              help="The project's cache folder, whose record of the last extract and fit-head fills what is left out.")
 @click.option("--from-scratch", is_flag=True, help="Random initialisation, everything trainable.")
 @click.option("--patience", type=click.IntRange(1), default=None, help="Stop after N epochs without val gain.")
 @click.option("--val-fraction", default=0.15, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -196,8 +205,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, lr,
-             backbone_lr_scale, optimizer, schedule, step_size, augment, head, from_scratch, patience, val_fraction,
-             resume, out, device, workers, seed, as_json, quiet):
+             backbone_lr_scale, optimizer, schedule, step_size, augment, head, cache_dir, from_scratch, patience,
+             val_fraction, resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
     from .finetuning import finetune as run_finetune
     from .report import summary_line
@@ -208,8 +217,11 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
                      backbone_lr_scale=backbone_lr_scale, optimizer=optimizer, schedule=schedule,
                      step_size=step_size, augment=augment, head=head, from_scratch=from_scratch, patience=patience,
                      resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
-                     precision=precision, val_fraction=val_fraction, seed=seed, progress=not quiet)
-    emit(m, as_json, f"best epoch {m['best_epoch']} (chosen on val: {m['val_source']}): {summary_line(m)}\n"
+                     precision=precision, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
+                     progress=not quiet)
+    emit(m, as_json, f"trained {', '.join(m['unfreeze']) or 'the head only'}: {m['trainable_params']:,} of "
+                     f"{m['total_params']:,} parameters trainable\n"
+                     f"best epoch {m['best_epoch']} (chosen on val: {m['val_source']}): {summary_line(m)}\n"
                      f"model: {m['model']}")
 
 
@@ -243,7 +255,7 @@ def demo(ctx, device, as_json, quiet):
 
 
 @cli.command()
-@data_options
+@data_options()
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)

@@ -14,13 +14,14 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, workspace
 from . import data as data_mod
 from .backbones import Backbone, Preprocess, create_backbone, feature_identity, resolve_backbone
 from .devices import (default_batch_size, default_workers, forward, make_loader, prepare, resolve_device,
@@ -145,6 +146,11 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
         index, order, skipped, dropped = finish(store, ds, cache_attrs(p.identity, p.preprocess, ds))
+    if not isinstance(backbone, Backbone):  # evaluate extracts with a model's own backbone: not a user's choice
+        workspace.record(cache_dir, "extract", {
+            "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": p.layer,
+            "input_size": input_size, "precision": p.identity.precision, "weights": weights and str(Path(weights).resolve()),
+            "path": str(path)})
     seconds = time.perf_counter() - start
     return ExtractResult(
         path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped or f in unreadable),

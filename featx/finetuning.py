@@ -28,7 +28,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from . import data as data_mod
-from . import report
+from . import report, workspace
 from .backbones import Backbone, create_backbone
 from .devices import autocast, default_workers, make_loader, resolve_device, resolve_precision, to_device
 from .errors import FeatxError
@@ -258,23 +258,52 @@ def check_options(**options) -> None:
             raise FeatxError(f"--{name.replace('_', '-')} {value}: must be a whole number")
 
 
-def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreeze: str = "none", *,
+def choose_head(head: str | None, net: Backbone, ds, cache_dir) -> str | None:
+    """``--head`` as given; ``none`` for a fresh head; left out, the head of the last ``fit-head`` when it
+    was fitted on this backbone's pooled features of this data (seed S3 warm-starts its fine-tune from
+    its trained top model), else a fresh one. The choice is printed either way."""
+    if head == "none":
+        print("featx: starting from a fresh (Xavier) head, as --head none asks", file=sys.stderr)
+        return None
+    if head is not None:
+        return head
+    last = workspace.read(cache_dir).get("fit_head")
+    why = "no fit-head ran in this folder"
+    if last:
+        model = Path(last["model"])
+        same = model.is_file() and ModelFile.load(model).identity == net.identity() and Path(last["data"]) == ds.root
+        why = (f"the last fit-head ({model}) is a kNN, which holds no weights to start from" if last["clf"] == "knn"
+               else f"the last fit-head ({model}) was fitted on other features or data" if not same else "")
+        if not why:
+            print(f"featx: starting the head from the last fit-head ({model}, {last['clf']}), as seed S3 does; "
+                  "--head none starts a fresh one", file=sys.stderr)
+            return str(model)
+    print(f"featx: starting from a fresh (Xavier) head: {why}", file=sys.stderr)
+    return None
+
+
+def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str = "none", *,
              data_root: str | None = None, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
              backbone_lr_scale: float = 0.1, optimizer: str = "adamw", schedule: str = "cosine",
              step_size: int = 7, weight_decay: float = 1e-4, augment: str = "light", head: str | None = None,
              from_scratch: bool = False, patience: int | None = None, resume: bool = False,
              out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
-             weights: str | None = None, input_size: int | None = None, precision: str = "auto",
-             val_fraction: float = 0.15, seed: int = 0, progress: bool = True) -> dict:
+             weights: str | None = None, input_size: int | None = None, precision: str | None = None,
+             val_fraction: float = 0.15, seed: int = 0, cache_dir: str | os.PathLike = "cache",
+             progress: bool = True) -> dict:
     """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``.
 
     The epoch is chosen on val; data without val/ gets a stable ``val_fraction`` of train instead. The
-    result says which split chose the epoch (``selected_on``): its figures are optimistic, test's are not."""
+    result says which split chose the epoch (``selected_on``): its figures are optimistic, test's are not.
+    What is left out (None) comes from the last extraction in ``cache_dir``, and the head from the last
+    fit-head there (``choose_head``)."""
     check_options(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
                   weight_decay=weight_decay, step_size=step_size, patience=patience)
+    given = workspace.fill(cache_dir, "finetune", backbone=backbone, data=data, input_size=input_size,
+                           precision=precision, weights=weights)
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    ds = data_mod.load(data, data_root)
+    ds = data_mod.load(given["data"], data_root)
     if "train" not in ds.split_names():
         raise FeatxError(f"{ds.root} has no train/ split (it has {', '.join(ds.split_names())}): fine-tuning "
                          "trains on train/")
@@ -283,12 +312,13 @@ def finetune(backbone: str = "efficientnet_lite0", data: str = "digits", unfreez
             raise FeatxError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
         ds = ds.with_val_from_train(val_fraction)
     val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
-    net_b = create_backbone(backbone, None, weights, pretrained=not from_scratch, input_size=input_size,
-                            precision=resolve_precision(precision, dev))
+    net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
+                            input_size=given["input_size"], precision=resolve_precision(given["precision"] or "auto", dev))
+    head = None if from_scratch else choose_head(head, net_b, ds, cache_dir)
     blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
     out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")
     out.mkdir(parents=True, exist_ok=True)
-    net = FineTuneNet(net_b, starting_head(None if from_scratch else head, net_b, ds.classes))
+    net = FineTuneNet(net_b, starting_head(head, net_b, ds.classes))
     opt, sched = training_setup(net, blocks, lr, 1.0 if from_scratch else backbone_lr_scale, optimizer, schedule,
                                 epochs, step_size, weight_decay)
     net = net.to(dev).to(memory_format=torch.channels_last)

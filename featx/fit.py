@@ -9,32 +9,36 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report, store
+from . import report, store, workspace
 from .errors import FeatxError
 from .extraction import extract
 from .heads import make_head, proba_over
 from .modelfile import MODEL_NAME, ModelFile
 
 
-def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "efficientnet_lite0",
+def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | None = None,
              data: str | None = None, layer: str | None = None, *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
              device: str = "auto", weights: str | None = None, input_size: int | None = None,
-             precision: str = "auto", C: float | None = None, k: int | None = None, progress: bool = True) -> dict:
+             precision: str | None = None, C: float | None = None, k: int | None = None, progress: bool = True) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
     and write model.featx, metrics.json, confusion PNGs and top losses to ``out``.
 
     ``select_on="cv"`` selects by cross-validation on train (``selection.make_folds``) and scores val and
-    test; ``"val"`` selects on val, refits on train + val and scores test only. ``C`` / ``k`` fix the value."""
+    test; ``"val"`` selects on val, refits on train + val and scores test only. ``C`` / ``k`` fix the value.
+    Without ``features``, what is left out (None) comes from the last extraction in ``cache_dir``
+    (``workspace.fill``); the head is recorded there for ``finetune``."""
     if select_on not in ("cv", "val"):
         raise FeatxError(f"--select-on {select_on}: use cv or val")
     if C is not None and not (C > 0 and np.isfinite(C)) or k is not None and k < 1:
         raise FeatxError(f"--C must be a positive number and --k a positive integer (got C={C}, k={k})")
     if features is None:
-        if data is None:
-            raise FeatxError("fit-head needs --features FILE, or --backbone and --data to extract them")
-        r = extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
-                    weights=weights, input_size=input_size, precision=precision, progress=progress)
+        given = workspace.fill(cache_dir, "fit-head", backbone=backbone, data=data, layer=layer,
+                               input_size=input_size, precision=precision, weights=weights)
+        weights = given["weights"]
+        r = extract(given["backbone"], given["data"], given["layer"], data_root=data_root, cache_dir=cache_dir,
+                    device=device, weights=weights, input_size=given["input_size"],
+                    precision=given["precision"] or "auto", progress=progress)
         if r.new and progress:
             print(f"featx: extracted {r.new} new images into {r.path} first", file=sys.stderr)
         features = r.path
@@ -70,5 +74,8 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str = "
                            weights_file=weights, info={"dataset": F.attrs["dataset"], "features": str(F.path),
                                                        "select_on": select_on}).save(out / MODEL_NAME)
     result = {**metrics, "selected": selected, "clf": clf, "model": str(model_path), "features": str(F.path)}
+    workspace.record(cache_dir, "fit_head", {"model": str(model_path.resolve()), "clf": clf,
+                                             "backbone": F.attrs["backbone"], "layer": F.attrs["layer"],
+                                             "data": F.attrs["dataset_root"]})
     report.write_report(out, result, F.classes)
     return result

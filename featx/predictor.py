@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import data as data_mod
-from . import report, store
+from . import report, store, workspace
 from .backbones import Backbone, Preprocess, create_backbone
 from .devices import resolve_device
 from .errors import FeatxError
@@ -106,10 +106,12 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
     return results
 
 
-def evaluate(model: str | os.PathLike, data: str, split: str = "test", *, data_root: str | None = None,
+def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "test", *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", out: str | os.PathLike | None = None, device: str = "auto",
              weights: str | None = None, progress: bool = True) -> dict:
-    """Metrics, confusion matrix and top losses of a model on one split of a dataset (features cached)."""
+    """Metrics, confusion matrix and top losses of a model on one split of a dataset (features cached);
+    ``data`` left out is the last extraction's in ``cache_dir``."""
+    data = workspace.fill(cache_dir, "evaluate", data=data)["data"]
     predictor = load_predictor(model, weights)
     unknown = sorted(set(data_mod.load(data, data_root).classes) - set(predictor.classes))
     if unknown:  # checked before any extraction

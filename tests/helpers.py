@@ -73,3 +73,37 @@ def make_dataset(root: Path, per_class: dict | None = None, classes=("a", "b"), 
             for i in range(n):
                 colour_image(label, rng).save(folder / f"{i:03d}.{'jpg' if fmt == 'JPEG' else 'png'}", fmt)
     return root
+
+
+class TinyVGG(nn.Module):
+    """VGG16's layout (conv blocks 2-2-3-3-3 with max-pools, classifier fc6-relu-dropout-fc7-relu-dropout-fc8)
+    at a few channels, so VGG16's registry entry (blocks, taps) applies to it unchanged."""
+
+    def __init__(self):
+        super().__init__()
+        layers, channels = [], 3
+        for width, convs in ((4, 2), (4, 2), (8, 3), (8, 3), (8, 3)):
+            for _ in range(convs):
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+                channels = width
+            layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(), nn.Linear(16, 16), nn.ReLU(),
+                                        nn.Dropout(), nn.Linear(16, 1000))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def register_tiny_vgg16(folder: Path) -> BackboneSpec:
+    """Stand in for vgg16 (whose random weights alone are 528 MB): VGG16's own spec, a tiny network."""
+    from dataclasses import replace
+
+    from featx import backbones
+
+    torch.manual_seed(0)
+    torch.save(TinyVGG().state_dict(), folder / "tiny_vgg16.pth")
+    real = backbones.get_spec("vgg16")
+    return replace(real, build=TinyVGG, weights=Weights("file", str(folder / "tiny_vgg16.pth")),
+                   preprocess=Preprocess(32, 32, "bilinear"), feature_dim=16)

@@ -51,17 +51,18 @@ def test_unknown_backbone_and_layer():
         featx.create_backbone("resnet18", "x", pretrained=False)
 
 
-def test_missing_torchvision_weights_offline_is_one_line(tmp_path, monkeypatch):
+def test_missing_torchvision_weights_offline_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(FeatxError) as err:
         featx.create_backbone("resnet18")
     msg = str(err.value)
-    assert "\n" not in msg and "resnet18-f37072fd.pth" in msg and str(tmp_path) in msg and "--weights" in msg
+    assert "\n" not in msg and "put resnet18-f37072fd.pth in" in msg and str(tmp_path) in msg and "--weights" in msg
+    assert capsys.readouterr().err == ""  # nothing printed before the one line (torch's "Downloading: ...")
 
 
 def test_torchvision_weights_load_from_hub_cache(tmp_path, monkeypatch):

@@ -1,0 +1,75 @@
+"""The workspace: what a project folder remembers between commands, in ``cache/workspace.json``.
+
+``featx extract`` records the last successful extraction and ``featx fit-head`` the last fitted head,
+so the commands users start from work as typed, one after the other, in one folder::
+
+    featx extract --backbone vgg16 --data cats_dogs
+    featx fit-head --clf svm
+    featx finetune --unfreeze block4,block5
+
+Whatever a later command leaves out comes from the record, and it says so in one line on stderr.
+Explicit options always win.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import FeatxError
+from .files import atomic_write
+
+STATE = "workspace.json"
+DEFAULT_BACKBONE = "efficientnet_lite0"
+REMEMBERED = ("backbone", "data", "layer", "input_size", "precision", "weights")
+
+
+def state_path(cache_dir: str | os.PathLike) -> Path:
+    return Path(cache_dir) / STATE
+
+
+def read(cache_dir: str | os.PathLike) -> dict:
+    path = state_path(cache_dir)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        raise FeatxError(f"{path} is not readable JSON: delete it (featx writes it again at the next extract)") from None
+
+
+def record(cache_dir: str | os.PathLike, key: str, entry: dict) -> None:
+    """Remember ``entry`` as the last ``key`` (``extract`` or ``fit_head``); a folder featx cannot write
+    to keeps its old record, since remembering is a convenience, never a reason to fail."""
+    state = {**read(cache_dir), key: entry}
+    try:
+        with atomic_write(state_path(cache_dir)) as tmp:
+            tmp.write_text(json.dumps(state, indent=2, default=str))
+    except OSError:
+        pass
+
+
+def fill(cache_dir: str | os.PathLike, command: str, **given) -> dict:
+    """``given`` with what the user left out (None) taken from the last extraction: the backbone and
+    data always, the layer, input size, precision and weights when the backbone is the same. Without a
+    record, the data must be given; the backbone then defaults to efficientnet_lite0."""
+    last = read(cache_dir).get("extract")
+    if last is None:
+        if given.get("data") is None:
+            raise FeatxError(f"{command} needs --data, and {cache_dir}/ holds no earlier extraction: run "
+                             "'featx extract --backbone NAME --data FOLDER' first, or pass --data")
+        return {**given, "backbone": given.get("backbone") or DEFAULT_BACKBONE}
+    filled = dict(given)
+    taken = [k for k in ("backbone", "data") if k in given and given[k] is None]
+    for key in taken:
+        filled[key] = last[key]
+    if filled.get("backbone") == last["backbone"]:
+        more = [k for k in REMEMBERED[2:] if k in given and given[k] is None and last.get(k) is not None]
+        filled |= {k: last[k] for k in more}
+        taken += more
+    if taken:
+        shown = {**{k: filled[k] for k in taken}, **({"data": last["dataset"]} if "data" in taken else {})}
+        print(f"featx: using {' · '.join(f'{k} {v}' for k, v in shown.items())} from the last extract "
+              f"({last['path']})", file=sys.stderr)
+    return filled
