@@ -1,5 +1,6 @@
 """One exception type for every mistake a user can fix; the CLI prints it as one line."""
 
 
-class FeatxError(Exception):
-    """A problem with the user's input or environment, with the fix in the message."""
+class FeatxError(ValueError):
+    """A problem with the user's input or environment, with the fix in the message. A ``ValueError``, as
+    scikit-learn's estimator contract expects of invalid input."""

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
 from .devices import resolve_device
 from .errors import FeatxError
 from .selection import Folds, best_index, fit_sigmoid, fit_temperature, holdout, log_loss_of, make_folds
@@ -27,16 +30,6 @@ PREPROCESSING = {"logreg": "standardise (mean/std of the training rows)", "svm":
 PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) strictly below the best
 
 
-def check_xy(X, y) -> tuple[np.ndarray, np.ndarray]:
-    X = np.asarray(X, dtype=np.float32)
-    y = np.asarray(y)
-    if X.ndim != 2 or len(X) != len(y):
-        raise FeatxError(f"features must be (n, d) with one label each; got {X.shape} and {len(y)} labels")
-    if len(np.unique(y)) < 2:
-        raise FeatxError("the training split has one class: a classifier needs at least two")
-    return X, y
-
-
 def proba_over(head: "Head", X: np.ndarray, n_classes: int) -> np.ndarray:
     """Probabilities over every dataset class, also when training lacked some of them."""
     p = head.predict_proba(X)
@@ -46,12 +39,27 @@ def proba_over(head: "Head", X: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 class Head(ClassifierMixin, BaseEstimator):
-    """What every head shares: labels, probabilities from arrays, and export to arrays."""
+    """What every head shares: scikit-learn's input contract, labels from probabilities, export to arrays."""
 
     kind = "head"
 
+    def _fit_data(self, X, y) -> tuple[np.ndarray, np.ndarray]:
+        """Validated (X, class codes); sets ``classes_`` and ``n_features_in_``."""
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise FeatxError(f"the training data has one class ({self.classes_[0]}): a classifier needs at least two")
+        return X, codes
+
+    def _data(self, X, dtype=np.float64) -> np.ndarray:
+        """X for prediction: the head must be fitted and X must have the training width."""
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=dtype)
+
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        proba = self.predict_proba(X)  # checks fitting and input first
+        return self.classes_[proba.argmax(1)]
 
     def predict_proba(self, X) -> np.ndarray:
         raise NotImplementedError
@@ -85,10 +93,9 @@ class LinearHead(Head):
         return self.loss
 
     def fit(self, X, y):
-        X, y = check_xy(X, y)
         if self.loss not in ("logreg", "svm"):
             raise FeatxError(f"unknown linear loss '{self.loss}': use logreg or svm")
-        self.classes_, codes = np.unique(y, return_inverse=True)
+        X, codes = self._fit_data(X, y)
         Cs = np.sort(DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float).ravel())
         folds = make_folds(self.cv, codes)
         scores, losses, held_out = self._path(X, codes, Cs, folds) if folds else ([], [], [])
@@ -151,11 +158,20 @@ class LinearHead(Head):
         else:
             self.temperature_ = np.array([fit_temperature(decision, codes) if decision is not None else 1.0])
 
+    def _decisions(self, X) -> np.ndarray:
+        """One column per class, or a single column for a binary SVM."""
+        return ((self._data(X) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+
     def decision_function(self, X) -> np.ndarray:
-        return ((np.asarray(X, np.float64) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
+        """scikit-learn's convention: 1-D for two classes (positive favours ``classes_[1]``), else one column
+        per class."""
+        z = self._decisions(X)
+        if len(self.classes_) == 2:
+            return z[:, 0] if z.shape[1] == 1 else z[:, 1] - z[:, 0]
+        return z
 
     def predict_proba(self, X) -> np.ndarray:
-        z = self.decision_function(X)
+        z = self._decisions(X)
         if self.loss == "logreg":
             return softmax(z)
         if hasattr(self, "temperature_"):
@@ -182,8 +198,7 @@ class KNNHead(Head):
         self.ks, self.cv = ks, cv
 
     def fit(self, X, y):
-        X, y = check_xy(X, y)
-        self.classes_, codes = np.unique(y, return_inverse=True)
+        X, codes = self._fit_data(X, y)
         folds = make_folds(self.cv, codes)
         asked = list(self.ks or DEFAULT_KS)
         if folds:
@@ -205,8 +220,9 @@ class KNNHead(Head):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
+        X = self._data(X, np.float32)
         k = int(self.k_[0])
-        neighbours = nearest_labels(normalise(np.asarray(X, np.float32)), self.train_, self.train_labels_, k)
+        neighbours = nearest_labels(normalise(X), self.train_, self.train_labels_, k)
         return vote(neighbours, len(self.classes_)) / k
 
     def arrays(self) -> dict:
@@ -245,8 +261,7 @@ class MLPHead(Head):
         self.cv, self.device, self.random_state = cv, device, random_state
 
     def fit(self, X, y):
-        X, y = check_xy(X, y)
-        self.classes_, codes = np.unique(y, return_inverse=True)
+        X, codes = self._fit_data(X, y)
         device = resolve_device(self.device)
         torch.manual_seed(self.random_state)
         tr, ho, how = holdout(self.cv, codes, self.holdout)
@@ -293,7 +308,7 @@ class MLPHead(Head):
         self.net_.load_state_dict({k.replace("__", "."): torch.as_tensor(v) for k, v in self.state_.items()})
 
     def predict_proba(self, X) -> np.ndarray:
-        x = torch.as_tensor((np.asarray(X, np.float64) - self.mean_) / self.scale_, dtype=torch.float32)
+        x = torch.as_tensor((self._data(X) - self.mean_) / self.scale_, dtype=torch.float32)
         with torch.no_grad():
             return torch.softmax(self.net_(x), 1).numpy().astype(np.float64)
 
@@ -320,5 +335,6 @@ def load_head(arrays: dict, config: dict) -> Head:
     head = make_head(config["kind"], device="cpu")
     head.classes_ = arrays.pop("classes")
     head.selected_ = config.get("selected", {})
+    head.n_features_in_ = len(arrays["mean"]) if "mean" in arrays else arrays["train"].shape[1]
     head.load_arrays(arrays)
     return head

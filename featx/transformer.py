@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 
 from .backbones import create_backbone
 from .devices import resolve_device
@@ -17,7 +19,9 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     ``Pipeline([("features", FeatureExtractor("efficientnet_lite0")), ("clf", LogisticRegression())])``
     trains on a list of image files. Unlike ``extract`` it caches nothing and refuses unreadable
-    files, because a transformer must return one row per input.
+    files, because a transformer must return one row per input. ``fit`` builds the backbone and learns
+    the output width (``n_features_out_``); ``transform`` before ``fit`` raises ``NotFittedError``, as
+    every scikit-learn transformer does.
     """
 
     def __init__(self, backbone: str = "efficientnet_lite0", layer: str | None = None, weights: str | None = None,
@@ -28,15 +32,17 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.decode = decode
 
     def fit(self, X=None, y=None):
+        """Build the backbone (X and y are not needed: the network is pretrained)."""
         self.backbone_ = create_backbone(self.backbone, self.layer, self.weights, pretrained=self.pretrained,
                                          input_size=self.input_size)
         self.device_ = resolve_device(self.device)
-        self.n_features_out_ = None
+        size = self.backbone_.preprocess.input_size
+        with torch.inference_mode():  # one blank image tells the width of any tap
+            self.n_features_out_ = int(self.backbone_(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
         return self
 
     def transform(self, X) -> np.ndarray:
-        if not hasattr(self, "backbone_"):
-            self.fit()
+        check_is_fitted(self)
         files = [Path(x) for x in X]
         out = [None] * len(files)
         for indices, feats, failures in iter_features(self.backbone_, files, self.device_, self.batch_size,
@@ -46,9 +52,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
                 raise FeatxError(f"{files[i]} could not be read ({reason}): remove it or replace it with an image")
             for i, row in zip(indices, feats):
                 out[i] = row
-        result = np.stack(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
-        self.n_features_out_ = result.shape[1] if result.size else None
-        return result
+        return np.stack(out).astype(np.float32) if out else np.zeros((0, self.n_features_out_), np.float32)
 
     def get_feature_names_out(self, input_features=None):
-        return np.asarray([f"{self.backbone}_{i}" for i in range(self.n_features_out_ or 0)], dtype=object)
+        check_is_fitted(self)
+        return np.asarray([f"{self.backbone}_{i}" for i in range(self.n_features_out_)], dtype=object)
