@@ -66,7 +66,8 @@ def main() -> None:
             root = replicate(root, Path(tmp) / "data", args.repeat)
         seed_rate = seed_loop(args.backbone, args.weights, root, blocks, device, args.seed_workers)
         m = finetune(args.backbone, str(root), args.unfreeze, epochs=1, out=Path(tmp) / "run", device=args.device,
-                     weights=args.weights, optimizer="sgd", progress=False)
+                     weights=args.weights, optimizer="sgd", head="none", cache_dir=Path(tmp) / "cache",
+                     progress=False)
     featx_rate = m["history"][0]["train_img_per_s"]
     result = {"backbone": args.backbone, "unfreeze": blocks, "device": str(device),
               "machine": machine(device),

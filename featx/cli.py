@@ -73,6 +73,8 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
     for s in r.skipped_files:
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)
+    for note in r.notes:
+        click.echo(f"featx: note: {note}", err=True)
     unreadable = f", {r.unreadable} of them unreadable now and tried again next run" if r.unreadable else ""
     emit(r.as_dict(), as_json,
          f"{r.images} images ({r.new} new, {r.skipped} skipped{unreadable}, {r.dropped} dropped) "

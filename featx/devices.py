@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import sys
 
 import torch
 from torch.utils.data import DataLoader
@@ -25,10 +27,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def default_workers(device: torch.device) -> int:
-    """On a GPU decoding is the bottleneck, so use every core; on a CPU one worker overlaps decoding
-    with the model, which needs the cores itself."""
+    """On a GPU decoding is the bottleneck, so every core but one (the main process feeds the GPU); on a
+    CPU one worker overlaps decoding with the model, which needs the cores itself."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(cores, 16) if device.type == "cuda" else 1
+    return max(1, min(cores - 1, 16)) if device.type == "cuda" else 1
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -36,12 +38,51 @@ def default_batch_size(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 32
 
 
-def make_loader(dataset, device: torch.device, batch_size: int, workers: int, collate_fn,
-                shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """The one DataLoader setup: pinned memory on CUDA, prefetching workers, seeded shuffling."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+PREFETCH = 4  # batches each worker keeps ready
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A seeded permutation per epoch (``set_epoch``), as ``DistributedSampler`` does: a loader with
+    persistent workers shuffles anew each epoch, and a resumed run sees the orders an uninterrupted one would."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def shm_prefetch(workers: int, batch_bytes: int, free: int | None = None) -> int:
+    """Batches each worker may prefetch so that all of them fit in /dev/shm, where workers hand batches
+    over (Docker's default is 64 MB): fewer than ``PREFETCH`` with a one-line note, 0 when not even one
+    batch per worker fits (then the caller loads in the main process)."""
+    if not workers or not os.path.isdir("/dev/shm"):
+        return PREFETCH
+    free = shutil.disk_usage("/dev/shm").free if free is None else free
+    fits = int(free * 0.8 // max(1, workers * batch_bytes))
+    if fits < PREFETCH:
+        print(f"featx: /dev/shm has {free / 2**20:.0f} MiB free, {workers} workers prefetching {PREFETCH} batches "
+              f"need {workers * PREFETCH * batch_bytes / 2**20:.0f} MiB: "
+              + (f"prefetching {fits}" if fits else "loading in the main process")
+              + " (a larger --shm-size, or fewer --workers, restores it)", file=sys.stderr)
+    return min(fits, PREFETCH)
+
+
+def make_loader(dataset, device: torch.device, batch_size: int, workers: int, collate_fn, image_bytes: int,
+                sampler=None, drop_last: bool = False, persistent: bool = False, pin: bool = True) -> DataLoader:
+    """The one DataLoader setup: pinned memory on CUDA (``pin=False`` for bytes nvJPEG reads), prefetching
+    workers sized to /dev/shm, an optional sampler, workers kept across epochs with ``persistent``."""
+    prefetch = shm_prefetch(workers, batch_size * image_bytes)
+    workers = workers if prefetch else 0
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                      pin_memory=device.type == "cuda" and pin, drop_last=drop_last,
+                      prefetch_factor=prefetch if workers else None, persistent_workers=persistent and workers > 0)
 
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -71,6 +112,8 @@ def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def prepare(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     return net.to(device).eval().to(memory_format=torch.channels_last)
 
 
@@ -78,3 +121,57 @@ def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) ->
     """A backbone's features at the precision it carries (``Backbone.precision``)."""
     with autocast(device, net.precision):
         return net(to_device(images, device)).float()
+
+
+class HalvingForward:
+    """``forward`` that survives running out of device memory: the batch is split in halves (and later
+    batches are cut to the size that fitted), with a note for the summary instead of a traceback."""
+
+    def __init__(self, net: torch.nn.Module, device: torch.device):
+        self.net, self.device, self.limit, self.notes = net, device, None, []
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        step = self.limit or len(images)
+        return torch.cat([self.fit(images[i:i + step]) for i in range(0, len(images), step)])
+
+    def fit(self, images: torch.Tensor) -> torch.Tensor:
+        try:
+            return forward(self.net, images, self.device)
+        except torch.OutOfMemoryError:
+            if len(images) == 1:
+                raise FeatxError("one image does not fit in the device's memory: use --device cpu or a smaller "
+                                 "--input-size") from None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.limit = len(images) // 2
+            self.notes.append(f"out of device memory at batch {len(images)}: continued with batches of {self.limit}")
+            return self(images)
+
+
+def overlapped(batches, device: torch.device):
+    """Batches of (indices, images, failures) with images on ``device``. On CUDA each batch's copy runs on
+    a side stream while the previous batch computes; elsewhere this is a plain move."""
+    if device.type != "cuda":
+        yield from ((i, x.to(device) if x is not None else None, f) for i, x, f in batches)
+        return
+    side, current, pending = torch.cuda.Stream(device), torch.cuda.current_stream(device), None
+    for indices, images, failures in batches:
+        event = None
+        if images is not None and images.device != device:
+            with torch.cuda.stream(side):
+                images = images.to(device, non_blocking=True)
+                event = side.record_event()
+        if pending is not None:
+            yield ready(pending, current)
+        pending = (indices, images, failures, event)
+    if pending is not None:
+        yield ready(pending, current)
+
+
+def ready(pending: tuple, stream) -> tuple:
+    """Make ``stream`` wait for a batch's copy, and keep its memory alive for that stream's use."""
+    indices, images, failures, event = pending
+    if event is not None:
+        stream.wait_event(event)
+        images.record_stream(stream)
+    return indices, images, failures

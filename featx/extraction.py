@@ -24,39 +24,42 @@ from tqdm import tqdm
 from . import __version__, workspace
 from . import data as data_mod
 from .backbones import Backbone, Preprocess, create_backbone, feature_identity, resolve_backbone
-from .devices import (default_batch_size, default_workers, forward, make_loader, prepare, resolve_device,
-                      resolve_precision)
+from .devices import (HalvingForward, default_batch_size, default_workers, make_loader, overlapped, prepare,
+                      resolve_device, resolve_precision)
 from .errors import FeatxError
 from .identity import FeatureIdentity
-from .images import IO_ERROR, EncodedFiles, ImageFiles, check_decode, collate, decode_on_device
+from .images import IO_ERROR, EncodedFiles, ImageFiles, check_decode, collate, collate_encoded, decode_batches
 from .store import FeatureStore, Rows, cache_path
 from .weights import weights_identity
 
 
 def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
-                  workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil"):
+                  workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil",
+                  notes: list | None = None):
     """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)].
 
     ``decode="pil"`` decodes in the workers (JPEG draft mode); ``"device"`` has the workers read
     JPEG bytes and decodes them in batches on ``device``, which lifts the CPU decoding ceiling on a GPU.
+    Running out of device memory halves the batch; what happened is appended to ``notes``.
     """
     check_decode(decode)
     workers = default_workers(device) if workers is None else workers
     on_device = decode == "device"
+    size = net.preprocess.input_size
     dataset = (EncodedFiles if on_device else ImageFiles)(files, net.preprocess.transform(),
                                                           net.preprocess.resize_size)
     loader = make_loader(dataset, device, batch_size or default_batch_size(device), workers,
-                         partial(collate, stack=not on_device))
-    net = prepare(net, device)
+                         collate_encoded if on_device else collate, image_bytes=3 * size * size, pin=not on_device)
+    embed = HalvingForward(prepare(net, device), device)
     with tqdm(total=len(files), unit="img", desc=desc, file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar, torch.inference_mode():
-        for indices, images, failures in loader:
-            if on_device:
-                indices, images, refused = decode_on_device(indices, images, dataset, device)
-                failures += refused
-            feats = forward(net, images, device).cpu().numpy() if images is not None else np.zeros((0, 0))
+        for indices, images, failures in decode_batches(loader, dataset, device) if on_device \
+                else overlapped(loader, device):
+            feats = embed(images).cpu().numpy() if images is not None else np.zeros((0, 0))
             bar.update(len(indices) + len(failures))
             yield indices, feats, failures
+    if notes is not None:
+        notes += embed.notes
 
 
 @dataclass
@@ -75,6 +78,7 @@ class ExtractResult:
     dataset: str
     unreadable: int = 0  # of ``skipped``: I/O errors, not cached, tried again next run
     skipped_files: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # what the run adapted to, e.g. running out of device memory
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -138,11 +142,11 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
         todo = [f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
                                             f in index.skipped and index.skipped[f][0] == fingerprints[f])]
-        compute_start, unreadable = time.perf_counter(), {}
+        compute_start, unreadable, notes = time.perf_counter(), {}, []
         if todo:
             store.check_writable(len(todo))
             batches = iter_features(p.build(), [ds.root / f for f in todo], dev, batch_size, workers, progress,
-                                    desc=f"{p.spec.name}:{p.layer}", decode=decode)
+                                    desc=f"{p.spec.name}:{p.layer}", decode=decode, notes=notes)
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
         index, order, skipped, dropped = finish(store, ds, cache_attrs(p.identity, p.preprocess, ds))
@@ -157,7 +161,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         skipped=len(skipped) + len(unreadable) + len(ds.broken), dropped=dropped, unreadable=len(unreadable),
         img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
         seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
-        feature_dim=int(index.dim or 0), dataset=ds.name,
+        feature_dim=int(index.dim or 0), dataset=ds.name, notes=notes,
         skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
         + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()]
         + [{"path": f, "reason": reason} for f, reason in ds.broken])

@@ -30,7 +30,8 @@ from tqdm import tqdm
 from . import data as data_mod
 from . import report, workspace
 from .backbones import Backbone, create_backbone
-from .devices import autocast, default_workers, make_loader, resolve_device, resolve_precision, to_device
+from .devices import (EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
+                      resolve_precision)
 from .errors import FeatxError
 from .files import atomic_write
 from .images import ImageFiles, collate
@@ -115,31 +116,34 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> P
 
 
 def run_epoch(net, batches, labels, device, optimizer=None, bar=None) -> tuple[float, float]:
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy). Loss and hits add up on
+    the device and are read once at the end (on a CPU every step, for the progress bar), so a GPU never
+    waits for the host mid-epoch."""
     loss_fn = nn.CrossEntropyLoss()
-    total, correct, count = 0.0, 0, 0
-    for indices, images, _failures in batches:
+    total, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
+    for indices, images, _failures in overlapped(batches, device):
         if images is None:
             continue
         y = torch.as_tensor(labels[indices], device=device)
         with torch.set_grad_enabled(optimizer is not None), autocast(device, net.backbone.precision):
-            logits = net(to_device(images, device))
+            logits = net(images.contiguous(memory_format=torch.channels_last))
             loss = loss_fn(logits.float(), y)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        value = loss.item()
-        if not math.isfinite(value):
-            raise FeatxError(f"the {'training' if optimizer else 'validation'} loss became {value}: the network "
-                             "diverged, so lower --lr; the epochs finished before this one are kept")
-        total += value * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
+        total += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
         count += len(y)
         if bar is not None:
             bar.update(len(indices))
-            bar.set_postfix(loss=f"{total / count:.3f}", acc=f"{correct / count:.3f}")
-    return total / max(count, 1), correct / max(count, 1)
+            if device.type == "cpu":
+                bar.set_postfix(loss=f"{total.item() / count:.3f}", acc=f"{correct.item() / count:.3f}")
+    mean = total.item() / max(count, 1)
+    if not math.isfinite(mean):
+        raise FeatxError(f"the {'training' if optimizer else 'validation'} loss became {mean}: the network "
+                         "diverged, so lower --lr; the epochs finished before this one are kept")
+    return mean, correct.item() / max(count, 1)
 
 
 def training_setup(net: FineTuneNet, blocks: list, lr: float, lr_scale: float, optimizer: str, schedule: str,
@@ -340,8 +344,13 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     labels = {s: y for s, (_, y) in subsets.items()}
     workers = default_workers(dev) if workers is None else workers
     draft = net_b.preprocess.resize_size
-    datasets = {"train": ImageFiles(files["train"], augmentation(net_b, augment), draft),
-                "val": ImageFiles(files.get("val", []), net_b.preprocess.transform(), draft)}
+    size = net_b.preprocess.input_size
+    sampler = EpochSampler(len(files["train"]), seed)
+    train_loader = make_loader(ImageFiles(files["train"], augmentation(net_b, augment), draft), dev, batch_size,
+                               workers, collate, 3 * size * size, sampler=sampler, persistent=True,
+                               drop_last=len(files["train"]) > batch_size)
+    val_loader = make_loader(ImageFiles(files.get("val", []), net_b.preprocess.transform(), draft), dev, batch_size,
+                             workers, collate, 3 * size * size, persistent=True)
     since_best = 0
     for epoch in range(state.start_epoch, epochs):
         started = time.perf_counter()
@@ -349,15 +358,13 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
                   desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True) as bar:
             net.train()
             lr_used = opt.param_groups[0]["lr"]
-            train_loss, train_acc = run_epoch(
-                net, make_loader(datasets["train"], dev, batch_size, workers, collate, shuffle=True, seed=seed + epoch),
-                labels["train"], dev, opt, bar=bar)
+            sampler.set_epoch(epoch)
+            train_loss, train_acc = run_epoch(net, train_loader, labels["train"], dev, opt, bar=bar)
         sched.step()
         train_seconds = time.perf_counter() - started
         net.eval()
         with torch.inference_mode():
-            val_loss, val_acc = run_epoch(net, make_loader(datasets["val"], dev, batch_size, workers, collate),
-                                          labels.get("val"), dev) if len(datasets["val"]) else (None, None)
+            val_loss, val_acc = run_epoch(net, val_loader, labels.get("val"), dev) if "val" in files else (None, None)
         state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
                               "val_loss": val_loss, "val_accuracy": val_acc,
                               "train_img_per_s": len(files["train"]) / train_seconds, "lr": lr_used})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ DECODERS = ("pil", "device")
 EXIF_ORIENTATION = 0x0112
 IO_ERROR = "I/O "  # reasons that start so came from the file system, not the file's content: worth retrying
 READ_ATTEMPTS = 3
+DECODE_PIXELS = 64 * 2 ** 20  # decoded at once on the device: 64 MP is ~192 MB as uint8, ~0.8 GB as float
 
 
 def check_decode(decode: str) -> None:
@@ -87,48 +89,93 @@ class ImageFiles(torch.utils.data.Dataset):
 
 class EncodedFiles(ImageFiles):
     """For decoding on the device: a plain JPEG (baseline, RGB or grey, upright) comes back as its
-    bytes, a 1-D uint8 tensor; anything else is decoded here by Pillow, as ImageFiles does, because
+    bytes and pixel count; anything else is decoded here by Pillow, as ImageFiles does, because
     nvjpeg refuses other formats and one refusal sends its whole batch to file-by-file decoding."""
 
-    def load(self, i: int) -> torch.Tensor:
+    def load(self, i: int):
         with Image.open(self.files[i]) as img:
             plain = (img.format == "JPEG" and img.mode in ("RGB", "L") and "progressive" not in img.info
                      and img.getexif().get(EXIF_ORIENTATION, 1) == 1)
+            pixels = img.size[0] * img.size[1]
         if not plain:
             return self.decode(i)
-        return torch.frombuffer(bytearray(Path(self.files[i]).read_bytes()), dtype=torch.uint8)
+        return Path(self.files[i]).read_bytes(), pixels
 
 
-def collate(batch, stack: bool = True):
-    """(indices, images, failures) from dataset items; ``images`` is a stacked tensor (or None when
-    nothing decoded), or with ``stack=False`` the list of per-file tensors for device decoding."""
+@dataclass
+class EncodedBatch:
+    """A batch for device decoding: every JPEG's bytes in one buffer (one shared-memory segment per
+    batch, not one per image; never pinned, as nvJPEG reads pageable memory), with each file's
+    (offset, length, pixels), and the images Pillow already decoded, by position in the batch."""
+
+    buffer: torch.Tensor
+    spans: dict  # position -> (offset, length, pixels)
+    decoded: dict  # position -> uint8 CHW tensor
+
+    def __len__(self) -> int:
+        return len(self.spans) + len(self.decoded)
+
+
+def collate(batch):
+    """(indices, stacked uint8 images or None, failures) from ``ImageFiles`` items."""
     ok = [b for b in batch if b[1] is not None]
-    images = [b[1] for b in ok]
-    if stack:
-        images = torch.stack(images) if ok else None
+    images = torch.stack([b[1] for b in ok]) if ok else None
     return [b[0] for b in ok], images, [(b[0], b[2]) for b in batch if b[1] is None]
 
 
-def decode_on_device(indices: list, items: list, dataset: EncodedFiles, device: torch.device):
-    """Batched JPEG decode on ``device`` (nvjpeg on CUDA), resize and crop there. Files the device
-    decoder refuses are decoded by Pillow, so the outcome per file is the same as on the CPU path."""
-    encoded = [k for k, t in enumerate(items) if t.dim() == 1]
-    decoded = dict(zip(encoded, decode_jpegs([items[k] for k in encoded], device)))
-    kept, images, failures = [], [], []
-    for k, i in enumerate(indices):
-        try:
-            if k not in decoded:
-                image = items[k]
-            elif decoded[k] is not None:
-                image = dataset.transform(decoded[k])
-            else:
-                image = dataset.decode(i)
-        except Exception as exc:
-            failures.append((i, failure_reason(exc)))
-            continue
-        kept.append(i)
-        images.append(image.to(device, non_blocking=True))
-    return kept, torch.stack(images) if images else None, failures
+def collate_encoded(batch):
+    """(indices, ``EncodedBatch``, failures) from ``EncodedFiles`` items."""
+    ok = [b for b in batch if b[1] is not None]
+    spans, decoded, chunks, offset = {}, {}, [], 0
+    for position, (_, item, _) in enumerate(ok):
+        if isinstance(item, tuple):
+            raw, pixels = item
+            spans[position] = (offset, len(raw), pixels)
+            chunks.append(raw)
+            offset += len(raw)
+        else:
+            decoded[position] = item
+    buffer = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if chunks else torch.empty(0, dtype=torch.uint8)
+    return [b[0] for b in ok], EncodedBatch(buffer, spans, decoded), [(b[0], b[2]) for b in batch if b[1] is None]
+
+
+def pixel_groups(spans: dict, max_pixels: int) -> list[list[int]]:
+    """Positions in groups of at most ``max_pixels`` decoded pixels (a larger image goes alone)."""
+    groups, current, total = [], [], 0
+    for position, (_, _, pixels) in spans.items():
+        if current and total + pixels > max_pixels:
+            groups.append(current)
+            current, total = [], 0
+        current.append(position)
+        total += pixels
+    return groups + ([current] if current else [])
+
+
+def decode_on_device(indices: list, batch: EncodedBatch, dataset: EncodedFiles, device: torch.device,
+                     max_pixels: int = DECODE_PIXELS):
+    """Batched JPEG decode on ``device`` (nvjpeg on CUDA) in groups of at most ``max_pixels``, each group
+    resized and cropped there before the next is decoded, so full-resolution photos never pile up in
+    device memory. Files the device decoder refuses are decoded by Pillow, so the outcome per file is
+    the same as on the CPU path."""
+    images, failures = dict(batch.decoded), []
+    for group in pixel_groups(batch.spans, max_pixels):
+        views = [batch.buffer[start:start + length] for start, length, _ in (batch.spans[p] for p in group)]
+        for position, decoded in zip(group, decode_jpegs(views, device)):
+            try:
+                images[position] = dataset.transform(decoded) if decoded is not None else \
+                    dataset.decode(indices[position])
+            except Exception as exc:
+                failures.append((indices[position], failure_reason(exc)))
+    kept = sorted(images)
+    stacked = torch.stack([images[p].to(device, non_blocking=True) for p in kept]) if kept else None
+    return [indices[p] for p in kept], stacked, failures
+
+
+def decode_batches(loader, dataset: EncodedFiles, device: torch.device):
+    """``decode_on_device`` over a loader of ``collate_encoded`` batches: (indices, images, failures)."""
+    for indices, batch, failures in loader:
+        kept, images, refused = decode_on_device(indices, batch, dataset, device)
+        yield kept, images, failures + refused
 
 
 def decode_jpegs(encoded: list, device: torch.device) -> list:
@@ -139,7 +186,7 @@ def decode_jpegs(encoded: list, device: torch.device) -> list:
         return []
     rgb = torchvision.io.ImageReadMode.RGB
     try:
-        return torchvision.io.decode_jpeg(encoded, mode=rgb, device=device)
+        out = torchvision.io.decode_jpeg(encoded, mode=rgb, device=device)
     except RuntimeError:
         out = []
         for raw in encoded:
@@ -147,4 +194,6 @@ def decode_jpegs(encoded: list, device: torch.device) -> list:
                 out.append(torchvision.io.decode_jpeg(raw, mode=rgb, device=device))
             except RuntimeError:
                 out.append(None)
-        return out
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the CUDA decoder writes on a stream of its own
+    return out

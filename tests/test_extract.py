@@ -21,7 +21,8 @@ from featx import store
 from featx.backbones import Preprocess
 from featx.cli import cli
 from featx import extraction
-from featx.images import EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate, decode_jpegs, decode_on_device
+from featx.images import (DECODE_PIXELS, EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate_encoded, decode_jpegs,
+                          decode_on_device, pixel_groups)
 from helpers import REPO, colour_image, make_dataset
 
 
@@ -126,13 +127,48 @@ def test_device_decode_gives_the_pil_images(tmp_path):
     pre = Preprocess(input_size=32, resize_size=40)
     on_cpu = ImageFiles(files, pre.transform(), pre.resize_size)
     encoded = EncodedFiles(files, pre.transform(), pre.resize_size)
-    indices, items, failures = collate([encoded[i] for i in range(len(files))], stack=False)
-    assert [t.dim() for t in items] == [1, 1, 3, 3, 3, 3] and not failures
-    kept, images, refused = decode_on_device(indices, items, encoded, torch.device("cpu"))
-    assert kept == list(range(len(files))) and not refused
-    expected = torch.stack([on_cpu[i][1] for i in kept])
-    assert images.shape == expected.shape == (6, 3, 32, 32)
-    assert (images.float() - expected.float()).abs().mean() < 1.0
+    indices, batch, failures = collate_encoded([encoded[i] for i in range(len(files))])
+    assert sorted(batch.spans) == [0, 1] and sorted(batch.decoded) == [2, 3, 4, 5] and not failures
+    assert batch.buffer.dim() == 1 and len(batch.buffer) == sum(f.stat().st_size for f in files[:2])  # one buffer
+    for max_pixels in (DECODE_PIXELS, 1):  # 1: every JPEG decoded (and resized) in a group of its own
+        kept, images, refused = decode_on_device(indices, batch, encoded, torch.device("cpu"), max_pixels)
+        assert kept == list(range(len(files))) and not refused
+        expected = torch.stack([on_cpu[i][1] for i in kept])
+        assert images.shape == expected.shape == (6, 3, 32, 32)
+        assert (images.float() - expected.float()).abs().mean() < 1.0
+
+
+def test_pixel_groups_cap_what_is_decoded_at_once():
+    spans = {0: (0, 10, 12_000_000), 1: (10, 10, 12_000_000), 2: (20, 10, 100), 3: (30, 10, 30_000_000)}
+    groups = pixel_groups(spans, 25_000_000)
+    assert groups == [[0, 1, 2], [3]] and all(sum(spans[p][2] for p in g) <= 25_000_000 or len(g) == 1
+                                                for g in groups)
+
+
+def test_running_out_of_device_memory_halves_the_batch(tiny, dataset, tmp_path, monkeypatch):
+    from featx import devices
+
+    real = devices.forward
+
+    def small_device(net, images, device):
+        if len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(net, images, device)
+
+    reference = run(tiny, dataset, tmp_path / "ref")
+    monkeypatch.setattr(devices, "forward", small_device)
+    r = run(tiny, dataset, tmp_path / "c")
+    assert r.new == 24 and r.notes == ["out of device memory at batch 4: continued with batches of 2"]
+    np.testing.assert_allclose(store.load(r.path).X, store.load(reference.path).X, atol=1e-5)
+
+
+def test_a_small_dev_shm_prefetches_less_instead_of_crashing(capsys):
+    from featx.devices import PREFETCH, shm_prefetch
+
+    mib = 2 ** 20
+    assert shm_prefetch(4, 10 * mib, free=10 ** 12) == PREFETCH and capsys.readouterr().err == ""
+    assert shm_prefetch(4, 10 * mib, free=100 * mib) == 2 and "prefetching 2" in capsys.readouterr().err
+    assert shm_prefetch(16, 10 * mib, free=64 * mib) == 0 and "loading in the main process" in capsys.readouterr().err
 
 
 def test_unknown_decoder_is_refused_before_any_work(tiny, dataset, tmp_path):
