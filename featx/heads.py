@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .devices import resolve_device
 from .errors import FeatxError
-from .selection import Folds, best_index, fit_sigmoid, fit_temperature, holdout, log_loss_of, make_folds
+from .selection import Folds, best_index, fit_sigmoid, fit_temperature, holdout, log_loss_of, make_folds, tied
 from .solvers import fit_linear, nearest_labels, normalise, scaling, softmax, standardise, vote
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
@@ -27,7 +27,7 @@ DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
 FALLBACK_C, FALLBACK_K, FALLBACK_EPOCHS = 1.0, 1, 30  # used when no held-out row exists to select with
 PREPROCESSING = {"logreg": "standardise (mean/std of the training rows)", "svm": "standardise",
                  "knn": "L2-normalise, cosine similarity", "mlp": "standardise"}
-PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) strictly below the best
+PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) that no longer help
 
 
 def proba_over(head: "Head", X: np.ndarray, n_classes: int) -> np.ndarray:
@@ -100,7 +100,7 @@ class LinearHead(Head):
         folds = make_folds(self.cv, codes)
         scores, losses, held_out = self._path(X, codes, Cs, folds) if folds else ([], [], [])
         if folds:
-            best = best_index(scores, losses)
+            best = best_index(scores, losses, int(folds.scored.sum()))
             C = float(Cs[best])
             self.selected_ = {"C": C, "cv_accuracy": scores[best], "cv_loss": losses[best],
                               "candidates": len(Cs), "evaluated": len(scores), **folds.describe()}
@@ -132,9 +132,10 @@ class LinearHead(Head):
             decisions.append(decision)
             scores.append(float((self._labels(decision[scored]) == codes[scored]).mean()))
             losses.append(self._held_out_loss(decision[scored], codes[scored]))
-            last_at_best = max(i for i, a in enumerate(scores) if a >= max(scores) - 1e-12)
-            if len(scores) - 1 - last_at_best >= PATH_PATIENCE:
-                break  # held-out accuracy stayed below its best for PATH_PATIENCE values: weaker regularisation overfits
+            since_tied = len(scores) - 1 - max(tied(scores, int(scored.sum())))
+            since_lowest_loss = len(scores) - 1 - int(np.argmin(losses))
+            if max(since_tied, since_lowest_loss) >= PATH_PATIENCE:
+                break  # held-out accuracy fell out of the tie, or the held-out loss rose, for PATH_PATIENCE values
         return scores, losses, decisions
 
     def _held_out_loss(self, z: np.ndarray, codes: np.ndarray) -> float:

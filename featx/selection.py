@@ -69,11 +69,18 @@ def holdout(cv, codes: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndar
     return np.setdiff1d(np.arange(n), held), held, how
 
 
-def best_index(accuracy: list, loss: list) -> int:
-    """Highest held-out accuracy; ties go to the lowest held-out loss (not to the most regularised)."""
+def tied(accuracy: list, n: int) -> list[int]:
+    """Candidates whose held-out accuracy is within one standard error of the best (sqrt(p(1-p)/n) over
+    ``n`` scored images): on 600 images, 0.985 and 0.982 are the same figure."""
     top = max(accuracy)
-    tied = [i for i, a in enumerate(accuracy) if a >= top - 1e-12]
-    return min(tied, key=lambda i: loss[i])
+    tolerance = (top * (1 - top) / max(n, 1)) ** 0.5
+    return [i for i, a in enumerate(accuracy) if a >= top - tolerance - 1e-12]
+
+
+def best_index(accuracy: list, loss: list, n: int) -> int:
+    """Among the candidates tied on held-out accuracy, the one with the lowest held-out loss (not the
+    most regularised: that gives timid probabilities)."""
+    return min(tied(accuracy, n), key=lambda i: loss[i])
 
 
 def log_loss_of(proba: np.ndarray, codes: np.ndarray) -> float:
