@@ -55,6 +55,8 @@ def cli():
 @click.option("--decode", type=click.Choice(["pil", "device"]), default="pil", show_default=True,
               help="Decode JPEGs in the CPU workers, or in batches on the device (nvjpeg on CUDA).")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="Where the network runs: auto is ONNX Runtime on a CPU (exported once into cache/onnx), torch on CUDA.")
 @click.option("--verify", type=click.Choice(["stat", "content"]), default="stat", show_default=True,
               help="How a file is known unchanged: size, times and inode (stat), or a hash of its bytes (content).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
@@ -62,13 +64,13 @@ def cli():
               help="Rows kept in memory before they are written durably (also every 15 s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
-            dtype, verify, as_json, checkpoint_rows, quiet):
+            dtype, runtime, verify, as_json, checkpoint_rows, quiet):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     from .extraction import extract as run_extract
 
     r = run_extract(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
-                    input_size=input_size, precision=precision or "auto", verify=verify, checkpoint_rows=checkpoint_rows,
+                    input_size=input_size, precision=precision or "auto", verify=verify, runtime=runtime, checkpoint_rows=checkpoint_rows,
                     progress=not quiet)
     for s in r.skipped_files:
         again = " (tried again next run)" if s.get("retried_next_run") else ""
@@ -78,7 +80,7 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
     unreadable = f", {r.unreadable} of them unreadable now and tried again next run" if r.unreadable else ""
     emit(r.as_dict(), as_json,
          f"{r.images} images ({r.new} new, {r.skipped} skipped{unreadable}, {r.dropped} dropped) "
-         f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device}, {r.img_per_s} img/s -> {r.path}")
+         f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device} ({r.runtime}), {r.img_per_s} img/s -> {r.path}")
 
 
 @cli.command("fit-head")
@@ -133,12 +135,16 @@ def selection_line(selected: dict) -> str:
 @click.option("--weights", type=click.Path(dir_okay=False), default=None,
               help="The --weights FILE the model's features were extracted with, if any.")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True)
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
+              help="Where the ONNX export of the backbone is kept.")
 @click.option("--json", "as_json", is_flag=True)
-def predict(model, images, top_k, plot, weights, device, as_json):
+def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_json):
     """Label and probability for image files or folders."""
     from .predictor import predict as run_predict
 
-    results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot)
+    results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot,
+                          runtime=runtime, cache_dir=cache_dir)
     if as_json:
         emit({"predictions": results, "plot": plot}, True, "")
     for r in results:
@@ -164,15 +170,16 @@ def tsv_safe(text: str) -> str:
 @click.option("--out", type=click.Path(file_okay=False), default=None)
 @click.option("--weights", type=click.Path(dir_okay=False), default=None)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def evaluate(model, data, data_root, split, cache_dir, out, weights, device, as_json, quiet):
+def evaluate(model, data, data_root, split, cache_dir, out, weights, device, runtime, as_json, quiet):
     """Metrics, confusion matrix and top losses of a model on a split of any dataset."""
     from .predictor import evaluate as run_evaluate
     from .report import summary_line
 
     m = run_evaluate(model, data, split, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
-                     weights=weights, progress=not quiet)
+                     weights=weights, runtime=runtime, progress=not quiet)
     emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1])
 
 

@@ -29,18 +29,20 @@ from .devices import (HalvingForward, default_batch_size, default_workers, make_
 from .errors import FeatxError
 from .identity import FeatureIdentity
 from .images import IO_ERROR, EncodedFiles, ImageFiles, check_decode, collate, collate_encoded, decode_batches
+from .runtimes import onnx_forward, resolve_runtime
 from .store import FeatureStore, Rows, cache_path
 from .weights import weights_identity
 
 
 def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
                   workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil",
-                  notes: list | None = None):
+                  notes: list | None = None, runtime: str = "torch", cache_dir: str | os.PathLike = "cache"):
     """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)].
 
     ``decode="pil"`` decodes in the workers (JPEG draft mode); ``"device"`` has the workers read
     JPEG bytes and decodes them in batches on ``device``, which lifts the CPU decoding ceiling on a GPU.
-    Running out of device memory halves the batch; what happened is appended to ``notes``.
+    Running out of device memory halves the batch; what happened is appended to ``notes``. ``runtime``
+    (already resolved: ``torch`` or ``onnxruntime``) runs the network; ONNX exports live under ``cache_dir``.
     """
     check_decode(decode)
     workers = default_workers(device) if workers is None else workers
@@ -51,6 +53,8 @@ def iter_features(net: Backbone, files: list, device: torch.device, batch_size: 
     loader = make_loader(dataset, device, batch_size or default_batch_size(device), workers,
                          collate_encoded if on_device else collate, image_bytes=3 * size * size, pin=not on_device)
     embed = HalvingForward(prepare(net, device), device)
+    if runtime == "onnxruntime":
+        embed = onnx_forward(net, cache_dir) or embed
     with tqdm(total=len(files), unit="img", desc=desc, file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar, torch.inference_mode():
         for indices, images, failures in decode_batches(loader, dataset, device) if on_device \
@@ -79,6 +83,7 @@ class ExtractResult:
     unreadable: int = 0  # of ``skipped``: I/O errors, not cached, tried again next run
     skipped_files: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what the run adapted to, e.g. running out of device memory
+    runtime: str = "torch"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -115,8 +120,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
             data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
             batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
             weights: str | None = None, input_size: int | None = None, progress: bool = True,
-            decode: str = "pil", precision: str = "auto", verify: str = "stat", checkpoint_rows: int = 1024,
-            checkpoint_seconds: float = 15.0) -> ExtractResult:
+            decode: str = "pil", precision: str = "auto", verify: str = "stat", runtime: str = "auto",
+            checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0) -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
 
     Only images that are new or changed since the last run are computed; deleted ones are dropped.
@@ -126,6 +131,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     ``device`` (batched, nvjpeg on CUDA); see ``iter_features``. ``precision`` (``auto``: fp32 on a CPU,
     bf16 or fp16 on CUDA) is part of the features' identity, so each precision has its own cache.
     ``verify`` is how a file is known to be unchanged: ``stat`` (cheap) or ``content`` (hashes every file).
+    ``runtime`` (``auto``: ONNX Runtime on a CPU, torch on CUDA) runs the network; it is recorded in the
+    cache's attributes but is not part of the identity, as both give the same features.
     """
     if verify not in data_mod.VERIFY:
         raise FeatxError(f"--verify {verify} is not supported: use {' or '.join(data_mod.VERIFY)}")
@@ -136,6 +143,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     ds = data_mod.load(data, data_root)
     dev = resolve_device(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev))
+    runtime = resolve_runtime(runtime, dev, p.identity.precision)
     path = cache_path(cache_dir, ds.name, ds.root, p.identity, dtype)
     with FeatureStore(path, dtype) as store:
         index = store.index()
@@ -146,10 +154,12 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         if todo:
             store.check_writable(len(todo))
             batches = iter_features(p.build(), [ds.root / f for f in todo], dev, batch_size, workers, progress,
-                                    desc=f"{p.spec.name}:{p.layer}", decode=decode, notes=notes)
+                                    desc=f"{p.spec.name}:{p.layer}", decode=decode, notes=notes, runtime=runtime,
+                                    cache_dir=cache_dir)
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
-        index, order, skipped, dropped = finish(store, ds, cache_attrs(p.identity, p.preprocess, ds))
+        index, order, skipped, dropped = finish(store, ds, {**cache_attrs(p.identity, p.preprocess, ds),
+                                                            "runtime": runtime})
     if not isinstance(backbone, Backbone):  # evaluate extracts with a model's own backbone: not a user's choice
         workspace.record(cache_dir, "extract", {
             "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": p.layer,
@@ -161,7 +171,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         skipped=len(skipped) + len(unreadable) + len(ds.broken), dropped=dropped, unreadable=len(unreadable),
         img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
         seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
-        feature_dim=int(index.dim or 0), dataset=ds.name, notes=notes,
+        feature_dim=int(index.dim or 0), dataset=ds.name, notes=notes, runtime=runtime,
         skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
         + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()]
         + [{"path": f, "reason": reason} for f, reason in ds.broken])

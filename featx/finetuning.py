@@ -392,7 +392,7 @@ def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, his
     metrics = {}
     for split in ("val", "test"):
         if split in files:
-            proba, _ = best_net.proba(files[split], device, batch_size, workers)
+            proba, _ = best_net.proba(files[split], device, batch_size, workers, runtime="torch")  # scored once
             paths = ds.subset(split)[0]
             ok = ~np.isnan(proba).any(1)
             metrics[split] = report.classification_metrics(labels[split][ok], proba[ok], ds.classes,

@@ -17,6 +17,7 @@ from .errors import FeatxError
 from .extraction import extract, iter_features
 from .heads import Head, proba_over
 from .modelfile import ModelFile
+from .runtimes import resolve_runtime
 
 
 @dataclass
@@ -35,11 +36,14 @@ class Predictor:
     def path(self) -> Path:
         return self.model.path
 
-    def proba(self, files: list, device: str = "auto", batch_size: int | None = None, workers: int | None = 0):
+    def proba(self, files: list, device: str = "auto", batch_size: int | None = None, workers: int | None = 0,
+              runtime: str = "auto", cache_dir: str | os.PathLike = "cache"):
         """(probabilities, failures) for image files; failures are (index, reason)."""
         dev = resolve_device(device)
         rows, failures = [None] * len(files), []
-        for indices, feats, failed in iter_features(self.backbone, files, dev, batch_size, workers, progress=False):
+        runtime = resolve_runtime(runtime, dev, self.backbone.precision)
+        for indices, feats, failed in iter_features(self.backbone, files, dev, batch_size, workers, progress=False,
+                                                    runtime=runtime, cache_dir=cache_dir):
             failures += failed
             for i, row in zip(indices, feats):
                 rows[i] = row
@@ -85,11 +89,12 @@ def image_files(inputs: list) -> list[Path]:
 
 
 def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str = "auto",
-            weights: str | None = None, plot: str | None = None) -> list[dict]:
+            weights: str | None = None, plot: str | None = None, runtime: str = "auto",
+            cache_dir: str | os.PathLike = "cache") -> list[dict]:
     """Label and probability (and the top k) for each image; unreadable files get an ``error``."""
     predictor = load_predictor(model, weights)
     files = image_files(images)
-    proba, failures = predictor.proba(files, device)
+    proba, failures = predictor.proba(files, device, runtime=runtime, cache_dir=cache_dir)
     failed = dict(failures)
     results = []
     for i, f in enumerate(files):
@@ -108,7 +113,7 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
 
 def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "test", *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", out: str | os.PathLike | None = None, device: str = "auto",
-             weights: str | None = None, progress: bool = True) -> dict:
+             weights: str | None = None, runtime: str = "auto", progress: bool = True) -> dict:
     """Metrics, confusion matrix and top losses of a model on one split of a dataset (features cached);
     ``data`` left out is the last extraction's in ``cache_dir``."""
     data = workspace.fill(cache_dir, "evaluate", data=data)["data"]
@@ -117,7 +122,8 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     if unknown:  # checked before any extraction
         raise FeatxError(f"{data} has classes the model does not know ({', '.join(unknown[:5])}): "
                          f"evaluate on data with the model's classes {', '.join(predictor.classes[:10])}")
-    r = extract(predictor.backbone, data, data_root=data_root, cache_dir=cache_dir, device=device, progress=progress)
+    r = extract(predictor.backbone, data, data_root=data_root, cache_dir=cache_dir, device=device, runtime=runtime,
+                progress=progress)
     F = store.load(r.path)
     if split not in F.split_names():
         raise FeatxError(f"dataset {data} has no '{split}' split (it has {', '.join(F.split_names())}): "

@@ -12,6 +12,7 @@ from .backbones import create_backbone
 from .devices import resolve_device
 from .errors import FeatxError
 from .extraction import iter_features
+from .runtimes import resolve_runtime
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):
@@ -26,16 +27,17 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
 
     def __init__(self, backbone: str = "efficientnet_lite0", layer: str | None = None, weights: str | None = None,
                  device: str = "auto", batch_size: int = 32, workers: int = 0, input_size: int | None = None,
-                 pretrained: bool = True, decode: str = "pil"):
+                 pretrained: bool = True, decode: str = "pil", runtime: str = "auto", cache_dir: str = "cache"):
         self.backbone, self.layer, self.weights, self.device = backbone, layer, weights, device
         self.batch_size, self.workers, self.input_size, self.pretrained = batch_size, workers, input_size, pretrained
-        self.decode = decode
+        self.decode, self.runtime, self.cache_dir = decode, runtime, cache_dir
 
     def fit(self, X=None, y=None):
         """Build the backbone (X and y are not needed: the network is pretrained)."""
         self.backbone_ = create_backbone(self.backbone, self.layer, self.weights, pretrained=self.pretrained,
                                          input_size=self.input_size)
         self.device_ = resolve_device(self.device)
+        self.runtime_ = resolve_runtime(self.runtime, self.device_, self.backbone_.precision)
         size = self.backbone_.preprocess.input_size
         with torch.inference_mode():  # one blank image tells the width of any tap
             self.n_features_out_ = int(self.backbone_(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])
@@ -46,7 +48,8 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         files = [Path(x) for x in X]
         out = [None] * len(files)
         for indices, feats, failures in iter_features(self.backbone_, files, self.device_, self.batch_size,
-                                                      self.workers, progress=False, decode=self.decode):
+                                                      self.workers, progress=False, decode=self.decode,
+                                                      runtime=self.runtime_, cache_dir=self.cache_dir):
             if failures:
                 i, reason = failures[0]
                 raise FeatxError(f"{files[i]} could not be read ({reason}): remove it or replace it with an image")

@@ -468,3 +468,32 @@ def test_a_read_only_cache_that_is_up_to_date_stays_usable(tiny, dataset, tmp_pa
     colour_image(1, np.random.default_rng(3)).save(dataset / "train" / "b" / "extra.jpg")
     with pytest.raises(featx.FeatxError, match=r"cache folder .* is not writable and 1 images need extracting"):
         run(tiny, dataset, tmp_path / "c")
+
+
+def test_onnx_runtime_gives_the_torch_features_in_the_same_cache(tiny, dataset, tmp_path):
+    cache = tmp_path / "c"
+    ort = run(tiny, dataset, cache, runtime="onnxruntime")
+    exported = list((cache / "onnx").glob("*.onnx"))
+    assert ort.runtime == "onnxruntime" and len(exported) == 1
+    stamp = exported[0].stat().st_mtime_ns
+    (dataset / "train" / "a" / "000.jpg").unlink()
+    colour_image(0, np.random.default_rng(4)).save(dataset / "train" / "a" / "000.jpg")
+    again = run(tiny, dataset, cache, runtime="onnxruntime")
+    assert again.path == ort.path and again.new == 1 and exported[0].stat().st_mtime_ns == stamp  # reused
+    on_torch = run(tiny, dataset, tmp_path / "torch", runtime="torch")
+    assert on_torch.runtime == "torch" and store.load(on_torch.path).attrs["runtime"] == "torch"
+    a, b = store.load(again.path).X, store.load(on_torch.path).X
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() >= 0.9999 and Path(ort.path).name == Path(on_torch.path).name  # one identity, one cache name
+
+
+def test_a_network_that_does_not_export_stays_on_torch(tiny, dataset, tmp_path, monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Unsupported operator aten::fancy")
+
+    monkeypatch.setattr(torch.onnx, "export", refuse)
+    r = run(tiny, dataset, tmp_path / "c", runtime="onnxruntime")
+    assert r.new == 24 and "does not run in ONNX Runtime (RuntimeError: Unsupported operator" in capsys.readouterr().err
+    assert not list((tmp_path / "c" / "onnx").glob("*"))
+    with pytest.raises(featx.FeatxError, match="--runtime tensorrt is not supported"):
+        run(tiny, dataset, tmp_path / "c", runtime="tensorrt")

@@ -119,3 +119,15 @@ def test_advise_digits_is_different(tmp_path):
     r = advise("digits", data_root=str(tmp_path))
     assert r["similarity"] == "different" and r["scenario"] in (3, 4)
     assert "--layer" in r["commands"][0]
+
+
+def test_onnx_runtime_and_torch_give_the_same_lite0_features(hymenoptera_features, tmp_path):
+    """The runtime is not part of the feature identity because the features agree row by row."""
+    first, _ = hymenoptera_features
+    assert first.runtime == "onnxruntime"  # auto, on a CPU
+    on_torch = featx.extract("efficientnet_lite0", "hymenoptera", data_root=str(SHARED_DATA), cache_dir=tmp_path,
+                             runtime="torch", progress=False)
+    a, b = store.load(first.path), store.load(on_torch.path)
+    assert list(a.paths) == list(b.paths) and len(a.paths) == 398
+    cos = (a.X * b.X).sum(1) / np.linalg.norm(a.X, axis=1) / np.linalg.norm(b.X, axis=1)
+    assert cos.min() >= 0.9999, cos.min()

@@ -1,0 +1,106 @@
+"""Runtimes: where a frozen backbone's forward pass runs, torch or ONNX Runtime.
+
+On a CPU, ONNX Runtime runs the same network several times faster than eager torch (lite0: 2.9× on two
+cores, BENCHMARKS.md). The network is exported once per feature identity (plus opset and torch version)
+into ``<cache>/onnx/``, checked against torch on a small batch before it is kept, and reused after. The
+features are interchangeable (cosine >= 0.9999 per row), so the runtime is not part of the feature
+identity: both runtimes share one cache.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import FeatxError
+from .files import atomic_write
+
+RUNTIMES = ("auto", "torch", "onnxruntime")
+OPSET = 17
+AGREEMENT = 0.9999  # cosine per row between ONNX Runtime and torch, checked on export
+
+
+def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
+    """``auto``: ONNX Runtime on a CPU at fp32 (when installed), torch otherwise."""
+    if runtime not in RUNTIMES:
+        raise FeatxError(f"--runtime {runtime} is not supported: use {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return "torch"
+    usable = device.type == "cpu" and precision == "fp32"
+    if runtime == "onnxruntime" and not usable:
+        raise FeatxError(f"--runtime onnxruntime runs fp32 on the CPU: use --device cpu --precision fp32, "
+                         "or --runtime torch")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if runtime == "onnxruntime":
+            raise FeatxError("--runtime onnxruntime needs the onnxruntime package: pip install onnxruntime") from None
+        return "torch"
+    return "onnxruntime" if usable else "torch"
+
+
+class OnnxForward:
+    """A backbone's forward pass in ONNX Runtime: uint8 NCHW images in, float32 features out."""
+
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.notes: list = []
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+
+
+def onnx_path(cache_dir: str | os.PathLike, net) -> Path:
+    identity = net.identity()
+    digest = identity.digest(opset=OPSET, torch=torch.__version__)
+    return Path(cache_dir) / "onnx" / f"{identity.backbone.replace(':', '-')}__{identity.layer}__{digest}.onnx"
+
+
+def onnx_forward(net, cache_dir: str | os.PathLike) -> OnnxForward | None:
+    """The exported network, exporting and checking it first if needed; None (after one line on stderr)
+    when this architecture or tap does not export, or disagrees with torch: the caller stays on torch."""
+    path = onnx_path(cache_dir, net)
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(path) as tmp:
+                export(net, tmp)
+                agreement = check(net, OnnxForward(tmp))
+                if agreement < AGREEMENT:
+                    raise ValueError(f"its features agree with torch's only to cosine {agreement:.6f}")
+        except Exception as exc:
+            print(f"featx: {net.spec.name}:{net.tap_name} does not run in ONNX Runtime "
+                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); using torch",
+                  file=sys.stderr)
+            return None
+    return OnnxForward(path)
+
+
+def export(net, path: Path) -> None:
+    size = net.preprocess.input_size
+    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    with warnings.catch_warnings():  # the TorchScript exporter warns that it is the legacy one
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net.cpu().eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+
+
+def check(net, onnx: OnnxForward) -> float:
+    """The lowest per-row cosine between the two runtimes on a seeded batch of random images."""
+    size = net.preprocess.input_size
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = net.cpu().eval()(images).float().numpy()
+    out = onnx(images).numpy()
+    cosine = (out * ref).sum(1) / np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
+    return float(cosine.min())
