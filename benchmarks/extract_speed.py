@@ -4,10 +4,10 @@
     python benchmarks/extract_speed.py --backbone resnet50 --weights r50.pt --data ../shared/data/hymenoptera \
         --repeat 10 --decode pil device
 
---repeat N links every file N times into a scratch copy, for volume on fast machines. --decode names one or
-more of featx's JPEG decoders (each timed on a fresh cache). Prints one table and one JSON line: the img/s
-of each, their ratios to the seed loop, and the wall time of the last decoder's run against a second run over
-the unchanged dataset (both calls in this process, network building included).
+--repeat N links every file N times into a scratch copy, for volume on fast machines. --decode and --runtime
+name one or more of featx's JPEG decoders and runtimes; each pair is timed on a fresh cache. Prints one table
+and one JSON line: the img/s of each, their ratios to the seed loop, and the wall time of the last run against
+a second run over the unchanged dataset (both calls in this process, network building included).
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ def seed_loop(backbone: str, weights: str | None, root: Path, device: torch.devi
 def main() -> None:
     ap = parser()
     ap.add_argument("--decode", nargs="+", choices=["pil", "device"], default=["pil"])
+    ap.add_argument("--runtime", nargs="+", choices=["auto", "torch", "onnxruntime"], default=["auto"])
     args = ap.parse_args()
     device = resolve_device(args.device)
     runs = {}
@@ -57,17 +58,19 @@ def main() -> None:
             root = replicate(root, Path(tmp) / "data", args.repeat)
         n_seed, t_seed = seed_loop(args.backbone, args.weights, root, device, args.seed_workers)
         for decode in args.decode:
-            cache = Path(tmp) / f"cache_{decode}"
-            start = time.perf_counter()
-            runs[decode] = featx.extract(args.backbone, str(root), cache_dir=cache, device=args.device,
-                                         weights=args.weights, decode=decode, progress=False)
-            t_first = time.perf_counter() - start
+            for runtime in args.runtime:
+                cache = Path(tmp) / f"cache_{decode}_{runtime}"
+                start = time.perf_counter()
+                key = f"decode={decode} runtime={runtime}"
+                runs[key] = featx.extract(args.backbone, str(root), cache_dir=cache, device=args.device,
+                                          weights=args.weights, decode=decode, runtime=runtime, progress=False)
+                t_first = time.perf_counter() - start
         start = time.perf_counter()
         second = featx.extract(args.backbone, str(root), cache_dir=cache, device=args.device, weights=args.weights,
-                               decode=decode, progress=False)
+                               decode=decode, runtime=runtime, progress=False)
         t_second = time.perf_counter() - start
     seed_rate = n_seed / t_seed
-    first = runs[decode]
+    first = runs[key]
     result = {
         "backbone": args.backbone, "images": first.images, "device": str(device),
         "machine": machine(device),
@@ -77,10 +80,10 @@ def main() -> None:
         "first_run_s": round(t_first, 3), "second_run_s": round(t_second, 3), "second_run_new": second.new,
         "rerun_speedup": round(t_first / t_second, 1),
     }
-    print(f"{'':<32}{'img/s':>10}")
-    print(f"{'seed loop (ImageFolder fp32)':<32}{seed_rate:>10.1f}")
+    print(f"{'':<48}{'img/s':>10}")
+    print(f"{'seed loop (ImageFolder fp32)':<48}{seed_rate:>10.1f}")
     for d, r in runs.items():
-        print(f"{f'featx extract, decode={d}':<32}{r.img_per_s:>10.1f}   ratio {result['ratio'][d]}x")
+        print(f"{f'featx extract, {d} ({r.runtime})':<48}{r.img_per_s:>10.1f}   ratio {result['ratio'][d]}x")
     print(f"second run over unchanged data: {t_second:.2f} s ({result['rerun_speedup']}x faster than the first)")
     print(json.dumps(result))
 

@@ -44,7 +44,7 @@ def main() -> None:
         commands["featx extract (no-op re-run)"] = extract
         commands["featx predict (one image)"] = featx + ["predict", "--model", "run/model.featx", str(image)]
     print(f"machine: {machine()}; {args.runs} runs each\n")
-    print(f"| command | median s | min s | max s |\n|---|---|---|---|")
+    print("| command | median s | min s | max s |\n|---|---|---|---|")
     for name, argv in commands.items():
         median, low, high = timed(argv, args.runs, work)
         print(f"| `{name}` | {median:.2f} | {low:.2f} | {high:.2f} |")

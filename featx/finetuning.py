@@ -9,15 +9,11 @@ stage-2 model.
 from __future__ import annotations
 
 import csv
-import hashlib
-import io
-import json
 import math
 import os
 import sys
 import time
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +29,8 @@ from .backbones import Backbone, create_backbone
 from .devices import (EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
                       resolve_precision)
 from .errors import FeatxError
-from .files import atomic_write
 from .images import ImageFiles, collate
+from .checkpoints import Progress, load_checkpoint, save_checkpoint
 from .modelfile import MODEL_NAME, ModelFile, digest
 from .predictor import load_predictor
 from .warmstart import export_head, starting_head
@@ -170,80 +166,6 @@ def training_setup(net: FineTuneNet, blocks: list, lr: float, lr_scale: float, o
     if schedule == "step":
         return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=0.1)
     raise FeatxError(f"unknown schedule '{schedule}': use cosine or step")
-
-
-@dataclass
-class Progress:
-    """What survives a kill: the finished epochs, the best (val accuracy, -val loss), the next epoch."""
-
-    history: list
-    best: tuple = (-1.0, -np.inf)
-    start_epoch: int = 0
-
-    def improves(self, row: dict) -> bool:
-        """Higher val accuracy wins; equal accuracy goes to the lower val loss; with no val images at all,
-        the latest epoch."""
-        if row["val_accuracy"] is None:
-            return True
-        score = (row["val_accuracy"], -row["val_loss"])
-        if score > self.best:
-            self.best = score
-            return True
-        return False
-
-
-CHECKPOINT_MAGIC = b"featx-checkpoint-1 sha256="
-
-
-def save_checkpoint(path: Path, net, opt, sched, epoch: int, progress: Progress, config: dict) -> None:
-    """A torch.save payload behind a header line with its SHA-256, written atomically: ``--resume``
-    trusts no byte it cannot verify."""
-    payload = io.BytesIO()
-    torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "epoch": epoch, "best": list(progress.best), "history": json.dumps(progress.history),
-                    "config": json.dumps(config), "rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, payload)
-    body = payload.getvalue()
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(CHECKPOINT_MAGIC + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-
-
-def read_checkpoint(path: Path) -> dict:
-    """The verified payload of a checkpoint; anything else (bit flips, truncation, an empty file, a file
-    featx did not write) is one line naming the file and what to do."""
-    raw = path.read_bytes()
-    header, _, body = raw.partition(b"\n")
-    fix = f"delete it to start the run again, or pass another --out"
-    if not header.startswith(CHECKPOINT_MAGIC):
-        raise FeatxError(f"{path} is not a featx checkpoint (or was written before checkpoints carried a digest): {fix}")
-    if hashlib.sha256(body).hexdigest().encode() != header[len(CHECKPOINT_MAGIC):]:
-        raise FeatxError(f"{path} fails its SHA-256 check (damaged or truncated): {fix}")
-    return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
-
-
-def load_checkpoint(path: Path, net, opt, sched, config: dict) -> Progress:
-    """Restore a run. ``--epochs`` may change: the schedule is then rebuilt for the new total, as a fresh
-    run of that length would have it at this epoch (earlier epochs keep the rates they ran with)."""
-    state = read_checkpoint(path)
-    saved = json.loads(state["config"])
-    if {k: v for k, v in saved.items() if k != "epochs"} != {k: v for k, v in config.items() if k != "epochs"}:
-        raise FeatxError(f"{path} was written by a different finetune setup: rerun without --resume "
-                         "or with the same options")
-    net.load_state_dict(state["net"])
-    opt.load_state_dict(state["optimizer"])
-    if saved["epochs"] == config["epochs"]:
-        sched.load_state_dict(state["scheduler"])
-    else:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"]
-        with warnings.catch_warnings():  # stepping the schedule alone, to replay it, is the point here
-            warnings.simplefilter("ignore", UserWarning)
-            for _ in range(int(state["epoch"]) + 1):
-                sched.step()
-    torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return Progress(json.loads(state["history"]), tuple(state["best"]), int(state["epoch"]) + 1)
 
 
 POSITIVE = {"epochs", "batch_size", "lr", "step_size", "patience"}  # the rest must be >= 0

@@ -8,6 +8,7 @@ identity: both runtimes share one cache.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import warnings
@@ -32,13 +33,11 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
         return "torch"
     usable = device.type == "cpu" and precision == "fp32"
     if runtime == "onnxruntime" and not usable:
-        raise FeatxError(f"--runtime onnxruntime runs fp32 on the CPU: use --device cpu --precision fp32, "
+        raise FeatxError("--runtime onnxruntime runs fp32 on the CPU: use --device cpu --precision fp32, "
                          "or --runtime torch")
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None:
         if runtime == "onnxruntime":
-            raise FeatxError("--runtime onnxruntime needs the onnxruntime package: pip install onnxruntime") from None
+            raise FeatxError("--runtime onnxruntime needs the onnxruntime package: pip install onnxruntime")
         return "torch"
     return "onnxruntime" if usable else "torch"
 

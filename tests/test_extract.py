@@ -155,9 +155,9 @@ def test_running_out_of_device_memory_halves_the_batch(tiny, dataset, tmp_path, 
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(net, images, device)
 
-    reference = run(tiny, dataset, tmp_path / "ref")
+    reference = run(tiny, dataset, tmp_path / "ref", runtime="torch")
     monkeypatch.setattr(devices, "forward", small_device)
-    r = run(tiny, dataset, tmp_path / "c")
+    r = run(tiny, dataset, tmp_path / "c", runtime="torch")
     assert r.new == 24 and r.notes == ["out of device memory at batch 4: continued with batches of 2"]
     np.testing.assert_allclose(store.load(r.path).X, store.load(reference.path).X, atol=1e-5)
 

@@ -86,7 +86,7 @@ def test_predict_agrees_with_fit_head_on_real_images(hymenoptera_features, tmp_p
 
 
 def test_cats_dogs_logreg_test_accuracy(tmp_path):
-    from featx import fit, predictor
+    from featx import fit
 
     m = fit.fit_head("logreg", backbone="efficientnet_lite0", data="cats_dogs", data_root=str(SHARED_DATA),
                        cache_dir=tmp_path / "cache", out=tmp_path / "run", progress=False)
