@@ -26,11 +26,15 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def default_workers(device: torch.device) -> int:
-    """On a GPU decoding is the bottleneck, so every core but one (the main process feeds the GPU); on a
-    CPU one worker overlaps decoding with the model, which needs the cores itself."""
+def default_workers(device: torch.device, fast_model: bool = False) -> int:
+    """On a GPU decoding is the bottleneck, so every core but one (the main process feeds the GPU). On a
+    CPU one worker overlaps decoding with a torch model, which needs the cores itself; a model in ONNX
+    Runtime is fast enough that decoding limits again, so half the cores, at least two (lite0 on 2 cores:
+    64.8 img/s with two workers against 54.4 with one, BENCHMARKS.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores - 1, 16)) if device.type == "cuda" else 1
+    if device.type == "cuda":
+        return max(1, min(cores - 1, 16))
+    return max(2, cores // 2) if fast_model else 1
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -45,7 +45,7 @@ def iter_features(net: Backbone, files: list, device: torch.device, batch_size: 
     (already resolved: ``torch`` or ``onnxruntime``) runs the network; ONNX exports live under ``cache_dir``.
     """
     check_decode(decode)
-    workers = default_workers(device) if workers is None else workers
+    workers = default_workers(device, runtime == "onnxruntime") if workers is None else workers
     on_device = decode == "device"
     size = net.preprocess.input_size
     dataset = (EncodedFiles if on_device else ImageFiles)(files, net.preprocess.transform(),
