@@ -165,7 +165,8 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
                 epochs = min(epochs, max_epochs)
             options = {k: step[k] for k in ("batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
                                             "step_size", "augment", "from_scratch", "patience", "seed") if k in step}
-            head = models[step["head_from"]] if step.get("head_from") else step.get("head")
+            # a step without head or head_from starts fresh, as its file says: never from the workspace's last fit-head
+            head = models[step["head_from"]] if step.get("head_from") else step.get("head", "none")
             metrics = finetune(net, str(folder), step["unfreeze"], epochs=epochs, out=step_out, head=head,
                                **options, **common)
             metrics["epochs_run"] = epochs

@@ -135,3 +135,16 @@ def test_input_size_is_checked_in_the_api(tiny, dataset, tmp_path):
     for size in (-5, 0):
         with pytest.raises(FeatxError, match=f"--input-size {size}: must be a whole number"):
             featx.extract(tiny, str(dataset), cache_dir=tmp_path, input_size=size, progress=False)
+
+
+def test_a_finetune_step_without_head_starts_fresh_even_after_a_fit_head(tiny, dataset, tmp_path, monkeypatch):
+    """A pipeline does what its file says: the workspace's last fit-head must not leak into a later step."""
+    from featx.modelfile import ModelFile
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "p.toml"
+    path.write_text(f'name = "p"\ndata = "{dataset}"\nbackbone = "{tiny}"\n'
+                    '[[steps]]\nname = "head"\nkind = "fit-head"\nclf = "logreg"\n'
+                    '[[steps]]\nname = "fresh"\nkind = "finetune"\nunfreeze = "none"\nepochs = 1\n')
+    run_pipeline(path, out=tmp_path / "report", progress=False)
+    assert ModelFile.load(tmp_path / "report" / "fresh" / "model.featx").info["finetune"]["head"] is None
