@@ -51,9 +51,12 @@ def record(cache_dir: str | os.PathLike, key: str, entry: dict) -> None:
 
 
 def fill(cache_dir: str | os.PathLike, command: str, **given) -> dict:
-    """``given`` with what the user left out (None) taken from the last extraction: the backbone and
-    data always, the layer, input size, precision and weights when the backbone is the same. Without a
-    record, the data must be given; the backbone then defaults to efficientnet_lite0."""
+    """``given`` with what the user left out (None) taken from the last extraction, when the user left out
+    the backbone or the data: those two, and the layer, input size, precision and weights when the backbone
+    and data are the recorded ones. A command given both backbone and data is explicit and reads no record.
+    Without a record, the data must be given; the backbone then defaults to efficientnet_lite0."""
+    if all(given.get(k) is not None for k in ("backbone", "data") if k in given):
+        return given
     last = read(cache_dir).get("extract")
     if last is None:
         if given.get("data") is None:
@@ -64,7 +67,9 @@ def fill(cache_dir: str | os.PathLike, command: str, **given) -> dict:
     taken = [k for k in ("backbone", "data") if k in given and given[k] is None]
     for key in taken:
         filled[key] = last[key]
-    if filled.get("backbone") == last["backbone"]:
+    same_data = "data" in taken or str(filled["data"]) in (last["data"], last["dataset"]) or \
+        Path(filled["data"]).expanduser().resolve() == Path(last["data"])
+    if filled.get("backbone", last["backbone"]) == last["backbone"] and same_data:
         more = [k for k in REMEMBERED[2:] if k in given and given[k] is None and last.get(k) is not None]
         filled |= {k: last[k] for k in more}
         taken += more
