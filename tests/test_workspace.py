@@ -82,8 +82,8 @@ def test_vgg_dropouts_follow_train_and_eval():
 
 def test_a_command_given_backbone_and_data_reads_no_record(project):
     assert typed("extract --backbone vgg16 --data cats_dogs --layer fc6").exit_code == 0
+    res = typed("fit-head --clf logreg --data cats_dogs --out runs/partial")  # backbone left out: fc6 comes along
+    assert "__fc6__" in json.loads(res.stdout)["features"] and "layer fc6" in res.stderr
     res = typed("fit-head --clf logreg --backbone vgg16 --data cats_dogs --out runs/explicit")
     assert res.exit_code == 0 and "from the last extract" not in res.stderr
     assert "__fc7__" in json.loads(res.stdout)["features"]  # the default layer, not the recorded fc6
-    res = typed("fit-head --clf logreg --data cats_dogs --out runs/partial")  # backbone left out: fc6 comes along
-    assert "__fc6__" in json.loads(res.stdout)["features"] and "layer fc6" in res.stderr
