@@ -66,6 +66,9 @@ def cli():
 def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
             dtype, runtime, verify, as_json, checkpoint_rows, quiet):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
+    from .data import resolve
+
+    resolve(data, data_root)  # a wrong --data is reported before torch is imported (seconds)
     from .extraction import extract as run_extract
 
     r = run_extract(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
