@@ -63,7 +63,8 @@ def read_checkpoint(path: Path) -> dict:
     header, _, body = raw.partition(b"\n")
     fix = "delete it to start the run again, or pass another --out"
     if not header.startswith(CHECKPOINT_MAGIC):
-        raise FeatxError(f"{path} is not a featx checkpoint (or was written before checkpoints carried a digest): {fix}")
+        raise FeatxError(f"{path} is not a featx checkpoint (or was written before checkpoints carried a "
+                         f"digest): {fix}")
     if hashlib.sha256(body).hexdigest().encode() != header[len(CHECKPOINT_MAGIC):]:
         raise FeatxError(f"{path} fails its SHA-256 check (damaged or truncated): {fix}")
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)  # RNG states must stay on the CPU

@@ -73,8 +73,8 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
 
     r = run_extract(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
-                    input_size=input_size, precision=precision or "auto", verify=verify, runtime=runtime, checkpoint_rows=checkpoint_rows,
-                    progress=not quiet)
+                    input_size=input_size, precision=precision or "auto", verify=verify, runtime=runtime,
+                    checkpoint_rows=checkpoint_rows, progress=not quiet)
     for s in r.skipped_files:
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)

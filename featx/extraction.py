@@ -36,13 +36,14 @@ from .weights import weights_identity
 
 def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
                   workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil",
-                  notes: list | None = None, runtime: str = "torch", cache_dir: str | os.PathLike = "cache"):
+                  run: RunInfo | None = None, runtime: str = "torch", cache_dir: str | os.PathLike = "cache"):
     """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)].
 
     ``decode="pil"`` decodes in the workers (JPEG draft mode); ``"device"`` has the workers read
     JPEG bytes and decodes them in batches on ``device``, which lifts the CPU decoding ceiling on a GPU.
-    Running out of device memory halves the batch; what happened is appended to ``notes``. ``runtime``
-    (already resolved: ``torch`` or ``onnxruntime``) runs the network; ONNX exports live under ``cache_dir``.
+    ``runtime`` (already resolved: ``torch`` or ``onnxruntime``) runs the network, ONNX exports living under
+    ``cache_dir``. ``run``, when given, receives the runtime that really ran (a network that does not export
+    stays on torch) and notes such as running out of device memory, which halves the batch.
     """
     check_decode(decode)
     workers = default_workers(device, runtime == "onnxruntime") if workers is None else workers
@@ -55,6 +56,8 @@ def iter_features(net: Backbone, files: list, device: torch.device, batch_size: 
     embed = HalvingForward(prepare(net, device), device)
     if runtime == "onnxruntime":
         embed = onnx_forward(net, cache_dir) or embed
+    if run is not None:
+        run.runtime = "torch" if isinstance(embed, HalvingForward) else "onnxruntime"
     with tqdm(total=len(files), unit="img", desc=desc, file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar, torch.inference_mode():
         for indices, images, failures in decode_batches(loader, dataset, device) if on_device \
@@ -62,8 +65,16 @@ def iter_features(net: Backbone, files: list, device: torch.device, batch_size: 
             feats = embed(images).cpu().numpy() if images is not None else np.zeros((0, 0))
             bar.update(len(indices) + len(failures))
             yield indices, feats, failures
-    if notes is not None:
-        notes += embed.notes
+    if run is not None:
+        run.notes += embed.notes
+
+
+@dataclass
+class RunInfo:
+    """How an extraction ran: the runtime that computed the rows, and what it had to adapt to."""
+
+    runtime: str
+    notes: list = field(default_factory=list)
 
 
 @dataclass
@@ -150,28 +161,28 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
         todo = [f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
                                             f in index.skipped and index.skipped[f][0] == fingerprints[f])]
-        compute_start, unreadable, notes = time.perf_counter(), {}, []
+        compute_start, unreadable, run = time.perf_counter(), {}, RunInfo(runtime)
         if todo:
             store.check_writable(len(todo))
             batches = iter_features(p.build(), [ds.root / f for f in todo], dev, batch_size, workers, progress,
-                                    desc=f"{p.spec.name}:{p.layer}", decode=decode, notes=notes, runtime=runtime,
+                                    desc=f"{p.spec.name}:{p.layer}", decode=decode, run=run, runtime=runtime,
                                     cache_dir=cache_dir)
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
         index, order, skipped, dropped = finish(store, ds, {**cache_attrs(p.identity, p.preprocess, ds),
-                                                            "runtime": runtime})
+                                                            "runtime": run.runtime})
     if not isinstance(backbone, Backbone):  # evaluate extracts with a model's own backbone: not a user's choice
         workspace.record(cache_dir, "extract", {
             "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": p.layer,
-            "input_size": input_size, "precision": p.identity.precision, "weights": weights and str(Path(weights).resolve()),
-            "path": str(path)})
+            "input_size": input_size, "precision": p.identity.precision,
+            "weights": weights and str(Path(weights).resolve()), "path": str(path)})
     seconds = time.perf_counter() - start
     return ExtractResult(
         path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped or f in unreadable),
         skipped=len(skipped) + len(unreadable) + len(ds.broken), dropped=dropped, unreadable=len(unreadable),
         img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
         seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
-        feature_dim=int(index.dim or 0), dataset=ds.name, notes=notes, runtime=runtime,
+        feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime,
         skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
         + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()]
         + [{"path": f, "reason": reason} for f, reason in ds.broken])

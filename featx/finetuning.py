@@ -239,7 +239,8 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
         ds = ds.with_val_from_train(val_fraction)
     val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
     net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
-                            input_size=given["input_size"], precision=resolve_precision(given["precision"] or "auto", dev))
+                            input_size=given["input_size"],
+                            precision=resolve_precision(given["precision"] or "auto", dev))
     head = None if from_scratch else choose_head(head, net_b, ds, cache_dir)
     blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
     out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")

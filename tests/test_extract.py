@@ -494,6 +494,7 @@ def test_a_network_that_does_not_export_stays_on_torch(tiny, dataset, tmp_path, 
     monkeypatch.setattr(torch.onnx, "export", refuse)
     r = run(tiny, dataset, tmp_path / "c", runtime="onnxruntime")
     assert r.new == 24 and "does not run in ONNX Runtime (RuntimeError: Unsupported operator" in capsys.readouterr().err
+    assert r.runtime == "torch" and store.load(r.path).attrs["runtime"] == "torch"  # what really ran
     assert not list((tmp_path / "c" / "onnx").glob("*"))
     with pytest.raises(featx.FeatxError, match="--runtime tensorrt is not supported"):
         run(tiny, dataset, tmp_path / "c", runtime="tensorrt")
