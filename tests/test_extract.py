@@ -208,8 +208,9 @@ main(sys.argv[1:])
 
 def extract_cmd(tiny_weights, data, cache, *extra, delay=0.0, slow_merge=False):
     code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights), delay=delay, slow_merge=slow_merge)
+    # torch runtime: the tiny net's stand-in delay (a sleep in forward) cannot be exported to ONNX
     return [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir",
-            str(cache), "--workers", "0", "--batch-size", "4", "--quiet", *extra]
+            str(cache), "--workers", "0", "--batch-size", "4", "--runtime", "torch", "--quiet", *extra]
 
 
 def test_sigkill_loses_nothing_and_resumes(tiny_weights, tmp_path):
@@ -255,14 +256,14 @@ def test_a_kill_during_the_merge_loses_nothing(tiny, tiny_weights, tmp_path):
     result = json.loads(out.stdout)
     assert result["new"] == 0 and result["images"] == 60
     assert not list(cache.glob("*.tmp*")) and not list(cache.glob("*.part*"))
-    clean = run(tiny, data, tmp_path / "clean")
+    clean = run(tiny, data, tmp_path / "clean", runtime="torch")  # the child's runtime: bit-identical rows
     np.testing.assert_array_equal(store.load(result["path"]).X, store.load(clean.path).X)
 
 
 def test_readers_during_a_merge_see_the_old_file_or_the_new_one(tiny, tiny_weights, tmp_path):
     data = make_dataset(tmp_path / "d", {"train": 10})
     cache = tmp_path / "c"
-    first = run(tiny, data, cache).as_dict()
+    first = run(tiny, data, cache, runtime="torch").as_dict()
     more = make_dataset(tmp_path / "more", {"train": 10}, seed=5)
     for f in more.glob("train/*/*.jpg"):
         f.rename(data / "train" / f.parent.name / f"new_{f.name}")
