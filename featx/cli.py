@@ -63,8 +63,16 @@ def cli():
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1),
               help="Rows kept in memory before they are written durably (also every 15 s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Compute here, or on a Ray Data cluster (pip install -e '.[ray]'); this process writes the cache.")
+@click.option("--address", default=None, help="--engine ray: auto, HOST:PORT or ray://HOST:PORT (default: a local "
+              "cluster started for this run).")
+@click.option("--actors", default=None, type=click.IntRange(1), help="--engine ray: embedding actors (default: one "
+              "per --gpus-per-actor GPUs, or one per two CPUs).")
+@click.option("--gpus-per-actor", default=0.0, type=click.FloatRange(0), show_default=True,
+              help="--engine ray: GPUs each embedding actor reserves (0: actors run on CPUs).")
 def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
-            dtype, runtime, verify, as_json, checkpoint_rows, quiet):
+            dtype, runtime, verify, as_json, checkpoint_rows, quiet, engine, address, actors, gpus_per_actor):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     from .data import resolve
 
@@ -74,7 +82,8 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
     r = run_extract(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
                     input_size=input_size, precision=precision or "auto", verify=verify, runtime=runtime,
-                    checkpoint_rows=checkpoint_rows, progress=not quiet)
+                    checkpoint_rows=checkpoint_rows, progress=not quiet, engine=engine, address=address,
+                    actors=actors, gpus_per_actor=gpus_per_actor)
     for s in r.skipped_files:
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)

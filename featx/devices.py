@@ -93,10 +93,13 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto``: fp32 on a CPU; on CUDA bf16 where the GPU supports it natively, else fp16."""
+    """``auto``: fp32 on a CPU; on CUDA bf16 where the GPU supports it natively, else fp16 (also when the GPUs
+    are a Ray cluster's and this process cannot ask them)."""
     if precision == "auto":
         if device.type != "cuda":
             return "fp32"
+        if not torch.cuda.is_available():
+            return "fp16"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision not in PRECISIONS:
         raise FeatxError(f"--precision {precision} is not supported: use auto, {', '.join(PRECISIONS)}")

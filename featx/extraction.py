@@ -24,14 +24,17 @@ from tqdm import tqdm
 from . import __version__, workspace
 from . import data as data_mod
 from .backbones import Backbone, Preprocess, create_backbone, feature_identity, resolve_backbone
-from .devices import (HalvingForward, default_batch_size, default_workers, make_loader, overlapped, prepare,
-                      resolve_device, resolve_precision)
+from .devices import (HalvingForward, default_batch_size, default_workers, make_loader, overlapped, resolve_device,
+                      resolve_precision)
 from .errors import FeatxError
 from .identity import FeatureIdentity
 from .images import IO_ERROR, EncodedFiles, ImageFiles, check_decode, collate, collate_encoded, decode_batches
-from .runtimes import onnx_forward, resolve_runtime
+from .ray_engine import connect, ray_features
+from .runtimes import embedding, onnx_model, resolve_runtime
 from .store import FeatureStore, Rows, cache_path
 from .weights import weights_identity
+
+ENGINES = ("local", "ray")
 
 
 def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
@@ -53,9 +56,7 @@ def iter_features(net: Backbone, files: list, device: torch.device, batch_size: 
                                                           net.preprocess.resize_size)
     loader = make_loader(dataset, device, batch_size or default_batch_size(device), workers,
                          collate_encoded if on_device else collate, image_bytes=3 * size * size, pin=not on_device)
-    embed = HalvingForward(prepare(net, device), device)
-    if runtime == "onnxruntime":
-        embed = onnx_forward(net, cache_dir) or embed
+    embed = embedding(net, device, onnx_model(net, cache_dir) if runtime == "onnxruntime" else None)
     if run is not None:
         run.runtime = "torch" if isinstance(embed, HalvingForward) else "onnxruntime"
     with tqdm(total=len(files), unit="img", desc=desc, file=sys.stderr, disable=not progress,
@@ -95,6 +96,7 @@ class ExtractResult:
     skipped_files: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what the run adapted to, e.g. running out of device memory
     runtime: str = "torch"
+    engine: str = "local"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -132,7 +134,9 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
             batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
             weights: str | None = None, input_size: int | None = None, progress: bool = True,
             decode: str = "pil", precision: str = "auto", verify: str = "stat", runtime: str = "auto",
-            checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0) -> ExtractResult:
+            checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0, engine: str = "local",
+            address: str | None = None, actors: int | None = None, gpus_per_actor: float = 0,
+            threads_per_actor: int = 2) -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
 
     Only images that are new or changed since the last run are computed; deleted ones are dropped.
@@ -144,7 +148,13 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     ``verify`` is how a file is known to be unchanged: ``stat`` (cheap) or ``content`` (hashes every file).
     ``runtime`` (``auto``: ONNX Runtime on a CPU, torch on CUDA) runs the network; it is recorded in the
     cache's attributes but is not part of the identity, as both give the same features.
+    ``engine="ray"`` computes on a Ray Data cluster (``address``; a local one when None) with ``actors``
+    embedding actors of ``gpus_per_actor`` GPUs each (``ray_engine.py``); this process still writes the cache.
     """
+    if engine not in ENGINES:
+        raise FeatxError(f"--engine {engine} is not supported: use {' or '.join(ENGINES)}")
+    if engine == "ray":
+        connect(address)  # a missing Ray or an unreachable cluster is said before any work
     if verify not in data_mod.VERIFY:
         raise FeatxError(f"--verify {verify} is not supported: use {' or '.join(data_mod.VERIFY)}")
     if dtype not in ("float32", "float16"):
@@ -152,7 +162,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     check_decode(decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
-    dev = resolve_device(device)
+    dev = torch.device("cuda" if gpus_per_actor else "cpu") if engine == "ray" else resolve_device(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev))
     runtime = resolve_runtime(runtime, dev, p.identity.precision)
     path = cache_path(cache_dir, ds.name, ds.root, p.identity, dtype)
@@ -164,9 +174,16 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         compute_start, unreadable, run = time.perf_counter(), {}, RunInfo(runtime)
         if todo:
             store.check_writable(len(todo))
-            batches = iter_features(p.build(), [ds.root / f for f in todo], dev, batch_size, workers, progress,
-                                    desc=f"{p.spec.name}:{p.layer}", decode=decode, run=run, runtime=runtime,
-                                    cache_dir=cache_dir)
+            files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{p.layer}"
+            if engine == "ray":
+                net = p.build()
+                onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
+                run.runtime = "onnxruntime" if onnx else "torch"
+                batches = ray_features(net, files, dev, batch_size, decode, onnx and onnx.read_bytes(), address,
+                                       actors, gpus_per_actor, threads_per_actor, progress, desc, run)
+            else:
+                batches = iter_features(p.build(), files, dev, batch_size, workers, progress, desc=desc,
+                                        decode=decode, run=run, runtime=runtime, cache_dir=cache_dir)
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
         index, order, skipped, dropped = finish(store, ds, {**cache_attrs(p.identity, p.preprocess, ds),
@@ -182,7 +199,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         skipped=len(skipped) + len(unreadable) + len(ds.broken), dropped=dropped, unreadable=len(unreadable),
         img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
         seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
-        feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime,
+        feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime, engine=engine,
         skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
         + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()]
         + [{"path": f, "reason": reason} for f, reason in ds.broken])

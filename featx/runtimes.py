@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .errors import FeatxError
+from .devices import HalvingForward, prepare
 from .files import atomic_write
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
@@ -45,13 +46,15 @@ def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
 class OnnxForward:
     """A backbone's forward pass in ONNX Runtime: uint8 NCHW images in, float32 features out."""
 
-    def __init__(self, path: Path):
+    def __init__(self, model: Path | bytes, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+        options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                   else 0)
         options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self.notes: list = []
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -64,9 +67,9 @@ def onnx_path(cache_dir: str | os.PathLike, net) -> Path:
     return Path(cache_dir) / "onnx" / f"{identity.backbone.replace(':', '-')}__{identity.layer}__{digest}.onnx"
 
 
-def onnx_forward(net, cache_dir: str | os.PathLike) -> OnnxForward | None:
-    """The exported network, exporting and checking it first if needed; None (after one line on stderr)
-    when this architecture or tap does not export, or disagrees with torch: the caller stays on torch."""
+def onnx_model(net, cache_dir: str | os.PathLike) -> Path | None:
+    """The exported network's file, exporting and checking it first if needed; None (after one line on
+    stderr) when this architecture or tap does not export, or disagrees with torch: the caller stays on torch."""
     path = onnx_path(cache_dir, net)
     if not path.is_file():
         try:
@@ -81,7 +84,15 @@ def onnx_forward(net, cache_dir: str | os.PathLike) -> OnnxForward | None:
                   f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); using torch",
                   file=sys.stderr)
             return None
-    return OnnxForward(path)
+    return path
+
+
+def embedding(net, device: torch.device, onnx: Path | bytes | None = None, threads: int | None = None):
+    """The forward pass extraction runs: the ONNX model when there is one (a file or its bytes), else torch,
+    which halves the batch when the device runs out of memory."""
+    if onnx is not None:
+        return OnnxForward(onnx, threads)
+    return HalvingForward(prepare(net, device), device)
 
 
 def export(net, path: Path) -> None:

@@ -1,0 +1,122 @@
+"""``featx extract --engine ray``: the same cache as the local engine, each image once whatever dies."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+import featx
+from featx import store
+from featx.ray_engine import ACTOR_EXIT_ONCE
+from helpers import REPO, make_dataset
+
+ray = pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]' (.ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local two-CPU cluster: one embedding actor on one thread, one CPU left for the read tasks. Its
+    workers inherit this environment, so they can import the tests' helpers (the tiny network's class)."""
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), saved]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if saved is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
+@pytest.fixture
+def real_set(shared_data, tmp_path):
+    """Six real photos per class, a truncated JPEG and a text file named .jpg among them."""
+    root = tmp_path / "real"
+    for cls in ("ants", "bees"):
+        (root / "train" / cls).mkdir(parents=True)
+        for f in sorted((shared_data / "hymenoptera" / "train" / cls).glob("*.jpg"))[:6]:
+            shutil.copy(f, root / "train" / cls / f.name)
+    photo = next((root / "train" / "ants").glob("*.jpg")).read_bytes()
+    (root / "train" / "ants" / "truncated.jpg").write_bytes(photo[:len(photo) // 3])
+    (root / "train" / "bees" / "notes.jpg").write_text("not an image")
+    return root
+
+
+def extract(tiny, data, cache, **kw):
+    return featx.extract(tiny, str(data), cache_dir=cache, progress=False, batch_size=4, **kw)
+
+
+@pytest.mark.parametrize("decode", ["pil", "device"])
+def test_ray_gives_the_local_engines_cache(cluster, tiny, real_set, tmp_path, decode):
+    local = extract(tiny, real_set, tmp_path / "local", decode=decode, workers=0)
+    remote = extract(tiny, real_set, tmp_path / "ray", decode=decode, engine="ray", threads_per_actor=1)
+    assert (remote.engine, remote.runtime) == ("ray", local.runtime)
+    assert remote.images == local.images == 12 and remote.new == 12
+    assert sorted(map(str, remote.skipped_files)) == sorted(map(str, local.skipped_files))
+    assert {s["path"] for s in remote.skipped_files} == {"train/ants/truncated.jpg", "train/bees/notes.jpg"}
+    ours, theirs = store.load(remote.path), store.load(local.path)
+    assert list(ours.paths) == list(theirs.paths)
+    np.testing.assert_allclose(ours.X, theirs.X, atol=1e-5)
+    assert any("Ray Data: 1 embedding actor" in note for note in remote.notes)
+
+
+def test_an_actor_that_dies_loses_and_repeats_nothing(cluster, tiny, tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", {"train": 20})
+    marker = tmp_path / "died"
+    monkeypatch.setenv(ACTOR_EXIT_ONCE, str(marker))
+    r = extract(tiny, data, tmp_path / "c", engine="ray", threads_per_actor=1)
+    assert marker.exists(), "the actor should have died on its first batch"
+    features = store.load(r.path)
+    assert r.images == r.new == 40 and features.X.shape == (40, 32)
+    assert len(set(features.paths)) == 40
+    clean = extract(tiny, data, tmp_path / "clean", workers=0)
+    np.testing.assert_allclose(features.X, store.load(clean.path).X, atol=1e-5)
+
+
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import helpers
+helpers.register_tiny(__import__("pathlib").Path({weights!r}), delay=0.2)
+from featx.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_driver_resumes_with_nothing_lost_or_repeated(cluster, tiny_weights, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 40})
+    cache = tmp_path / "c"
+    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights))
+    # torch runtime: the delay standing in for a big network is a sleep, which ONNX export drops
+    cmd = [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir", str(cache),
+           "--engine", "ray", "--address", cluster, "--batch-size", "4", "--runtime", "torch",
+           "--checkpoint-rows", "8", "--quiet", "--json"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("*.part*.h5")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sum(h5py.File(p, "r")["features"].shape[0] for p in cache.glob("*.part*.h5"))
+    assert 0 < done < 80, "the kill should land mid-run"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["images"] == 80 and result["new"] == 80 - done
+    features = store.load(result["path"])
+    assert features.X.shape == (80, 32) and len(set(features.paths)) == 80
+    assert not list(cache.glob("*.part*"))
+
+
+def test_an_unreachable_address_is_one_line(tiny, dataset, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "featx", "extract", "--data", str(dataset), "--cache-dir",
+                          str(tmp_path / "c"), "--engine", "ray", "--address", "127.0.0.1:1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "cannot reach the Ray cluster at --address 127.0.0.1:1" in out.stderr
