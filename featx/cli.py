@@ -200,7 +200,10 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @data_options(required=False)
 @click.option("--unfreeze", required=True, help="Comma-separated blocks (see 'featx backbones'), top:N (the last N), all, or none.")
 @click.option("--epochs", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
+              help="Images a step; under torchrun, per process.")
+@click.option("--shuffle/--no-shuffle", default=True, show_default=True,
+              help="A seeded new order of the training images every epoch.")
 @click.option("--lr", default=1e-3, show_default=True, type=float, help="Head learning rate.")
 @click.option("--backbone-lr-scale", default=0.1, show_default=True, type=float,
               help="Unfrozen blocks learn at lr x this (discriminative learning rates).")
@@ -225,7 +228,7 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
-def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, lr,
+def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, shuffle, lr,
              backbone_lr_scale, optimizer, schedule, step_size, augment, head, cache_dir, from_scratch, patience,
              val_fraction, resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
@@ -239,9 +242,13 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
                      step_size=step_size, augment=augment, head=head, from_scratch=from_scratch, patience=patience,
                      resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
                      precision=precision, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
-                     progress=not quiet)
+                     progress=not quiet, shuffle=shuffle)
+    if "rank" in m:  # under torchrun, rank 0 speaks for every process
+        return
+    batches = f", {m['processes']} processes x {batch_size} = {m['global_batch_size']} images a step" \
+        if m["processes"] > 1 else ""
     emit(m, as_json, f"trained {', '.join(m['unfreeze']) or 'the head only'}: {m['trainable_params']:,} of "
-                     f"{m['total_params']:,} parameters trainable\n"
+                     f"{m['total_params']:,} parameters trainable{batches}\n"
                      f"best epoch {m['best_epoch']} (chosen on val: {m['val_source']}): {summary_line(m)}\n"
                      f"model: {m['model']}")
 

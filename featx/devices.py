@@ -47,15 +47,18 @@ PREFETCH = 4  # batches each worker keeps ready
 
 class EpochSampler(torch.utils.data.Sampler):
     """A seeded permutation per epoch (``set_epoch``), as ``DistributedSampler`` does: a loader with
-    persistent workers shuffles anew each epoch, and a resumed run sees the orders an uninterrupted one would."""
+    persistent workers shuffles anew each epoch, and a resumed run sees the orders an uninterrupted one would.
+    ``shuffle=False`` keeps the files' order."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, 0, shuffle
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
         return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
 
     def __len__(self) -> int:

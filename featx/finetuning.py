@@ -8,6 +8,7 @@ stage-2 model.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -19,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
@@ -30,10 +33,11 @@ from .devices import (EpochSampler, autocast, default_workers, make_loader, over
                       resolve_precision)
 from .errors import FeatxError
 from .images import ImageFiles, collate
+from .distributed import World, join_world, restarted
 from .checkpoints import Progress, load_checkpoint, save_checkpoint
 from .modelfile import MODEL_NAME, ModelFile, digest
 from .predictor import load_predictor
-from .warmstart import export_head, starting_head
+from .warmstart import choose_head, export_head, starting_head
 
 AUGMENTATIONS = ("none", "light", "strong")
 
@@ -111,35 +115,40 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> P
                      head_config=config, head_arrays=arrays, backbone_state=state, info=info).save(path)
 
 
-def run_epoch(net, batches, labels, device, optimizer=None, bar=None) -> tuple[float, float]:
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy). Loss and hits add up on
-    the device and are read once at the end (on a CPU every step, for the progress bar), so a GPU never
-    waits for the host mid-epoch."""
+def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: World = World()) -> tuple[float, float]:
+    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy) over every process. Loss
+    and hits add up on the device and are read once at the end (on a CPU every step, for the progress bar),
+    so a GPU never waits for the host mid-epoch. Under DDP a process whose batch held no decodable image
+    skips it and ``join`` keeps the others' gradient exchanges matched, so no process waits forever."""
     loss_fn = nn.CrossEntropyLoss()
-    total, correct, count = torch.zeros((), device=device), torch.zeros((), device=device), 0
-    for indices, images, _failures in overlapped(batches, device):
-        if images is None:
-            continue
-        y = torch.as_tensor(labels[indices], device=device)
-        with torch.set_grad_enabled(optimizer is not None), autocast(device, net.backbone.precision):
-            logits = net(images.contiguous(memory_format=torch.channels_last))
-            loss = loss_fn(logits.float(), y)
-        if optimizer is not None:
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        total += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        count += len(y)
-        if bar is not None:
-            bar.update(len(indices))
-            if device.type == "cpu":
-                bar.set_postfix(loss=f"{total.item() / count:.3f}", acc=f"{correct.item() / count:.3f}")
-    mean = total.item() / max(count, 1)
+    sums = torch.zeros(3, device=device)  # loss, hits, images
+    precision = getattr(net, "module", net).backbone.precision
+    with net.join() if isinstance(net, DDP) else contextlib.nullcontext():
+        for indices, images, _failures in overlapped(batches, device):
+            if images is None:
+                continue
+            y = torch.as_tensor(labels[indices], device=device)
+            with torch.set_grad_enabled(optimizer is not None), autocast(device, precision):
+                logits = net(images.contiguous(memory_format=torch.channels_last))
+                loss = loss_fn(logits.float(), y)
+            if optimizer is not None:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            sums[0] += loss.detach() * len(y)
+            sums[1] += (logits.argmax(1) == y).sum()
+            sums[2] += len(y)
+            if bar is not None:
+                bar.update(len(indices))
+                if device.type == "cpu":
+                    bar.set_postfix(loss=f"{sums[0].item() / sums[2].item():.3f}",
+                                    acc=f"{sums[1].item() / sums[2].item():.3f}")
+    total, correct, count = world.sum(sums).tolist() if optimizer is not None else sums.tolist()
+    mean = total / max(count, 1)
     if not math.isfinite(mean):
         raise FeatxError(f"the {'training' if optimizer else 'validation'} loss became {mean}: the network "
                          "diverged, so lower --lr; the epochs finished before this one are kept")
-    return mean, correct.item() / max(count, 1)
+    return mean, correct / max(count, 1)
 
 
 def training_setup(net: FineTuneNet, blocks: list, lr: float, lr_scale: float, optimizer: str, schedule: str,
@@ -184,30 +193,6 @@ def check_options(**options) -> None:
             raise FeatxError(f"--{name.replace('_', '-')} {value}: must be a whole number")
 
 
-def choose_head(head: str | None, net: Backbone, ds, cache_dir) -> str | None:
-    """``--head`` as given; ``none`` for a fresh head; left out, the head of the last ``fit-head`` when it
-    was fitted on this backbone's pooled features of this data (seed S3 warm-starts its fine-tune from
-    its trained top model), else a fresh one. The choice is printed either way."""
-    if head == "none":
-        print("featx: starting from a fresh (Xavier) head, as --head none asks", file=sys.stderr)
-        return None
-    if head is not None:
-        return head
-    last = workspace.read(cache_dir).get("fit_head")
-    why = "no fit-head ran in this folder"
-    if last:
-        model = Path(last["model"])
-        same = model.is_file() and ModelFile.load(model).identity == net.identity() and Path(last["data"]) == ds.root
-        why = (f"the last fit-head ({model}) is a kNN, which holds no weights to start from" if last["clf"] == "knn"
-               else f"the last fit-head ({model}) was fitted on other features or data" if not same else "")
-        if not why:
-            print(f"featx: starting the head from the last fit-head ({model}, {last['clf']}), as seed S3 does; "
-                  "--head none starts a fresh one", file=sys.stderr)
-            return str(model)
-    print(f"featx: starting from a fresh (Xavier) head: {why}", file=sys.stderr)
-    return None
-
-
 def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str = "none", *,
              data_root: str | None = None, epochs: int = 5, batch_size: int = 32, lr: float = 1e-3,
              backbone_lr_scale: float = 0.1, optimizer: str = "adamw", schedule: str = "cosine",
@@ -216,19 +201,25 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
              out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
              weights: str | None = None, input_size: int | None = None, precision: str | None = None,
              val_fraction: float = 0.15, seed: int = 0, cache_dir: str | os.PathLike = "cache",
-             progress: bool = True) -> dict:
+             progress: bool = True, shuffle: bool = True) -> dict:
     """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``.
 
     The epoch is chosen on val; data without val/ gets a stable ``val_fraction`` of train instead. The
     result says which split chose the epoch (``selected_on``): its figures are optimistic, test's are not.
     What is left out (None) comes from the last extraction in ``cache_dir``, and the head from the last
-    fit-head there (``choose_head``)."""
+    fit-head there (``choose_head``).
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process trains on its share of every epoch with ``batch_size``
+    images a step (the global batch is that times the processes), and rank 0 alone validates and writes;
+    a restarted torchrun worker resumes from the checkpoint by itself (``distributed.py``)."""
     check_options(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
                   weight_decay=weight_decay, step_size=step_size, patience=patience)
     given = workspace.fill(cache_dir, "finetune", backbone=backbone, data=data, input_size=input_size,
                            precision=precision, weights=weights)
     torch.manual_seed(seed)
     dev = resolve_device(device)
+    world = join_world(dev)
+    dev, progress, resume = world.device(dev), progress and world.main, resume or restarted()
     ds = data_mod.load(given["data"], data_root)
     if "train" not in ds.split_names():
         raise FeatxError(f"{ds.root} has no train/ split (it has {', '.join(ds.split_names())}): fine-tuning "
@@ -268,10 +259,12 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     workers = default_workers(dev) if workers is None else workers
     draft = net_b.preprocess.resize_size
     size = net_b.preprocess.input_size
-    sampler = EpochSampler(len(files["train"]), seed)
-    train_loader = make_loader(ImageFiles(files["train"], augmentation(net_b, augment), draft), dev, batch_size,
-                               workers, collate, 3 * size * size, sampler=sampler, persistent=True,
-                               drop_last=len(files["train"]) > batch_size)
+    train_set = ImageFiles(files["train"], augmentation(net_b, augment), draft)
+    sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed) \
+        if world.distributed else EpochSampler(len(train_set), seed, shuffle)
+    train_loader = make_loader(train_set, dev, batch_size, workers, collate, 3 * size * size, sampler=sampler,
+                               persistent=True, drop_last=len(sampler) > batch_size)
+    model = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None) if world.distributed else net
     val_loader = make_loader(ImageFiles(files.get("val", []), net_b.preprocess.transform(), draft), dev, batch_size,
                              workers, collate, 3 * size * size, persistent=True)
     since_best = 0
@@ -282,10 +275,14 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
             net.train()
             lr_used = opt.param_groups[0]["lr"]
             sampler.set_epoch(epoch)
-            train_loss, train_acc = run_epoch(net, train_loader, labels["train"], dev, opt, bar=bar)
+            train_loss, train_acc = run_epoch(model, train_loader, labels["train"], dev, opt, bar=bar, world=world)
         sched.step()
         train_seconds = time.perf_counter() - started
         net.eval()
+        if not world.main:  # rank 0 validates and writes; the others wait for its decision to stop or go on
+            if world.broadcast(False, dev):
+                break
+            continue
         with torch.inference_mode():
             val_loss, val_acc = run_epoch(net, val_loader, labels.get("val"), dev) if "val" in files else (None, None)
         state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
@@ -302,9 +299,14 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
             since_best += 1
         write_history(out / "history.csv", state.history)
         save_checkpoint(checkpoint, net, opt, sched, epoch, state, config)
-        if patience is not None and since_best >= patience:
+        if world.broadcast(patience is not None and since_best >= patience, dev):
             break
-    return final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers, val_source)
+    if not world.main:
+        world.leave()
+        return {"rank": world.rank}
+    result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers, val_source)
+    world.leave()
+    return {**result, "processes": world.size, "global_batch_size": batch_size * world.size}
 
 
 def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, history: list, blocks: list,

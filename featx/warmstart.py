@@ -1,16 +1,20 @@
 """Warm starts: where a fine-tuning head begins, and how it is stored again.
 
 A head starts from a stage-2 model file (logreg/svm folded into one linear layer, or the MLP with
-its scaler), from rows of the backbone's own ImageNet classifier, or fresh (Xavier, seed S0's choice).
+its scaler; left out, the last fit-head's when it fits: ``choose_head``), from rows of the backbone's own ImageNet classifier, or fresh (Xavier, seed S0's choice).
 After training it is exported in the stage-2 array format, so predict and evaluate load fine-tuned
 models like any other.
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
+from . import workspace
 from .backbones import Backbone
 from .errors import FeatxError
 from .heads import LinearHead, MLPHead, mlp_arrays
@@ -121,3 +125,27 @@ def export_head(head: nn.Module, classes: list) -> tuple[dict, dict]:
     arrays = {**mlp_arrays(scaler.mean.cpu().numpy(), scaler.scale.cpu().numpy(), mlp.state_dict()),
               "classes": np.arange(n)}
     return arrays, {"kind": "mlp", "selected": {}}
+
+
+def choose_head(head: str | None, net: Backbone, ds, cache_dir) -> str | None:
+    """``--head`` as given; ``none`` for a fresh head; left out, the head of the last ``fit-head`` when it
+    was fitted on this backbone's pooled features of this data (seed S3 warm-starts its fine-tune from
+    its trained top model), else a fresh one. The choice is printed either way."""
+    if head == "none":
+        print("featx: starting from a fresh (Xavier) head, as --head none asks", file=sys.stderr)
+        return None
+    if head is not None:
+        return head
+    last = workspace.read(cache_dir).get("fit_head")
+    why = "no fit-head ran in this folder"
+    if last:
+        model = Path(last["model"])
+        same = model.is_file() and ModelFile.load(model).identity == net.identity() and Path(last["data"]) == ds.root
+        why = (f"the last fit-head ({model}) is a kNN, which holds no weights to start from" if last["clf"] == "knn"
+               else f"the last fit-head ({model}) was fitted on other features or data" if not same else "")
+        if not why:
+            print(f"featx: starting the head from the last fit-head ({model}, {last['clf']}), as seed S3 does; "
+                  "--head none starts a fresh one", file=sys.stderr)
+            return str(model)
+    print(f"featx: starting from a fresh (Xavier) head: {why}", file=sys.stderr)
+    return None

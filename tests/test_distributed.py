@@ -1,0 +1,97 @@
+"""``featx finetune`` under torchrun: two gloo processes on this machine's CPUs."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from featx.modelfile import ModelFile
+from helpers import REPO, make_dataset
+
+# Registers the tiny network; in every rank but 0, anything that writes a run's files fails the process.
+CHILD = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import helpers
+helpers.register_tiny(__import__("pathlib").Path({weights!r}))
+from featx import finetuning, report
+if os.environ.get("RANK", "0") != "0":
+    def forbidden(*args, **kwargs):
+        raise AssertionError("only rank 0 writes")
+    finetuning.save_checkpoint = finetuning.save_finetuned = finetuning.write_history = forbidden
+    report.write_report = forbidden
+from featx.cli import main
+main(sys.argv[1:])
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finetune_args(data, out, batch_size):
+    return ["finetune", "--backbone", "tiny", "--data", str(data), "--unfreeze", "none", "--head", "none",
+            "--epochs", "2", "--batch-size", str(batch_size), "--augment", "none", "--no-shuffle", "--device", "cpu",
+            "--workers", "0", "--out", str(out), "--quiet", "--json"]
+
+
+@pytest.fixture
+def child(tiny_weights, tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights)))
+    return script
+
+
+def test_two_processes_equal_one_at_twice_the_batch(child, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 16, "val": 4})
+    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, str(child), *finetune_args(data, tmp_path / "ddp", 4)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                                   "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    outputs = [p.communicate(timeout=240) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert outputs[1][0] == "", "rank 1 prints nothing: rank 0 speaks for the run"
+    ddp = json.loads(outputs[0][0])
+    assert (ddp["processes"], ddp["global_batch_size"]) == (2, 8)
+    assert [h["epoch"] for h in ddp["history"]] == [1, 2]
+    single = json.loads(subprocess.run([sys.executable, str(child), *finetune_args(data, tmp_path / "one", 8)],
+                                       capture_output=True, text=True, check=True, env=env).stdout)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [h[key] for h in ddp["history"]] == pytest.approx([h[key] for h in single["history"]], abs=1e-5)
+    ours, theirs = ModelFile.load(ddp["model"]), ModelFile.load(single["model"])
+    for name, array in theirs.head_arrays.items():
+        np.testing.assert_allclose(ours.head_arrays[name], array, atol=1e-5)
+
+
+def test_torchrun_with_an_undecodable_batch_finishes(child, tmp_path):
+    """One training image is not an image: with a batch of one, a process meets a batch with nothing to
+    train on and skips it while the other trains; ``join`` keeps them in step (a bare skip would hang)."""
+    data = make_dataset(tmp_path / "d", {"train": 5, "val": 2})
+    (data / "train" / "a" / "broken.jpg").write_text("not an image")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(child),
+           *finetune_args(data, out, 1)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["processes"] == 2 and [h["epoch"] for h in result["history"]] == [1, 2]
+    assert len((out / "history.csv").read_text().strip().splitlines()) == 3
+    assert (out / "checkpoint.pt").is_file() and (out / "model.featx").is_file()
+
+
+def test_a_restarted_torchrun_worker_resumes_by_itself(tiny, tmp_path, monkeypatch):
+    from featx import finetuning
+
+    data = make_dataset(tmp_path / "d", {"train": 6, "val": 2})
+    kw = dict(unfreeze="block2", batch_size=4, out=tmp_path / "run", workers=0, progress=False, device="cpu")
+    first = finetuning.finetune(tiny, str(data), epochs=1, **kw)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # what torchrun sets when it restarts a worker
+    again = finetuning.finetune(tiny, str(data), epochs=2, **kw)  # no --resume: the restart implies it
+    assert [h["epoch"] for h in again["history"]] == [1, 2]
+    assert again["history"][0] == first["history"][0]
