@@ -108,20 +108,22 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
                    "report test only).")
 @click.option("--C", "C", type=float, default=None, help="Fix logreg/svm's C instead of selecting it.")
 @click.option("--k", "k", type=click.IntRange(1), default=None, help="Fix knn's k instead of selecting it.")
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+              help="Weigh each class's loss by n / (classes x its images), for imbalanced classes.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: runs/<dataset>__<backbone>__<layer>__<clf>).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
 @click.option("--quiet", is_flag=True)
-def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k, out,
-             device, as_json, quiet):
+def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k,
+             class_weight, out, device, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
     m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
-                     precision=precision, C=C, k=k, progress=not quiet)
+                     precision=precision, C=C, k=k, class_weight=class_weight, progress=not quiet)
     emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}")
 
 
@@ -211,6 +213,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
 @click.option("--step-size", default=7, show_default=True, type=click.IntRange(1), help="Epochs per step (step).")
 @click.option("--augment", type=click.Choice(["none", "light", "strong"]), default="light", show_default=True)
+@click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
+              help="Weigh each class's loss by n / (classes x its images), for imbalanced classes.")
 @click.option("--head", default=None,
               help="Start the head from a fit-head model FILE (logreg/svm/mlp) on this backbone, from ImageNet "
                    "classifier rows: imagenet:ROW,... one per class (index, name or - for fresh), e.g. imagenet:ant,bee, "
@@ -229,7 +233,7 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, shuffle, lr,
-             backbone_lr_scale, optimizer, schedule, step_size, augment, head, cache_dir, from_scratch, patience,
+             backbone_lr_scale, optimizer, schedule, step_size, augment, class_weight, head, cache_dir, from_scratch, patience,
              val_fraction, resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
     from .finetuning import finetune as run_finetune
@@ -242,7 +246,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
                      step_size=step_size, augment=augment, head=head, from_scratch=from_scratch, patience=patience,
                      resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
                      precision=precision, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
-                     progress=not quiet, shuffle=shuffle)
+                     progress=not quiet, shuffle=shuffle, class_weight=class_weight)
     if "rank" in m:  # under torchrun, rank 0 speaks for every process
         return
     batches = f", {m['processes']} processes x {batch_size} = {m['global_batch_size']} images a step" \

@@ -32,6 +32,7 @@ from .backbones import Backbone, create_backbone
 from .devices import (EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
                       resolve_precision)
 from .errors import FeatxError
+from .heads import class_weights
 from .images import ImageFiles, collate
 from .distributed import World, join_world, restarted
 from .checkpoints import Progress, load_checkpoint, save_checkpoint
@@ -115,12 +116,13 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> P
                      head_config=config, head_arrays=arrays, backbone_state=state, info=info).save(path)
 
 
-def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: World = World()) -> tuple[float, float]:
+def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: World = World(),
+              class_weights: torch.Tensor | None = None) -> tuple[float, float]:
     """One pass; trains when an optimizer is given. Returns (mean loss, accuracy) over every process. Loss
     and hits add up on the device and are read once at the end (on a CPU every step, for the progress bar),
     so a GPU never waits for the host mid-epoch. Under DDP a process whose batch held no decodable image
     skips it and ``join`` keeps the others' gradient exchanges matched, so no process waits forever."""
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.float().to(device))
     sums = torch.zeros(3, device=device)  # loss, hits, images
     precision = getattr(net, "module", net).backbone.precision
     with net.join() if isinstance(net, DDP) else contextlib.nullcontext():
@@ -201,7 +203,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
              out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
              weights: str | None = None, input_size: int | None = None, precision: str | None = None,
              val_fraction: float = 0.15, seed: int = 0, cache_dir: str | os.PathLike = "cache",
-             progress: bool = True, shuffle: bool = True) -> dict:
+             progress: bool = True, shuffle: bool = True, class_weight: str | None = None) -> dict:
     """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``.
 
     The epoch is chosen on val; data without val/ gets a stable ``val_fraction`` of train instead. The
@@ -244,7 +246,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
               "from_scratch": from_scratch,
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
               "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
-              "head": str(head) if head else None}
+              "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {})}
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.exists():
         state = load_checkpoint(checkpoint, net, opt, sched, config)
@@ -259,6 +261,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     workers = default_workers(dev) if workers is None else workers
     draft = net_b.preprocess.resize_size
     size = net_b.preprocess.input_size
+    weights = class_weights(class_weight, labels["train"], len(ds.classes), per_class=True)
     train_set = ImageFiles(files["train"], augmentation(net_b, augment), draft)
     sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed) \
         if world.distributed else EpochSampler(len(train_set), seed, shuffle)
@@ -275,7 +278,8 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
             net.train()
             lr_used = opt.param_groups[0]["lr"]
             sampler.set_epoch(epoch)
-            train_loss, train_acc = run_epoch(model, train_loader, labels["train"], dev, opt, bar=bar, world=world)
+            train_loss, train_acc = run_epoch(model, train_loader, labels["train"], dev, opt, bar=bar, world=world,
+                                              class_weights=weights)
         sched.step()
         train_seconds = time.perf_counter() - started
         net.eval()

@@ -20,12 +20,14 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
              data: str | None = None, layer: str | None = None, *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
              device: str = "auto", weights: str | None = None, input_size: int | None = None,
-             precision: str | None = None, C: float | None = None, k: int | None = None, progress: bool = True) -> dict:
+             precision: str | None = None, C: float | None = None, k: int | None = None, progress: bool = True,
+             class_weight: str | None = None) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
     and write model.featx, metrics.json, confusion PNGs and top losses to ``out``.
 
     ``select_on="cv"`` selects by cross-validation on train (``selection.make_folds``) and scores val and
     test; ``"val"`` selects on val, refits on train + val and scores test only. ``C`` / ``k`` fix the value.
+    ``class_weight="balanced"`` weighs rare classes up in the linear heads' and the MLP's loss.
     Without ``features``, what is left out (None) comes from the last extraction in ``cache_dir``
     (``workspace.fill``); the head is recorded there for ``finetune``."""
     if select_on not in ("cv", "val"):
@@ -58,9 +60,10 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
         X, y = np.vstack([X, Xv]), np.r_[y, yv]  # select on val, then refit on train + val
         held_out.remove("val")
     start = time.perf_counter()
-    head = make_head(clf, cv=cv, device=device, C=C, k=k).fit(X, y)
+    head = make_head(clf, cv=cv, device=device, C=C, k=k, class_weight=class_weight).fit(X, y)
     fit_seconds = time.perf_counter() - start
-    selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3)}
+    selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3),
+                "class_weight": class_weight}
     selected["unscored_classes"] = [F.classes[int(head.classes_[c])] for c in selected.get("unscored_classes", [])]
     metrics = {}
     for split in held_out:

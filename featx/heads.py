@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from .devices import resolve_device
 from .errors import FeatxError
 from .selection import Folds, best_index, fit_sigmoid, fit_temperature, holdout, log_loss_of, make_folds, tied
-from .solvers import fit_linear, nearest_labels, normalise, scaling, softmax, standardise, vote
+from .solvers import balanced_weights, fit_linear, nearest_labels, normalise, scaling, softmax, standardise, vote
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
@@ -83,10 +83,11 @@ class LinearHead(Head):
     ``loss='svm'``: linear SVM (squared hinge, one-vs-rest) whose probabilities are calibrated on held-out
     decision values (Platt sigmoid for two classes, one temperature for more). C is chosen from ``Cs`` on
     held-out rows (``selection.make_folds``), each fold standardised on its own training part, ties
-    broken by held-out loss; then the head is refitted on all rows."""
+    broken by held-out loss; then the head is refitted on all rows. ``class_weight='balanced'`` weighs each
+    row's loss by n / (classes x its class's rows), as scikit-learn does."""
 
-    def __init__(self, loss: str = "logreg", Cs=None, cv=5):
-        self.loss, self.Cs, self.cv = loss, Cs, cv
+    def __init__(self, loss: str = "logreg", Cs=None, cv=5, class_weight: str | None = None):
+        self.loss, self.Cs, self.cv, self.class_weight = loss, Cs, cv, class_weight
 
     @property
     def kind(self) -> str:
@@ -108,7 +109,8 @@ class LinearHead(Head):
             C = float(Cs[0]) if len(Cs) == 1 else FALLBACK_C
             self.selected_ = {"C": C, "cv_accuracy": None, "candidates": len(Cs), **folds.describe()}
         self.mean_, self.scale_, Xall = standardise(X)
-        W, b, iterations = fit_linear(Xall, torch.as_tensor(codes), len(self.classes_), C, self.loss, max_iter=1000)
+        W, b, iterations = fit_linear(Xall, torch.as_tensor(codes), len(self.classes_), C, self.loss, max_iter=1000,
+                                      weights=self._weights(codes))
         self.selected_["refit_iterations"] = iterations
         self.coef_, self.intercept_ = W.T.double().numpy(), b.double().numpy()
         if self.loss == "svm":
@@ -121,13 +123,14 @@ class LinearHead(Head):
         splits = []
         for train, test in folds.pairs:  # each fold standardised on its own train part
             _, _, Xtr, Xte = standardise(X[train], X[test])
-            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, test))
+            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, test, self._weights(codes[train])))
         states, scores, losses, decisions = [None] * len(splits), [], [], []
         scored = folds.scored
         for C in Cs:
             decision = np.zeros((len(X), 1 if self.loss == "svm" and len(self.classes_) == 2 else len(self.classes_)))
-            for f, (Xtr, ytr, Xte, test) in enumerate(splits):
-                states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f][:2] if states[f] else None)
+            for f, (Xtr, ytr, Xte, test, weights) in enumerate(splits):
+                states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f][:2] if states[f] else None,
+                                       weights=weights)
                 decision[test] = (Xte @ states[f][0] + states[f][1]).double().numpy()
             decisions.append(decision)
             scores.append(float((self._labels(decision[scored]) == codes[scored]).mean()))
@@ -137,6 +140,9 @@ class LinearHead(Head):
             if max(since_tied, since_lowest_loss) >= PATH_PATIENCE:
                 break  # held-out accuracy fell out of the tie, or the held-out loss rose, for PATH_PATIENCE values
         return scores, losses, decisions
+
+    def _weights(self, codes: np.ndarray) -> torch.Tensor | None:
+        return class_weights(self.class_weight, codes, len(self.classes_))
 
     def _held_out_loss(self, z: np.ndarray, codes: np.ndarray) -> float:
         """The head's own loss on held-out rows: cross-entropy for logreg, squared hinge for svm."""
@@ -256,10 +262,10 @@ class MLPHead(Head):
 
     def __init__(self, hidden: int = 512, dropout: float = 0.5, lr: float = 1e-3, weight_decay: float = 1e-2,
                  max_epochs: int = 200, patience: int = 15, batch_size: int = 64, holdout: float = 0.15,
-                 cv=5, device: str = "auto", random_state: int = 0):
+                 cv=5, device: str = "auto", random_state: int = 0, class_weight: str | None = None):
         self.hidden, self.dropout, self.lr, self.weight_decay = hidden, dropout, lr, weight_decay
         self.max_epochs, self.patience, self.batch_size, self.holdout = max_epochs, patience, batch_size, holdout
-        self.cv, self.device, self.random_state = cv, device, random_state
+        self.cv, self.device, self.random_state, self.class_weight = cv, device, random_state, class_weight
 
     def fit(self, X, y):
         X, codes = self._fit_data(X, y)
@@ -272,7 +278,8 @@ class MLPHead(Head):
         ys = torch.as_tensor(codes, device=device)
         net = MLP(X.shape[1], self.hidden, len(self.classes_), self.dropout).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        loss_fn = torch.nn.CrossEntropyLoss()
+        weights = class_weights(self.class_weight, codes[tr], len(self.classes_), per_class=True)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.float().to(device))
         generator = torch.Generator().manual_seed(self.random_state)
         tr_t, ho_t = torch.as_tensor(tr, device=device), torch.as_tensor(ho, device=device)
         best, best_state, since, epochs = np.inf, None, 0, 0
@@ -317,17 +324,32 @@ class MLPHead(Head):
         return {"mean": self.mean_, "scale": self.scale_, **self.state_}
 
 
-def make_head(clf: str, cv=5, device: str = "auto", C: float | None = None, k: int | None = None) -> Head:
+def class_weights(class_weight: str | None, codes: np.ndarray, n_classes: int,
+                  per_class: bool = False) -> torch.Tensor | None:
+    """None, or ``balanced`` weights per row (per class with ``per_class``)."""
+    if class_weight is None:
+        return None
+    if class_weight != "balanced":
+        raise FeatxError(f"--class-weight {class_weight} is not supported: use balanced, or leave it out")
+    weights = balanced_weights(codes, n_classes)
+    return torch.as_tensor(weights if per_class else weights[codes])
+
+
+def make_head(clf: str, cv=5, device: str = "auto", C: float | None = None, k: int | None = None,
+              class_weight: str | None = None) -> Head:
     """The head for ``--clf``; ``cv`` is a fold count or a ``PredefinedSplit`` for ``--select-on val``.
-    ``C`` / ``k`` fix the hyper-parameter instead of selecting it (held-out rows still score it)."""
+    ``C`` / ``k`` fix the hyper-parameter instead of selecting it (held-out rows still score it).
+    ``class_weight='balanced'`` weighs the linear heads' and the MLP's loss (kNN votes are not weighted)."""
     if C is not None and clf not in ("logreg", "svm") or k is not None and clf != "knn":
         raise FeatxError(f"--C applies to logreg and svm, --k to knn; not to --clf {clf}")
+    if class_weight is not None and clf == "knn":
+        raise FeatxError("--class-weight applies to logreg, svm and mlp; kNN's votes are not weighted")
     if clf in ("logreg", "svm"):
-        return LinearHead(loss=clf, Cs=None if C is None else [C], cv=cv)
+        return LinearHead(loss=clf, Cs=None if C is None else [C], cv=cv, class_weight=class_weight)
     if clf == "knn":
         return KNNHead(ks=None if k is None else [k], cv=cv)
     if clf == "mlp":
-        return MLPHead(cv=cv, device=device)
+        return MLPHead(cv=cv, device=device, class_weight=class_weight)
     raise FeatxError(f"unknown head '{clf}': use svm, logreg, knn or mlp")
 
 

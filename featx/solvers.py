@@ -30,18 +30,27 @@ class Affine(torch.autograd.Function):
         return None, (grad.t() @ X).t(), grad.sum(0)
 
 
+def balanced_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's ``class_weight='balanced'``, per class: n / (classes present x rows of the class)."""
+    counts = np.bincount(codes, minlength=n_classes).astype(np.float64)
+    return len(codes) / (np.count_nonzero(counts) * np.maximum(counts, 1))
+
+
 def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, loss: str,
-               init: tuple | None = None, max_iter: int = 100) -> tuple[torch.Tensor, torch.Tensor, int]:
+               init: tuple | None = None, max_iter: int = 100,
+               weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Full-batch L-BFGS on mean loss + ||W||^2 / (2 C n): the minimiser of scikit-learn's
     ``C * sum(loss) + ||W||^2 / 2``. ``logreg``: multinomial cross-entropy; ``svm``: one-vs-rest
-    squared hinge (LinearSVC's default loss). Warm-started from ``init`` along a C path.
+    squared hinge (LinearSVC's default loss). ``weights`` scale each row's loss (``class_weight``).
+    Warm-started from ``init`` along a C path.
     Returns (W, b, iterations); fewer iterations than ``max_iter`` means L-BFGS met its tolerance."""
     n, d = X.shape
+    weights = torch.ones(n, dtype=X.dtype) if weights is None else weights.to(X.dtype)
     k = 1 if (loss == "svm" and n_classes == 2) else n_classes
     signs = (torch.nn.functional.one_hot(codes, n_classes).to(X.dtype) * 2 - 1) if k > 1 else \
         (codes.to(X.dtype) * 2 - 1)[:, None]
     if init is None:  # the optimum at W = 0, so heavily regularised fits start converged
-        prior = torch.bincount(codes, minlength=n_classes).to(X.dtype) / n
+        prior = torch.bincount(codes, weights, minlength=n_classes).to(X.dtype) / weights.sum()
         init = (torch.zeros(d, k, dtype=X.dtype), prior.clamp_min(1e-12).log() if loss == "logreg" else signs.mean(0))
     W, b = init[0].clone().requires_grad_(True), init[1].clone().requires_grad_(True)
     penalty = 1.0 / (2 * C * n)
@@ -51,8 +60,9 @@ def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, l
     def closure():
         opt.zero_grad()
         z = Affine.apply(X, W, b)
-        data = torch.nn.functional.cross_entropy(z, codes) if loss == "logreg" else \
-            torch.clamp(1 - signs * z, min=0).pow(2).sum(1).mean()
+        per_row = torch.nn.functional.cross_entropy(z, codes, reduction="none") if loss == "logreg" else \
+            torch.clamp(1 - signs * z, min=0).pow(2).sum(1)
+        data = (weights * per_row).mean()
         value = data + penalty * (W * W).sum()
         value.backward()
         return value

@@ -234,3 +234,15 @@ def test_a_diverging_loss_stops_before_a_model_is_written(tiny, dataset, tmp_pat
     with pytest.raises(FeatxError, match="loss became nan: the network diverged, so lower --lr"):
         ft.finetune(tiny, str(dataset), "all", epochs=1, lr=1e30, out=tmp_path / "run", workers=0, progress=False)
     assert not (tmp_path / "run" / "model.featx").exists()
+
+
+def test_balanced_class_weight_weighs_the_training_loss(tiny, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 2, "val": 2})
+    for f in sorted((data / "train" / "b").glob("*.jpg")):
+        for k in range(4):  # class b: ten images against a's two
+            (f.parent / f"copy{k}_{f.name}").write_bytes(f.read_bytes())
+    kw = dict(unfreeze="none", head="none", epochs=1, augment="none", shuffle=False, workers=0, progress=False)
+    plain = ft.finetune(tiny, str(data), out=tmp_path / "plain", **kw)
+    balanced = ft.finetune(tiny, str(data), out=tmp_path / "balanced", class_weight="balanced", **kw)
+    assert balanced["history"][0]["train_loss"] != pytest.approx(plain["history"][0]["train_loss"], abs=1e-4)
+    assert ModelFile.load(balanced["model"]).info["finetune"]["class_weight"] == "balanced"

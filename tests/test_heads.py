@@ -187,3 +187,36 @@ def test_mlp_honours_a_val_split(blobs):
     cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yt), int)])
     head = heads.MLPHead(cv=cv, device="cpu", max_epochs=20).fit(np.vstack([X, Xt]), np.r_[y, yt])
     assert head.selected_["holdout"] == len(yt) and head.selected_["selection"] == "val split"
+
+
+def imbalanced(blobs):
+    """Class 0 cut to a tenth of its rows."""
+    X, y, Xt, yt = blobs
+    keep = (y != 0) | (np.cumsum(y == 0) <= 8)
+    return X[keep], y[keep], Xt, yt
+
+
+@pytest.mark.parametrize("C", [1e-3, 0.1])
+def test_balanced_logreg_solves_sklearns_balanced_problem(blobs, C):
+    X, y, Xt, _ = imbalanced(blobs)
+    head = heads.LinearHead("logreg", Cs=[C], class_weight="balanced").fit(X, y)
+    ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=5000,
+                                                             tol=1e-8)).fit(X, y)
+    np.testing.assert_allclose(head.predict_proba(Xt), ref.predict_proba(Xt), atol=2e-3)
+    plain = heads.LinearHead("logreg", Cs=[C]).fit(X, y)
+    assert head.predict_proba(Xt)[:, 0].mean() > plain.predict_proba(Xt)[:, 0].mean() + 0.01
+
+
+@pytest.mark.parametrize("clf", ["svm", "mlp"])
+def test_balanced_weights_favour_the_rare_class(blobs, clf):
+    X, y, Xt, _ = imbalanced(blobs)
+    plain = heads.make_head(clf, device="cpu", C=1e-3 if clf == "svm" else None).fit(X, y)
+    balanced = heads.make_head(clf, device="cpu", C=1e-3 if clf == "svm" else None, class_weight="balanced").fit(X, y)
+    assert balanced.predict_proba(Xt)[:, 0].mean() > plain.predict_proba(Xt)[:, 0].mean()
+
+
+def test_class_weight_is_checked():
+    with pytest.raises(FeatxError, match="--class-weight applies to logreg, svm and mlp"):
+        heads.make_head("knn", class_weight="balanced")
+    with pytest.raises(FeatxError, match="use balanced"):
+        heads.LinearHead("logreg", class_weight="even").fit(np.eye(4), [0, 1, 0, 1])
