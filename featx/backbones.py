@@ -24,6 +24,7 @@ TF_LITE_MEAN = (0.498, 0.498, 0.498)  # the TF-Lite weights were trained on (x -
 TF_LITE_STD = (0.502, 0.502, 0.502)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+TTAS = ("none", "flip")
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.spec, self.model, self.tap_name, self.preprocess = spec, model, tap, preprocess
         self.weights_id, self.weights_sha256 = weights_id, weights_sha256
-        self.precision = "fp32"
+        self.precision, self.tta = "fp32", "none"
         self.tap = spec.taps[tap]
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -261,6 +262,12 @@ class Backbone(nn.Module):
         return (images.float() - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features at the tap; with ``tta="flip"``, the mean of the image's and its mirror's."""
+        if self.tta == "flip":
+            return (self.tap_features(images) + self.tap_features(images.flip(3))) / 2
+        return self.tap_features(images)
+
+    def tap_features(self, images: torch.Tensor) -> torch.Tensor:
         x = self.normalize(images) if images.dtype == torch.uint8 else images
         try:
             self.model(x)
@@ -275,7 +282,7 @@ class Backbone(nn.Module):
 
     def identity(self) -> FeatureIdentity:
         return feature_identity(self.spec, (self.weights_id, self.weights_sha256), self.tap_name, self.preprocess,
-                                self.precision)
+                                self.precision, self.tta)
 
     def block_parameters(self, block: str) -> list[nn.Parameter]:
         prefixes = self.spec.blocks[block]
@@ -295,18 +302,24 @@ def resolve_backbone(name: str, layer: str | None = None,
 
 
 def feature_identity(spec: BackboneSpec, weights: tuple[str, str], layer: str,
-                     preprocess: Preprocess, precision: str = "fp32") -> FeatureIdentity:
-    """What makes two feature sets comparable: same backbone, weights, tap, preprocessing and precision."""
-    return FeatureIdentity(spec.name, weights[0], weights[1], layer, preprocess.key(), precision)
+                     preprocess: Preprocess, precision: str = "fp32", tta: str = "none") -> FeatureIdentity:
+    """What makes two feature sets comparable: same backbone, weights, tap, preprocessing, precision and
+    test-time augmentation."""
+    if tta not in TTAS:
+        raise FeatxError(f"--tta {tta} is not supported: use {' or '.join(TTAS)}")
+    return FeatureIdentity(spec.name, weights[0], weights[1], layer, preprocess.key(), precision, tta)
 
 
 def create_backbone(name: str, layer: str | None = None, weights: str | None = None,
-                    pretrained: bool = True, input_size: int | None = None, precision: str = "fp32") -> Backbone:
+                    pretrained: bool = True, input_size: int | None = None, precision: str = "fp32",
+                    tta: str = "none") -> Backbone:
     """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode;
-    it runs under ``precision`` (fp32, bf16 or fp16 autocast), which is part of its features' identity."""
+    it runs under ``precision`` (fp32, bf16 or fp16 autocast) and ``tta`` (none, or flip: the mean of each
+    image's and its mirror's features), both part of its features' identity."""
     spec, layer, preprocess = resolve_backbone(name, layer, input_size)
+    feature_identity(spec, ("", ""), layer, preprocess, precision, tta)  # checks the options before building
     model = spec.build()
     weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", "none")
     net = Backbone(spec, model, layer, preprocess, weights_id, sha).eval()
-    net.precision = precision
+    net.precision, net.tta = precision, tta
     return net

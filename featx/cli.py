@@ -63,6 +63,8 @@ def cli():
 @click.option("--checkpoint-rows", default=1024, show_default=True, type=click.IntRange(1),
               help="Rows kept in memory before they are written durably (also every 15 s).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="flip: store the mean of each image's and its mirror's features (a cache of its own).")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="Compute here, or on a Ray Data cluster (pip install -e '.[ray]'); this process writes the cache.")
 @click.option("--address", default=None, help="--engine ray: auto, HOST:PORT or ray://HOST:PORT (default: a local "
@@ -72,7 +74,7 @@ def cli():
 @click.option("--gpus-per-actor", default=0.0, type=click.FloatRange(0), show_default=True,
               help="--engine ray: GPUs each embedding actor reserves (0: actors run on CPUs).")
 def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
-            dtype, runtime, verify, as_json, checkpoint_rows, quiet, engine, address, actors, gpus_per_actor):
+            dtype, runtime, verify, as_json, checkpoint_rows, quiet, tta, engine, address, actors, gpus_per_actor):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     from .data import resolve
 
@@ -83,7 +85,7 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
                     batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
                     input_size=input_size, precision=precision or "auto", verify=verify, runtime=runtime,
                     checkpoint_rows=checkpoint_rows, progress=not quiet, engine=engine, address=address,
-                    actors=actors, gpus_per_actor=gpus_per_actor)
+                    actors=actors, gpus_per_actor=gpus_per_actor, tta=tta)
     for s in r.skipped_files:
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)
@@ -110,20 +112,22 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
 @click.option("--k", "k", type=click.IntRange(1), default=None, help="Fix knn's k instead of selecting it.")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
               help="Weigh each class's loss by n / (classes x its images), for imbalanced classes.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default=None,
+              help="Features with flip test-time augmentation or without (default: the last extract's).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: runs/<dataset>__<backbone>__<layer>__<clf>).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
 @click.option("--quiet", is_flag=True)
 def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k,
-             class_weight, out, device, as_json, quiet):
+             class_weight, tta, out, device, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
     m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
-                     precision=precision, C=C, k=k, class_weight=class_weight, progress=not quiet)
+                     precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet)
     emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}")
 
 

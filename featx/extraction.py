@@ -115,18 +115,18 @@ class Plan:
 
 
 def plan(backbone: str | Backbone, layer: str | None, weights: str | None, input_size: int | None,
-         precision: str) -> Plan:
+         precision: str, tta: str = "none") -> Plan:
     """``backbone`` is a registry name or an already built ``Backbone`` (then ``layer``, ``weights``,
     ``input_size`` and ``precision`` are its own). For a name, the weights are hashed but no network is built."""
     if isinstance(backbone, Backbone):
         return Plan(backbone.spec, backbone.tap_name, backbone.preprocess, backbone.identity(), lambda: backbone)
     spec, layer, preprocess = resolve_backbone(backbone, layer, input_size)
-    build = partial(create_backbone, backbone, layer, weights, input_size=input_size, precision=precision)
+    build = partial(create_backbone, backbone, layer, weights, input_size=input_size, precision=precision, tta=tta)
     found = weights_identity(spec, weights)
     if found is None:  # not on this machine: building fetches them or says why it cannot
         net = build()
         found, build = (net.weights_id, net.weights_sha256), (lambda: net)
-    return Plan(spec, layer, preprocess, feature_identity(spec, found, layer, preprocess, precision), build)
+    return Plan(spec, layer, preprocess, feature_identity(spec, found, layer, preprocess, precision, tta), build)
 
 
 def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer: str | None = None, *,
@@ -136,7 +136,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
             decode: str = "pil", precision: str = "auto", verify: str = "stat", runtime: str = "auto",
             checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0, engine: str = "local",
             address: str | None = None, actors: int | None = None, gpus_per_actor: float = 0,
-            threads_per_actor: int = 2) -> ExtractResult:
+            threads_per_actor: int = 2, tta: str = "none") -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
 
     Only images that are new or changed since the last run are computed; deleted ones are dropped.
@@ -148,7 +148,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     ``verify`` is how a file is known to be unchanged: ``stat`` (cheap) or ``content`` (hashes every file).
     ``runtime`` (``auto``: ONNX Runtime on a CPU, torch on CUDA) runs the network; it is recorded in the
     cache's attributes but is not part of the identity, as both give the same features.
-    ``engine="ray"`` computes on a Ray Data cluster (``address``; a local one when None) with ``actors``
+    ``tta="flip"`` stores the mean of each image's and its mirror's features (its own cache; predict and
+    evaluate apply what the model file records). ``engine="ray"`` computes on a Ray Data cluster (``address``; a local one when None) with ``actors``
     embedding actors of ``gpus_per_actor`` GPUs each (``ray_engine.py``); this process still writes the cache.
     """
     if engine not in ENGINES:
@@ -163,7 +164,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
     dev = torch.device("cuda" if gpus_per_actor else "cpu") if engine == "ray" else resolve_device(device)
-    p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev))
+    p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev), tta)
     runtime = resolve_runtime(runtime, dev, p.identity.precision)
     path = cache_path(cache_dir, ds.name, ds.root, p.identity, dtype)
     with FeatureStore(path, dtype) as store:
@@ -191,7 +192,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     if not isinstance(backbone, Backbone):  # evaluate extracts with a model's own backbone: not a user's choice
         workspace.record(cache_dir, "extract", {
             "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": p.layer,
-            "input_size": input_size, "precision": p.identity.precision,
+            "input_size": input_size, "precision": p.identity.precision, "tta": p.identity.tta,
             "weights": weights and str(Path(weights).resolve()), "path": str(path)})
     seconds = time.perf_counter() - start
     return ExtractResult(

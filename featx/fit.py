@@ -21,7 +21,7 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
              cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
              device: str = "auto", weights: str | None = None, input_size: int | None = None,
              precision: str | None = None, C: float | None = None, k: int | None = None, progress: bool = True,
-             class_weight: str | None = None) -> dict:
+             class_weight: str | None = None, tta: str | None = None) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
     and write model.featx, metrics.json, confusion PNGs and top losses to ``out``.
 
@@ -36,11 +36,11 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
         raise FeatxError(f"--C must be a positive number and --k a positive integer (got C={C}, k={k})")
     if features is None:
         given = workspace.fill(cache_dir, "fit-head", backbone=backbone, data=data, layer=layer,
-                               input_size=input_size, precision=precision, weights=weights)
+                               input_size=input_size, precision=precision, weights=weights, tta=tta)
         weights = given["weights"]
         r = extract(given["backbone"], given["data"], given["layer"], data_root=data_root, cache_dir=cache_dir,
                     device=device, weights=weights, input_size=given["input_size"],
-                    precision=given["precision"] or "auto", progress=progress)
+                    precision=given["precision"] or "auto", tta=given["tta"] or "none", progress=progress)
         if r.new and progress:
             print(f"featx: extracted {r.new} new images into {r.path} first", file=sys.stderr)
         features = r.path

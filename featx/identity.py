@@ -19,6 +19,7 @@ class FeatureIdentity:
     layer: str
     transform: str  # Preprocess.key(): resize, crop, interpolation, mean, std
     precision: str = "fp32"  # fp32, or the autocast dtype the network ran under (bf16, fp16)
+    tta: str = "none"  # test-time augmentation: none, or flip (the mean of an image's and its mirror's features)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -26,7 +27,7 @@ class FeatureIdentity:
     @classmethod
     def from_mapping(cls, mapping) -> "FeatureIdentity":
         """From a model manifest's ``identity`` or a cache file's attributes (extra keys ignored; files
-        written before precision was recorded are fp32)."""
+        written before precision or tta was recorded are fp32, without tta)."""
         missing = [f.name for f in fields(cls) if f.name not in mapping and f.default is MISSING]
         if missing:
             raise KeyError(f"feature identity lacks {', '.join(missing)}")

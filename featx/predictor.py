@@ -64,7 +64,7 @@ def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predi
         net.weights_id, net.weights_sha256 = identity.weights, identity.weights_sha256
     else:
         net = create_backbone(identity.backbone, identity.layer, weights or model.weights_file)
-    net.precision = identity.precision
+    net.precision, net.tta = identity.precision, identity.tta
     net.preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.preprocess.items()})
     diff = identity.differences(net.identity())
     if diff:

@@ -22,7 +22,7 @@ from .files import atomic_write
 
 STATE = "workspace.json"
 DEFAULT_BACKBONE = "efficientnet_lite0"
-REMEMBERED = ("backbone", "data", "layer", "input_size", "precision", "weights")
+REMEMBERED = ("backbone", "data", "layer", "input_size", "precision", "weights", "tta")
 
 
 def state_path(cache_dir: str | os.PathLike) -> Path:
@@ -52,7 +52,7 @@ def record(cache_dir: str | os.PathLike, key: str, entry: dict) -> None:
 
 def fill(cache_dir: str | os.PathLike, command: str, **given) -> dict:
     """``given`` with what the user left out (None) taken from the last extraction, when the user left out
-    the backbone or the data: those two, and the layer, input size, precision and weights when the backbone
+    the backbone or the data: those two, and the layer, input size, precision, weights and tta when the backbone
     and data are the recorded ones. A command given both backbone and data is explicit and reads no record.
     Without a record, the data must be given; the backbone then defaults to efficientnet_lite0."""
     if all(given.get(k) is not None for k in ("backbone", "data") if k in given):

@@ -499,3 +499,24 @@ def test_a_network_that_does_not_export_stays_on_torch(tiny, dataset, tmp_path, 
     assert not list((tmp_path / "c" / "onnx").glob("*"))
     with pytest.raises(featx.FeatxError, match="--runtime tensorrt is not supported"):
         run(tiny, dataset, tmp_path / "c", runtime="tensorrt")
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_flip_tta_stores_the_mean_of_each_image_and_its_mirror(tiny, tmp_path, runtime):
+    data = make_dataset(tmp_path / "d", {"train": 3}, fmt="PNG")  # lossless, so the mirror is exact
+    mirrored = tmp_path / "m"
+    for f in data.rglob("*.png"):
+        target = mirrored / f.relative_to(data)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(f).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(target)
+    plain, mirror = run(tiny, data, tmp_path / "c", runtime=runtime), run(tiny, mirrored, tmp_path / "c", runtime=runtime)
+    flip = run(tiny, data, tmp_path / "c", runtime=runtime, tta="flip")
+    assert flip.path != plain.path and flip.runtime == runtime
+    features = store.load(flip.path)
+    assert features.identity().tta == "flip" and store.load(plain.path).identity().tta == "none"
+    np.testing.assert_allclose(features.X, (store.load(plain.path).X + store.load(mirror.path).X) / 2, atol=1e-5)
+
+
+def test_an_unknown_tta_is_one_line(tiny, dataset, tmp_path):
+    with pytest.raises(featx.FeatxError, match="--tta rotate is not supported: use none or flip"):
+        run(tiny, dataset, tmp_path / "c", tta="rotate")

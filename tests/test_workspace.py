@@ -87,3 +87,21 @@ def test_a_command_given_backbone_and_data_reads_no_record(project):
     res = typed("fit-head --clf logreg --backbone vgg16 --data cats_dogs --out runs/explicit")
     assert res.exit_code == 0 and "from the last extract" not in res.stderr
     assert "__fc7__" in json.loads(res.stdout)["features"]  # the default layer, not the recorded fc6
+
+
+def test_fit_head_and_predict_follow_a_flip_extraction(tiny, tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", {"train": 6, "test": 3})
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    done = runner.invoke(cli, ["extract", "--backbone", tiny, "--data", str(data), "--tta", "flip", "--quiet", "--json"])
+    assert done.exit_code == 0, done.output
+    fitted = runner.invoke(cli, ["fit-head", "--clf", "logreg", "--quiet", "--json"])
+    assert fitted.exit_code == 0, fitted.output
+    result = json.loads(fitted.stdout)
+    assert result["features"] == json.loads(done.stdout)["path"]
+    from featx.modelfile import ModelFile
+    from featx.predictor import load_predictor
+
+    assert ModelFile.load(result["model"]).identity.tta == "flip"
+    predictor = load_predictor(result["model"])
+    assert predictor.backbone.tta == "flip"
