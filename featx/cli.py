@@ -128,7 +128,8 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
     m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
                      precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet)
-    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}")
+    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}\n"
+                     f"report: {m['report_page']}")
 
 
 def selection_line(selected: dict) -> str:
@@ -198,7 +199,7 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 
     m = run_evaluate(model, data, split, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
                      weights=weights, runtime=runtime, progress=not quiet)
-    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1])
+    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}")
 
 
 @cli.command()
@@ -258,7 +259,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
     emit(m, as_json, f"trained {', '.join(m['unfreeze']) or 'the head only'}: {m['trainable_params']:,} of "
                      f"{m['total_params']:,} parameters trainable{batches}\n"
                      f"best epoch {m['best_epoch']} (chosen on val: {m['val_source']}): {summary_line(m)}\n"
-                     f"model: {m['model']}")
+                     f"model: {m['model']}\nreport: {m['report_page']}")
 
 
 @cli.command()
@@ -277,7 +278,7 @@ def run(pipeline, data_root, cache_dir, out, backbone, max_epochs, device, as_js
 
     result = run_pipeline(pipeline, data_root=data_root, cache_dir=cache_dir, out=out, backbone=backbone,
                           max_epochs=max_epochs, device=device, progress=not quiet)
-    emit(result, as_json, comparison_table(result) + f"\nreport: {result['report']}")
+    emit(result, as_json, comparison_table(result) + f"\nreport: {result['report_page']}")
 
 
 @cli.command()

@@ -329,7 +329,10 @@ def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, his
     result = {**metrics, "history": history, "best_epoch": best_net.model.info["epoch"], "selected_on": "val", "val_source": val_source,
               "unfreeze": blocks, "model": str(out / MODEL_NAME), "trainable_params": trainable(net),
               "total_params": used_params(net)}
-    report.write_report(out, result, ds.classes)
+    result["report_page"] = str(report.write_report(
+        out, result, ds.classes, f"{net.backbone.spec.name} fine-tuned on {ds.name} ({', '.join(blocks) or 'head only'})",
+        {"data": str(ds.root), "backbone": net.backbone.spec.name, "unfrozen": ", ".join(blocks) or "none",
+         "best epoch": result["best_epoch"], "val": val_source, "model": result["model"]}, image_root=ds.root))
     report.plot_curves(history, out / "curves")
     return result
 

@@ -80,5 +80,9 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
     workspace.record(cache_dir, "fit_head", {"model": str(model_path.resolve()), "clf": clf,
                                              "backbone": F.attrs["backbone"], "layer": F.attrs["layer"],
                                              "data": F.attrs["dataset_root"]})
-    report.write_report(out, result, F.classes)
+    result["report_page"] = str(report.write_report(
+        out, result, F.classes, f"{clf} head on {F.attrs['backbone']}:{F.attrs['layer']} features of {F.attrs['dataset']}",
+        {"data": F.attrs["dataset_root"], "backbone": F.attrs["backbone"], "layer": F.attrs["layer"],
+         "tta": F.identity().tta, "head": clf, "features": str(F.path), "model": str(model_path)},
+        image_root=Path(F.attrs["dataset_root"])))
     return result

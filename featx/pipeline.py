@@ -17,6 +17,7 @@ Schema (unknown keys are errors)::
 """
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from pathlib import Path
 
 from . import data as data_mod
 from . import report
+from .report_page import table, write_page
 from .errors import FeatxError
 
 TOP_KEYS = {"name", "description", "data", "backbone", "seed", "seed_backbone", "notes", "steps"}
@@ -182,7 +184,27 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
               "backbone_override": backbone, "max_epochs": max_epochs, "steps": rows, "report": str(out)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     (out / "comparison.md").write_text(comparison_table(result))
+    result["report_page"] = str(write_page(out, {}, f"featx run {spec['name']}",
+                                           {"data": name, "seed backbone": spec.get("seed_backbone"),
+                                            "backbone override": backbone, "max epochs": max_epochs},
+                                           extra=comparison_html(result, out)))
     return result
+
+
+def comparison_html(result: dict, out: Path) -> str:
+    """The comparison table, each step linked to its own report page."""
+    rows = []
+    for r in result["steps"]:
+        page = Path(r["output"]) / "report.html"
+        name = html.escape(r["step"])
+        link = f'<a href="{html.escape(page.relative_to(out).as_posix())}">{name}</a>' \
+            if page.is_file() and page.is_relative_to(out) else name
+        rows.append([link, html.escape(r["backbone"]), html.escape(r["split"] or "-"),
+                     f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-",
+                     f"{r['balanced_accuracy']:.4f}" if r["balanced_accuracy"] is not None else "-",
+                     html.escape(str(r["seed_figure"])) if r["seed_figure"] is not None else "-", str(r["seconds"])])
+    return "<h2>Steps</h2>" + table(["step", "backbone", "split", "accuracy", "balanced accuracy", "seed's figure",
+                                     "seconds"], rows, left=3)
 
 
 def comparison_table(result: dict) -> str:

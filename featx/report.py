@@ -10,6 +10,9 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 TOP_LOSSES = 16
 ECE_BINS = 15
+BOOTSTRAP = 1000  # resamples for the 95% intervals, seeded
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
+CONFUSED_PAIRS = 10
 
 
 def pyplot():
@@ -33,6 +36,7 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list,
     loss = -np.log(np.clip(p_true, 1e-12, 1.0))
     wrong = np.flatnonzero(pred != y_true)
     worst = wrong[np.argsort(-loss[wrong])][:TOP_LOSSES]
+    matrix = confusion_matrix(y_true, pred, labels=labels)
     return {
         "n": int(len(y_true)),
         "accuracy": float((pred == y_true).mean()),
@@ -40,24 +44,74 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list,
         "macro_f1": float(f1[present].mean()),
         "log_loss": float(loss.mean()),
         "ece": expected_calibration_error(proba, y_true),
+        "interval95": bootstrap_intervals(y_true, pred, loss, proba.max(1), len(classes)),
+        "reliability": reliability(proba.max(1), pred == y_true),
         "classes_present": int(len(present)),
         "predicted_absent": [classes[c] for c in sorted(set(pred) - set(present))],
         "per_class": {c: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(classes)},
-        "confusion_matrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
+        "confusion_matrix": matrix.tolist(),
+        "confused_pairs": confused_pairs(matrix, classes),
         "top_losses": [{"path": str(paths[i]) if paths is not None else int(i), "true": classes[y_true[i]],
                         "predicted": classes[pred[i]], "p_true": float(p_true[i]), "loss": float(loss[i])}
                        for i in worst],
     }
 
 
-def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
-    confidence = proba.max(1)
-    correct = proba.argmax(1) == y_true
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> tuple:
+    """Per equal-width confidence bin: (images, summed confidence, summed hits)."""
     which = np.minimum((confidence * bins).astype(int), bins - 1)
-    return float(sum(abs(correct[which == b].mean() - confidence[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
+    return (np.bincount(which, minlength=bins), np.bincount(which, confidence, minlength=bins),
+            np.bincount(which, correct.astype(float), minlength=bins))
+
+
+def ece_of(confidence: np.ndarray, correct: np.ndarray) -> float:
+    _, confidences, hits = calibration_bins(confidence, correct)
+    return float(np.abs(hits - confidences).sum() / len(confidence))
+
+
+def expected_calibration_error(proba: np.ndarray, y_true: np.ndarray) -> float:
+    """Top-label ECE: |accuracy - confidence| per equal-width confidence bin, weighted by the bin's share."""
+    return ece_of(proba.max(1), proba.argmax(1) == y_true)
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray) -> list:
+    """The reliability diagram's bins: images, mean confidence and accuracy of each non-empty bin."""
+    counts, confidences, hits = calibration_bins(confidence, correct)
+    return [{"low": b / ECE_BINS, "high": (b + 1) / ECE_BINS, "n": int(counts[b]),
+             "confidence": float(confidences[b] / counts[b]), "accuracy": float(hits[b] / counts[b])}
+            for b in range(ECE_BINS) if counts[b]]
+
+
+def bootstrap_intervals(y_true: np.ndarray, pred: np.ndarray, loss: np.ndarray, confidence: np.ndarray,
+                        n_classes: int, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
+    """95% percentile intervals of the headline metrics over ``resamples`` seeded resamples of the split's
+    images (with replacement): how far the figure could move on another draw of this many images."""
+    rng = np.random.default_rng(seed)
+    correct, n = pred == y_true, len(y_true)
+    draws = {k: np.empty(resamples) for k in HEADLINE}
+    for r in range(resamples):
+        i = rng.integers(0, n, n)
+        support = np.bincount(y_true[i], minlength=n_classes)
+        hits = np.bincount(y_true[i][correct[i]], minlength=n_classes)
+        predicted = np.bincount(pred[i], minlength=n_classes)
+        present = support > 0
+        recall = hits / np.maximum(support, 1)
+        precision = hits / np.maximum(predicted, 1)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+        draws["accuracy"][r], draws["log_loss"][r] = correct[i].mean(), loss[i].mean()
+        draws["balanced_accuracy"][r], draws["macro_f1"][r] = recall[present].mean(), f1[present].mean()
+        draws["ece"][r] = ece_of(confidence[i], correct[i])
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
+
+
+def confused_pairs(matrix: np.ndarray, classes: list) -> list:
+    """The most frequent mistakes: (true, predicted, images), most first."""
+    off = np.asarray(matrix).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:CONFUSED_PAIRS]
+    return [{"true": classes[t], "predicted": classes[p], "count": int(off[t, p])}
+            for t, p in zip(*np.unravel_index(order, off.shape)) if off[t, p] > 0]
 
 
 def plot_confusion(matrix, classes: list, path: Path, title: str) -> Path:
@@ -123,8 +177,13 @@ def plot_curves(history: list, path_prefix: Path) -> list:
     return written
 
 
-def write_report(out_dir: Path, metrics: dict, classes: list) -> None:
-    """metrics.json, a confusion-matrix PNG and a top-losses CSV per evaluated split."""
+def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup: dict,
+                 image_root: Path | None = None, extra: str = "") -> Path:
+    """metrics.json, a confusion-matrix PNG and a top-losses CSV per evaluated split, and the page that
+    shows them all (``report_page.py``); returns the page's path. ``image_root`` is the folder the
+    top losses' paths are relative to."""
+    from .report_page import write_page
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for split in ("train", "val", "test"):
@@ -137,6 +196,7 @@ def write_report(out_dir: Path, metrics: dict, classes: list) -> None:
             writer = csv.DictWriter(f, fieldnames=["path", "true", "predicted", "p_true", "loss"])
             writer.writeheader()
             writer.writerows(m["top_losses"])
+    return write_page(out_dir, metrics, title, setup, image_root, extra)
 
 
 def split_label(split: str, metrics: dict) -> str:

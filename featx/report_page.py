@@ -1,0 +1,165 @@
+"""The report page: one self-contained ``report.html`` per run, beside metrics.json.
+
+Plain HTML and inline SVG, thumbnails embedded as data URIs: no network, no JavaScript, one file to send.
+Every figure on the page is metrics.json's, printed to 4 places and tagged ``data-key`` with its path in
+metrics.json, so a test can check the page against the file.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .report import HEADLINE, split_label
+
+STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;padding:0 1em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ddd}h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f4f4f4}td.l,th.l{text-align:left}code{background:#f4f4f4;padding:.1em .3em;word-break:break-all}
+.grid{display:flex;flex-wrap:wrap;gap:.8em}.grid figure{margin:0;width:170px;font-size:12px}
+.grid img{width:170px;height:170px;object-fit:cover}.muted{color:#777}"""
+METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
+                "log_loss": "log-loss", "ece": "ECE (15 bins)"}
+THUMBNAIL = 170
+
+
+def command_line() -> str:
+    """How this process was started, as a shell would take it back."""
+    return shlex.join(["featx" if Path(sys.argv[0]).name == "featx" else sys.argv[0], *sys.argv[1:]])
+
+
+def number(value: float, key: str) -> str:
+    return f'<span data-key="{html.escape(key)}">{value:.4f}</span>'
+
+
+def table(header: list, rows: list, left: int = 1) -> str:
+    """Rows of already-escaped cells; the first ``left`` columns are text, aligned left."""
+    head = "".join(f'<th class="l">{h}</th>' if i < left else f"<th>{h}</th>" for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="l">{c}</td>' if i < left else f"<td>{c}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def setup_section(result: dict, setup: dict) -> str:
+    rows = [[html.escape(k), f"<code>{html.escape(str(v))}</code>"] for k, v in setup.items() if v is not None]
+    rows += [[f"selected {html.escape(k)}", f"<code>{html.escape(str(v))}</code>"]
+             for k, v in result.get("selected", {}).items() if not isinstance(v, (list, dict))]
+    return "<h2>Run</h2>" + table(["", "value"], rows, left=2)
+
+
+def metrics_section(split: str, m: dict, result: dict) -> str:
+    rows = [[METRIC_NAMES[k], number(m[k], f"{split}.{k}"),
+             f"{number(m['interval95'][k][0], f'{split}.interval95.{k}.0')} – "
+             f"{number(m['interval95'][k][1], f'{split}.interval95.{k}.1')}"] for k in HEADLINE]
+    headline = table(["metric", "value", "95% interval (bootstrap, 1,000 resamples)"], rows)
+    per_class = table(["class", "precision", "recall", "F1", "images"],
+                      [[html.escape(c), number(v["precision"], f"{split}.per_class.{c}.precision"),
+                        number(v["recall"], f"{split}.per_class.{c}.recall"),
+                        number(v["f1"], f"{split}.per_class.{c}.f1"), str(v["support"])]
+                       for c, v in m["per_class"].items()])
+    pairs = table(["true", "predicted as", "images"],
+                  [[html.escape(p["true"]), html.escape(p["predicted"]), str(p["count"])] for p in m["confused_pairs"]],
+                  left=2) if m["confused_pairs"] else "<p>No mistakes.</p>"
+    return (f"<h2>{html.escape(split_label(split, result))}: {m['n']} images</h2>{headline}"
+            f"<h3>Per class</h3>{per_class}<h3>Confusion matrix</h3>{confusion(m)}"
+            f"<h3>Most confused pairs</h3>{pairs}<h3>Reliability</h3>{reliability_svg(m['reliability'])}")
+
+
+def confusion(m: dict) -> str:
+    classes, matrix = list(m["per_class"]), np.asarray(m["confusion_matrix"])
+    top = max(int(matrix.max()), 1)
+    rows = [[html.escape(c)] + [f'<span style="background:rgba(33,102,172,{v / top:.2f});'
+                                 f'color:{"#fff" if v > top / 2 else "#222"};padding:0 .4em">{v}</span>'
+                                 for v in matrix[i]] for i, c in enumerate(classes)]
+    return table(["true \\ predicted"] + [html.escape(c) for c in classes], rows)
+
+
+def reliability_svg(bins: list, size: int = 240) -> str:
+    """Accuracy against confidence per bin (bars), the diagonal a calibrated model would follow."""
+    bars = "".join(f'<rect x="{b["low"] * size:.1f}" y="{(1 - b["accuracy"]) * size:.1f}" '
+                   f'width="{(b["high"] - b["low"]) * size - 1:.1f}" height="{b["accuracy"] * size:.1f}" '
+                   f'fill="#2166ac" opacity=".75"><title>confidence {b["confidence"]:.3f}, accuracy '
+                   f'{b["accuracy"]:.3f}, {b["n"]} images</title></rect>' for b in bins)
+    return (f'<svg width="{size + 40}" height="{size + 30}" viewBox="-30 -5 {size + 40} {size + 30}">'
+            f'<rect width="{size}" height="{size}" fill="none" stroke="#999"/>{bars}'
+            f'<line x1="0" y1="{size}" x2="{size}" y2="0" stroke="#d6604d" stroke-dasharray="4"/>'
+            f'<text x="{size / 2}" y="{size + 20}" font-size="11" text-anchor="middle">confidence</text>'
+            f'<text x="-18" y="{size / 2}" font-size="11" transform="rotate(-90 -18 {size / 2})" '
+            f'text-anchor="middle">accuracy</text></svg>')
+
+
+def thumbnail(path: Path) -> str | None:
+    """A JPEG data URI, or None when the file cannot be read any more."""
+    from .images import open_rgb
+
+    try:
+        img = open_rgb(path, draft_size=2 * THUMBNAIL)
+    except Exception:
+        return None
+    img.thumbnail((2 * THUMBNAIL, 2 * THUMBNAIL))
+    buffer = io.BytesIO()
+    img.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def top_losses_section(split: str, m: dict, image_root: Path | None) -> str:
+    if not m["top_losses"]:
+        return ""
+    figures = []
+    for row in m["top_losses"]:
+        src = thumbnail(image_root / row["path"]) if image_root is not None and isinstance(row["path"], str) else None
+        picture = f'<img src="{src}" alt="{html.escape(str(row["path"]))}">' if src else \
+            '<div class="muted">(image not readable)</div>'
+        figures.append(f'<figure>{picture}<figcaption><b>{html.escape(row["true"])}</b> → '
+                       f'{html.escape(row["predicted"])}<br>p(true) {row["p_true"]:.3f} · loss {row["loss"]:.2f}<br>'
+                       f'<span class="muted">{html.escape(str(row["path"]))}</span></figcaption></figure>')
+    return f"<h3>Top losses ({split})</h3><div class=\"grid\">{''.join(figures)}</div>"
+
+
+def curves_svg(history: list, metric: str, width: int = 360, height: int = 200) -> str:
+    """Train and val ``metric`` per epoch as lines."""
+    series = {s: [h.get(f"{s}_{metric}") for h in history] for s in ("train", "val")}
+    values = [v for vs in series.values() for v in vs if v is not None]
+    if not values:
+        return ""
+    low, high = min(values), max(values)
+    span, n = (high - low) or 1.0, max(len(history) - 1, 1)
+    lines = []
+    for (split, vs), colour in zip(series.items(), ("#2166ac", "#d6604d")):
+        points = " ".join(f"{i / n * width:.1f},{height - (v - low) / span * height:.1f}"
+                          for i, v in enumerate(vs) if v is not None)
+        known = [v for v in vs if v is not None]
+        if known:
+            lines.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>'
+                         f'<text x="{width + 6}" y="{height - (known[-1] - low) / span * height:.1f}" font-size="11" '
+                         f'fill="{colour}">{split}</text>')
+    return (f'<figure><figcaption>{metric} per epoch ({low:.3f} – {high:.3f})</figcaption>'
+            f'<svg width="{width + 50}" height="{height + 10}" viewBox="0 -5 {width + 50} {height + 10}">'
+            f'<rect width="{width}" height="{height}" fill="none" stroke="#ddd"/>{"".join(lines)}</svg></figure>')
+
+
+def write_page(out_dir: Path, result: dict, title: str, setup: dict, image_root: Path | None = None,
+               extra: str = "") -> Path:
+    """``report.html`` for a run whose metrics.json is ``result``; ``extra`` is more HTML for the end
+    (a pipeline's comparison table, a leaderboard)."""
+    splits = [s for s in ("val", "test") if isinstance(result.get(s), dict) and "accuracy" in result[s]]
+    body = [f"<h1>{html.escape(title)}</h1><p><code>{html.escape(command_line())}</code></p>",
+            setup_section(result, setup)]
+    for split in splits:
+        body += [metrics_section(split, result[split], result), top_losses_section(split, result[split], image_root)]
+    if result.get("history"):
+        body.append("<h2>Training curves</h2><div class=\"grid\" style=\"gap:2em\">"
+                    + curves_svg(result["history"], "loss") + curves_svg(result["history"], "accuracy") + "</div>")
+    if not splits and not extra:
+        body.append("<p>No held-out split to score.</p>")
+    page = (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<meta name=\"viewport\" content=\"width=device-width\"><style>{STYLE}</style></head>"
+            f"<body>{''.join(body)}{extra}</body></html>")
+    path = out_dir / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path

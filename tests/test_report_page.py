@@ -1,0 +1,128 @@
+"""report.html: every figure on the page is metrics.json's, every image it shows is there."""
+import base64
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import featx
+from featx import report
+from featx.fit import fit_head
+from helpers import REPO, make_dataset
+
+
+class Page(HTMLParser):
+    """The page's tagged figures ({data-key: text}) and image sources."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.figures, self.images, self.links, self._key = {}, [], [], None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "data-key" in attrs:
+            self._key = attrs["data-key"]
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+
+    def handle_data(self, data):
+        if self._key is not None:
+            self.figures[self._key] = data
+            self._key = None
+
+
+def lookup(metrics: dict, key: str):
+    value = metrics
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+def check_page(folder: Path) -> Page:
+    page = Page((folder / "report.html").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert page.figures, "the page shows no tagged figure"
+    for key, text in page.figures.items():
+        assert text == f"{lookup(metrics, key):.4f}", key
+    for src in page.images:
+        if src.startswith("data:image/jpeg;base64,"):
+            assert base64.b64decode(src.split(",", 1)[1])[:2] == b"\xff\xd8"
+        else:
+            assert (folder / src).is_file(), src
+    for href in page.links:
+        assert (folder / href).is_file(), href
+    return page
+
+
+@pytest.fixture
+def noisy(tmp_path):
+    """Colour classes with a few test images filed under the wrong class, so there are mistakes to show."""
+    data = make_dataset(tmp_path / "d", {"train": 8, "val": 4, "test": 6})
+    for f in sorted((data / "test" / "a").glob("*.jpg"))[:2]:
+        f.rename(data / "test" / "b" / f"moved_{f.name}")
+    return data
+
+
+def test_fit_head_page_matches_metrics_json(tiny, noisy, tmp_path):
+    result = fit_head("logreg", backbone=tiny, data=str(noisy), cache_dir=tmp_path / "c", out=tmp_path / "run",
+                      progress=False)
+    assert result["report_page"] == str(tmp_path / "run" / "report.html")
+    page = check_page(tmp_path / "run")
+    for split in ("val", "test"):
+        for metric in report.HEADLINE:
+            assert f"{split}.{metric}" in page.figures and f"{split}.interval95.{metric}.1" in page.figures
+    assert len(page.images) == len(result["test"]["top_losses"]) >= 2  # the moved images, as thumbnails
+    assert "moved_" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_evaluate_finetune_and_run_pages(tiny, noisy, tmp_path):
+    fitted = fit_head("logreg", backbone=tiny, data=str(noisy), cache_dir=tmp_path / "c", out=tmp_path / "fit",
+                      progress=False)
+    evaluated = featx.evaluate(fitted["model"], str(noisy), "test", cache_dir=tmp_path / "c", out=tmp_path / "ev",
+                               progress=False)
+    check_page(Path(evaluated["report_page"]).parent)
+    tuned = featx.finetune(tiny, str(noisy), "block2", epochs=2, out=tmp_path / "ft", workers=0, progress=False)
+    page = check_page(Path(tuned["report_page"]).parent)
+    assert "Training curves" in (tmp_path / "ft" / "report.html").read_text() and "test.accuracy" in page.figures
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text(f'name = "page"\ndata = "{noisy}"\nbackbone = "{tiny}"\n'
+                        '[[steps]]\nname = "logreg"\nkind = "fit-head"\nclf = "logreg"\n')
+    ran = featx.run_pipeline(pipeline, cache_dir=tmp_path / "c", out=tmp_path / "pipe", progress=False)
+    links = Page(Path(ran["report_page"]).read_text()).links
+    assert links == ["logreg/report.html"] and (tmp_path / "pipe" / "logreg" / "report.html").is_file()
+
+
+def test_bootstrap_intervals_hold_the_figure_and_narrow_with_more_images():
+    rng = np.random.default_rng(0)
+    for n in (150, 1500):
+        y = rng.integers(0, 3, n)
+        proba = rng.dirichlet([1, 1, 1], n)
+        proba[np.arange(n), y] += 1.5 * (rng.random(n) < 0.9)
+        proba /= proba.sum(1, keepdims=True)
+        m = report.classification_metrics(y, proba, ["a", "b", "c"])
+        for metric in report.HEADLINE:
+            low, high = m["interval95"][metric]
+            assert low <= m[metric] <= high, metric
+        width = m["interval95"]["accuracy"][1] - m["interval95"]["accuracy"][0]
+        normal = 2 * 1.96 * np.sqrt(m["accuracy"] * (1 - m["accuracy"]) / n)  # the textbook interval's width
+        assert 0.7 * normal < width < 1.3 * normal
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless browser installed (apt install chromium)")
+def test_the_page_renders_in_a_headless_browser(tiny, noisy, tmp_path):
+    fit_head("logreg", backbone=tiny, data=str(noisy), cache_dir=tmp_path / "c", out=tmp_path / "run", progress=False)
+    shot = tmp_path / "page.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=1280,2400", (tmp_path / "run" / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("L"))
+    assert image.shape == (2400, 1280) and image.std() > 10  # drawn, not blank
