@@ -263,6 +263,34 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
 
 
 @cli.command()
+@data_options()
+@click.option("--backbones", required=True, help="Comma-separated backbones, e.g. efficientnet_lite0,efficientnet_lite2.")
+@click.option("--layers", default=None, help="Comma-separated layers to try on each (default: each one's pooled tap).")
+@click.option("--clf", default="logreg", show_default=True, help="Comma-separated heads: logreg, svm, knn, mlp.")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: runs/<dataset>__compare.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", is_flag=True)
+def compare(data, data_root, backbones, layers, clf, cache_dir, device, out, as_json, quiet):
+    """Rank backbones, layers and heads on one dataset: score with its 95% interval, fit and extraction cost."""
+    from .data import resolve
+
+    resolve(data, data_root)  # a wrong --data is reported before torch is imported
+    from .compare import compare as run_compare, leaderboard_table
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
+    result = run_compare(data, split(backbones) or [], split(layers), split(clf), data_root=data_root,
+                         cache_dir=cache_dir, device=device, out=out, progress=not quiet)
+    best = result["best"]
+    verdict = (f"best: {best['backbone']}:{best['layer']} + {best['clf']}, {best['ranked_on']} accuracy "
+               f"{best['accuracy']:.4f}" + (" (val chose it: optimistic)" if best["ranked_on"] == "val" else "")
+               + (f", test {best['test_accuracy']:.4f}" if best["test_accuracy"] is not None else "")
+               + f"\nreproduce: {best['command']}") if best else "nothing could be scored: no val split, no CV"
+    emit(result, as_json, f"{leaderboard_table(result['rows'])}\n{verdict}\nreport: {result['report_page']}")
+
+
+@cli.command()
 @click.argument("pipeline")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))

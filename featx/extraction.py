@@ -187,8 +187,10 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
                                         decode=decode, run=run, runtime=runtime, cache_dir=cache_dir)
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
+        speed = len(todo) / compute_seconds if todo and compute_seconds else index.main_meta.get("img_per_s")
         index, order, skipped, dropped = finish(store, ds, {**cache_attrs(p.identity, p.preprocess, ds),
-                                                            "runtime": run.runtime})
+                                                            "runtime": run.runtime,
+                                                            **({"img_per_s": float(speed)} if speed else {})})
     if not isinstance(backbone, Backbone):  # evaluate extracts with a model's own backbone: not a user's choice
         workspace.record(cache_dir, "extract", {
             "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": p.layer,

@@ -214,7 +214,8 @@ class FeatureStore:
                         raise FeatxError(f"{path} was not written by featx: move it out of the cache folder")
                     index.main_meta = {"paths": list(f["paths"].asstr()[:]), "labels": f["labels"][:],
                                        "splits": list(f["splits"].asstr()[:]),
-                                       "skipped": sorted(f["skipped/paths"].asstr()[:])}
+                                       "skipped": sorted(f["skipped/paths"].asstr()[:]),
+                                       "img_per_s": f.attrs.get("img_per_s")}
                 n = f["features"].shape[0]
                 source = len(index.sources)
                 index.sources.append((path, n))

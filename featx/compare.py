@@ -1,0 +1,116 @@
+"""The leaderboard: several backbones, layers and heads on one dataset, ranked, with what each costs.
+
+Each (backbone, layer) is extracted once (or read from the cache) and each head fitted with its usual
+selection. Rows are ranked on val when the data has one (the heads chose their hyper-parameters by CV
+on train, so val has chosen nothing but the winner: its figure is marked optimistic), else on the heads'
+own CV accuracy on train. Test, when there is one, chose nothing and is the figure to trust.
+"""
+from __future__ import annotations
+
+import html
+import math
+import os
+import shlex
+import time
+from pathlib import Path
+
+from . import store
+from .errors import FeatxError
+from .extraction import extract
+from .fit import fit_head
+from .report_page import table, write_page
+
+HEADS = ("logreg", "svm", "knn", "mlp")
+
+
+def wilson(accuracy: float, n: int, z: float = 1.96) -> list:
+    """The 95% Wilson interval of an accuracy measured on ``n`` images."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def score(result: dict) -> tuple:
+    """(where, accuracy, 95% interval) the row is ranked on: val's bootstrap, else CV's Wilson interval."""
+    if "val" in result:
+        return "val", result["val"]["accuracy"], result["val"]["interval95"]["accuracy"]
+    selected = result["selected"]
+    if selected.get("cv_accuracy") is not None and selected.get("scored_rows"):
+        return "cv", selected["cv_accuracy"], wilson(selected["cv_accuracy"], selected["scored_rows"])
+    return None, None, None
+
+
+def compare(data: str, backbones: list, layers: list | None = None, clfs: list | None = None, *,
+            data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
+            out: str | os.PathLike | None = None, progress: bool = True) -> dict:
+    """Extract what is not cached, fit every head, and rank the rows best first (``report.html`` in ``out``)."""
+    clfs, rows = clfs or ["logreg"], []
+    unknown = [c for c in clfs if c not in HEADS]
+    if unknown or not backbones:
+        raise FeatxError(f"--clf {','.join(unknown)}: use {', '.join(HEADS)}" if unknown else
+                         "--backbones names none: give one or more, e.g. efficientnet_lite0,efficientnet_lite2")
+    for backbone in backbones:
+        for layer in layers or [None]:
+            extracted = extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
+                                progress=progress)
+            attrs = store.load(extracted.path).attrs
+            img_per_s = attrs.get("img_per_s")
+            out_dir = Path(out or Path("runs") / f"{extracted.dataset}__compare")
+            for clf in clfs:
+                started = time.perf_counter()
+                result = fit_head(clf, extracted.path, cache_dir=cache_dir, device=device, progress=progress,
+                                  out=out_dir / f"{backbone}__{extracted.layer}__{clf}".replace(":", "-"))
+                where, accuracy, interval = score(result)
+                rows.append({"backbone": backbone, "layer": extracted.layer, "clf": clf, "ranked_on": where,
+                             "accuracy": accuracy, "interval95": interval,
+                             "test_accuracy": result["test"]["accuracy"] if "test" in result else None,
+                             "fit_seconds": round(time.perf_counter() - started, 2),
+                             "extract_img_per_s": round(float(img_per_s), 2) if img_per_s else None,
+                             "extract_seconds": round(extracted.images / float(img_per_s), 1) if img_per_s else None,
+                             "feature_dim": extracted.feature_dim, "images": extracted.images,
+                             "report_page": result["report_page"],
+                             "command": reproduce(backbone, data, extracted.layer, clf)})
+    rows.sort(key=lambda r: (r["accuracy"] is not None, r["accuracy"] or 0), reverse=True)
+    result = {"data": data, "rows": rows, "best": rows[0] if rows and rows[0]["accuracy"] is not None else None}
+    result["report_page"] = str(write_page(out_dir, {}, f"featx compare on {data}", {"data": data},
+                                           extra=leaderboard_html(rows, out_dir)))
+    return result
+
+
+def reproduce(backbone: str, data: str, layer: str, clf: str) -> str:
+    return (f"featx extract {shlex.join(['--backbone', backbone, '--data', str(data), '--layer', layer])} && "
+            f"featx fit-head --clf {clf}")
+
+
+def interval_text(row: dict) -> str:
+    if row["accuracy"] is None:
+        return "-"
+    low, high = row["interval95"]
+    return f"{row['accuracy']:.4f} [{low:.3f}, {high:.3f}]"
+
+
+def leaderboard_table(rows: list) -> str:
+    """The leaderboard as plain text, for the terminal."""
+    header = ["#", "backbone", "layer", "head", "score [95%]", "on", "test", "fit s", "extract s", "img/s", "dim"]
+    lines = [[str(i + 1), r["backbone"], r["layer"], r["clf"], interval_text(r), r["ranked_on"] or "-",
+              f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-", f"{r['fit_seconds']:.1f}",
+              f"{r['extract_seconds']:.1f}" if r["extract_seconds"] else "-",
+              f"{r['extract_img_per_s']:.1f}" if r["extract_img_per_s"] else "-", str(r["feature_dim"])]
+             for i, r in enumerate(rows)]
+    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
+
+
+def leaderboard_html(rows: list, out_dir: Path) -> str:
+    cells = [[str(i + 1), html.escape(r["backbone"]), html.escape(r["layer"]),
+              f'<a href="{html.escape(Path(r["report_page"]).relative_to(out_dir).as_posix())}">{html.escape(r["clf"])}</a>',
+              interval_text(r), r["ranked_on"] or "-",
+              f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-", f"{r['fit_seconds']:.1f}",
+              f"{r['extract_seconds']:.1f}" if r["extract_seconds"] else "-", str(r["feature_dim"])]
+             for i, r in enumerate(rows)]
+    note = ("<p>Ranked on val, which chose the winner: its figure is optimistic. Test chose nothing.</p>"
+            if any(r["ranked_on"] == "val" for r in rows) else
+            "<p>Ranked on each head's cross-validated accuracy on train (at the C or k it chose there).</p>")
+    return "<h2>Leaderboard</h2>" + note + table(
+        ["#", "backbone", "layer", "head", "score [95%]", "ranked on", "test", "fit s", "extract s", "dim"], cells,
+        left=4)
