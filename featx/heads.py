@@ -142,7 +142,7 @@ class LinearHead(Head):
         return scores, losses, decisions
 
     def _weights(self, codes: np.ndarray) -> torch.Tensor | None:
-        return class_weights(self.class_weight, codes, len(self.classes_))
+        return class_weights(self.class_weight, codes, list(self.classes_))
 
     def _held_out_loss(self, z: np.ndarray, codes: np.ndarray) -> float:
         """The head's own loss on held-out rows: cross-entropy for logreg, squared hinge for svm."""
@@ -278,7 +278,7 @@ class MLPHead(Head):
         ys = torch.as_tensor(codes, device=device)
         net = MLP(X.shape[1], self.hidden, len(self.classes_), self.dropout).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        weights = class_weights(self.class_weight, codes[tr], len(self.classes_), per_class=True)
+        weights = class_weights(self.class_weight, codes[tr], list(self.classes_), per_class=True)
         loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.float().to(device))
         generator = torch.Generator().manual_seed(self.random_state)
         tr_t, ho_t = torch.as_tensor(tr, device=device), torch.as_tensor(ho, device=device)
@@ -324,14 +324,17 @@ class MLPHead(Head):
         return {"mean": self.mean_, "scale": self.scale_, **self.state_}
 
 
-def class_weights(class_weight: str | None, codes: np.ndarray, n_classes: int,
-                  per_class: bool = False) -> torch.Tensor | None:
-    """None, or ``balanced`` weights per row (per class with ``per_class``)."""
+def class_weights(class_weight, codes: np.ndarray, classes, per_class: bool = False) -> torch.Tensor | None:
+    """None, or weights per row (per class with ``per_class``): ``balanced``, or scikit-learn's
+    {class label: weight} (classes left out weigh 1)."""
     if class_weight is None:
         return None
-    if class_weight != "balanced":
+    if isinstance(class_weight, dict):
+        weights = np.array([float(class_weight.get(c, 1.0)) for c in classes])
+    elif class_weight == "balanced":
+        weights = balanced_weights(codes, len(classes))
+    else:
         raise FeatxError(f"--class-weight {class_weight} is not supported: use balanced, or leave it out")
-    weights = balanced_weights(codes, n_classes)
     return torch.as_tensor(weights if per_class else weights[codes])
 
 
