@@ -20,6 +20,7 @@ _EXPORTS = {
     "ModelFile": "modelfile",
     "predict": "predictor", "evaluate": "predictor", "load_predictor": "predictor",
     "finetune": "finetuning",
+    "compare": "leaderboard",
     "advise": "advice",
     "run_pipeline": "pipeline",
 }

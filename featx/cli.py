@@ -277,7 +277,7 @@ def compare(data, data_root, backbones, layers, clf, cache_dir, device, out, as_
     from .data import resolve
 
     resolve(data, data_root)  # a wrong --data is reported before torch is imported
-    from .compare import compare as run_compare, leaderboard_table
+    from .leaderboard import compare as run_compare, leaderboard_table
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
     result = run_compare(data, split(backbones) or [], split(layers), split(clf), data_root=data_root,

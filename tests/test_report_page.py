@@ -12,7 +12,7 @@ import pytest
 import featx
 from featx import report
 from featx.fit import fit_head
-from helpers import REPO, make_dataset
+from helpers import make_dataset
 
 
 class Page(HTMLParser):
