@@ -22,7 +22,7 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #dd
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}code{background:#f4f4f4;padding:.1em .3em;word-break:break-all}
 .grid{display:flex;flex-wrap:wrap;gap:.8em}.grid figure{margin:0;width:170px;font-size:12px}
-.grid img{width:170px;height:170px;object-fit:cover}.muted{color:#777}"""
+.grid img{width:170px;height:170px;object-fit:cover}figcaption{word-break:break-all}.muted{color:#777}"""
 METRIC_NAMES = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
                 "log_loss": "log-loss", "ece": "ECE (15 bins)"}
 THUMBNAIL = 170
@@ -46,9 +46,10 @@ def table(header: list, rows: list, left: int = 1) -> str:
 
 
 def setup_section(result: dict, setup: dict) -> str:
-    rows = [[html.escape(k), f"<code>{html.escape(str(v))}</code>"] for k, v in setup.items() if v is not None]
-    rows += [[f"selected {html.escape(k)}", f"<code>{html.escape(str(v))}</code>"]
-             for k, v in result.get("selected", {}).items() if not isinstance(v, (list, dict))]
+    shown = lambda v: f"<code>{html.escape(f'{v:.4g}' if isinstance(v, float) else str(v))}</code>"  # noqa: E731
+    rows = [[html.escape(k), shown(v)] for k, v in setup.items() if v is not None]
+    rows += [[f"selected {html.escape(k)}", shown(v)]
+             for k, v in result.get("selected", {}).items() if v is not None and not isinstance(v, (list, dict))]
     return "<h2>Run</h2>" + table(["", "value"], rows, left=2)
 
 
