@@ -77,12 +77,16 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
                            weights_file=weights, info={"dataset": F.attrs["dataset"], "features": str(F.path),
                                                        "select_on": select_on}).save(out / MODEL_NAME)
     result = {**metrics, "selected": selected, "clf": clf, "model": str(model_path), "features": str(F.path)}
-    workspace.record(cache_dir, "fit_head", {"model": str(model_path.resolve()), "clf": clf,
-                                             "backbone": F.attrs["backbone"], "layer": F.attrs["layer"],
-                                             "data": F.attrs["dataset_root"]})
+    record_head(cache_dir, model_path, clf, F.attrs["backbone"], F.attrs["layer"], F.attrs["dataset_root"])
     result["report_page"] = str(report.write_report(
         out, result, F.classes, f"{clf} head on {F.attrs['backbone']}:{F.attrs['layer']} features of {F.attrs['dataset']}",
         {"data": F.attrs["dataset_root"], "backbone": F.attrs["backbone"], "layer": F.attrs["layer"],
          "tta": F.identity().tta, "head": clf, "features": str(F.path), "model": str(model_path)},
         image_root=Path(F.attrs["dataset_root"])))
     return result
+
+
+def record_head(cache_dir, model: str | os.PathLike, clf: str, backbone: str, layer: str, data_root: str) -> None:
+    """Remember this head as the project's last fit-head (``finetune`` starts from it when it fits)."""
+    workspace.record(cache_dir, "fit_head", {"model": str(Path(model).resolve()), "clf": clf, "backbone": backbone,
+                                             "layer": layer, "data": data_root})

@@ -17,7 +17,7 @@ from pathlib import Path
 from . import store
 from .errors import FeatxError
 from .extraction import extract
-from .fit import fit_head
+from .fit import fit_head, record_head
 from .report_page import table, write_page
 
 HEADS = ("logreg", "svm", "knn", "mlp")
@@ -68,13 +68,24 @@ def compare(data: str, backbones: list, layers: list | None = None, clfs: list |
                              "extract_img_per_s": round(float(img_per_s), 2) if img_per_s else None,
                              "extract_seconds": round(extracted.images / float(img_per_s), 1) if img_per_s else None,
                              "feature_dim": extracted.feature_dim, "images": extracted.images,
-                             "report_page": result["report_page"],
+                             "report_page": result["report_page"], "model": result["model"],
+                             "dataset_root": attrs["dataset_root"],
                              "command": reproduce(backbone, data, extracted.layer, clf)})
     rows.sort(key=lambda r: (r["accuracy"] is not None, r["accuracy"] or 0), reverse=True)
     result = {"data": data, "rows": rows, "best": rows[0] if rows and rows[0]["accuracy"] is not None else None}
+    if result["best"]:
+        remember(result["best"], data, data_root, cache_dir, device)
     result["report_page"] = str(write_page(out_dir, {}, f"featx compare on {data}", {"data": data},
                                            extra=leaderboard_html(rows, out_dir)))
     return result
+
+
+def remember(best: dict, data: str, data_root: str | None, cache_dir, device: str) -> None:
+    """Leave the project folder as if the winner's two commands had run last, so a later ``fit-head`` or
+    ``finetune`` without options picks up the winner, not whichever row was fitted last."""
+    extract(best["backbone"], data, best["layer"], data_root=data_root, cache_dir=cache_dir, device=device,
+            progress=False)  # cached: records the extraction only
+    record_head(cache_dir, best["model"], best["clf"], best["backbone"], best["layer"], best["dataset_root"])
 
 
 def reproduce(backbone: str, data: str, layer: str, clf: str) -> str:

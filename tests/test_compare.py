@@ -22,6 +22,8 @@ def test_compare_ranks_layers_and_heads_and_links_their_pages(tiny, tmp_path):
     assert all(r["ranked_on"] == "val" and r["interval95"][0] <= r["accuracy"] <= r["interval95"][1] for r in rows)
     assert {r["feature_dim"] for r in rows} == {16, 32} and all(r["extract_img_per_s"] > 0 for r in rows)
     assert result["best"] == rows[0] and f"--layer {rows[0]['layer']}" in rows[0]["command"]
+    remembered = json.loads((tmp_path / "c" / "workspace.json").read_text())  # later stages take the winner
+    assert remembered["extract"]["layer"] == rows[0]["layer"] and remembered["fit_head"]["clf"] == rows[0]["clf"]
     page = Page(open(result["report_page"]).read())
     assert len(page.links) == 4 and all((tmp_path / "cmp" / link).is_file() for link in page.links)
 
