@@ -83,6 +83,14 @@ def test_torchrun_with_an_undecodable_batch_finishes(child, tmp_path):
     assert result["processes"] == 2 and [h["epoch"] for h in result["history"]] == [1, 2]
     assert len((out / "history.csv").read_text().strip().splitlines()) == 3
     assert (out / "checkpoint.pt").is_file() and (out / "model.featx").is_file()
+    args = finetune_args(data, out, 1)
+    args[args.index("--epochs") + 1] = "3"
+    alone = subprocess.run([sys.executable, str(child), *args, "--resume"], capture_output=True, text=True,
+                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert alone.returncode == 0, alone.stderr[-3000:]  # the checkpoint holds the plain network: any world size
+    resumed = json.loads(alone.stdout)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3] and resumed["processes"] == 1
+    assert resumed["history"][:2] == result["history"]
 
 
 def test_a_restarted_torchrun_worker_resumes_by_itself(tiny, tmp_path, monkeypatch):
