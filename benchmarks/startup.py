@@ -34,7 +34,14 @@ def main() -> None:
     featx = [str(Path(sys.executable).with_name("featx"))]
     work = Path(tempfile.mkdtemp(prefix="featx-startup-"))
     commands = {"featx --help": featx + ["--help"], "featx datasets": featx + ["datasets"],
-                "featx extract (error: no such data)": featx + ["extract", "--data", str(work / "absent")]}
+                "featx extract (error: no such data)": featx + ["extract", "--data", str(work / "absent")],
+                "featx fit-head (error: no such data)": featx + ["fit-head", "--data", str(work / "absent")],
+                "featx finetune (error: no such data)": featx + ["finetune", "--data", str(work / "absent"),
+                                                                 "--unfreeze", "none"],
+                "featx compare (error: no such data)": featx + ["compare", "--data", str(work / "absent"),
+                                                                "--backbones", "efficientnet_lite0"],
+                "featx predict (error: no such model)": featx + ["predict", "--model", str(work / "absent.featx"),
+                                                                 str(work)]}
     if args.data:
         extract = featx + ["extract", "--data", args.data, "--quiet"]
         subprocess.run(extract + ["--cache-dir", "cache"], cwd=work, check=True, stdout=subprocess.DEVNULL)

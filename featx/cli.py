@@ -15,6 +15,14 @@ def emit(result: dict, as_json: bool, text: str) -> None:
     click.echo(json.dumps(result, indent=None, default=str) if as_json else text)
 
 
+def check_data(data: str | None, data_root: str | None) -> None:
+    """A wrong --data is reported before torch is imported: in a fraction of a second, not five."""
+    if data is not None:
+        from .data import resolve
+
+        resolve(data, data_root)
+
+
 def data_options(required: bool = True):
     """--data and --data-root; a later stage may leave --data out and take the last extract's."""
     def add(f):
@@ -76,9 +84,7 @@ def cli():
 def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
             dtype, runtime, verify, as_json, checkpoint_rows, quiet, tta, engine, address, actors, gpus_per_actor):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
-    from .data import resolve
-
-    resolve(data, data_root)  # a wrong --data is reported before torch is imported (seconds)
+    check_data(data, data_root)
     from .extraction import extract as run_extract
 
     r = run_extract(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
@@ -99,7 +105,7 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
 
 @cli.command("fit-head")
 @click.option("--clf", type=click.Choice(["svm", "logreg", "knn", "mlp"]), default="logreg", show_default=True)
-@click.option("--features", type=click.Path(dir_okay=False), default=None, help="A featx feature cache (.h5).")
+@click.option("--features", type=click.Path(exists=True, dir_okay=False), default=None, help="A featx feature cache (.h5).")
 @backbone_options
 @click.option("--data", default=None, help="Dataset folder or registered name (extracts if not cached; default: "
               "the last extract's).")
@@ -122,6 +128,7 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
 def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k,
              class_weight, tta, out, device, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
+    check_data(None if features else data, data_root)
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
@@ -147,7 +154,8 @@ def selection_line(selected: dict) -> str:
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False), help="model.featx from fit-head/finetune.")
+@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="model.featx from fit-head/finetune.")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG grid of titled images.")
@@ -182,7 +190,7 @@ def tsv_safe(text: str) -> str:
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(dir_okay=False))
+@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False))
 @data_options(required=False)
 @click.option("--split", default="test", show_default=True)
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
@@ -194,6 +202,7 @@ def tsv_safe(text: str) -> str:
 @click.option("--quiet", is_flag=True)
 def evaluate(model, data, data_root, split, cache_dir, out, weights, device, runtime, as_json, quiet):
     """Metrics, confusion matrix and top losses of a model on a split of any dataset."""
+    check_data(data, data_root)
     from .predictor import evaluate as run_evaluate
     from .report import summary_line
 
@@ -241,6 +250,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
              backbone_lr_scale, optimizer, schedule, step_size, augment, class_weight, head, cache_dir, from_scratch, patience,
              val_fraction, resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
+    check_data(data, data_root)
     from .finetuning import finetune as run_finetune
     from .report import summary_line
 
@@ -274,9 +284,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
 @click.option("--quiet", is_flag=True)
 def compare(data, data_root, backbones, layers, clf, cache_dir, device, out, as_json, quiet):
     """Rank backbones, layers and heads on one dataset: score with its 95% interval, fit and extraction cost."""
-    from .data import resolve
-
-    resolve(data, data_root)  # a wrong --data is reported before torch is imported
+    check_data(data, data_root)
     from .leaderboard import compare as run_compare, leaderboard_table
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
