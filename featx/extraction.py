@@ -29,7 +29,7 @@ from .devices import (HalvingForward, default_batch_size, default_workers, make_
 from .errors import FeatxError
 from .identity import FeatureIdentity
 from .images import IO_ERROR, EncodedFiles, ImageFiles, check_decode, collate, collate_encoded, decode_batches
-from .ray_engine import connect, ray_features
+from .ray_engine import ray_features, require
 from .runtimes import embedding, onnx_model, resolve_runtime
 from .store import FeatureStore, Rows, cache_path
 from .weights import weights_identity
@@ -149,13 +149,14 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     ``runtime`` (``auto``: ONNX Runtime on a CPU, torch on CUDA) runs the network; it is recorded in the
     cache's attributes but is not part of the identity, as both give the same features.
     ``tta="flip"`` stores the mean of each image's and its mirror's features (its own cache; predict and
-    evaluate apply what the model file records). ``engine="ray"`` computes on a Ray Data cluster (``address``; a local one when None) with ``actors``
+    evaluate apply what the model file records). ``engine="ray"`` computes on a Ray Data cluster
+    (``address``; a local one, started only if some image needs computing, when None) with ``actors``
     embedding actors of ``gpus_per_actor`` GPUs each (``ray_engine.py``); this process still writes the cache.
     """
     if engine not in ENGINES:
         raise FeatxError(f"--engine {engine} is not supported: use {' or '.join(ENGINES)}")
     if engine == "ray":
-        connect(address)  # a missing Ray or an unreachable cluster is said before any work
+        require(address)  # a missing Ray or an unreachable cluster is said before any work
     if verify not in data_mod.VERIFY:
         raise FeatxError(f"--verify {verify} is not supported: use {' or '.join(data_mod.VERIFY)}")
     if dtype not in ("float32", "float16"):

@@ -31,15 +31,22 @@ ACTOR_EXIT_ONCE = "FEATX_TEST_ACTOR_EXIT_ONCE"  # tests: a marker path; the firs
 DECODED = -1  # ``pixels`` of a file the read stage decoded itself (not a plain JPEG): ``raw`` holds CHW uint8
 
 
-def connect(address: str | None):
-    """Ray, connected: to ``address`` (auto, HOST:PORT, ray://HOST:PORT), or to a local cluster started
-    here when None. One line, no traceback, when Ray is missing or the cluster cannot be reached."""
+def require(address: str | None):
+    """Ray, imported, with ``address`` (if any) accepting connections: said in one line before any work."""
     try:
         import ray
     except ImportError:
         raise FeatxError(f"--engine ray needs Ray: {INSTALL}") from None
     if not ray.is_initialized():
         check_reachable(address)
+    return ray
+
+
+def connect(address: str | None):
+    """Ray, connected: to ``address`` (auto, HOST:PORT, ray://HOST:PORT), or to a local cluster started
+    here when None. One line, no traceback, when Ray is missing or the cluster cannot be reached."""
+    ray = require(address)
+    if not ray.is_initialized():
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the core worker's notes, not errors: Ray raises those
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
