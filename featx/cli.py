@@ -292,7 +292,8 @@ def compare(data, data_root, backbones, layers, clf, cache_dir, device, out, as_
                          cache_dir=cache_dir, device=device, out=out, progress=not quiet)
     best = result["best"]
     verdict = (f"best: {best['backbone']}:{best['layer']} + {best['clf']}, {best['ranked_on']} accuracy "
-               f"{best['accuracy']:.4f}" + (" (val chose it: optimistic)" if best["ranked_on"] == "val" else "")
+               f"{best['accuracy']:.4f}" + (" (val chose it: optimistic)" if best["ranked_on"] == "val" else
+                                            " (CV chose its C or k, and the winner: optimistic)")
                + (f", test {best['test_accuracy']:.4f}" if best["test_accuracy"] is not None else "")
                + f"\nreproduce: {best['command']}") if best else "nothing could be scored: no val split, no CV"
     emit(result, as_json, f"{leaderboard_table(result['rows'])}\n{verdict}\nreport: {result['report_page']}")

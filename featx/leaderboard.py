@@ -100,28 +100,32 @@ def interval_text(row: dict) -> str:
     return f"{row['accuracy']:.4f} [{low:.3f}, {high:.3f}]"
 
 
+COLUMNS = ["#", "backbone", "layer", "head", "score [95%]", "ranked on", "test", "fit s", "extract s", "img/s", "dim"]
+
+
+def cells(rank: int, row: dict) -> list:
+    """One leaderboard row as text, in ``COLUMNS`` order."""
+    known = lambda value, form: format(value, form) if value else "-"  # noqa: E731
+    return [str(rank), row["backbone"], row["layer"], row["clf"], interval_text(row), row["ranked_on"] or "-",
+            known(row["test_accuracy"], ".4f"), f"{row['fit_seconds']:.1f}", known(row["extract_seconds"], ".1f"),
+            known(row["extract_img_per_s"], ".1f"), str(row["feature_dim"])]
+
+
 def leaderboard_table(rows: list) -> str:
     """The leaderboard as plain text, for the terminal."""
-    header = ["#", "backbone", "layer", "head", "score [95%]", "on", "test", "fit s", "extract s", "img/s", "dim"]
-    lines = [[str(i + 1), r["backbone"], r["layer"], r["clf"], interval_text(r), r["ranked_on"] or "-",
-              f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-", f"{r['fit_seconds']:.1f}",
-              f"{r['extract_seconds']:.1f}" if r["extract_seconds"] else "-",
-              f"{r['extract_img_per_s']:.1f}" if r["extract_img_per_s"] else "-", str(r["feature_dim"])]
-             for i, r in enumerate(rows)]
-    widths = [max(len(x) for x in column) for column in zip(header, *lines)]
-    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [header, *lines])
+    lines = [cells(i + 1, r) for i, r in enumerate(rows)]
+    widths = [max(len(x) for x in column) for column in zip(COLUMNS, *lines)]
+    return "\n".join("  ".join(x.ljust(w) for x, w in zip(line, widths)) for line in [COLUMNS, *lines])
 
 
 def leaderboard_html(rows: list, out_dir: Path) -> str:
-    cells = [[str(i + 1), html.escape(r["backbone"]), html.escape(r["layer"]),
-              f'<a href="{html.escape(Path(r["report_page"]).relative_to(out_dir).as_posix())}">{html.escape(r["clf"])}</a>',
-              interval_text(r), r["ranked_on"] or "-",
-              f"{r['test_accuracy']:.4f}" if r["test_accuracy"] is not None else "-", f"{r['fit_seconds']:.1f}",
-              f"{r['extract_seconds']:.1f}" if r["extract_seconds"] else "-", str(r["feature_dim"])]
-             for i, r in enumerate(rows)]
+    """The leaderboard for the page, each head linked to its own report."""
+    body = []
+    for i, r in enumerate(rows):
+        row = [html.escape(c) for c in cells(i + 1, r)]
+        row[3] = f'<a href="{html.escape(Path(r["report_page"]).relative_to(out_dir).as_posix())}">{row[3]}</a>'
+        body.append(row)
     note = ("<p>Ranked on val, which chose the winner: its figure is optimistic. Test chose nothing.</p>"
             if any(r["ranked_on"] == "val" for r in rows) else
-            "<p>Ranked on each head's cross-validated accuracy on train (at the C or k it chose there).</p>")
-    return "<h2>Leaderboard</h2>" + note + table(
-        ["#", "backbone", "layer", "head", "score [95%]", "ranked on", "test", "fit s", "extract s", "dim"], cells,
-        left=4)
+            "<p>Ranked on each head's cross-validated accuracy on train, at the C or k it chose there: optimistic.</p>")
+    return "<h2>Leaderboard</h2>" + note + table(COLUMNS, body, left=4)
