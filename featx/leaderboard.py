@@ -105,7 +105,7 @@ COLUMNS = ["#", "backbone", "layer", "head", "score [95%]", "ranked on", "test",
 
 def cells(rank: int, row: dict) -> list:
     """One leaderboard row as text, in ``COLUMNS`` order."""
-    known = lambda value, form: format(value, form) if value else "-"  # noqa: E731
+    known = lambda value, form: "-" if value is None else format(value, form)  # noqa: E731
     return [str(rank), row["backbone"], row["layer"], row["clf"], interval_text(row), row["ranked_on"] or "-",
             known(row["test_accuracy"], ".4f"), f"{row['fit_seconds']:.1f}", known(row["extract_seconds"], ".1f"),
             known(row["extract_img_per_s"], ".1f"), str(row["feature_dim"])]
