@@ -311,9 +311,13 @@ def feature_identity(spec: BackboneSpec, weights: tuple[str, str], layer: str,
                      preprocess: Preprocess, precision: str = "fp32", tta: str = "none") -> FeatureIdentity:
     """What makes two feature sets comparable: same backbone, weights, tap, preprocessing, precision and
     test-time augmentation."""
+    check_tta(tta)
+    return FeatureIdentity(spec.name, weights[0], weights[1], layer, preprocess.key(), precision, tta)
+
+
+def check_tta(tta: str) -> None:
     if tta not in TTAS:
         raise FeatxError(f"--tta {tta} is not supported: use {' or '.join(TTAS)}")
-    return FeatureIdentity(spec.name, weights[0], weights[1], layer, preprocess.key(), precision, tta)
 
 
 def create_backbone(name: str, layer: str | None = None, weights: str | None = None,
@@ -323,7 +327,7 @@ def create_backbone(name: str, layer: str | None = None, weights: str | None = N
     it runs under ``precision`` (fp32, bf16 or fp16 autocast) and ``tta`` (none, or flip: the mean of each
     image's and its mirror's features), both part of its features' identity."""
     spec, layer, preprocess = resolve_backbone(name, layer, input_size)
-    feature_identity(spec, ("", ""), layer, preprocess, precision, tta)  # checks the options before building
+    check_tta(tta)
     model = spec.build()
     weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", "none")
     net = Backbone(spec, model, layer, preprocess, weights_id, sha).eval()

@@ -195,27 +195,28 @@ def comparison_html(result: dict, out: Path) -> str:
     """The comparison table, each step linked to its own report page."""
     rows = []
     for r in result["steps"]:
+        row = [html.escape(c) for c in step_cells(r)]
         page = Path(r["output"]) / "report.html"
-        name = html.escape(r["step"])
-        link = f'<a href="{html.escape(page.relative_to(out).as_posix())}">{name}</a>' \
-            if page.is_file() and page.is_relative_to(out) else name
-        rows.append([link, html.escape(r["backbone"]), html.escape(r["split"] or "-"),
-                     f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-",
-                     f"{r['balanced_accuracy']:.4f}" if r["balanced_accuracy"] is not None else "-",
-                     html.escape(str(r["seed_figure"])) if r["seed_figure"] is not None else "-", str(r["seconds"])])
-    return "<h2>Steps</h2>" + table(["step", "backbone", "split", "accuracy", "balanced accuracy", "seed's figure",
-                                     "seconds"], rows, left=3)
+        if page.is_file() and page.is_relative_to(out):
+            row[0] = f'<a href="{html.escape(page.relative_to(out).as_posix())}">{row[0]}</a>'
+        rows.append(row)
+    return "<h2>Steps</h2>" + table(STEP_COLUMNS, rows, left=3)
+
+
+STEP_COLUMNS = ["step", "backbone", "split", "accuracy", "balanced accuracy", "seed's figure", "seconds"]
+
+
+def step_cells(r: dict) -> list:
+    """One step's row as text, in ``STEP_COLUMNS`` order."""
+    figure = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    return [r["step"], r["backbone"], r["split"] or "-", figure(r["accuracy"]), figure(r["balanced_accuracy"]),
+            "-" if r["seed_figure"] is None else str(r["seed_figure"]), str(r["seconds"])]
 
 
 def comparison_table(result: dict) -> str:
     lines = [f"# {result['pipeline']}", "",
              f"data: {result['data']}; seed backbone: {result['seed_backbone'] or '-'}"
              + (f"; fine-tuning capped at {result['max_epochs']} epochs" if result["max_epochs"] else ""), "",
-             "| step | backbone | split | accuracy | balanced accuracy | seed's figure | seconds |",
-             "|---|---|---|---|---|---|---|"]
-    for r in result["steps"]:
-        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        bal = f"{r['balanced_accuracy']:.4f}" if r["balanced_accuracy"] is not None else "-"
-        lines.append(f"| {r['step']} | {r['backbone']} | {r['split'] or '-'} | {acc} | {bal} | "
-                     f"{r['seed_figure'] if r['seed_figure'] is not None else '-'} | {r['seconds']} |")
+             "| " + " | ".join(STEP_COLUMNS) + " |", "|---" * len(STEP_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(step_cells(r)) + " |" for r in result["steps"]]
     return "\n".join(lines) + "\n"

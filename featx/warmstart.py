@@ -1,7 +1,8 @@
 """Warm starts: where a fine-tuning head begins, and how it is stored again.
 
 A head starts from a stage-2 model file (logreg/svm folded into one linear layer, or the MLP with
-its scaler; left out, the last fit-head's when it fits: ``choose_head``), from rows of the backbone's own ImageNet classifier, or fresh (Xavier, seed S0's choice).
+its scaler; left out, the last fit-head's when it fits: ``choose_head``), from rows of the backbone's own
+ImageNet classifier, or fresh (Xavier, seed S0's choice).
 After training it is exported in the stage-2 array format, so predict and evaluate load fine-tuned
 models like any other.
 """
