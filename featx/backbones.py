@@ -2,23 +2,24 @@
 
 Each entry carries what extraction and fine-tuning need: how to build the architecture, where its
 weights come from (``weights.py``), its weights' own preprocessing, named taps for ``--layer`` and
-named blocks for ``--unfreeze``. ``Backbone`` is the runtime module: uint8 images in, features out.
+named blocks for ``--unfreeze``. The registry is data and imports no torch (checking that a cache is up
+to date needs only names, preprocessing and a weights digest); ``create_backbone`` builds the runtime
+module, ``network.Backbone``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
-from typing import Callable
-
-import torch
-import torchvision
-from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2 as T
+from typing import TYPE_CHECKING, Callable
 
 from .errors import FeatxError
 from .identity import FeatureIdentity
 from .weights import Weights, load_pretrained
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .network import Backbone
 
 TF_LITE_MEAN = (0.498, 0.498, 0.498)  # the TF-Lite weights were trained on (x - 127) / 128
 TF_LITE_STD = (0.502, 0.502, 0.502)
@@ -44,6 +45,9 @@ class Preprocess:
     def transform(self) -> Callable:
         """PIL image, or uint8 CHW tensor on any device -> resized, centre-cropped uint8 CHW tensor.
         Normalisation happens on the device, inside the model."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import v2 as T
+
         return T.Compose([
             T.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
             T.CenterCrop(self.input_size),
@@ -89,36 +93,60 @@ class BackboneSpec:
 
 # ---------------------------------------------------------------- registry entries
 
+# Each torchvision model's DEFAULT weights: enum, file (under download.pytorch.org/models/), crop, resize and
+# interpolation (all use ImageNet's mean and std). Recorded from torchvision 0.29 so that reading the registry
+# imports no torchvision; tests/test_backbones.py checks every row against torchvision's own.
+TORCHVISION_WEIGHTS = {
+    "vgg16": ("VGG16_Weights.IMAGENET1K_V1", "vgg16-397923af.pth", 224, 256, "bilinear"),
+    "vgg19": ("VGG19_Weights.IMAGENET1K_V1", "vgg19-dcbb9e9d.pth", 224, 256, "bilinear"),
+    "resnet18": ("ResNet18_Weights.IMAGENET1K_V1", "resnet18-f37072fd.pth", 224, 256, "bilinear"),
+    "resnet34": ("ResNet34_Weights.IMAGENET1K_V1", "resnet34-b627a593.pth", 224, 256, "bilinear"),
+    "resnet50": ("ResNet50_Weights.IMAGENET1K_V2", "resnet50-11ad3fa6.pth", 224, 232, "bilinear"),
+    "resnet101": ("ResNet101_Weights.IMAGENET1K_V2", "resnet101-cd907fc2.pth", 224, 232, "bilinear"),
+    "resnet152": ("ResNet152_Weights.IMAGENET1K_V2", "resnet152-f82ba261.pth", 224, 232, "bilinear"),
+    "efficientnet_b0": ("EfficientNet_B0_Weights.IMAGENET1K_V1", "efficientnet_b0_rwightman-7f5810bc.pth", 224, 256,
+                        "bicubic"),
+    "efficientnet_b1": ("EfficientNet_B1_Weights.IMAGENET1K_V2", "efficientnet_b1-c27df63c.pth", 240, 255, "bilinear"),
+    "efficientnet_b2": ("EfficientNet_B2_Weights.IMAGENET1K_V1", "efficientnet_b2_rwightman-c35c1473.pth", 288, 288,
+                        "bicubic"),
+    "efficientnet_b3": ("EfficientNet_B3_Weights.IMAGENET1K_V1", "efficientnet_b3_rwightman-b3899882.pth", 300, 320,
+                        "bicubic"),
+    "mobilenet_v3_large": ("MobileNet_V3_Large_Weights.IMAGENET1K_V2", "mobilenet_v3_large-5c1a4163.pth", 224, 232,
+                           "bilinear"),
+    "densenet121": ("DenseNet121_Weights.IMAGENET1K_V1", "densenet121-a639ec97.pth", 224, 256, "bilinear"),
+    "convnext_tiny": ("ConvNeXt_Tiny_Weights.IMAGENET1K_V1", "convnext_tiny-983f1562.pth", 224, 236, "bilinear"),
+}
+TORCHVISION_URL = "https://download.pytorch.org/models/"
+
+
 def torchvision_weights(name: str) -> tuple[Weights, Preprocess]:
-    w = torchvision.models.get_model_weights(name).DEFAULT
-    t = w.transforms()
-    pre = Preprocess(t.crop_size[0], t.resize_size[0], t.interpolation.value, tuple(t.mean), tuple(t.std))
-    return Weights("torchvision", str(w), url=w.url, filename=w.url.rsplit("/", 1)[-1]), pre
+    ident, filename, crop, resize, interpolation = TORCHVISION_WEIGHTS[name]
+    return (Weights("torchvision", ident, url=TORCHVISION_URL + filename, filename=filename),
+            Preprocess(crop, resize, interpolation))
 
 
-def torchvision_builder(name: str) -> Callable[[], nn.Module]:
-    return lambda: torchvision.models.get_model(name, weights=None)
+def torchvision_model(name: str) -> nn.Module:
+    """A torchvision architecture without weights; torchvision is imported here, when a network is built."""
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None)
 
 
-def vgg_spec(name: str, cfg_key: str) -> BackboneSpec:
-    cfg = torchvision.models.vgg.cfgs[cfg_key]
-    blocks, taps, current, index = {}, {}, [], 0
-    for v in cfg:
-        if v == "M":
-            current.append(f"features.{index}")
-            block = f"block{len(blocks) + 1}"
-            blocks[block] = current
-            taps[block] = Tap(f"features.{index}", "gap")
-            current, index = [], index + 1
-        else:
-            current += [f"features.{index}", f"features.{index + 1}"]
-            index += 2
+def vgg_spec(name: str, convs_per_block: tuple[int, ...]) -> BackboneSpec:
+    """VGG's ``features`` is conv, ReLU pairs, then a max-pool, per block (torchvision's ``cfgs`` D and E)."""
+    blocks, taps, index = {}, {}, 0
+    for convs in convs_per_block:
+        current = [f"features.{i}" for i in range(index, index + 2 * convs + 1)]
+        index += 2 * convs + 1
+        block = f"block{len(blocks) + 1}"
+        blocks[block] = current
+        taps[block] = Tap(current[-1], "gap")
     taps["pool5"] = Tap("features", "flat")
     taps["fc6"] = Tap("classifier.1", "flat")
     taps["fc7"] = Tap("classifier.4", "flat")
     blocks["fc"] = [f"classifier.{i}" for i in range(6)]  # the dropouts too, so they follow train/eval
     weights, pre = torchvision_weights(name)
-    return BackboneSpec(name, "vgg", torchvision_builder(name), weights, pre, 4096, taps, "fc7", blocks,
+    return BackboneSpec(name, "vgg", partial(torchvision_model, name), weights, pre, 4096, taps, "fc7", blocks,
                         "classifier.6")
 
 
@@ -127,7 +155,8 @@ def resnet_spec(name: str, dim: int) -> BackboneSpec:
     taps = {n: Tap(n, "gap") for n in layers} | {"avgpool": Tap("avgpool", "flat")}
     blocks = {"stem": ["conv1", "bn1"]} | {n: [n] for n in layers}
     weights, pre = torchvision_weights(name)
-    return BackboneSpec(name, "resnet", torchvision_builder(name), weights, pre, dim, taps, "avgpool", blocks, "fc")
+    return BackboneSpec(name, "resnet", partial(torchvision_model, name), weights, pre, dim, taps, "avgpool", blocks,
+                        "fc")
 
 
 def staged_spec(name: str, family: str, dim: int, stages: list[tuple[str, list[int]]],
@@ -137,7 +166,8 @@ def staged_spec(name: str, family: str, dim: int, stages: list[tuple[str, list[i
     taps = {block: Tap(f"features.{idx[-1]}", "gap") for block, idx in stages if block != "stem"}
     taps["pool"] = default
     weights, pre = torchvision_weights(name)
-    return BackboneSpec(name, family, torchvision_builder(name), weights, pre, dim, taps, "pool", blocks, classifier)
+    return BackboneSpec(name, family, partial(torchvision_model, name), weights, pre, dim, taps, "pool", blocks,
+                        classifier)
 
 
 def efficientnet_spec(name: str, dim: int) -> BackboneSpec:
@@ -152,7 +182,7 @@ def densenet_spec(name: str, dim: int) -> BackboneSpec:
     taps = {b: Tap(mods[-1], "gap") for b, mods in blocks.items() if b != "stem"}
     taps["pool"] = Tap("classifier", "input")
     weights, pre = torchvision_weights(name)
-    return BackboneSpec(name, "densenet", torchvision_builder(name), weights, pre, dim, taps, "pool", blocks,
+    return BackboneSpec(name, "densenet", partial(torchvision_model, name), weights, pre, dim, taps, "pool", blocks,
                         "classifier")
 
 
@@ -179,7 +209,7 @@ def timm_model(name: str) -> nn.Module:
 
 
 def builtin_specs() -> dict[str, BackboneSpec]:
-    specs = [vgg_spec("vgg16", "D"), vgg_spec("vgg19", "E")]
+    specs = [vgg_spec("vgg16", (2, 2, 3, 3, 3)), vgg_spec("vgg19", (2, 2, 4, 4, 4))]
     specs += [resnet_spec(n, d) for n, d in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
                                               ("resnet101", 2048), ("resnet152", 2048)]]
     specs += [efficientnet_spec(f"efficientnet_b{i}", d) for i, d in enumerate([1280, 1280, 1408, 1536])]
@@ -227,74 +257,6 @@ def list_backbones() -> list[dict]:
     return [spec.describe() for spec in registry().values()]
 
 
-# ---------------------------------------------------------------- the runtime module
-
-class StopForward(Exception):
-    """Raised by the tap hook so the network stops once the requested features exist."""
-
-
-class Backbone(nn.Module):
-    """A pretrained network that takes uint8 NCHW images and returns features at one tap.
-
-    Normalisation lives inside, so callers feed the uint8 tensors that data loading produces and
-    the float conversion happens on the device.
-    """
-
-    def __init__(self, spec: BackboneSpec, model: nn.Module, tap: str, preprocess: Preprocess,
-                 weights_id: str, weights_sha256: str):
-        super().__init__()
-        self.spec, self.model, self.tap_name, self.preprocess = spec, model, tap, preprocess
-        self.weights_id, self.weights_sha256 = weights_id, weights_sha256
-        self.precision, self.tta = "fp32", "none"
-        self.tap = spec.taps[tap]
-        self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255, persistent=False)
-        self._captured = None
-        module = model.get_submodule(self.tap.module)
-        if self.tap.kind == "input":
-            module.register_forward_pre_hook(self._grab_input)
-        else:
-            module.register_forward_hook(self._grab_output)
-
-    def _grab_input(self, module, args):
-        self._captured = args[0]
-        raise StopForward
-
-    def _grab_output(self, module, args, output):
-        self._captured = output
-        raise StopForward
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean) / self.std
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Features at the tap; with ``tta="flip"``, the mean of the image's and its mirror's."""
-        if self.tta == "flip":
-            return (self.tap_features(images) + self.tap_features(images.flip(3))) / 2
-        return self.tap_features(images)
-
-    def tap_features(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.normalize(images) if images.dtype == torch.uint8 else images
-        try:
-            self.model(x)
-        except StopForward:
-            pass
-        out, self._captured = self._captured, None
-        if out is None:
-            raise RuntimeError(f"tap {self.tap_name} ({self.tap.module}) was never reached")
-        if self.tap.kind == "gap" and out.dim() == 4:
-            out = out.mean(dim=(2, 3))
-        return out.flatten(1)
-
-    def identity(self) -> FeatureIdentity:
-        return feature_identity(self.spec, (self.weights_id, self.weights_sha256), self.tap_name, self.preprocess,
-                                self.precision, self.tta)
-
-    def block_parameters(self, block: str) -> list[nn.Parameter]:
-        prefixes = self.spec.blocks[block]
-        return [p for n, p in self.model.named_parameters() if any(n == q or n.startswith(f"{q}.") for q in prefixes)]
-
-
 def resolve_backbone(name: str, layer: str | None = None,
                      input_size: int | None = None) -> tuple[BackboneSpec, str, Preprocess]:
     """The registry entry, tap and preprocessing that ``create_backbone`` would use, checked."""
@@ -328,6 +290,8 @@ def create_backbone(name: str, layer: str | None = None, weights: str | None = N
     image's and its mirror's features), both part of its features' identity."""
     spec, layer, preprocess = resolve_backbone(name, layer, input_size)
     check_tta(tta)
+    from .network import Backbone
+
     model = spec.build()
     weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", "none")
     net = Backbone(spec, model, layer, preprocess, weights_id, sha).eval()

@@ -1,7 +1,8 @@
 """Devices: which device runs a network, at what precision, fed by what DataLoader.
 
 Extraction, prediction and fine-tuning share this policy, so a change (a new precision, a loader
-setting) happens in one place.
+setting) happens in one place. torch is imported where it is used: on a machine without an NVIDIA driver,
+choosing the device (and so a cache's identity) needs no torch.
 """
 from __future__ import annotations
 
@@ -9,21 +10,37 @@ import contextlib
 import os
 import shutil
 import sys
-
-import torch
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING
 
 from .errors import FeatxError
 
+if TYPE_CHECKING:
+    import torch
+    from torch.utils.data import DataLoader
+
+NVIDIA_DRIVER = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg")  # Linux, and WSL2's GPU device
+
+
+def device_name(device: str = "auto") -> str:
+    """``auto``: cuda when torch sees a CUDA GPU, else cpu. On Linux without an NVIDIA driver the answer is
+    cpu without importing torch (1.4 s)."""
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise FeatxError(f"unknown device '{device}': use auto, cpu or cuda")
+    if device == "cpu" or device == "auto" and sys.platform == "linux" and not any(map(os.path.exists, NVIDIA_DRIVER)):
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise FeatxError(f"--device {device} was asked for but torch sees no CUDA GPU: use --device cpu or auto")
+    return device
+
 
 def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FeatxError(f"--device {device} was asked for but torch sees no CUDA GPU: use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise FeatxError(f"unknown device '{device}': use auto, cpu or cuda")
-    return torch.device(device)
+    import torch
+
+    return torch.device(device_name(device))
 
 
 def default_workers(device: torch.device, fast_model: bool = False) -> int:
@@ -45,7 +62,7 @@ def default_batch_size(device: torch.device) -> int:
 PREFETCH = 4  # batches each worker keeps ready
 
 
-class EpochSampler(torch.utils.data.Sampler):
+class EpochSampler:
     """A seeded permutation per epoch (``set_epoch``), as ``DistributedSampler`` does: a loader with
     persistent workers shuffles anew each epoch, and a resumed run sees the orders an uninterrupted one would.
     ``shuffle=False`` keeps the files' order."""
@@ -57,6 +74,8 @@ class EpochSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __iter__(self):
+        import torch
+
         if not self.shuffle:
             return iter(range(self.n))
         return iter(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
@@ -85,6 +104,8 @@ def make_loader(dataset, device: torch.device, batch_size: int, workers: int, co
                 sampler=None, drop_last: bool = False, persistent: bool = False, pin: bool = True) -> DataLoader:
     """The one DataLoader setup: pinned memory on CUDA (``pin=False`` for bytes nvJPEG reads), prefetching
     workers sized to /dev/shm, an optional sampler, workers kept across epochs with ``persistent``."""
+    from torch.utils.data import DataLoader
+
     prefetch = shm_prefetch(workers, batch_size * image_bytes)
     workers = workers if prefetch else 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
@@ -92,15 +113,17 @@ def make_loader(dataset, device: torch.device, batch_size: int, workers: int, co
                       prefetch_factor=prefetch if workers else None, persistent_workers=persistent and workers > 0)
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # autocast's torch dtype
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: str) -> str:
     """``auto``: fp32 on a CPU; on CUDA bf16 where the GPU supports it natively, else fp16 (also when the GPUs
-    are a Ray cluster's and this process cannot ask them)."""
+    are a Ray cluster's and this process cannot ask them). ``device`` is a name: cpu, cuda or cuda:N."""
     if precision == "auto":
-        if device.type != "cuda":
+        if not device.startswith("cuda"):
             return "fp32"
+        import torch
+
         if not torch.cuda.is_available():
             return "fp16"
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
@@ -111,17 +134,23 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def autocast(device: torch.device, precision: str):
     """Autocast to ``precision``'s dtype on ``device``; fp32 runs as it is."""
+    import torch
+
     if PRECISIONS[precision] is None:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=PRECISIONS[precision])
+    return torch.autocast(device.type, dtype=getattr(torch, PRECISIONS[precision]))
 
 
 def to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """channels_last suits both cuDNN and oneDNN convolutions (1.7x for lite0 on a 2-core CPU)."""
+    import torch
+
     return images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
 
 
 def prepare(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    import torch
+
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
     return net.to(device).eval().to(memory_format=torch.channels_last)
@@ -141,10 +170,14 @@ class HalvingForward:
         self.net, self.device, self.limit, self.notes = net, device, None, []
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         step = self.limit or len(images)
         return torch.cat([self.fit(images[i:i + step]) for i in range(0, len(images), step)])
 
     def fit(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         try:
             return forward(self.net, images, self.device)
         except torch.OutOfMemoryError:
@@ -161,6 +194,8 @@ class HalvingForward:
 def overlapped(batches, device: torch.device):
     """Batches of (indices, images, failures) with images on ``device``. On CUDA each batch's copy runs on
     a side stream while the previous batch computes; elsewhere this is a plain move."""
+    import torch
+
     if device.type != "cuda":
         yield from ((i, x.to(device) if x is not None else None, f) for i, x, f in batches)
         return

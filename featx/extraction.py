@@ -4,7 +4,8 @@ Images are decoded in DataLoader workers straight to uint8 tensors (JPEG draft m
 copies on the CPU), or, with ``decode="device"``, the workers only read JPEG bytes and the device
 decodes them in batches (``images.py``). Normalisation, autocast and channels_last happen on the
 device (``devices.py``). Both decoders give the same features to within JPEG-decoder noise (cosine
->= 0.9999 on hymenoptera), so they share one cache.
+>= 0.9999 on hymenoptera), so they share one cache. torch is imported only when some image needs
+computing: re-running an up-to-date extraction reads the index and returns.
 """
 from __future__ import annotations
 
@@ -15,29 +16,35 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from . import __version__, workspace
 from . import data as data_mod
-from .backbones import Backbone, Preprocess, create_backbone, feature_identity, resolve_backbone
-from .devices import (HalvingForward, default_batch_size, default_workers, make_loader, overlapped, resolve_device,
-                      resolve_precision)
+from .backbones import Preprocess, create_backbone, feature_identity, resolve_backbone
+from .devices import device_name, resolve_precision
 from .errors import FeatxError
 from .identity import FeatureIdentity
-from .images import IO_ERROR, EncodedFiles, ImageFiles, check_decode, collate, collate_encoded, decode_batches
-from .ray_engine import ray_features, require
-from .runtimes import embedding, onnx_model, resolve_runtime
+from .runtimes import resolve_runtime
 from .store import FeatureStore, Rows, cache_path
 from .weights import weights_identity
 
+if TYPE_CHECKING:
+    import torch
+
+    from .network import Backbone
+
 ENGINES = ("local", "ray")
+DECODERS = ("pil", "device")
 
 
-def iter_features(net: Backbone, files: list, device: torch.device, batch_size: int | None = None,
+def check_decode(decode: str) -> None:
+    if decode not in DECODERS:
+        raise FeatxError(f"--decode {decode} is not supported: use one of {', '.join(DECODERS)}")
+
+
+def iter_features(net: Backbone, files: list, device: torch.device | str, batch_size: int | None = None,
                   workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil",
                   run: RunInfo | None = None, runtime: str = "torch", cache_dir: str | os.PathLike = "cache"):
     """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)].
@@ -48,7 +55,15 @@ def iter_features(net: Backbone, files: list, device: torch.device, batch_size: 
     ``cache_dir``. ``run``, when given, receives the runtime that really ran (a network that does not export
     stays on torch) and notes such as running out of device memory, which halves the batch.
     """
+    import torch
+    from tqdm import tqdm
+
+    from .devices import HalvingForward, default_batch_size, default_workers, make_loader, overlapped
+    from .images import EncodedFiles, ImageFiles, collate, collate_encoded, decode_batches
+    from .runtimes import embedding, onnx_model
+
     check_decode(decode)
+    device = torch.device(device)
     workers = default_workers(device, runtime == "onnxruntime") if workers is None else workers
     on_device = decode == "device"
     size = net.preprocess.input_size
@@ -118,7 +133,7 @@ def plan(backbone: str | Backbone, layer: str | None, weights: str | None, input
          precision: str, tta: str = "none") -> Plan:
     """``backbone`` is a registry name or an already built ``Backbone`` (then ``layer``, ``weights``,
     ``input_size`` and ``precision`` are its own). For a name, the weights are hashed but no network is built."""
-    if isinstance(backbone, Backbone):
+    if not isinstance(backbone, str):
         return Plan(backbone.spec, backbone.tap_name, backbone.preprocess, backbone.identity(), lambda: backbone)
     spec, layer, preprocess = resolve_backbone(backbone, layer, input_size)
     build = partial(create_backbone, backbone, layer, weights, input_size=input_size, precision=precision, tta=tta)
@@ -156,6 +171,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     if engine not in ENGINES:
         raise FeatxError(f"--engine {engine} is not supported: use {' or '.join(ENGINES)}")
     if engine == "ray":
+        from .ray_engine import require
+
         require(address)  # a missing Ray or an unreachable cluster is said before any work
     if verify not in data_mod.VERIFY:
         raise FeatxError(f"--verify {verify} is not supported: use {' or '.join(data_mod.VERIFY)}")
@@ -164,7 +181,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     check_decode(decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
-    dev = torch.device("cuda" if gpus_per_actor else "cpu") if engine == "ray" else resolve_device(device)
+    dev = ("cuda" if gpus_per_actor else "cpu") if engine == "ray" else device_name(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev), tta)
     runtime = resolve_runtime(runtime, dev, p.identity.precision)
     path = cache_path(cache_dir, ds.name, ds.root, p.identity, dtype)
@@ -178,6 +195,9 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
             store.check_writable(len(todo))
             files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{p.layer}"
             if engine == "ray":
+                from .ray_engine import ray_features
+                from .runtimes import onnx_model
+
                 net = p.build()
                 onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
                 run.runtime = "onnxruntime" if onnx else "torch"
@@ -189,10 +209,10 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
             unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
         speed = len(todo) / compute_seconds if todo and compute_seconds else index.main_meta.get("img_per_s")
-        index, order, skipped, dropped = finish(store, ds, {**cache_attrs(p.identity, p.preprocess, ds),
-                                                            "runtime": run.runtime,
-                                                            **({"img_per_s": float(speed)} if speed else {})})
-    if not isinstance(backbone, Backbone):  # evaluate extracts with a model's own backbone: not a user's choice
+        index, order, skipped, dropped = finish(store, ds, lambda: {
+            **cache_attrs(p.identity, p.preprocess, ds), "runtime": run.runtime,
+            **({"img_per_s": float(speed)} if speed else {})})
+    if isinstance(backbone, str):  # evaluate extracts with a model's own backbone: not a user's choice
         workspace.record(cache_dir, "extract", {
             "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": p.layer,
             "input_size": input_size, "precision": p.identity.precision, "tta": p.identity.tta,
@@ -202,7 +222,7 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
         path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped or f in unreadable),
         skipped=len(skipped) + len(unreadable) + len(ds.broken), dropped=dropped, unreadable=len(unreadable),
         img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
-        seconds=round(seconds, 3), device=str(dev), backbone=p.spec.name, layer=p.layer,
+        seconds=round(seconds, 3), device=dev, backbone=p.spec.name, layer=p.layer,
         feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime, engine=engine,
         skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
         + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()]
@@ -214,6 +234,8 @@ def write_batches(store: FeatureStore, batches, todo: list, fingerprints: dict, 
     """Write computed rows and undecodable files into part files, every ``checkpoint_rows`` rows or
     seconds. Files that could not be *read* (I/O errors) are not cached: they are returned, and tried
     again on the next run."""
+    from .images import IO_ERROR
+
     rows, last_flush, unreadable = Rows(), time.monotonic(), {}
     for indices, feats, failures in batches:
         for i, row in zip(indices, feats):
@@ -231,9 +253,9 @@ def write_batches(store: FeatureStore, batches, todo: list, fingerprints: dict, 
     return unreadable
 
 
-def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: dict):
-    """Merge parts into the main file in dataset order, unless it already holds exactly that.
-    Returns (index, ordered paths, skipped {path: (fingerprint, reason)}, rows dropped)."""
+def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: Callable[[], dict]):
+    """Merge parts into the main file in dataset order (with the attributes ``attrs()`` gives), unless it
+    already holds exactly that. Returns (index, ordered paths, skipped {path: (fingerprint, reason)}, rows dropped)."""
     index = store.index()
     order = [f for f in ds.paths if f in index.rows]
     skipped = {f: index.skipped[f] for f in ds.paths if f in index.skipped}
@@ -247,11 +269,13 @@ def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: dict):
                  and main.get("skipped") == sorted(skipped))
     if not unchanged:
         store.check_writable(0)
-        store.consolidate(order, labels, splits, skipped, attrs)
+        store.consolidate(order, labels, splits, skipped, attrs())
     return index, order, skipped, dropped
 
 
 def cache_attrs(identity: FeatureIdentity, preprocess: Preprocess, ds: data_mod.Dataset) -> dict:
+    import torch
+
     return {**identity.as_dict(), "preprocess": json.dumps(preprocess.__dict__), "dataset": ds.name,
             "dataset_root": str(ds.root), "split_source": ds.split_source, "classes": json.dumps(ds.classes),
             "featx_version": __version__, "torch_version": str(torch.__version__)}

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from . import data as data_mod
 from . import report, workspace
-from .backbones import Backbone, create_backbone
+from .backbones import create_backbone
+from .network import Backbone
 from .devices import (EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
                       resolve_precision)
 from .errors import FeatxError
@@ -233,7 +234,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
     net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
                             input_size=given["input_size"],
-                            precision=resolve_precision(given["precision"] or "auto", dev))
+                            precision=resolve_precision(given["precision"] or "auto", str(dev)))
     head = None if from_scratch else choose_head(head, net_b, ds, cache_dir)
     blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
     out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")

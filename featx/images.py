@@ -16,18 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from .errors import FeatxError
 
-DECODERS = ("pil", "device")
 EXIF_ORIENTATION = 0x0112
 IO_ERROR = "I/O "  # reasons that start so came from the file system, not the file's content: worth retrying
 READ_ATTEMPTS = 3
 DECODE_PIXELS = 64 * 2 ** 20  # decoded at once on the device: 64 MP is ~192 MB as uint8, ~0.8 GB as float
-
-
-def check_decode(decode: str) -> None:
-    if decode not in DECODERS:
-        raise FeatxError(f"--decode {decode} is not supported: use one of {', '.join(DECODERS)}")
 
 
 def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:

@@ -11,7 +11,8 @@ import torch
 
 from . import data as data_mod
 from . import report, store, workspace
-from .backbones import Backbone, Preprocess, create_backbone
+from .backbones import Preprocess, create_backbone
+from .network import Backbone
 from .devices import resolve_device
 from .errors import FeatxError
 from .extraction import extract, iter_features
@@ -41,7 +42,7 @@ class Predictor:
         """(probabilities, failures) for image files; failures are (index, reason)."""
         dev = resolve_device(device)
         rows, failures = [None] * len(files), []
-        runtime = resolve_runtime(runtime, dev, self.backbone.precision)
+        runtime = resolve_runtime(runtime, str(dev), self.backbone.precision)
         for indices, feats, failed in iter_features(self.backbone, files, dev, batch_size, workers, progress=False,
                                                     runtime=runtime, cache_dir=cache_dir):
             failures += failed

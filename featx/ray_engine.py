@@ -161,7 +161,7 @@ def cluster_actors(ray, gpus_per_actor: float) -> int:
     return max(1, int(resources.get("CPU", 1)) // 2)
 
 
-def ray_features(net, files: list, device: torch.device, batch_size: int | None = None, decode: str = "pil",
+def ray_features(net, files: list, device: torch.device | str, batch_size: int | None = None, decode: str = "pil",
                  onnx: bytes | None = None, address: str | None = None, actors: int | None = None,
                  gpus_per_actor: float = 0, threads_per_actor: int = 2, progress: bool = True, desc: str = "extract",
                  run=None):
@@ -177,7 +177,7 @@ def ray_features(net, files: list, device: torch.device, batch_size: int | None 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     actors = actors or cluster_actors(ray, gpus_per_actor)
-    batch_size = batch_size or max(64, default_batch_size(device))  # per-task overhead: lite0 on 2 cores, 87 img/s
+    batch_size = batch_size or max(64, default_batch_size(torch.device(device)))  # per-task overhead: lite0 on 2 cores, 87 img/s
     # at 64 against 71 at 32 (BENCHMARKS.md)
     items = [{"index": i, "path": str(f)} for i, f in enumerate(files)]
     blocks = max(1, min(len(items), max(4 * actors, math.ceil(len(items) / batch_size))))

@@ -13,26 +13,29 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .errors import FeatxError
 from .devices import HalvingForward, prepare
 from .files import atomic_write
+
+if TYPE_CHECKING:
+    import torch
 
 RUNTIMES = ("auto", "torch", "onnxruntime")
 OPSET = 17
 AGREEMENT = 0.9999  # cosine per row between ONNX Runtime and torch, checked on export
 
 
-def resolve_runtime(runtime: str, device: torch.device, precision: str) -> str:
-    """``auto``: ONNX Runtime on a CPU at fp32 (when installed), torch otherwise."""
+def resolve_runtime(runtime: str, device: str, precision: str) -> str:
+    """``auto``: ONNX Runtime on a CPU at fp32 (when installed), torch otherwise. ``device`` is a name."""
     if runtime not in RUNTIMES:
         raise FeatxError(f"--runtime {runtime} is not supported: use {', '.join(RUNTIMES)}")
     if runtime == "torch":
         return "torch"
-    usable = device.type == "cpu" and precision == "fp32"
+    usable = device == "cpu" and precision == "fp32"
     if runtime == "onnxruntime" and not usable:
         raise FeatxError("--runtime onnxruntime runs fp32 on the CPU: use --device cpu --precision fp32, "
                          "or --runtime torch")
@@ -58,10 +61,14 @@ class OnnxForward:
         self.notes: list = []
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
         return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
 
 
 def onnx_path(cache_dir: str | os.PathLike, net) -> Path:
+    import torch
+
     identity = net.identity()
     digest = identity.digest(opset=OPSET, torch=torch.__version__)
     return Path(cache_dir) / "onnx" / f"{identity.backbone.replace(':', '-')}__{identity.layer}__{digest}.onnx"
@@ -96,6 +103,8 @@ def embedding(net, device: torch.device, onnx: Path | bytes | None = None, threa
 
 
 def export(net, path: Path) -> None:
+    import torch
+
     size = net.preprocess.input_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
     with warnings.catch_warnings():  # the TorchScript exporter warns that it is the legacy one
@@ -107,6 +116,8 @@ def export(net, path: Path) -> None:
 
 def check(net, onnx: OnnxForward) -> float:
     """The lowest per-row cosine between the two runtimes on a seeded batch of random images."""
+    import torch
+
     size = net.preprocess.input_size
     images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

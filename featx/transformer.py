@@ -37,7 +37,7 @@ class FeatureExtractor(TransformerMixin, BaseEstimator):
         self.backbone_ = create_backbone(self.backbone, self.layer, self.weights, pretrained=self.pretrained,
                                          input_size=self.input_size)
         self.device_ = resolve_device(self.device)
-        self.runtime_ = resolve_runtime(self.runtime, self.device_, self.backbone_.precision)
+        self.runtime_ = resolve_runtime(self.runtime, str(self.device_), self.backbone_.precision)
         size = self.backbone_.preprocess.input_size
         with torch.inference_mode():  # one blank image tells the width of any tap
             self.n_features_out_ = int(self.backbone_(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1])

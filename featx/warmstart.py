@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import workspace
-from .backbones import Backbone
+from .network import Backbone
 from .errors import FeatxError
 from .heads import LinearHead, MLPHead, mlp_arrays
 from .modelfile import ModelFile

