@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
+
 from .errors import FeatxError
 from .identity import FeatureIdentity
 from .weights import Weights, load_pretrained
@@ -53,6 +55,24 @@ class Preprocess:
             T.CenterCrop(self.input_size),
             T.PILToTensor(),
         ])
+
+    def pil_array(self, img) -> np.ndarray:
+        """``transform()`` of a PIL RGB image, to the same uint8 CHW pixels, as a numpy array: Pillow's
+        resize with torchvision's output size and crop anchor, without importing torch."""
+        from PIL import Image
+
+        w, h = img.size
+        short, long = min(w, h), max(w, h)
+        size = (self.resize_size, int(self.resize_size * long / short))
+        size = size if w <= h else size[::-1]
+        if size != (w, h):
+            img = img.resize(size, getattr(Image.Resampling, self.interpolation.upper()))
+        pixels = np.asarray(img)
+        crop = self.input_size
+        pad = [(max(crop - n, 0) // 2, (max(crop - n, 0) + 1) // 2) for n in pixels.shape[:2]]
+        pixels = np.pad(pixels, pad + [(0, 0)])  # zeros where the image is smaller than the crop
+        top, left = (int(round((n - crop) / 2.0)) for n in pixels.shape[:2])
+        return np.ascontiguousarray(pixels[top:top + crop, left:left + crop].transpose(2, 0, 1))
 
     def key(self) -> str:
         return (f"{self.resize_size}-{self.input_size}-{self.interpolation}-"

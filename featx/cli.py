@@ -29,7 +29,7 @@ def data_options(required: bool = True):
         f = click.option("--data-root", type=click.Path(file_okay=False),
                          help="Folder holding registered datasets (default: $FEATX_DATA, else a per-user folder).")(f)
         default = "" if required else "; default: the last extract's"
-        return click.option("--data", required=required, default=None, help="Dataset folder, or a registered name "
+        return click.option("--data", required=required, help="Dataset folder, or a registered name "
                             f"(see 'featx datasets'){default}.")(f)
     return add
 

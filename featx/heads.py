@@ -6,12 +6,15 @@ selection cannot leak: preprocessing is fitted inside each cross-validation fold
 objectives with full-batch L-BFGS in torch, warm-started along the C path; kNN scores every k
 from one similarity matrix per fold.
 After fitting, a head keeps only plain arrays (``arrays()``) and predicts from them, so the saved
-model is exactly the evaluated one and loading it executes no code.
+model is exactly the evaluated one and loading it executes no code. Predicting needs numpy only (torch
+is imported by the fits), so ``featx predict`` starts without torch.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 
 from sklearn.utils.multiclass import check_classification_targets
@@ -21,6 +24,9 @@ from .devices import resolve_device
 from .errors import FeatxError
 from .selection import Folds, best_index, fit_sigmoid, fit_temperature, holdout, log_loss_of, make_folds, tied
 from .solvers import balanced_weights, fit_linear, nearest_labels, normalise, scaling, softmax, standardise, vote
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
@@ -94,6 +100,8 @@ class LinearHead(Head):
         return self.loss
 
     def fit(self, X, y):
+        import torch
+
         if self.loss not in ("logreg", "svm"):
             raise FeatxError(f"unknown linear loss '{self.loss}': use logreg or svm")
         X, codes = self._fit_data(X, y)
@@ -120,6 +128,8 @@ class LinearHead(Head):
 
     def _path(self, X, codes, Cs, folds: Folds):
         """Held-out accuracy, loss and decisions for each C, most to least regularised, warm-started."""
+        import torch
+
         splits = []
         for train, test in folds.pairs:  # each fold standardised on its own train part
             _, _, Xtr, Xte = standardise(X[train], X[test])
@@ -236,14 +246,12 @@ class KNNHead(Head):
         return {"train": self.train_, "train_labels": self.train_labels_, "k": self.k_}
 
 
-class MLP(torch.nn.Module):
-    def __init__(self, dim: int, hidden: int, classes: int, dropout: float):
-        super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Dropout(dropout / 2), torch.nn.Linear(dim, hidden), torch.nn.ReLU(),
-                                       torch.nn.Dropout(dropout), torch.nn.Linear(hidden, classes))
+def mlp_module(dim: int, hidden: int, classes: int, dropout: float) -> torch.nn.Module:
+    """The MLP head as a torch module (its tensors named ``net.1.weight`` ..., as model files store them)."""
+    from torch import nn
 
-    def forward(self, x):
-        return self.net(x)
+    return nn.Sequential(OrderedDict(net=nn.Sequential(nn.Dropout(dropout / 2), nn.Linear(dim, hidden), nn.ReLU(),
+                                                       nn.Dropout(dropout), nn.Linear(hidden, classes))))
 
 
 def mlp_arrays(mean: np.ndarray, scale: np.ndarray, state: dict) -> dict:
@@ -268,6 +276,8 @@ class MLPHead(Head):
         self.cv, self.device, self.random_state, self.class_weight = cv, device, random_state, class_weight
 
     def fit(self, X, y):
+        import torch
+
         X, codes = self._fit_data(X, y)
         device = resolve_device(self.device)
         torch.manual_seed(self.random_state)
@@ -276,7 +286,7 @@ class MLPHead(Head):
         self.mean_, self.scale_ = scaling(X[tr])
         Xs = torch.as_tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=device)
         ys = torch.as_tensor(codes, device=device)
-        net = MLP(X.shape[1], self.hidden, len(self.classes_), self.dropout).to(device)
+        net = mlp_module(X.shape[1], self.hidden, len(self.classes_), self.dropout).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         weights = class_weights(self.class_weight, codes[tr], list(self.classes_), per_class=True)
         loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.float().to(device))
@@ -311,14 +321,22 @@ class MLPHead(Head):
         arrays = dict(arrays)
         self.mean_, self.scale_ = arrays.pop("mean"), arrays.pop("scale")
         self.state_ = {k: np.asarray(v) for k, v in arrays.items()}
-        dim, hidden = self.state_["net__1__weight"].shape[1], self.state_["net__1__weight"].shape[0]
-        self.net_ = MLP(dim, hidden, self.state_["net__4__weight"].shape[0], self.dropout).eval()
-        self.net_.load_state_dict({k.replace("__", "."): torch.as_tensor(v) for k, v in self.state_.items()})
+
+    def module(self) -> torch.nn.Module:
+        """The fitted MLP as a torch module in eval mode (to warm-start fine-tuning)."""
+        import torch
+
+        (hidden, dim), classes = self.state_["net__1__weight"].shape, self.state_["net__4__weight"].shape[0]
+        net = mlp_module(dim, hidden, classes, self.dropout).eval()
+        net.load_state_dict({k.replace("__", "."): torch.as_tensor(v) for k, v in self.state_.items()})
+        return net
 
     def predict_proba(self, X) -> np.ndarray:
-        x = torch.as_tensor((self._data(X) - self.mean_) / self.scale_, dtype=torch.float32)
-        with torch.no_grad():
-            return torch.softmax(self.net_(x), 1).numpy().astype(np.float64)
+        """The eval-mode forward pass (dropout off) in float32, as torch computed it in training."""
+        x = ((self._data(X) - self.mean_) / self.scale_).astype(np.float32)  # checks fitting and input first
+        s = {k: v.astype(np.float32) for k, v in self.state_.items()}
+        hidden = np.maximum(x @ s["net__1__weight"].T + s["net__1__bias"], 0)
+        return softmax((hidden @ s["net__4__weight"].T + s["net__4__bias"]).astype(np.float64))
 
     def arrays(self) -> dict:
         return {"mean": self.mean_, "scale": self.scale_, **self.state_}
@@ -335,6 +353,8 @@ def class_weights(class_weight, codes: np.ndarray, classes, per_class: bool = Fa
         weights = balanced_weights(codes, len(classes))
     else:
         raise FeatxError(f"--class-weight {class_weight} is not supported: use balanced, or leave it out")
+    import torch
+
     return torch.as_tensor(weights if per_class else weights[codes])
 
 

@@ -3,7 +3,7 @@
 Files are judged by content, not extension. A file that cannot be decoded becomes a skip with its
 reason, never a crash. ``decode="device"`` has loader workers read plain JPEG bytes only; the device
 (nvjpeg on CUDA) decodes them in batches, and anything it refuses goes through Pillow, so every file
-ends the same way with either decoder.
+ends the same way with either decoder. torch is imported by the functions that make tensors.
 """
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
+
+if TYPE_CHECKING:
+    import torch
 
 
 EXIF_ORIENTATION = 0x0112
@@ -53,8 +56,9 @@ def failure_reason(exc: Exception) -> str:
     return IO_ERROR + text if isinstance(exc, OSError) and exc.errno is not None else text
 
 
-class ImageFiles(torch.utils.data.Dataset):
-    """Decodes files to uint8 tensors; a file that fails becomes a skip with its reason, never a crash."""
+class ImageFiles:
+    """A map-style dataset (for a DataLoader, or indexed directly) that decodes files with ``transform``
+    (to uint8 CHW tensors or arrays); a file that fails becomes a skip with its reason, never a crash."""
 
     def __init__(self, files: list, transform, draft_size: int):
         self.files, self.transform, self.draft_size = files, transform, draft_size
@@ -111,6 +115,8 @@ class EncodedBatch:
 
 def collate(batch):
     """(indices, stacked uint8 images or None, failures) from ``ImageFiles`` items."""
+    import torch
+
     ok = [b for b in batch if b[1] is not None]
     images = torch.stack([b[1] for b in ok]) if ok else None
     return [b[0] for b in ok], images, [(b[0], b[2]) for b in batch if b[1] is None]
@@ -118,6 +124,8 @@ def collate(batch):
 
 def collate_encoded(batch):
     """(indices, ``EncodedBatch``, failures) from ``EncodedFiles`` items."""
+    import torch
+
     ok = [b for b in batch if b[1] is not None]
     spans, decoded, chunks, offset = {}, {}, [], 0
     for position, (_, item, _) in enumerate(ok):
@@ -150,6 +158,8 @@ def decode_on_device(indices: list, batch: EncodedBatch, dataset: EncodedFiles, 
     resized and cropped there before the next is decoded, so full-resolution photos never pile up in
     device memory. Files the device decoder refuses are decoded by Pillow, so the outcome per file is
     the same as on the CPU path."""
+    import torch
+
     images, failures = dict(batch.decoded), []
     for group in pixel_groups(batch.spans, max_pixels):
         views = [batch.buffer[start:start + length] for start, length, _ in (batch.spans[p] for p in group)]
@@ -173,6 +183,7 @@ def decode_batches(loader, dataset: EncodedFiles, device: torch.device):
 
 def decode_jpegs(encoded: list, device: torch.device) -> list:
     """Decode in one batch; if the batch fails, file by file, with None for each file refused."""
+    import torch
     import torchvision
 
     if not encoded:

@@ -1,33 +1,67 @@
 """Prediction: load a model file with the backbone that makes its features, and use it on images
-(``predict``) or on a split of a dataset with the full report (``evaluate``)."""
+(``predict``) or on a split of a dataset with the full report (``evaluate``).
+
+On a CPU, a model whose backbone was already exported to ONNX (``cache/onnx``, by any extraction or
+prediction with the same feature identity) predicts from that export with Pillow and numpy: no torch,
+so ``featx predict`` answers in about a second.
+"""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from . import data as data_mod
-from . import report, store, workspace
+from . import workspace
 from .backbones import Preprocess, create_backbone
-from .network import Backbone
-from .devices import resolve_device
+from .devices import device_name
 from .errors import FeatxError
-from .extraction import extract, iter_features
 from .heads import Head, proba_over
+from .images import ImageFiles
 from .modelfile import ModelFile
-from .runtimes import resolve_runtime
+from .runtimes import OnnxForward, onnx_path, resolve_runtime
+
+if TYPE_CHECKING:
+    from .network import Backbone
 
 
 @dataclass
 class Predictor:
-    """A loaded model: the backbone that makes its features, and the head on top."""
+    """A loaded model: the head, and the backbone that makes its features (built when first needed)."""
 
-    backbone: Backbone
     head: Head
     model: ModelFile
+    weights: str | None = None  # a --weights FILE the backbone's features must come from
+
+    @cached_property
+    def backbone(self) -> Backbone:
+        """The torch backbone, checked to make the features the head was fitted on."""
+        import torch
+
+        identity, model = self.model.identity, self.model
+        if model.kind == "finetuned":
+            net = create_backbone(identity.backbone, identity.layer, pretrained=False)
+            shapes = {k: v.shape for k, v in net.model.state_dict().items()}  # safetensors stores 0-d as 1-d
+            net.model.load_state_dict({k: torch.as_tensor(v).reshape(shapes[k])
+                                       for k, v in model.backbone_state.items()})
+            net.weights_id, net.weights_sha256 = identity.weights, identity.weights_sha256
+        else:
+            net = create_backbone(identity.backbone, identity.layer, self.weights or model.weights_file)
+        net.precision, net.tta = identity.precision, identity.tta
+        net.preprocess = self.preprocess
+        diff = identity.differences(net.identity())
+        if diff:
+            raise FeatxError(f"{model.path} was fitted on {identity.backbone} features whose {', '.join(diff)} "
+                             f"differ from the backbone here: pass the same --weights FILE it was fitted with")
+        return net
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.model.preprocess.items()})
 
     @property
     def classes(self) -> list:
@@ -40,11 +74,18 @@ class Predictor:
     def proba(self, files: list, device: str = "auto", batch_size: int | None = None, workers: int | None = 0,
               runtime: str = "auto", cache_dir: str | os.PathLike = "cache"):
         """(probabilities, failures) for image files; failures are (index, reason)."""
-        dev = resolve_device(device)
+        from .extraction import iter_features
+
+        dev = device_name(device)
         rows, failures = [None] * len(files), []
-        runtime = resolve_runtime(runtime, str(dev), self.backbone.precision)
-        for indices, feats, failed in iter_features(self.backbone, files, dev, batch_size, workers, progress=False,
-                                                    runtime=runtime, cache_dir=cache_dir):
+        runtime = resolve_runtime(runtime, dev, self.model.identity.precision)
+        export = onnx_path(cache_dir, self.model.identity) if runtime == "onnxruntime" else None
+        if export and export.is_file() and self.weights is None:
+            batches = self.exported_features(export, files, batch_size or 32)
+        else:
+            batches = iter_features(self.backbone, files, dev, batch_size, workers, progress=False, runtime=runtime,
+                                    cache_dir=cache_dir)
+        for indices, feats, failed in batches:
             failures += failed
             for i, row in zip(indices, feats):
                 rows[i] = row
@@ -54,24 +95,26 @@ class Predictor:
             proba[ok] = proba_over(self.head, np.stack([rows[i] for i in ok]), len(self.classes))
         return proba, failures
 
+    def exported_features(self, export: Path, files: list, batch_size: int):
+        """(indices, features, failures) per batch from the backbone's ONNX export, decoded by Pillow to
+        the same pixels as the torch path (``Preprocess.pil_array``)."""
+        pre = self.preprocess
+        images, forward = ImageFiles(files, pre.pil_array, pre.resize_size), OnnxForward(export)
+        for start in range(0, len(files), batch_size):
+            items = [images[i] for i in range(start, min(start + batch_size, len(files)))]
+            ok = [(i, x) for i, x, _ in items if x is not None]
+            feats = forward.run(np.stack([x for _, x in ok])) if ok else np.zeros((0, 0), np.float32)
+            yield [i for i, _ in ok], feats, [(i, reason) for i, x, reason in items if x is None]
+
 
 def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predictor:
+    """The model file's head, with its backbone made on first use (``Predictor.backbone``); with a
+    ``weights`` FILE, at once, so weights other than the model's are refused here."""
     model = ModelFile.load(path)
-    identity = model.identity
-    if model.kind == "finetuned":
-        net = create_backbone(identity.backbone, identity.layer, pretrained=False)
-        shapes = {k: v.shape for k, v in net.model.state_dict().items()}  # safetensors stores 0-d as 1-d
-        net.model.load_state_dict({k: torch.as_tensor(v).reshape(shapes[k]) for k, v in model.backbone_state.items()})
-        net.weights_id, net.weights_sha256 = identity.weights, identity.weights_sha256
-    else:
-        net = create_backbone(identity.backbone, identity.layer, weights or model.weights_file)
-    net.precision, net.tta = identity.precision, identity.tta
-    net.preprocess = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in model.preprocess.items()})
-    diff = identity.differences(net.identity())
-    if diff:
-        raise FeatxError(f"{path} was fitted on {identity.backbone} features whose {', '.join(diff)} differ from "
-                         f"the backbone here: pass the same --weights FILE it was fitted with")
-    return Predictor(net, model.head(), model)
+    predictor = Predictor(model.head(), model, weights)
+    if weights:
+        predictor.backbone
+    return predictor
 
 
 def image_files(inputs: list) -> list[Path]:
@@ -106,6 +149,8 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
         results.append({"path": str(f), "label": predictor.classes[order[0]], "probability": float(proba[i, order[0]]),
                         "top_k": [{"label": predictor.classes[j], "probability": float(proba[i, j])} for j in order]})
     if plot:
+        from . import report
+
         ok = [r for r in results if "label" in r]
         report.plot_image_grid([r["path"] for r in ok], [f"{r['label']} ({r['probability']:.3f})" for r in ok],
                                Path(plot))
@@ -117,6 +162,9 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
              weights: str | None = None, runtime: str = "auto", progress: bool = True) -> dict:
     """Metrics, confusion matrix and top losses of a model on one split of a dataset (features cached);
     ``data`` left out is the last extraction's in ``cache_dir``."""
+    from . import report, store
+    from .extraction import extract
+
     data = workspace.fill(cache_dir, "evaluate", data=data)["data"]
     predictor = load_predictor(model, weights)
     unknown = sorted(set(data_mod.load(data, data_root).classes) - set(predictor.classes))

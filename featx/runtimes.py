@@ -8,6 +8,7 @@ identity: both runtimes share one cache.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 from .errors import FeatxError
 from .devices import HalvingForward, prepare
 from .files import atomic_write
+from .identity import FeatureIdentity
 
 if TYPE_CHECKING:
     import torch
@@ -63,21 +65,23 @@ class OnnxForward:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         import torch
 
-        return torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+        return torch.from_numpy(self.run(images.numpy()))
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": images})[0]
 
 
-def onnx_path(cache_dir: str | os.PathLike, net) -> Path:
-    import torch
-
-    identity = net.identity()
-    digest = identity.digest(opset=OPSET, torch=torch.__version__)
+def onnx_path(cache_dir: str | os.PathLike, identity: FeatureIdentity) -> Path:
+    """Where the export of a feature identity lives (it also depends on the opset and the exporting torch,
+    whose version is read from its metadata, so finding an export needs no torch)."""
+    digest = identity.digest(opset=OPSET, torch=importlib.metadata.version("torch"))
     return Path(cache_dir) / "onnx" / f"{identity.backbone.replace(':', '-')}__{identity.layer}__{digest}.onnx"
 
 
 def onnx_model(net, cache_dir: str | os.PathLike) -> Path | None:
     """The exported network's file, exporting and checking it first if needed; None (after one line on
     stderr) when this architecture or tap does not export, or disagrees with torch: the caller stays on torch."""
-    path = onnx_path(cache_dir, net)
+    path = onnx_path(cache_dir, net.identity())
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,16 @@
 """Solvers: the numerical kernels under the heads. Full-batch L-BFGS for scikit-learn's linear objectives
 in torch (several times faster than liblinear/lbfgs on wide features), standardisation, and cosine
-k-nearest-neighbour voting in memory-bounded chunks."""
+k-nearest-neighbour voting in memory-bounded chunks. torch is imported by the functions that fit, so
+predicting with a fitted head needs only numpy."""
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -13,21 +19,26 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-class Affine(torch.autograd.Function):
-    """X @ W + b whose weight gradient is computed as (G^T X)^T: BLAS is several times faster at
-    that than at the transposed product autograd would use for tall, skinny problems."""
+@lru_cache(maxsize=1)
+def affine():
+    """``Affine.apply``: X @ W + b whose weight gradient is computed as (G^T X)^T: BLAS is several times
+    faster at that than at the transposed product autograd would use for tall, skinny problems."""
+    import torch
 
-    @staticmethod
-    def forward(ctx, X, W, b):
-        ctx.save_for_backward(X)
-        k = W.shape[1]
-        padded = torch.nn.functional.pad(W, (0, -k % 16))  # 16 columns: measured ~2x faster than 10 on AVX2
-        return torch.addmm(torch.nn.functional.pad(b, (0, -k % 16)), X, padded)[:, :k]
+    class Affine(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, X, W, b):
+            ctx.save_for_backward(X)
+            k = W.shape[1]
+            padded = torch.nn.functional.pad(W, (0, -k % 16))  # 16 columns: measured ~2x faster than 10 on AVX2
+            return torch.addmm(torch.nn.functional.pad(b, (0, -k % 16)), X, padded)[:, :k]
 
-    @staticmethod
-    def backward(ctx, grad):
-        (X,) = ctx.saved_tensors
-        return None, (grad.t() @ X).t(), grad.sum(0)
+        @staticmethod
+        def backward(ctx, grad):
+            (X,) = ctx.saved_tensors
+            return None, (grad.t() @ X).t(), grad.sum(0)
+
+    return Affine.apply
 
 
 def balanced_weights(codes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -44,6 +55,8 @@ def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, l
     squared hinge (LinearSVC's default loss). ``weights`` scale each row's loss (``class_weight``).
     Warm-started from ``init`` along a C path.
     Returns (W, b, iterations); fewer iterations than ``max_iter`` means L-BFGS met its tolerance."""
+    import torch
+
     n, d = X.shape
     weights = torch.ones(n, dtype=X.dtype) if weights is None else weights.to(X.dtype)
     k = 1 if (loss == "svm" and n_classes == 2) else n_classes
@@ -59,7 +72,7 @@ def fit_linear(X: torch.Tensor, codes: torch.Tensor, n_classes: int, C: float, l
 
     def closure():
         opt.zero_grad()
-        z = Affine.apply(X, W, b)
+        z = affine()(X, W, b)
         per_row = torch.nn.functional.cross_entropy(z, codes, reduction="none") if loss == "logreg" else \
             torch.clamp(1 - signs * z, min=0).pow(2).sum(1)
         data = (weights * per_row).mean()
@@ -80,6 +93,8 @@ def scaling(X_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def standardise(X_fit: np.ndarray, *others: np.ndarray) -> tuple:
+    import torch
+
     mean, scale = scaling(X_fit)
     return (mean, scale, *(torch.as_tensor((x - mean) / scale, dtype=torch.float32) for x in (X_fit, *others)))
 

@@ -59,7 +59,7 @@ def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
         raise FeatxError(f"{path} knows classes {model.classes}, the dataset has {classes}: fit it on this data")
     head = model.head()
     if isinstance(head, MLPHead):
-        return nn.Sequential(Standardise(head.mean_, head.scale_), head.net_)
+        return nn.Sequential(Standardise(head.mean_, head.scale_), head.module())
     if not isinstance(head, LinearHead) or len(head.classes_) != len(classes):
         raise FeatxError(f"{path} holds a {model.head_config['kind']} head trained on a subset of the classes: "
                          "warm-start from fit-head --clf logreg or mlp")

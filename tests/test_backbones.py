@@ -171,3 +171,16 @@ def test_hub_dir_without_torch_is_torchs(env, tmp_path, monkeypatch):
     expected = torch.hub.get_dir()
     monkeypatch.delitem(sys.modules, "torch")  # as in a process that has not loaded torch
     assert torch_hub_dir() == Path(expected)
+
+
+@pytest.mark.parametrize("pre", [backbones.Preprocess(224, 256), backbones.Preprocess(288, 288, "bicubic"),
+                                 backbones.Preprocess(64, 48), backbones.get_spec("efficientnet_lite1").preprocess])
+def test_pillow_preprocessing_equals_torchvisions(pre):
+    """predict's torch-free path decodes with Pillow alone; its pixels must be exactly torchvision's."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for w, h in [(150, 150), (500, 333), (333, 500), (101, 37), (50, 300), (pre.input_size, pre.input_size)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert np.array_equal(pre.pil_array(img), pre.transform()(img).numpy()), (w, h)

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "torchvision", "timm", "sklearn", "numpy", "h5py", "onnxruntime", "ray", "matplotlib")
 
 
@@ -18,20 +20,34 @@ def test_help_lists_every_command():
         assert f"  {command}" in out
 
 
-def test_an_up_to_date_extract_loads_no_torch(tmp_path):
-    """Re-running an extraction whose cache is current answers from the index: no network, no torch."""
+def test_an_up_to_date_extract_and_predict_load_no_torch(tmp_path):
+    """Re-running an extraction whose cache is current answers from the index, and predicting with a model
+    whose backbone is exported answers from ONNX Runtime: no network is built, torch is never imported, and
+    the probabilities are torch's."""
     import featx
     from helpers import make_dataset
 
-    data = make_dataset(tmp_path / "few", {"train": 2})
-    first = featx.extract("efficientnet_lite0", str(data), cache_dir=tmp_path / "cache", runtime="torch",
-                          progress=False)
+    data, cache = make_dataset(tmp_path / "few", {"train": 3}), tmp_path / "cache"
+    first = featx.extract("efficientnet_lite0", str(data), cache_dir=cache, progress=False)  # exports the net
+    featx.fit_head("logreg", data=str(data), cache_dir=cache, out=tmp_path / "run", progress=False)
+    image, model = data / "train" / "b" / "001.jpg", tmp_path / "run" / "model.featx"
+    expected = featx.predict(model, [image], runtime="torch", cache_dir=cache)[0]["probability"]
     code = ("import sys; from featx.cli import main\n"
-            f"try: main(['extract', '--data', {str(data)!r}, '--cache-dir', {str(tmp_path / 'cache')!r}, "
-            "'--device', 'cpu', '--json'])\n"
-            "except SystemExit: pass\n"
+            f"for argv in [['extract', '--data', {str(data)!r}], ['predict', '--model', {str(model)!r}, {str(image)!r}]]:\n"
+            f"    try: main(argv + ['--cache-dir', {str(cache)!r}, '--device', 'cpu', '--json'])\n"
+            "    except SystemExit: pass\n"
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    rerun = json.loads(done.stdout)
-    assert (rerun["path"], rerun["images"], rerun["new"]) == (first.path, 4, 0)
-    assert done.stderr.strip() == "numpy,h5py"  # the index is read; torch, torchvision and ONNX Runtime are not
+    rerun, predicted = map(json.loads, done.stdout.splitlines())
+    assert (rerun["path"], rerun["images"], rerun["new"]) == (first.path, 6, 0)
+    assert predicted["predictions"][0]["probability"] == pytest.approx(expected, abs=1e-5)
+    assert done.stderr.strip() == "sklearn,numpy,h5py,onnxruntime"  # no torch, torchvision or timm
+
+
+def test_extract_without_data_is_a_usage_error():
+    from click.testing import CliRunner
+
+    from featx.cli import cli
+
+    result = CliRunner().invoke(cli, ["extract"])
+    assert result.exit_code == 2 and "Missing option '--data'" in result.output
