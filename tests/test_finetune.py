@@ -1,4 +1,3 @@
-import json
 import re
 import signal
 import subprocess
@@ -126,7 +125,7 @@ main(sys.argv[1:])
 """
 
 
-def test_kill_and_resume_keeps_finished_epochs(tiny_weights, tmp_path):
+def test_kill_and_resume_keeps_finished_epochs(tiny, tiny_weights, tmp_path):
     data = make_dataset(tmp_path / "d", {"train": 12, "val": 3})
     out = tmp_path / "run"
     code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights))
@@ -140,18 +139,15 @@ def test_kill_and_resume_keeps_finished_epochs(tiny_weights, tmp_path):
     proc.wait()
     done = (out / "history.csv").read_text().strip().splitlines()[1:]
     assert 1 <= len(done) < 6
-    res = subprocess.run(cmd + ["--resume"], capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr
-    resumed = json.loads(res.stdout)
+    options = {"epochs": 6, "workers": 0, "batch_size": 4, "progress": False}  # the killed command's, in-process
+    resumed = ft.finetune(tiny, str(data), "block2", out=out, resume=True, **options)
     history = resumed["history"]
     assert [h["epoch"] for h in history] == list(range(1, 7))
     first = done[0].split(",")
     assert float(first[1]) == pytest.approx(history[0]["train_loss"])
-    again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 2 and "--resume" in again.stderr
-    whole = subprocess.run([a if a != str(out) else str(tmp_path / "whole") for a in cmd], capture_output=True,
-                           text=True)
-    uninterrupted = json.loads(whole.stdout)  # the same run, never killed: same losses, same chosen model
+    with pytest.raises(FeatxError, match="--resume"):
+        ft.finetune(tiny, str(data), "block2", out=out, **options)
+    uninterrupted = ft.finetune(tiny, str(data), "block2", out=tmp_path / "whole", **options)  # never killed
     for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
         assert [h[key] for h in history] == pytest.approx([h[key] for h in uninterrupted["history"]], abs=1e-6)
     assert resumed["best_epoch"] == uninterrupted["best_epoch"]
