@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from featx import finetuning
 from featx.modelfile import ModelFile
 from helpers import REPO, make_dataset
 
@@ -35,9 +36,15 @@ def free_port() -> int:
 
 
 def finetune_args(data, out, batch_size):
+    """The command each rank runs; ``in_process`` is the same run as ``finetuning.finetune`` arguments."""
     return ["finetune", "--backbone", "tiny", "--data", str(data), "--unfreeze", "none", "--head", "none",
             "--epochs", "2", "--batch-size", str(batch_size), "--augment", "none", "--no-shuffle", "--device", "cpu",
             "--workers", "0", "--out", str(out), "--quiet", "--json"]
+
+
+def in_process(out, batch_size, **kw):
+    return {"unfreeze": "none", "head": "none", "batch_size": batch_size, "augment": "none", "shuffle": False,
+            "device": "cpu", "workers": 0, "out": out, "progress": False, **kw}
 
 
 @pytest.fixture
@@ -47,7 +54,7 @@ def child(tiny_weights, tmp_path):
     return script
 
 
-def test_two_processes_equal_one_at_twice_the_batch(child, tmp_path):
+def test_two_processes_equal_one_at_twice_the_batch(child, tiny, tmp_path):
     data = make_dataset(tmp_path / "d", {"train": 16, "val": 4})
     port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, str(child), *finetune_args(data, tmp_path / "ddp", 4)],
@@ -60,8 +67,7 @@ def test_two_processes_equal_one_at_twice_the_batch(child, tmp_path):
     ddp = json.loads(outputs[0][0])
     assert (ddp["processes"], ddp["global_batch_size"]) == (2, 8)
     assert [h["epoch"] for h in ddp["history"]] == [1, 2]
-    single = json.loads(subprocess.run([sys.executable, str(child), *finetune_args(data, tmp_path / "one", 8)],
-                                       capture_output=True, text=True, check=True, env=env).stdout)
+    single = finetuning.finetune(tiny, str(data), epochs=2, **in_process(tmp_path / "one", 8))
     for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
         assert [h[key] for h in ddp["history"]] == pytest.approx([h[key] for h in single["history"]], abs=1e-5)
     ours, theirs = ModelFile.load(ddp["model"]), ModelFile.load(single["model"])
@@ -69,7 +75,7 @@ def test_two_processes_equal_one_at_twice_the_batch(child, tmp_path):
         np.testing.assert_allclose(ours.head_arrays[name], array, atol=1e-5)
 
 
-def test_torchrun_with_an_undecodable_batch_finishes(child, tmp_path):
+def test_torchrun_with_an_undecodable_batch_finishes(child, tiny, tmp_path):
     """One training image is not an image: with a batch of one, a process meets a batch with nothing to
     train on and skips it while the other trains; ``join`` keeps them in step (a bare skip would hang)."""
     data = make_dataset(tmp_path / "d", {"train": 5, "val": 2})
@@ -83,19 +89,13 @@ def test_torchrun_with_an_undecodable_batch_finishes(child, tmp_path):
     assert result["processes"] == 2 and [h["epoch"] for h in result["history"]] == [1, 2]
     assert len((out / "history.csv").read_text().strip().splitlines()) == 3
     assert (out / "checkpoint.pt").is_file() and (out / "model.featx").is_file()
-    args = finetune_args(data, out, 1)
-    args[args.index("--epochs") + 1] = "3"
-    alone = subprocess.run([sys.executable, str(child), *args, "--resume"], capture_output=True, text=True,
-                           timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert alone.returncode == 0, alone.stderr[-3000:]  # the checkpoint holds the plain network: any world size
-    resumed = json.loads(alone.stdout)
+    # the checkpoint holds the plain network, so one process resumes what two began
+    resumed = finetuning.finetune(tiny, str(data), epochs=3, resume=True, **in_process(out, 1))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3] and resumed["processes"] == 1
     assert resumed["history"][:2] == result["history"]
 
 
 def test_a_restarted_torchrun_worker_resumes_by_itself(tiny, tmp_path, monkeypatch):
-    from featx import finetuning
-
     data = make_dataset(tmp_path / "d", {"train": 6, "val": 2})
     kw = dict(unfreeze="block2", batch_size=4, out=tmp_path / "run", workers=0, progress=False, device="cpu")
     first = finetuning.finetune(tiny, str(data), epochs=1, **kw)
