@@ -213,7 +213,7 @@ def extract_cmd(tiny_weights, data, cache, *extra, delay=0.0, slow_merge=False):
             str(cache), "--workers", "0", "--batch-size", "4", "--runtime", "torch", "--quiet", *extra]
 
 
-def test_sigkill_loses_nothing_and_resumes(tiny_weights, tmp_path):
+def test_sigkill_loses_nothing_and_resumes(tiny, tiny_weights, tmp_path):
     data = make_dataset(tmp_path / "many", {"train": 150})
     cache = tmp_path / "c"
     cmd = extract_cmd(tiny_weights, data, cache, "--checkpoint-rows", "8", "--json", delay=0.02)
@@ -229,9 +229,8 @@ def test_sigkill_loses_nothing_and_resumes(tiny_weights, tmp_path):
             h5py.File(f, "r").close()  # every file that carries the .h5 name opens
     done = sum(h5py.File(p, "r")["features"].shape[0] for p in cache.glob("*.h5"))
     assert 0 < done < 300, "the kills should land mid-run"
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    assert result["images"] == 300 and result["new"] == 300 - done
+    result = run(tiny, data, cache, runtime="torch", checkpoint_rows=8)  # the killed command, in-process
+    assert result.images == 300 and result.new == 300 - done
     assert not list(cache.glob("*.tmp*")) and not list(cache.glob("*.part*"))
 
 
@@ -252,12 +251,11 @@ def test_a_kill_during_the_merge_loses_nothing(tiny, tiny_weights, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(list(cache.glob("*.part*.h5"))) == 8  # every row is still in a finished part
-    out = subprocess.run(extract_cmd(tiny_weights, data, cache, "--json"), capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout)
-    assert result["new"] == 0 and result["images"] == 60
+    result = run(tiny, data, cache, runtime="torch")  # in-process, on the child's runtime: bit-identical rows
+    assert result.new == 0 and result.images == 60
     assert not list(cache.glob("*.tmp*")) and not list(cache.glob("*.part*"))
-    clean = run(tiny, data, tmp_path / "clean", runtime="torch")  # the child's runtime: bit-identical rows
-    np.testing.assert_array_equal(store.load(result["path"]).X, store.load(clean.path).X)
+    clean = run(tiny, data, tmp_path / "clean", runtime="torch")
+    np.testing.assert_array_equal(store.load(result.path).X, store.load(clean.path).X)
 
 
 def test_readers_during_a_merge_see_the_old_file_or_the_new_one(tiny, tiny_weights, tmp_path):
