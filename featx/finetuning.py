@@ -309,20 +309,22 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     if not world.main:
         world.leave()
         return {"rank": world.rank}
-    result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers, val_source)
+    result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers, val_source,
+                          cache_dir)
     world.leave()
     return {**result, "processes": world.size, "global_batch_size": batch_size * world.size}
 
 
 def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, history: list, blocks: list,
-                 device: str, batch_size: int, workers: int, val_source: str) -> dict:
+                 device: str, batch_size: int, workers: int, val_source: str, cache_dir: str | os.PathLike) -> dict:
     """Score the best epoch's saved model on val (which chose it, so optimistic) and test, and write the
-    report and curves."""
+    report and curves. On a CPU the saved model is exported to ONNX for this (``cache_dir``/onnx), which is
+    faster than torch even counting the export, and leaves ``featx predict`` a torch-free path."""
     best_net = load_predictor(out / MODEL_NAME)
     metrics = {}
     for split in ("val", "test"):
         if split in files:
-            proba, _ = best_net.proba(files[split], device, batch_size, workers, runtime="torch")  # scored once
+            proba, _ = best_net.proba(files[split], device, batch_size, workers, cache_dir=cache_dir)
             paths = ds.subset(split)[0]
             ok = ~np.isnan(proba).any(1)
             metrics[split] = report.classification_metrics(labels[split][ok], proba[ok], ds.classes,

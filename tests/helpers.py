@@ -75,6 +75,15 @@ def make_dataset(root: Path, per_class: dict | None = None, classes=("a", "b"), 
     return root
 
 
+def linked_subset(root: Path, out: Path, relative_paths) -> Path:
+    """A dataset folder of symlinks to some of ``root``'s files, under the same relative paths (real images
+    for a shorter test, never copied)."""
+    for rel in relative_paths:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).symlink_to(root / rel)
+    return out
+
+
 class TinyVGG(nn.Module):
     """VGG16's layout (conv blocks 2-2-3-3-3 with max-pools, classifier fc6-relu-dropout-fc7-relu-dropout-fc8)
     at a few channels, so VGG16's registry entry (blocks, taps) applies to it unchanged."""
