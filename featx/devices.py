@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import sys
 from typing import TYPE_CHECKING
@@ -24,8 +25,8 @@ NVIDIA_DRIVER = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg")  # Linux, 
 def device_name(device: str = "auto") -> str:
     """``auto``: cuda when torch sees a CUDA GPU, else cpu. On Linux without an NVIDIA driver the answer is
     cpu without importing torch (1.4 s)."""
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise FeatxError(f"unknown device '{device}': use auto, cpu or cuda")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise FeatxError(f"unknown device '{device}': use auto, cpu, cuda or cuda:N")
     if device == "cpu" or device == "auto" and sys.platform == "linux" and not any(map(os.path.exists, NVIDIA_DRIVER)):
         return "cpu"
     import torch

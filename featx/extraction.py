@@ -9,6 +9,7 @@ computing: re-running an up-to-date extraction reads the index and returns.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import sys
@@ -255,7 +256,8 @@ def write_batches(store: FeatureStore, batches, todo: list, fingerprints: dict, 
 
 def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: Callable[[], dict]):
     """Merge parts into the main file in dataset order (with the attributes ``attrs()`` gives), unless it
-    already holds exactly that. Returns (index, ordered paths, skipped {path: (fingerprint, reason)}, rows dropped)."""
+    already holds exactly that. Returns (index, ordered paths, skipped {path: (fingerprint, reason)},
+    rows dropped)."""
     index = store.index()
     order = [f for f in ds.paths if f in index.rows]
     skipped = {f: index.skipped[f] for f in ds.paths if f in index.skipped}
@@ -274,8 +276,6 @@ def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: Callable[[], dict])
 
 
 def cache_attrs(identity: FeatureIdentity, preprocess: Preprocess, ds: data_mod.Dataset) -> dict:
-    import torch
-
     return {**identity.as_dict(), "preprocess": json.dumps(preprocess.__dict__), "dataset": ds.name,
             "dataset_root": str(ds.root), "split_source": ds.split_source, "classes": json.dumps(ds.classes),
-            "featx_version": __version__, "torch_version": str(torch.__version__)}
+            "featx_version": __version__, "torch_version": importlib.metadata.version("torch")}

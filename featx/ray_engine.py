@@ -177,8 +177,8 @@ def ray_features(net, files: list, device: torch.device | str, batch_size: int |
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
     actors = actors or cluster_actors(ray, gpus_per_actor)
-    batch_size = batch_size or max(64, default_batch_size(torch.device(device)))  # per-task overhead: lite0 on 2 cores, 87 img/s
-    # at 64 against 71 at 32 (BENCHMARKS.md)
+    # per-task overhead: lite0 on 2 cores, 87 img/s at 64 against 71 at 32 (BENCHMARKS.md)
+    batch_size = batch_size or max(64, default_batch_size(torch.device(device)))
     items = [{"index": i, "path": str(f)} for i, f in enumerate(files)]
     blocks = max(1, min(len(items), max(4 * actors, math.ceil(len(items) / batch_size))))
     size = net.preprocess.input_size

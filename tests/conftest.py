@@ -19,6 +19,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def in_own_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in a folder of its own, so what commands write by default (cache/, runs/) never lands in
+    the checkout or leaks into another test."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     return helpers.save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.pth")

@@ -33,7 +33,8 @@ def test_an_up_to_date_extract_and_predict_load_no_torch(tmp_path):
     image, model = data / "train" / "b" / "001.jpg", tmp_path / "run" / "model.featx"
     expected = featx.predict(model, [image], runtime="torch", cache_dir=cache)[0]["probability"]
     code = ("import sys; from featx.cli import main\n"
-            f"for argv in [['extract', '--data', {str(data)!r}], ['predict', '--model', {str(model)!r}, {str(image)!r}]]:\n"
+            f"for argv in [['extract', '--data', {str(data)!r}],\n"
+            f"             ['predict', '--model', {str(model)!r}, {str(image)!r}]]:\n"
             f"    try: main(argv + ['--cache-dir', {str(cache)!r}, '--device', 'cpu', '--json'])\n"
             "    except SystemExit: pass\n"
             f"print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
