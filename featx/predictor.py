@@ -3,7 +3,7 @@
 
 On a CPU, a model whose backbone was already exported to ONNX (``cache/onnx``, by any extraction or
 prediction with the same feature identity) predicts from that export with Pillow and numpy: no torch,
-so ``featx predict`` answers in about a second.
+so ``featx predict`` answers in about 1.5 s on two cores (BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predi
     model = ModelFile.load(path)
     predictor = Predictor(model.head(), model, weights)
     if weights:
-        predictor.backbone
+        predictor.backbone  # built and checked now
     return predictor
 
 
