@@ -56,8 +56,10 @@ def test_unknown_block_lists_valid_names(tiny, dataset, tmp_path):
 def test_top_n_names_the_last_blocks(tiny):
     net = featx.create_backbone(tiny)
     assert ft.parse_unfreeze("top:2", net) == ["block1", "block2"]
-    assert ft.parse_unfreeze("top:2", featx.create_backbone("vgg16", pretrained=False)) == ["block5", "fc"]
-    assert ft.parse_unfreeze("top:2", featx.create_backbone("efficientnet_lite0", pretrained=False)) == ["block7", "top"]
+    with torch.device("meta"):  # names only
+        assert ft.parse_unfreeze("top:2", featx.create_backbone("vgg16", pretrained=False)) == ["block5", "fc"]
+        assert ft.parse_unfreeze("top:2", featx.create_backbone("efficientnet_lite0", pretrained=False)) == [
+            "block7", "top"]
 
 
 def test_outputs_and_model_file_work_with_predict_and_evaluate(tiny, dataset, tmp_path):

@@ -10,14 +10,16 @@ from featx import fit, predictor, store
 from featx.modelfile import ModelFile
 from featx.cli import cli
 from featx.errors import FeatxError
-from helpers import save_tiny_weights
+from helpers import make_dataset, register_tiny, save_tiny_weights
 
 
-@pytest.fixture
-def fitted(tiny, dataset, tmp_path):
-    m = fit.fit_head("logreg", backbone=tiny, data=str(dataset), cache_dir=tmp_path / "c", out=tmp_path / "run",
-                       progress=False)
-    return m, tmp_path / "run"
+@pytest.fixture(scope="module")
+def fitted(tiny_weights, tmp_path_factory):
+    """One logreg model on the ``dataset`` fixture's images, shared by the tests that only read it."""
+    work = tmp_path_factory.mktemp("fitted")
+    m = fit.fit_head("logreg", backbone=register_tiny(tiny_weights).name, data=str(make_dataset(work / "colours")),
+                     cache_dir=work / "c", out=work / "run", progress=False)
+    return m, work / "run"
 
 
 def test_fit_head_writes_everything(fitted):
