@@ -41,7 +41,12 @@ def main() -> None:
                 "featx compare (error: no such data)": featx + ["compare", "--data", str(work / "absent"),
                                                                 "--backbones", "efficientnet_lite0"],
                 "featx predict (error: no such model)": featx + ["predict", "--model", str(work / "absent.featx"),
-                                                                 str(work)]}
+                                                                 str(work)],
+                "featx predict (error: not a model file)": featx + ["predict", "--model", str(work / "junk.featx"),
+                                                                    str(work / "junk.featx")],
+                "featx predict (error: no such image)": featx + ["predict", "--model", str(work / "junk.featx"),
+                                                                 str(work / "absent.jpg")]}
+    (work / "junk.featx").write_text("not a model file")
     if args.data:
         extract = featx + ["extract", "--data", args.data, "--quiet"]
         subprocess.run(extract + ["--cache-dir", "cache"], cwd=work, check=True, stdout=subprocess.DEVNULL)

@@ -20,12 +20,12 @@ from . import workspace
 from .backbones import Preprocess, create_backbone
 from .devices import device_name
 from .errors import FeatxError
-from .heads import Head, proba_over
 from .images import ImageFiles
 from .modelfile import ModelFile
 from .runtimes import OnnxForward, onnx_path, resolve_runtime
 
 if TYPE_CHECKING:
+    from .heads import Head
     from .network import Backbone
 
 
@@ -75,6 +75,7 @@ class Predictor:
               runtime: str = "auto", cache_dir: str | os.PathLike = "cache"):
         """(probabilities, failures) for image files; failures are (index, reason)."""
         from .extraction import iter_features
+        from .heads import proba_over
 
         dev = device_name(device)
         rows, failures = [None] * len(files), []
@@ -136,8 +137,8 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
             weights: str | None = None, plot: str | None = None, runtime: str = "auto",
             cache_dir: str | os.PathLike = "cache") -> list[dict]:
     """Label and probability (and the top k) for each image; unreadable files get an ``error``."""
+    files = image_files(images)  # both checked before scikit-learn or torch is imported
     predictor = load_predictor(model, weights)
-    files = image_files(images)
     proba, failures = predictor.proba(files, device, runtime=runtime, cache_dir=cache_dir)
     failed = dict(failures)
     results = []
@@ -164,6 +165,7 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     ``data`` left out is the last extraction's in ``cache_dir``."""
     from . import report, store
     from .extraction import extract
+    from .heads import proba_over
 
     data = workspace.fill(cache_dir, "evaluate", data=data)["data"]
     predictor = load_predictor(model, weights)
