@@ -45,7 +45,11 @@ def main() -> None:
                 "featx predict (error: not a model file)": featx + ["predict", "--model", str(work / "junk.featx"),
                                                                     str(work / "junk.featx")],
                 "featx predict (error: no such image)": featx + ["predict", "--model", str(work / "junk.featx"),
-                                                                 str(work / "absent.jpg")]}
+                                                                 str(work / "absent.jpg")],
+                "featx evaluate (error: not a model file)": featx + ["evaluate", "--model", str(work / "junk.featx"),
+                                                                     "--data", str(work)],
+                "featx fit-head (error: not a feature cache)": featx + ["fit-head", "--features",
+                                                                        str(work / "junk.featx")]}
     (work / "junk.featx").write_text("not a model file")
     if args.data:
         extract = featx + ["extract", "--data", args.data, "--quiet"]

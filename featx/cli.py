@@ -129,6 +129,10 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
              class_weight, tta, out, device, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     check_data(None if features else data, data_root)
+    if features:  # a wrong file is one line before scikit-learn and torch are imported
+        from .store import check_file
+
+        check_file(features)
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
@@ -204,10 +208,11 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
     """Metrics, confusion matrix and top losses of a model on a split of any dataset."""
     check_data(data, data_root)
     from .predictor import evaluate as run_evaluate
-    from .report import summary_line
 
     m = run_evaluate(model, data, split, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
                      weights=weights, runtime=runtime, progress=not quiet)
+    from .report import summary_line
+
     emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}")
 
 

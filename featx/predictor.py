@@ -163,16 +163,16 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
              weights: str | None = None, runtime: str = "auto", progress: bool = True) -> dict:
     """Metrics, confusion matrix and top losses of a model on one split of a dataset (features cached);
     ``data`` left out is the last extraction's in ``cache_dir``."""
-    from . import report, store
-    from .extraction import extract
-    from .heads import proba_over
-
     data = workspace.fill(cache_dir, "evaluate", data=data)["data"]
     predictor = load_predictor(model, weights)
     unknown = sorted(set(data_mod.load(data, data_root).classes) - set(predictor.classes))
     if unknown:  # checked before any extraction
         raise FeatxError(f"{data} has classes the model does not know ({', '.join(unknown[:5])}): "
                          f"evaluate on data with the model's classes {', '.join(predictor.classes[:10])}")
+    from . import report, store
+    from .extraction import extract
+    from .heads import proba_over
+
     r = extract(predictor.backbone, data, data_root=data_root, cache_dir=cache_dir, device=device, runtime=runtime,
                 progress=progress)
     F = store.load(r.path)

@@ -91,7 +91,8 @@ def read_features(dataset: h5py.Dataset, rows=slice(None)) -> np.ndarray:
                          "run featx extract again") from None
 
 
-def load(path: str | os.PathLike) -> Features:
+def check_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a featx feature cache, else one line saying what to pass (reads attributes only)."""
     path = Path(path)
     if not path.is_file():
         raise FeatxError(f"feature cache {path} does not exist: run 'featx extract' first or check --features")
@@ -100,6 +101,12 @@ def load(path: str | os.PathLike) -> Features:
     with open_h5(path) as f:
         if f.attrs.get("format") != FORMAT:
             raise FeatxError(f"{path} was not written by featx extract: pass a featx feature cache")
+    return path
+
+
+def load(path: str | os.PathLike) -> Features:
+    path = check_file(path)
+    with open_h5(path) as f:
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         return Features(
             X=read_features(f["features"]).astype(np.float32), y=f["labels"][:], paths=f["paths"].asstr()[:],

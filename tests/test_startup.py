@@ -54,17 +54,20 @@ def test_extract_without_data_is_a_usage_error():
     assert result.exit_code == 2 and "Missing option '--data'" in result.output
 
 
-def test_predict_input_errors_come_before_heavy_imports(tmp_path):
-    """A file that is not a model, or an image that does not exist, is one line before scikit-learn or torch
-    is imported (a fraction of a second)."""
-    (tmp_path / "junk.featx").write_text("not a model")
-    (tmp_path / "img.jpg").write_bytes(b"")
-    for argv in (["--model", str(tmp_path / "junk.featx"), str(tmp_path / "img.jpg")],
-                 ["--model", str(tmp_path / "junk.featx"), str(tmp_path / "absent.jpg")]):
+def test_input_errors_come_before_heavy_imports(tmp_path):
+    """A file that is not a model or a feature cache, or an image that does not exist, is one line before
+    scikit-learn or torch is imported (a fraction of a second)."""
+    junk, image = tmp_path / "junk.featx", tmp_path / "img.jpg"
+    junk.write_text("not a model")
+    image.write_bytes(b"")
+    for argv in (["predict", "--model", str(junk), str(image)],
+                 ["predict", "--model", str(junk), str(tmp_path / "absent.jpg")],
+                 ["evaluate", "--model", str(junk), "--data", str(tmp_path)],
+                 ["fit-head", "--features", str(junk)]):
         code = ("import sys; from featx.cli import main\n"
-                f"try: main(['predict', *{argv!r}])\n"
+                f"try: main({argv!r})\n"
                 "except SystemExit as e: print('exit', e.code)\n"
                 f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        assert done.stdout.splitlines()[0] == "exit 2" and done.stderr.count("\n") == 1, done.stderr
-        assert not {"torch", "sklearn", "onnxruntime"} & set(done.stdout.splitlines()[1].split(","))
+        assert done.stdout.splitlines()[0] == "exit 2" and done.stderr.count("\n") == 1, (argv, done.stderr)
+        assert not {"torch", "sklearn", "onnxruntime"} & set(done.stdout.splitlines()[1].split(",")), argv
