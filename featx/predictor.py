@@ -73,7 +73,8 @@ class Predictor:
 
     def proba(self, files: list, device: str = "auto", batch_size: int | None = None, workers: int | None = 0,
               runtime: str = "auto", cache_dir: str | os.PathLike = "cache"):
-        """(probabilities, failures) for image files; failures are (index, reason)."""
+        """(probabilities, failures) for image files; failures are (index, reason). With ``workers=0`` and the
+        backbone exported, the export runs here without torch; otherwise DataLoader workers decode."""
         from .extraction import iter_features
         from .heads import proba_over
 
@@ -81,7 +82,7 @@ class Predictor:
         rows, failures = [None] * len(files), []
         runtime = resolve_runtime(runtime, dev, self.model.identity.precision)
         export = onnx_path(cache_dir, self.model.identity) if runtime == "onnxruntime" else None
-        if export and export.is_file() and self.weights is None:
+        if workers == 0 and export and export.is_file() and self.weights is None:
             batches = self.exported_features(export, files, batch_size or 32)
         else:
             batches = iter_features(self.backbone, files, dev, batch_size, workers, progress=False, runtime=runtime,
