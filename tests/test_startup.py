@@ -8,10 +8,24 @@ import pytest
 HEAVY = ("torch", "torchvision", "timm", "sklearn", "numpy", "h5py", "onnxruntime", "ray", "matplotlib")
 
 
+def fresh_cli(*argvs: list) -> tuple[list, list, str, list]:
+    """Run featx commands one after another in one fresh interpreter: (their exit codes, stdout lines, stderr,
+    the heavy libraries loaded by the end, in ``HEAVY``'s order)."""
+    code = ("import json, sys; from featx.cli import main\n"
+            "codes = []\n"
+            f"for argv in {list(argvs)!r}:\n"
+            "    try: main(argv); codes.append(0)\n"
+            "    except SystemExit as e: codes.append(e.code)\n"
+            f"print(json.dumps([codes, [m for m in {HEAVY!r} if m in sys.modules]]))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    *out, summary = done.stdout.splitlines()
+    codes, loaded = json.loads(summary)
+    return codes, out, done.stderr, loaded
+
+
 def test_the_cli_imports_nothing_heavy():
-    code = f"import sys, featx.cli; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert loaded == "", f"featx.cli imports {loaded} at start-up"
+    loaded = fresh_cli()[3]
+    assert loaded == [], f"featx.cli imports {loaded} at start-up"
 
 
 def test_help_lists_every_command():
@@ -32,17 +46,14 @@ def test_an_up_to_date_extract_and_predict_load_no_torch(tmp_path):
     featx.fit_head("logreg", data=str(data), cache_dir=cache, out=tmp_path / "run", progress=False)
     image, model = data / "train" / "b" / "001.jpg", tmp_path / "run" / "model.featx"
     expected = featx.predict(model, [image], runtime="torch", cache_dir=cache)[0]["probability"]
-    code = ("import sys; from featx.cli import main\n"
-            f"for argv in [['extract', '--data', {str(data)!r}],\n"
-            f"             ['predict', '--model', {str(model)!r}, {str(image)!r}]]:\n"
-            f"    try: main(argv + ['--cache-dir', {str(cache)!r}, '--device', 'cpu', '--json'])\n"
-            "    except SystemExit: pass\n"
-            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules), file=sys.stderr)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    rerun, predicted = map(json.loads, done.stdout.splitlines())
+    options = ["--cache-dir", str(cache), "--device", "cpu", "--json"]
+    codes, out, _, loaded = fresh_cli(["extract", "--data", str(data), *options],
+                                      ["predict", "--model", str(model), str(image), *options])
+    assert codes == [0, 0]
+    rerun, predicted = map(json.loads, out)
     assert (rerun["path"], rerun["images"], rerun["new"]) == (first.path, 6, 0)
     assert predicted["predictions"][0]["probability"] == pytest.approx(expected, abs=1e-5)
-    assert done.stderr.strip() == "sklearn,numpy,h5py,onnxruntime"  # no torch, torchvision or timm
+    assert loaded == ["sklearn", "numpy", "h5py", "onnxruntime"]  # no torch, torchvision or timm
 
 
 def test_extract_without_data_is_a_usage_error():
@@ -64,10 +75,6 @@ def test_input_errors_come_before_heavy_imports(tmp_path):
                  ["predict", "--model", str(junk), str(tmp_path / "absent.jpg")],
                  ["evaluate", "--model", str(junk), "--data", str(tmp_path)],
                  ["fit-head", "--features", str(junk)]):
-        code = ("import sys; from featx.cli import main\n"
-                f"try: main({argv!r})\n"
-                "except SystemExit as e: print('exit', e.code)\n"
-                f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
-        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        assert done.stdout.splitlines()[0] == "exit 2" and done.stderr.count("\n") == 1, (argv, done.stderr)
-        assert not {"torch", "sklearn", "onnxruntime"} & set(done.stdout.splitlines()[1].split(",")), argv
+        codes, _, err, loaded = fresh_cli(argv)
+        assert codes == [2] and err.count("\n") == 1, (argv, err)
+        assert not {"torch", "sklearn", "onnxruntime"} & set(loaded), argv
