@@ -334,7 +334,7 @@ class MLPHead(Head):
     def predict_proba(self, X) -> np.ndarray:
         """The eval-mode forward pass (dropout off) in float32, as torch computed it in training."""
         x = ((self._data(X) - self.mean_) / self.scale_).astype(np.float32)  # checks fitting and input first
-        s = {k: v.astype(np.float32) for k, v in self.state_.items()}
+        s = {k: v.astype(np.float32, copy=False) for k, v in self.state_.items()}
         hidden = np.maximum(x @ s["net__1__weight"].T + s["net__1__bias"], 0)
         return softmax((hidden @ s["net__4__weight"].T + s["net__4__bias"]).astype(np.float64))
 
