@@ -4,3 +4,8 @@
 class FeatxError(ValueError):
     """A problem with the user's input or environment, with the fix in the message. A ``ValueError``, as
     scikit-learn's estimator contract expects of invalid input."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (empty if it has none), for quoting it in a one-line error."""
+    return str(exc).splitlines()[0] if str(exc) else ""

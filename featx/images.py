@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
+from .errors import first_line
+
 if TYPE_CHECKING:
     import torch
 
@@ -52,7 +54,7 @@ def open_rgb(path: str | os.PathLike, draft_size: int | None = None) -> Image.Im
 def failure_reason(exc: Exception) -> str:
     """One line naming the error; file-system errors (an errno: permissions, a flaky disk) start with
     ``IO_ERROR``, decoding errors (truncated, corrupt, not an image) do not."""
-    text = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".strip()
+    text = f"{type(exc).__name__}: {first_line(exc)}".strip()
     return IO_ERROR + text if isinstance(exc, OSError) and exc.errno is not None else text
 
 

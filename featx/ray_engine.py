@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .devices import default_batch_size
-from .errors import FeatxError
+from .errors import FeatxError, first_line
 from .images import EncodedFiles, ImageFiles, collate_encoded, decode_on_device
 from .runtimes import embedding
 
@@ -71,10 +71,6 @@ def check_reachable(address: str | None) -> None:
     except OSError as exc:
         raise FeatxError(f"cannot reach the Ray cluster at --address {address} ({exc.strerror or exc}): start one "
                          "with 'ray start --head' there, or check the address") from None
-
-
-def first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0] if str(exc) else ""
 
 
 def read_files(batch: dict, preprocess, on_device: bool) -> dict:

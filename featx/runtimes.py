@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import FeatxError
+from .errors import FeatxError, first_line
 from .devices import HalvingForward, prepare
 from .files import atomic_write
 from .identity import FeatureIdentity
@@ -92,7 +92,7 @@ def onnx_model(net, cache_dir: str | os.PathLike) -> Path | None:
                     raise ValueError(f"its features agree with torch's only to cosine {agreement:.6f}")
         except Exception as exc:
             print(f"featx: {net.spec.name}:{net.tap_name} does not run in ONNX Runtime "
-                  f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); using torch",
+                  f"({type(exc).__name__}: {first_line(exc)}); using torch",
                   file=sys.stderr)
             return None
     return path

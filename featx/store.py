@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .errors import FeatxError
+from .errors import FeatxError, first_line
 from .files import atomic_write
 from .identity import FeatureIdentity
 
@@ -87,7 +87,7 @@ def read_features(dataset: h5py.Dataset, rows=slice(None)) -> np.ndarray:
     try:
         return dataset[rows]
     except OSError as exc:
-        raise FeatxError(f"{dataset.file.filename} is damaged ({str(exc).splitlines()[0]}): delete it and "
+        raise FeatxError(f"{dataset.file.filename} is damaged ({first_line(exc)}): delete it and "
                          "run featx extract again") from None
 
 
