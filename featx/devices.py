@@ -44,12 +44,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device_name(device))
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cpu_threads() -> int:
+    """Threads for a forward pass on the CPU: ``OMP_NUM_THREADS`` when set (torch reads it too, so a
+    machine shared by several jobs can hold each to its share), else every core this process may use."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else usable_cores()
+
+
 def default_workers(device: torch.device, fast_model: bool = False) -> int:
     """On a GPU decoding is the bottleneck, so every core but one (the main process feeds the GPU). On a
     CPU one worker overlaps decoding with a torch model, which needs the cores itself; a model in ONNX
     Runtime is fast enough that decoding limits again, so half the cores, at least two (lite0 on 2 cores:
     64.8 img/s with two workers against 54.4 with one, BENCHMARKS.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     if device.type == "cuda":
         return max(1, min(cores - 1, 16))
     return max(2, cores // 2) if fast_model else 1

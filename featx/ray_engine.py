@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from .devices import default_batch_size
@@ -32,13 +31,13 @@ DECODED = -1  # ``pixels`` of a file the read stage decoded itself (not a plain 
 
 
 def require(address: str | None):
-    """Ray, imported, with ``address`` (if any) accepting connections: said in one line before any work."""
+    """Ray, imported, with ``address`` (if any) accepting connections: said in one line before any work,
+    and before importing Ray or torch (this module imports torch only in its workers and driver loop)."""
+    check_reachable(address)
     try:
         import ray
     except ImportError:
         raise FeatxError(f"--engine ray needs Ray: {INSTALL}") from None
-    if not ray.is_initialized():
-        check_reachable(address)
     return ray
 
 
@@ -100,6 +99,7 @@ class Embed:
 
     def __init__(self, net_ref: list, onnx_ref: list, device: str, threads: int, exit_once: str | None):
         import ray
+        import torch
 
         torch.set_num_threads(threads)
         self.net, onnx = ray.get(net_ref[0]), ray.get(onnx_ref[0]) if onnx_ref else None
@@ -109,6 +109,8 @@ class Embed:
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
+        import torch
+
         if self.exit_once and not os.path.exists(self.exit_once):
             Path(self.exit_once).touch()
             os._exit(1)  # a test's stand-in for a lost actor or node
@@ -136,6 +138,8 @@ class Embed:
 
     def encoded(self, batch: dict, j: int):
         """A file as ``EncodedFiles`` gives it: JPEG bytes and pixel count, or the image already decoded."""
+        import torch
+
         raw, pixels = batch["raw"][j], int(batch["pixels"][j])
         if pixels == DECODED:
             return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(3, self.size, self.size)
@@ -143,6 +147,8 @@ class Embed:
 
     def probe_dim(self) -> int:
         """The feature size, for a batch in which no file could be read."""
+        import torch
+
         with torch.inference_mode():
             return int(self.embed(torch.zeros(1, 3, self.size, self.size, dtype=torch.uint8, device=self.device))
                        .shape[1])
@@ -157,7 +163,7 @@ def cluster_actors(ray, gpus_per_actor: float) -> int:
     return max(1, int(resources.get("CPU", 1)) // 2)
 
 
-def ray_features(net, files: list, device: torch.device | str, batch_size: int | None = None, decode: str = "pil",
+def ray_features(net, files: list, device: str, batch_size: int | None = None, decode: str = "pil",
                  onnx: bytes | None = None, address: str | None = None, actors: int | None = None,
                  gpus_per_actor: float = 0, threads_per_actor: int = 2, progress: bool = True, desc: str = "extract",
                  run=None):
@@ -165,6 +171,8 @@ def ray_features(net, files: list, device: torch.device | str, batch_size: int |
     once, however often Ray re-ran its block. ``run`` receives where the actors ran. Each actor reserves one
     CPU and runs ``threads_per_actor`` threads: on two cores, lite0 in ONNX Runtime with reads beside it ran
     at 47 img/s on two threads against 28 on one."""
+    import torch
+
     ray = connect(address)
     from ray.data import ActorPoolStrategy, DataContext
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .errors import FeatxError, first_line
-from .devices import HalvingForward, prepare
+from .devices import HalvingForward, cpu_threads, prepare
 from .files import atomic_write
 from .identity import FeatureIdentity
 
@@ -55,8 +55,7 @@ class OnnxForward:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                                   else 0)
+        options.intra_op_num_threads = threads or cpu_threads()
         options.log_severity_level = 3
         model = model if isinstance(model, bytes) else str(model)
         self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

@@ -1,5 +1,10 @@
+import os
 import sys
 from pathlib import Path
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # the README's command runs one pytest-xdist worker per core: one torch thread each keeps them off each other
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -35,6 +40,18 @@ def tiny_weights(tmp_path_factory):
 def tiny(tiny_weights):
     """Name of a tiny registered backbone whose weights load from a local file."""
     return helpers.register_tiny(tiny_weights).name
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread here, as in a forked child (``helpers.forked_cli``), so numbers compared across
+    the two are computed alike."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

@@ -1,6 +1,9 @@
 """Shared test material: a tiny CNN registered as a featx backbone, and synthetic image folders."""
 from __future__ import annotations
 
+import multiprocessing
+import os
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -51,6 +54,32 @@ def register_tiny(weights: Path, name: str = "tiny", delay: float = 0.0) -> Back
         taps={"block1": Tap("block1", "gap"), "block2": Tap("block2", "gap"), "pool": Tap("fc", "input")},
         default_tap="pool", blocks={"stem": ["stem"], "block1": ["block1"], "block2": ["block2"]}, classifier="fc")
     return featx.register_backbone(spec)
+
+
+def forked_cli(argv: list, weights: Path, delay: float = 0.0, stdout: Path | None = None, env: dict | None = None,
+               before=None) -> multiprocessing.Process:
+    """``featx <argv>`` in a forked copy of this process, with the tiny network registered (``delay`` seconds
+    per forward): a separate process to kill or to race, started in milliseconds because torch and featx are
+    already imported (a fresh interpreter spends about 3 s of CPU on them). Its exit code is the command's;
+    ``stdout`` receives what it prints, ``env`` is set in it and ``before()`` runs in it first. It runs torch on
+    one thread: a test comparing its numbers with this process's uses the ``one_torch_thread`` fixture."""
+    process = multiprocessing.get_context("fork").Process(target=run_forked_cli, daemon=True,
+                                                          args=(argv, weights, delay, stdout, env or {}, before))
+    process.start()
+    return process
+
+
+def run_forked_cli(argv, weights, delay, stdout, env, before):
+    from featx.cli import main
+
+    torch.set_num_threads(1)  # an OpenMP pool does not survive fork; torch's DataLoader workers do the same
+    os.environ.update(env)
+    register_tiny(weights, delay=delay)
+    if before:
+        before()
+    if stdout:
+        sys.stdout = open(stdout, "w")
+    main([str(a) for a in argv])
 
 
 def colour_image(label: int, rng: np.random.Generator, size: int = 40) -> Image.Image:

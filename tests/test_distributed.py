@@ -10,23 +10,30 @@ import pytest
 
 from featx import finetuning
 from featx.modelfile import ModelFile
-from helpers import REPO, make_dataset
+from helpers import REPO, forked_cli, make_dataset
 
-# Registers the tiny network; in every rank but 0, anything that writes a run's files fails the process.
+# What torchrun starts in each rank: the tiny network registered, and the check that only rank 0 writes.
 CHILD = """
-import os, sys
+import sys
 sys.path.insert(0, {tests!r})
 import helpers
+from test_distributed import only_rank_zero_writes
 helpers.register_tiny(__import__("pathlib").Path({weights!r}))
-from featx import finetuning, report
-if os.environ.get("RANK", "0") != "0":
-    def forbidden(*args, **kwargs):
-        raise AssertionError("only rank 0 writes")
-    finetuning.save_checkpoint = finetuning.save_finetuned = finetuning.write_history = forbidden
-    report.write_report = forbidden
+only_rank_zero_writes()
 from featx.cli import main
 main(sys.argv[1:])
 """
+
+
+def only_rank_zero_writes():
+    """In every rank but 0, anything that writes a run's files fails the process."""
+    from featx import report
+
+    if os.environ.get("RANK", "0") != "0":
+        def forbidden(*args, **kwargs):
+            raise AssertionError("only rank 0 writes")
+        finetuning.save_checkpoint = finetuning.save_finetuned = finetuning.write_history = forbidden
+        report.write_report = forbidden
 
 
 def free_port() -> int:
@@ -54,17 +61,19 @@ def child(tiny_weights, tmp_path):
     return script
 
 
-def test_two_processes_equal_one_at_twice_the_batch(child, tiny, tmp_path):
+def test_two_processes_equal_one_at_twice_the_batch(tiny, tiny_weights, tmp_path):
+    """The two ranks are forked from this process, with the variables torchrun would set."""
     data = make_dataset(tmp_path / "d", {"train": 16, "val": 4})
-    port, env = free_port(), {**os.environ, "OMP_NUM_THREADS": "1"}
-    ranks = [subprocess.Popen([sys.executable, str(child), *finetune_args(data, tmp_path / "ddp", 4)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
-                                   "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
-    outputs = [p.communicate(timeout=240) for p in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], [err[-2000:] for _, err in outputs]
-    assert outputs[1][0] == "", "rank 1 prints nothing: rank 0 speaks for the run"
-    ddp = json.loads(outputs[0][0])
+    port, outputs = free_port(), [tmp_path / f"rank{r}.out" for r in (0, 1)]
+    ranks = [forked_cli(finetune_args(data, tmp_path / "ddp", 4), tiny_weights, stdout=outputs[r],
+                        before=only_rank_zero_writes,
+                        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(r),
+                             "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    for p in ranks:
+        p.join(240)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    assert outputs[1].read_text() == "", "rank 1 prints nothing: rank 0 speaks for the run"
+    ddp = json.loads(outputs[0].read_text())
     assert (ddp["processes"], ddp["global_batch_size"]) == (2, 8)
     assert [h["epoch"] for h in ddp["history"]] == [1, 2]
     single = finetuning.finetune(tiny, str(data), epochs=2, **in_process(tmp_path / "one", 8))

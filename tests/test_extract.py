@@ -1,6 +1,5 @@
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from featx.cli import cli
 from featx import extraction
 from featx.images import (DECODE_PIXELS, EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate_encoded, decode_jpegs,
                           decode_on_device, pixel_groups)
-from helpers import REPO, colour_image, make_dataset
+from helpers import colour_image, forked_cli, make_dataset
 
 
 def run(tiny, data, cache, **kw):
@@ -192,39 +191,32 @@ def test_merge_streams_in_chunks(tiny, dataset, tmp_path, monkeypatch):
     np.testing.assert_array_equal(f.X, store.load(reference.path).X)
 
 
-CHILD = """
-import sys, time
-sys.path.insert(0, {tests!r})
-import helpers
-helpers.register_tiny(__import__('pathlib').Path({weights!r}), delay={delay})
-from featx import store
-if {slow_merge}:  # one row per block, 20 ms each: a merge long enough to be killed or read during
-    store.COPY_ROWS, read = 1, store.read_features
+def slow_merge():
+    """One row per block, 20 ms each: a merge long enough to be killed or read during."""
+    read = store.read_features
+    store.COPY_ROWS = 1
     store.read_features = lambda *a: (time.sleep(0.02), read(*a))[1]
-from featx.cli import main
-main(sys.argv[1:])
-"""
 
 
-def extract_cmd(tiny_weights, data, cache, *extra, delay=0.0, slow_merge=False):
-    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights), delay=delay, slow_merge=slow_merge)
-    # torch runtime: the tiny net's stand-in delay (a sleep in forward) cannot be exported to ONNX
-    return [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir",
-            str(cache), "--workers", "0", "--batch-size", "4", "--runtime", "torch", "--quiet", *extra]
+def extract_child(tiny_weights, data, cache, *extra, delay=0.0, slow=False, stdout=None):
+    """``featx extract`` of the tiny network in a forked process. torch runtime: the tiny net's stand-in
+    delay (a sleep in forward) cannot be exported to ONNX."""
+    argv = ["extract", "--backbone", "tiny", "--data", data, "--cache-dir", cache, "--workers", "0",
+            "--batch-size", "4", "--runtime", "torch", "--quiet", *extra]
+    return forked_cli(argv, tiny_weights, delay, stdout, before=slow_merge if slow else None)
 
 
 def test_sigkill_loses_nothing_and_resumes(tiny, tiny_weights, tmp_path):
     data = make_dataset(tmp_path / "many", {"train": 150})
     cache = tmp_path / "c"
-    cmd = extract_cmd(tiny_weights, data, cache, "--checkpoint-rows", "8", "--json", delay=0.02)
     for delay in (3.0, 1.0):  # kill twice, at different points
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = extract_child(tiny_weights, data, cache, "--checkpoint-rows", "8", delay=0.02)
         deadline = time.time() + 60
         while time.time() < deadline and not list(cache.glob("*.part*.h5")):
             time.sleep(0.05)
         time.sleep(delay * 0.1)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        proc.kill()
+        proc.join()
         for f in cache.glob("*.h5"):
             h5py.File(f, "r").close()  # every file that carries the .h5 name opens
     done = sum(h5py.File(p, "r")["features"].shape[0] for p in cache.glob("*.h5"))
@@ -237,19 +229,19 @@ def test_sigkill_loses_nothing_and_resumes(tiny, tiny_weights, tmp_path):
 def merging(cache: Path, proc, timeout: float = 60) -> None:
     """Wait until the writer is merging: its temporary main file exists."""
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not [
+    while time.time() < deadline and proc.is_alive() and not [
             p for p in cache.glob("*.h5.tmp*") if ".part" not in p.name]:
         time.sleep(0.01)
 
 
-def test_a_kill_during_the_merge_loses_nothing(tiny, tiny_weights, tmp_path):
+def test_a_kill_during_the_merge_loses_nothing(tiny, tiny_weights, tmp_path, one_torch_thread):
     data = make_dataset(tmp_path / "d", {"train": 30})
     cache = tmp_path / "c"
-    proc = subprocess.Popen(extract_cmd(tiny_weights, data, cache, "--checkpoint-rows", "8", slow_merge=True))
+    proc = extract_child(tiny_weights, data, cache, "--checkpoint-rows", "8", slow=True)
     merging(cache, proc)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.kill()
+    proc.join()
     assert len(list(cache.glob("*.part*.h5"))) == 8  # every row is still in a finished part
     result = run(tiny, data, cache, runtime="torch")  # in-process, on the child's runtime: bit-identical rows
     assert result.new == 0 and result.images == 60
@@ -265,24 +257,26 @@ def test_readers_during_a_merge_see_the_old_file_or_the_new_one(tiny, tiny_weigh
     more = make_dataset(tmp_path / "more", {"train": 10}, seed=5)
     for f in more.glob("train/*/*.jpg"):
         f.rename(data / "train" / f.parent.name / f"new_{f.name}")
-    proc = subprocess.Popen(extract_cmd(tiny_weights, data, cache, slow_merge=True))
+    proc = extract_child(tiny_weights, data, cache, slow=True)
     merging(cache, proc)
     seen = set()
-    while proc.poll() is None:
+    while proc.is_alive():
         f = store.load(first["path"])
         assert len(f.X) == len(f.paths) == len(f.y) and np.isfinite(f.X).all()
         seen.add(len(f.X))
-    assert proc.returncode == 0 and seen <= {20, 40} and 20 in seen
+    assert proc.exitcode == 0 and seen <= {20, 40} and 20 in seen
     assert len(store.load(first["path"]).X) == 40
 
 
 def test_two_writers_on_one_cache(tiny_weights, tmp_path):
     data = make_dataset(tmp_path / "d", {"train": 40})
     cache = tmp_path / "c"
-    cmd = extract_cmd(tiny_weights, data, cache, "--json")
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    results = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
-    assert all(p.returncode == 0 for p in procs)
+    outputs = [tmp_path / f"writer{i}.json" for i in range(2)]
+    procs = [extract_child(tiny_weights, data, cache, "--json", stdout=out) for out in outputs]
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [json.loads(out.read_text()) for out in outputs]
     assert sorted(r["new"] for r in results) == [0, 80]
     assert store.load(results[0]["path"]).X.shape == (80, 32)
 
@@ -484,6 +478,19 @@ def test_onnx_runtime_gives_the_torch_features_in_the_same_cache(tiny, dataset, 
     a, b = store.load(again.path).X, store.load(on_torch.path).X
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() >= 0.9999 and Path(ort.path).name == Path(on_torch.path).name  # one identity, one cache name
+
+
+def test_onnx_runtime_threads_follow_omp_num_threads(tiny, dataset, tmp_path, monkeypatch):
+    """A job given one core's share (OMP_NUM_THREADS, which torch honours too) keeps ONNX Runtime to it."""
+    from featx.devices import usable_cores
+    from featx.runtimes import OnnxForward
+
+    run(tiny, dataset, tmp_path / "c", runtime="onnxruntime")
+    exported = next((tmp_path / "c" / "onnx").glob("*.onnx"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert OnnxForward(exported).session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert OnnxForward(exported).session.get_session_options().intra_op_num_threads == usable_cores()
 
 
 def test_a_network_that_does_not_export_stays_on_torch(tiny, dataset, tmp_path, monkeypatch, capsys):

@@ -1,7 +1,4 @@
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,7 +10,7 @@ from featx import finetuning as ft
 from featx import fit, predictor, warmstart
 from featx.modelfile import ModelFile
 from featx.errors import FeatxError
-from helpers import REPO, make_dataset
+from helpers import forked_cli, make_dataset
 
 
 def snapshot(net_model):
@@ -117,28 +114,16 @@ def test_from_scratch_trains_everything(tiny, dataset, tmp_path):
     assert m["trainable_params"] == m["total_params"]
 
 
-CHILD = """
-import sys
-sys.path.insert(0, {tests!r})
-import helpers, pathlib
-helpers.register_tiny(pathlib.Path({weights!r}), delay=0.05)
-from featx.cli import main
-main(sys.argv[1:])
-"""
-
-
-def test_kill_and_resume_keeps_finished_epochs(tiny, tiny_weights, tmp_path):
+def test_kill_and_resume_keeps_finished_epochs(tiny, tiny_weights, tmp_path, one_torch_thread):
     data = make_dataset(tmp_path / "d", {"train": 12, "val": 3})
     out = tmp_path / "run"
-    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights))
-    cmd = [sys.executable, "-c", code, "finetune", "--backbone", "tiny", "--data", str(data), "--unfreeze", "block2",
-           "--epochs", "6", "--out", str(out), "--workers", "0", "--batch-size", "4", "--quiet", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = forked_cli(["finetune", "--backbone", "tiny", "--data", data, "--unfreeze", "block2", "--epochs", "6",
+                       "--out", out, "--workers", "0", "--batch-size", "4", "--quiet"], tiny_weights, delay=0.05)
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.kill()
+    proc.join()
     done = (out / "history.csv").read_text().strip().splitlines()[1:]
     assert 1 <= len(done) < 6
     options = {"epochs": 6, "workers": 0, "batch_size": 4, "progress": False}  # the killed command's, in-process

@@ -66,15 +66,18 @@ def test_extract_without_data_is_a_usage_error():
 
 
 def test_input_errors_come_before_heavy_imports(tmp_path):
-    """A file that is not a model or a feature cache, or an image that does not exist, is one line before
-    scikit-learn or torch is imported (a fraction of a second)."""
+    """A file that is not a model or a feature cache, an image that does not exist, or a Ray cluster that is
+    not there is one line before scikit-learn, torch or Ray is imported (a fraction of a second)."""
     junk, image = tmp_path / "junk.featx", tmp_path / "img.jpg"
     junk.write_text("not a model")
     image.write_bytes(b"")
-    for argv in (["predict", "--model", str(junk), str(image)],
-                 ["predict", "--model", str(junk), str(tmp_path / "absent.jpg")],
-                 ["evaluate", "--model", str(junk), "--data", str(tmp_path)],
-                 ["fit-head", "--features", str(junk)]):
+    not_a_model = f"{junk} is not a featx model file"
+    for argv, error in ((["predict", "--model", str(junk), str(image)], not_a_model),
+                        (["predict", "--model", str(junk), str(tmp_path / "absent.jpg")], "absent.jpg does not exist"),
+                        (["evaluate", "--model", str(junk), "--data", str(tmp_path)], not_a_model),
+                        (["fit-head", "--features", str(junk)], f"{junk} is not a featx feature cache"),
+                        (["extract", "--data", str(tmp_path), "--engine", "ray", "--address", "127.0.0.1:1"],
+                         "cannot reach the Ray cluster at --address 127.0.0.1:1")):
         codes, _, err, loaded = fresh_cli(argv)
-        assert codes == [2] and err.count("\n") == 1, (argv, err)
-        assert not {"torch", "sklearn", "onnxruntime"} & set(loaded), argv
+        assert codes == [2] and err.count("\n") == 1 and error in err, (argv, err)
+        assert not {"torch", "sklearn", "onnxruntime", "ray"} & set(loaded), argv
