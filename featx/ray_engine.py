@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .devices import default_batch_size
 from .errors import FeatxError, first_line
 from .images import EncodedFiles, ImageFiles, collate_encoded, decode_on_device
-from .runtimes import embedding
+from .runtimes import OnnxForward, embedding
 
 INSTALL = "pip install -e '.[ray]' (or pip install 'ray[data]')"
 ACTOR_EXIT_ONCE = "FEATX_TEST_ACTOR_EXIT_ONCE"  # tests: a marker path; the first actor to find it absent dies
@@ -32,7 +32,7 @@ DECODED = -1  # ``pixels`` of a file the read stage decoded itself (not a plain 
 
 def require(address: str | None):
     """Ray, imported, with ``address`` (if any) accepting connections: said in one line before any work,
-    and before importing Ray or torch (this module imports torch only in its workers and driver loop)."""
+    and before importing Ray or torch (this module imports torch only where it runs or feeds a network)."""
     check_reachable(address)
     try:
         import ray
@@ -74,8 +74,9 @@ def check_reachable(address: str | None) -> None:
 
 def read_files(batch: dict, preprocess, on_device: bool) -> dict:
     """The CPU stage: each file decoded to uint8 (or, on the device path, its JPEG bytes), with the
-    reason when it failed, exactly as the local engine's loader workers do it."""
-    dataset = (EncodedFiles if on_device else ImageFiles)(list(batch["path"]), preprocess.transform(),
+    reason when it failed, exactly as the local engine's loader workers do it, but by Pillow alone
+    (``Preprocess.pil_array``, the same pixels), so read tasks never import torch."""
+    dataset = (EncodedFiles if on_device else ImageFiles)(list(batch["path"]), preprocess.pil_array,
                                                           preprocess.resize_size)
     size, count = preprocess.input_size, len(batch["path"])
     out = {"index": batch["index"], "path": batch["path"], "reason": np.empty(count, dtype=object)}
@@ -86,31 +87,33 @@ def read_files(batch: dict, preprocess, on_device: bool) -> dict:
     for j in range(count):
         _, item, out["reason"][j] = dataset[j]
         if on_device:
-            raw, pixels = item if isinstance(item, tuple) else (b"" if item is None else item.numpy().tobytes(), DECODED)
+            raw, pixels = item if isinstance(item, tuple) else (b"" if item is None else item.tobytes(), DECODED)
             out["raw"][j], out["pixels"][j] = raw, pixels
         elif item is not None:
-            out["image"][j] = item.numpy()
+            out["image"][j] = item
     return out
 
 
 class Embed:
-    """The actor stage: features for a batch of read files, with the forward pass the local engine uses
-    (ONNX Runtime from the driver's verified export, or torch). Failed files come back with their reason."""
+    """The actor stage: features for a batch of read files, with the forward pass the local engine uses.
+    On ONNX Runtime (the driver's verified export) the actor needs neither torch nor the network, unless
+    it decodes on the device. Failed files come back with their reason."""
 
-    def __init__(self, net_ref: list, onnx_ref: list, device: str, threads: int, exit_once: str | None):
+    def __init__(self, preprocess, net_ref: list, onnx_ref: list, device: str, threads: int,
+                 exit_once: str | None):
         import ray
-        import torch
 
-        torch.set_num_threads(threads)
-        self.net, onnx = ray.get(net_ref[0]), ray.get(onnx_ref[0]) if onnx_ref else None
-        self.device = torch.device(device)
-        self.embed = embedding(self.net, self.device, onnx, threads)
-        self.size, self.dim, self.exit_once = self.net.preprocess.input_size, None, exit_once
+        self.preprocess, self.device, self.exit_once, self.dim = preprocess, device, exit_once, None
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        if onnx_ref:
+            self.onnx = OnnxForward(ray.get(onnx_ref[0]), threads)
+        else:
+            import torch
+
+            torch.set_num_threads(threads)
+            self.onnx, self.embed = None, embedding(ray.get(net_ref[0]), torch.device(device), None, threads)
 
     def __call__(self, batch: dict) -> dict:
-        import torch
-
         if self.exit_once and not os.path.exists(self.exit_once):
             Path(self.exit_once).touch()
             os._exit(1)  # a test's stand-in for a lost actor or node
@@ -118,14 +121,15 @@ class Embed:
         failures = [(j, str(batch["reason"][j])) for j in range(count) if batch["reason"][j]]
         kept = [j for j in range(count) if not batch["reason"][j]]
         if "raw" in batch:  # --decode device
+            import torch
+
             _, encoded, _ = collate_encoded([(j, self.encoded(batch, j), "") for j in kept])
-            files = EncodedFiles(list(batch["path"]), self.net.preprocess.transform(), self.net.preprocess.resize_size)
-            kept, images, refused = decode_on_device(kept, encoded, files, self.device)
+            files = EncodedFiles(list(batch["path"]), self.preprocess.transform(), self.preprocess.resize_size)
+            kept, images, refused = decode_on_device(kept, encoded, files, torch.device(self.device))
             failures += refused
         else:
-            images = torch.from_numpy(batch["image"][kept]) if kept else None
-        with torch.inference_mode():
-            feats = self.embed(images.to(self.device)).cpu().numpy() if images is not None else None
+            images = batch["image"][kept] if kept else None
+        feats = self.features(images) if images is not None else None
         self.dim = feats.shape[1] if feats is not None else self.dim or self.probe_dim()
         features = np.zeros((count, self.dim), dtype=np.float32)
         if feats is not None:
@@ -136,22 +140,29 @@ class Embed:
         return {"index": batch["index"], "feature": features, "reason": reasons,
                 "worker": np.array([self.worker] * count, dtype=object)}
 
+    def features(self, images) -> np.ndarray:
+        """Features of a uint8 NCHW batch: a numpy array from the read stage, or a tensor decoded here."""
+        if self.onnx:
+            return self.onnx.run(np.asarray(images))
+        import torch
+
+        with torch.inference_mode():
+            return self.embed(torch.as_tensor(images).to(self.device)).cpu().numpy()
+
+    def probe_dim(self) -> int:
+        """The feature size, for a batch in which no file could be read."""
+        size = self.preprocess.input_size
+        return self.features(np.zeros((1, 3, size, size), dtype=np.uint8)).shape[1]
+
     def encoded(self, batch: dict, j: int):
         """A file as ``EncodedFiles`` gives it: JPEG bytes and pixel count, or the image already decoded."""
         import torch
 
         raw, pixels = batch["raw"][j], int(batch["pixels"][j])
         if pixels == DECODED:
-            return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(3, self.size, self.size)
+            size = self.preprocess.input_size
+            return torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(3, size, size)
         return raw, pixels
-
-    def probe_dim(self) -> int:
-        """The feature size, for a batch in which no file could be read."""
-        import torch
-
-        with torch.inference_mode():
-            return int(self.embed(torch.zeros(1, 3, self.size, self.size, dtype=torch.uint8, device=self.device))
-                       .shape[1])
 
 
 def cluster_actors(ray, gpus_per_actor: float) -> int:
@@ -192,7 +203,8 @@ def ray_features(net, files: list, device: str, batch_size: int | None = None, d
                .map_batches(read_files, fn_kwargs={"preprocess": net.preprocess, "on_device": decode == "device"},
                             batch_size=batch_size, batch_format="numpy", num_cpus=1, memory=2 * batch_size * 3 * size * size)
                .map_batches(Embed, fn_constructor_kwargs={
-                   "net_ref": [ray.put(net.cpu())], "onnx_ref": [ray.put(onnx)] if onnx else [],
+                   "preprocess": net.preprocess, "net_ref": [] if onnx else [ray.put(net.cpu())],
+                   "onnx_ref": [ray.put(onnx)] if onnx else [],
                    "device": "cuda" if gpus_per_actor else "cpu", "threads": threads_per_actor,
                    "exit_once": os.environ.get(ACTOR_EXIT_ONCE)},
                    batch_size=batch_size, batch_format="numpy", compute=ActorPoolStrategy(size=actors),

@@ -1,5 +1,6 @@
 """``featx extract --engine ray``: the same cache as the local engine, each image once whatever dies."""
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -110,3 +111,27 @@ def test_a_killed_driver_resumes_with_nothing_lost_or_repeated(cluster, tiny, ti
     assert features.X.shape == (80, 32) and len(set(features.paths)) == 80
     assert not list(cache.glob("*.part*"))
 
+
+
+def test_read_tasks_decode_the_local_pixels_without_torch(real_set):
+    """Ray's read tasks decode with Pillow alone: the pixels the local engine's loader gives, and no torch
+    imported in the worker (a fresh interpreter here)."""
+    from featx.backbones import get_spec
+    from featx.images import ImageFiles
+
+    files = sorted(map(str, real_set.rglob("*.jpg")))
+    pre = get_spec("efficientnet_lite0").preprocess
+    code = ("import pickle, sys; from featx.backbones import get_spec; from featx.ray_engine import read_files\n"
+            f"out = read_files({{'index': list(range({len(files)})), 'path': {files!r}}}, "
+            "get_spec('efficientnet_lite0').preprocess, False)\n"
+            "sys.stdout.buffer.write(pickle.dumps((out['image'], list(out['reason']), 'torch' in sys.modules)))")
+    images, reasons, torch_loaded = pickle.loads(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                                                check=True).stdout)
+    assert not torch_loaded
+    local = ImageFiles(files, pre.transform(), pre.resize_size)
+    for j in range(len(files)):
+        _, pixels, reason = local[j]
+        assert reasons[j] == reason
+        if pixels is not None:
+            np.testing.assert_array_equal(images[j], pixels.numpy())
+    assert sum(map(bool, reasons)) == 2
