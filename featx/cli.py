@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .devices import keep_freed_memory
 from .errors import FeatxError
 from .workspace import DEFAULT_BACKBONE
 
@@ -388,6 +389,7 @@ def datasets(data_root, as_json):
 
 
 def main(argv=None) -> None:
+    keep_freed_memory()
     try:
         cli.main(args=argv, prog_name="featx", standalone_mode=False)
     except FeatxError as exc:

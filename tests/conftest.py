@@ -2,11 +2,14 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
+from featx.devices import keep_freed_memory
+
 if "PYTEST_XDIST_WORKER" in os.environ:
     # the README's command runs one pytest-xdist worker per core: one torch thread each keeps them off each other
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-import pytest
+keep_freed_memory()  # as the CLI does, since most tests call the API in this process
 
 sys.path.insert(0, str(Path(__file__).parent))
 import helpers  # noqa: E402

@@ -81,3 +81,16 @@ def test_input_errors_come_before_heavy_imports(tmp_path):
         codes, _, err, loaded = fresh_cli(argv)
         assert codes == [2] and err.count("\n") == 1 and error in err, (argv, err)
         assert not {"torch", "sklearn", "onnxruntime", "ray"} & set(loaded), argv
+
+
+def test_the_cli_keeps_freed_memory_on_glibc(monkeypatch):
+    """glibc takes the thresholds (mallopt returns 1 for each), and every command sets them first."""
+    import platform
+
+    from featx import cli, devices
+
+    assert devices.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+    calls = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(True))
+    cli.main(["datasets"])
+    assert calls == [True]
