@@ -20,7 +20,7 @@ from torchvision import datasets, transforms
 
 import featx
 from common import machine, parser, replicate
-from featx.devices import resolve_device
+from featx.devices import keep_freed_memory, resolve_device
 from featx.finetuning import finetune
 
 
@@ -57,7 +57,11 @@ def seed_loop(backbone: str, weights: str | None, root: Path, unfreeze: list, de
 def main() -> None:
     ap = parser()
     ap.add_argument("--unfreeze", default="top")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="set malloc's thresholds as the featx CLI does (devices.keep_freed_memory), for both loops")
     args = ap.parse_args()
+    if args.keep_freed_memory and not keep_freed_memory():
+        raise SystemExit("--keep-freed-memory needs glibc")
     device = resolve_device(args.device)
     blocks = args.unfreeze.split(",")
     with tempfile.TemporaryDirectory() as tmp:
@@ -72,7 +76,7 @@ def main() -> None:
     result = {"backbone": args.backbone, "unfreeze": blocks, "device": str(device),
               "machine": machine(device),
               "seed_train_img_per_s": round(seed_rate, 1), "featx_train_img_per_s": round(featx_rate, 1),
-              "ratio": round(featx_rate / seed_rate, 2)}
+              "ratio": round(featx_rate / seed_rate, 2), "keep_freed_memory": args.keep_freed_memory}
     print(f"seed-S2 loop: {seed_rate:.1f} train img/s; featx finetune: {featx_rate:.1f} train img/s; "
           f"ratio {result['ratio']}x")
     print(json.dumps(result))

@@ -44,6 +44,9 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device_name(device))
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
 def keep_freed_memory() -> bool:
     """On glibc, let freed memory stay with the process (malloc's mmap and trim thresholds at 2 GiB). A
     forward and backward pass on the CPU frees and reallocates the same large activation buffers every
@@ -56,9 +59,6 @@ def keep_freed_memory() -> bool:
 
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     return bool(mallopt) and all(mallopt(option, 2 ** 31 - 1) == 1 for option in (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD))
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
 def usable_cores() -> int:
