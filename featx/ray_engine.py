@@ -2,8 +2,10 @@
 
 The driver keeps what the local engine does (the cache lock, the index, the to-do list, the writing);
 Ray Data only computes. CPU tasks read the files (decoded to uint8, or only their bytes with
-``--decode device``) and a pool of actors runs the network the driver built and shipped (``ray.put``),
-so workers need neither the registry nor the weight files, only the images at the same paths. The
+``--decode device``) with Pillow alone, and a pool of actors runs what the driver built and shipped
+(``ray.put``): its checked ONNX export, or the torch network. Workers need neither the registry nor the
+weight files, only the images at the same paths, and import torch only for the torch runtime or device
+decoding. The
 driver is the one writer and drops any image it has already received: Ray re-runs the blocks of a lost
 actor or node, and the cache must hold each image once (Ray's own writers lose or duplicate rows,
 ray#55043, #52967).
