@@ -262,7 +262,8 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     workers = default_workers(dev) if workers is None else workers
     draft = net_b.preprocess.resize_size
     size = net_b.preprocess.input_size
-    weights = class_weights(class_weight, labels["train"], ds.classes, per_class=True)
+    weights = class_weights(class_weight, labels["train"], ds.classes)
+    weights = None if weights is None else torch.as_tensor(weights)
     train_set = ImageFiles(files["train"], augmentation(net_b, augment), draft)
     sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed) \
         if world.distributed else EpochSampler(len(train_set), seed, shuffle)

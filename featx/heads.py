@@ -2,15 +2,18 @@
 
 Each head is a scikit-learn classifier (``fit`` / ``predict`` / ``predict_proba``) whose model
 selection cannot leak: preprocessing is fitted inside each cross-validation fold, and ``cv`` may be a
-``PredefinedSplit`` to select on a validation split instead. The linear heads solve scikit-learn's
-objectives with full-batch L-BFGS in torch, warm-started along the C path; kNN scores every k
-from one similarity matrix per fold.
+``PredefinedSplit`` to select on a validation split instead. The numbers are scikit-learn's: ``logreg`` is
+``LogisticRegression`` (warm-started along the C path) after ``StandardScaler``; ``svm`` solves
+``LinearSVC``'s objective (``solvers.SquaredHinge``, faster on many classes) and is calibrated by
+``CalibratedClassifierCV`` on held-out decisions; ``knn`` takes its neighbours from ``KNeighborsClassifier``
+on L2-normalised rows. Selection is one rule for every head (``selection.best_index``).
 After fitting, a head keeps only plain arrays (``arrays()``) and predicts from them, so the saved
 model is exactly the evaluated one and loading it executes no code. Predicting needs numpy only (torch
 is imported by the fits), so ``featx predict`` starts without torch.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -22,8 +25,9 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .devices import resolve_device
 from .errors import FeatxError
-from .selection import Folds, best_index, fit_sigmoid, fit_temperature, holdout, log_loss_of, make_folds, tied
-from .solvers import balanced_weights, fit_linear, nearest_labels, normalise, scaling, softmax, standardise, vote
+from .selection import Folds, best_index, calibrate, edge_note, holdout, log_loss_of, make_folds
+from .solvers import (SquaredHinge, balanced_weights, nearest_labels, normalise, ovr_signs, ovr_weights, scaling,
+                      sigmoid_pair, softmax, vote)
 
 if TYPE_CHECKING:
     import torch
@@ -31,9 +35,11 @@ if TYPE_CHECKING:
 DEFAULT_CS = np.logspace(-6, 4, 21)  # the linear-probe literature's sweep, 21 log-spaced values
 DEFAULT_KS = (1, 3, 5, 7, 9, 11, 15, 21, 31)
 FALLBACK_C, FALLBACK_K, FALLBACK_EPOCHS = 1.0, 1, 30  # used when no held-out row exists to select with
+LOGREG_MAX_ITER = 1000  # LogisticRegression's lbfgs iterations (its default, 100, stops short on wide features)
+KNN_SMOOTHING = 1.0  # add-one smoothing of kNN votes when nothing is held out to fit it on
 PREPROCESSING = {"logreg": "standardise (mean/std of the training rows)", "svm": "standardise",
                  "knn": "L2-normalise, cosine similarity", "mlp": "standardise"}
-PATH_PATIENCE = 5  # stop the C path after this many values (a factor 10^2.5) that no longer help
+PATH_PATIENCE = 5  # stop the C path once the chosen C and the lowest held-out loss are this many values behind
 
 
 def proba_over(head: "Head", X: np.ndarray, n_classes: int) -> np.ndarray:
@@ -85,14 +91,14 @@ class Head(ClassifierMixin, BaseEstimator):
 
 
 class LinearHead(Head):
-    """Standardised features -> one linear layer. ``loss='logreg'``: multinomial logistic regression;
-    ``loss='svm'``: linear SVM (squared hinge, one-vs-rest) whose probabilities are calibrated on held-out
-    decision values (Platt sigmoid for two classes, one temperature for more). C is chosen from ``Cs`` on
-    held-out rows (``selection.make_folds``), each fold standardised on its own training part, ties
-    broken by held-out loss; then the head is refitted on all rows. ``class_weight='balanced'`` weighs each
-    row's loss by n / (classes x its class's rows), as scikit-learn does."""
+    """Standardised features -> one linear layer. ``loss='logreg'``: scikit-learn's ``LogisticRegression``
+    (multinomial; one logit for two classes); ``loss='svm'``: ``LinearSVC``'s problem (squared hinge,
+    one-vs-rest, regularised intercept) whose probabilities are calibrated on held-out decision values by
+    ``CalibratedClassifierCV`` (Platt's sigmoid for two classes, temperature scaling for more). The fit is
+    three named steps: ``_select`` C on held-out rows (``selection.make_folds``, each fold standardised on its
+    own training part), ``_refit`` on all rows, ``_calibrate`` (svm). ``class_weight`` is scikit-learn's."""
 
-    def __init__(self, loss: str = "logreg", Cs=None, cv=5, class_weight: str | None = None):
+    def __init__(self, loss: str = "logreg", Cs=None, cv=5, class_weight: str | dict | None = None):
         self.loss, self.Cs, self.cv, self.class_weight = loss, Cs, cv, class_weight
 
     @property
@@ -100,83 +106,148 @@ class LinearHead(Head):
         return self.loss
 
     def fit(self, X, y):
-        import torch
+        from sklearn.exceptions import ConvergenceWarning
 
         if self.loss not in ("logreg", "svm"):
             raise FeatxError(f"unknown linear loss '{self.loss}': use logreg or svm")
         X, codes = self._fit_data(X, y)
+        check_class_weight(self.class_weight)
         Cs = np.sort(DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float).ravel())
         folds = make_folds(self.cv, codes)
-        scores, losses, held_out = self._path(X, codes, Cs, folds) if folds else ([], [], [])
-        if folds:
-            best = best_index(scores, losses, int(folds.scored.sum()))
-            C = float(Cs[best])
-            self.selected_ = {"C": C, "cv_accuracy": scores[best], "cv_loss": losses[best],
-                              "candidates": len(Cs), "evaluated": len(scores), **folds.describe()}
-        else:
-            C = float(Cs[0]) if len(Cs) == 1 else FALLBACK_C
-            self.selected_ = {"C": C, "cv_accuracy": None, "candidates": len(Cs), **folds.describe()}
-        self.mean_, self.scale_, Xall = standardise(X)
-        W, b, iterations = fit_linear(Xall, torch.as_tensor(codes), len(self.classes_), C, self.loss, max_iter=1000,
-                                      weights=self._weights(codes))
-        self.selected_["refit_iterations"] = iterations
-        self.coef_, self.intercept_ = W.T.double().numpy(), b.double().numpy()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            C, held_out = self._select(X, codes, Cs, folds)
+            self._refit(X, codes, C)
+        unconverged = self.selected_.pop("_unconverged", 0) + sum(
+            issubclass(w.category, ConvergenceWarning) for w in caught)
+        if unconverged:
+            self.selected_["warnings"] = [f"{unconverged} of {self.selected_['fits']} fits stopped at their iteration "
+                                          "limit before converging (scikit-learn's ConvergenceWarning)"]
         if self.loss == "svm":
-            scored = folds.scored
-            self._calibrate(held_out[best][scored] if folds else None, codes[scored])
+            self._calibrate(held_out, codes[folds.scored] if folds else None)
         return self
 
-    def _path(self, X, codes, Cs, folds: Folds):
-        """Held-out accuracy, loss and decisions for each C, most to least regularised, warm-started."""
-        import torch
-
-        splits = []
-        for train, test in folds.pairs:  # each fold standardised on its own train part
-            _, _, Xtr, Xte = standardise(X[train], X[test])
-            splits.append((Xtr, torch.as_tensor(codes[train]), Xte, test, self._weights(codes[train])))
-        states, scores, losses, decisions = [None] * len(splits), [], [], []
-        scored = folds.scored
+    def _select(self, X, codes: np.ndarray, Cs: np.ndarray, folds: Folds) -> tuple[float, np.ndarray | None]:
+        """(C, held-out decisions at C): the C path from the most to the least regularised, warm-started per
+        fold, scored by ``best_index``; without held-out rows the one C given, else ``FALLBACK_C``."""
+        self.selected_ = {"candidates": len(Cs), "_unconverged": 0, "fits": 0, **folds.describe()}
+        if not folds:
+            C = float(Cs[0]) if len(Cs) == 1 else FALLBACK_C
+            self.selected_ |= {"C": C, "cv_accuracy": None}
+            return C, None
+        paths = [self._fold_path(X[train], codes[train], X[test]) for train, test in folds.pairs]
+        scored = codes[folds.scored]
+        scores, losses, decisions = [], [], []
         for C in Cs:
-            decision = np.zeros((len(X), 1 if self.loss == "svm" and len(self.classes_) == 2 else len(self.classes_)))
-            for f, (Xtr, ytr, Xte, test, weights) in enumerate(splits):
-                states[f] = fit_linear(Xtr, ytr, len(self.classes_), C, self.loss, states[f][:2] if states[f] else None,
-                                       weights=weights)
-                decision[test] = (Xte @ states[f][0] + states[f][1]).double().numpy()
-            decisions.append(decision)
-            scores.append(float((self._labels(decision[scored]) == codes[scored]).mean()))
-            losses.append(self._held_out_loss(decision[scored], codes[scored]))
-            since_tied = len(scores) - 1 - max(tied(scores, int(scored.sum())))
-            since_lowest_loss = len(scores) - 1 - int(np.argmin(losses))
-            if max(since_tied, since_lowest_loss) >= PATH_PATIENCE:
-                break  # held-out accuracy fell out of the tie, or the held-out loss rose, for PATH_PATIENCE values
-        return scores, losses, decisions
+            held = np.zeros((len(X), self._columns()))
+            for path, (_, test) in zip(paths, folds.pairs):
+                held[test] = path(C)
+            held = held[folds.scored]
+            proba = self._held_out_proba(held, scored)
+            scores.append(float((proba.argmax(1) == scored).mean()))
+            losses.append(log_loss_of(proba, scored))
+            decisions.append(held)
+            best = best_index(scores, losses)
+            if min(len(scores) - 1 - best, len(scores) - 1 - int(np.argmin(losses))) >= PATH_PATIENCE:
+                break
+        self.selected_["fits"] = len(scores) * len(paths)
+        C = float(Cs[best])
+        self.selected_ |= {"C": C, "cv_accuracy": scores[best], "cv_log_loss": losses[best], "evaluated": len(scores)}
+        if note := edge_note("C", best, list(Cs)):
+            self.selected_["edge"] = note
+        return C, decisions[best]
 
-    def _weights(self, codes: np.ndarray) -> torch.Tensor | None:
+    def _columns(self) -> int:
+        return 1 if len(self.classes_) == 2 else len(self.classes_)
+
+    def _class_weights(self, codes: np.ndarray) -> np.ndarray | None:
         return class_weights(self.class_weight, codes, list(self.classes_))
 
-    def _held_out_loss(self, z: np.ndarray, codes: np.ndarray) -> float:
-        """The head's own loss on held-out rows: cross-entropy for logreg, squared hinge for svm."""
+    def _fold_path(self, X_train, codes_train, X_test):
+        """A function C -> held-out decision values of this fold's model at C, warm-started from the last C."""
         if self.loss == "logreg":
-            return log_loss_of(softmax(z), codes)
-        signs = np.where(codes[:, None] == (np.arange(z.shape[1]) + (z.shape[1] == 1)), 1.0, -1.0)
-        return float(np.square(np.clip(1 - signs * z, 0, None)).sum(1).mean())
+            model = self._logreg(warm_start=True)
 
-    @staticmethod
-    def _labels(z: np.ndarray) -> np.ndarray:
-        return (z[:, 0] > 0).astype(int) if z.shape[1] == 1 else z.argmax(1)
+            def decisions(C):
+                model.set_params(logisticregression__C=C).fit(X_train, codes_train)
+                return self._logits(model, X_test)
+            return decisions
+        mean, scale = scaling(X_train)
+        X_train, X_test = (X_train - mean) / scale, (X_test - mean) / scale
+        problem = self._svm_problem(X_train, codes_train)
 
-    def _calibrate(self, decision: np.ndarray | None, codes: np.ndarray) -> None:
-        """Probabilities from held-out decision values at the chosen C (none held out: uncalibrated,
-        a = 1 or T = 1, and ``selected_`` says so)."""
-        self.selected_["calibration"] = "held-out decisions" if decision is not None else "none (nothing held out)"
+        def decisions(C):
+            coef, intercept, _, converged = problem.solve(C)
+            self.selected_["_unconverged"] += not converged
+            return X_test @ coef.T + intercept
+        return decisions
+
+    def _logreg(self, **options):
+        """scikit-learn's pipeline for logreg: ``StandardScaler`` then ``LogisticRegression``."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        return make_pipeline(StandardScaler(), LogisticRegression(
+            max_iter=LOGREG_MAX_ITER, class_weight=self._sklearn_class_weight(), **options))
+
+    def _sklearn_class_weight(self):
+        """``class_weight`` keyed by class code, as scikit-learn receives it."""
+        if isinstance(self.class_weight, dict):
+            return {code: float(self.class_weight.get(c, 1.0)) for code, c in enumerate(self.classes_)}
+        return self.class_weight
+
+    def _logits(self, model, X) -> np.ndarray:
+        """A fitted LogisticRegression's decision values in this head's columns (a fold may lack a class:
+        it gets a logit that no probability notices)."""
+        z, present = model.decision_function(X), model.classes_
         if len(self.classes_) == 2:
-            a = fit_sigmoid(decision[:, 0], codes == 1) if decision is not None else 1.0
-            self.calib_a_, self.calib_b_ = np.array([-a]), np.array([0.0])
+            return z.reshape(-1, 1)
+        if len(present) == len(self.classes_):
+            return z
+        full = np.full((len(X), len(self.classes_)), -np.inf)
+        full[:, present] = np.c_[-z, z] / 2 if z.ndim == 1 else z
+        return full
+
+    def _svm_problem(self, X, codes) -> SquaredHinge:
+        weights = self._class_weights(codes)
+        return SquaredHinge(X, ovr_signs(codes, len(self.classes_)),
+                            None if weights is None else ovr_weights(codes, weights))
+
+    def _held_out_proba(self, decision: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """Probabilities that score held-out decisions: logreg's own; the SVM's calibrated on those same
+        decisions (they only break accuracy ties between values of C)."""
+        if self.loss == "logreg":
+            return sigmoid_pair(decision) if decision.shape[1] == 1 else softmax(decision)
+        return self._calibrated(decision, calibrate(decision, codes, len(self.classes_)))
+
+    def _refit(self, X, codes: np.ndarray, C: float) -> None:
+        if self.loss == "logreg":
+            scaler, model = self._logreg(C=C).fit(X, codes).steps
+            self.mean_, self.scale_ = scaler[1].mean_, scaler[1].scale_
+            self.coef_, self.intercept_ = model[1].coef_.astype(np.float64), model[1].intercept_.astype(np.float64)
+            self.selected_["refit_iterations"] = int(np.max(model[1].n_iter_))
         else:
-            self.temperature_ = np.array([fit_temperature(decision, codes) if decision is not None else 1.0])
+            self.mean_, self.scale_ = scaling(X)
+            coef, intercept, iterations, converged = self._svm_problem((X - self.mean_) / self.scale_, codes).solve(C)
+            self.coef_, self.intercept_ = coef, intercept
+            self.selected_["refit_iterations"] = iterations
+            self.selected_["_unconverged"] = self.selected_.get("_unconverged", 0) + (not converged)
+        self.selected_["fits"] = self.selected_.get("fits", 0) + 1
+
+    def _calibrate(self, decision: np.ndarray | None, codes: np.ndarray | None) -> None:
+        """Probabilities from held-out decision values at the chosen C (none held out: uncalibrated,
+        a sigmoid of slope 1 or T = 1, and ``selected_`` says so)."""
+        self.selected_["calibration"] = "held-out decisions" if decision is not None else "none (nothing held out)"
+        if decision is not None:
+            self.load_arrays(calibrate(decision, codes, len(self.classes_)))
+        elif len(self.classes_) == 2:
+            self.calib_a_, self.calib_b_ = np.array([-1.0]), np.array([0.0])
+        else:
+            self.temperature_ = np.array([1.0])
 
     def _decisions(self, X) -> np.ndarray:
-        """One column per class, or a single column for a binary SVM."""
+        """One column per class, or a single column for two classes."""
         return ((self._data(X) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def decision_function(self, X) -> np.ndarray:
@@ -190,10 +261,15 @@ class LinearHead(Head):
     def predict_proba(self, X) -> np.ndarray:
         z = self._decisions(X)
         if self.loss == "logreg":
-            return softmax(z)
-        if hasattr(self, "temperature_"):
-            return softmax(z / self.temperature_[0])
-        p = 1.0 / (1.0 + np.exp(self.calib_a_ * z + self.calib_b_))  # p = 1 / (1 + exp(a * d + b)) per column
+            return sigmoid_pair(z) if z.shape[1] == 1 else softmax(z)
+        return self._calibrated(z, {k: getattr(self, k + "_") for k in ("temperature", "calib_a", "calib_b")
+                                    if hasattr(self, k + "_")})
+
+    @staticmethod
+    def _calibrated(z: np.ndarray, calibration: dict) -> np.ndarray:
+        if "temperature" in calibration:
+            return softmax(z / calibration["temperature"][0])
+        p = 1.0 / (1.0 + np.exp(calibration["calib_a"] * z + calibration["calib_b"]))  # scikit-learn's Platt sigmoid
         if p.shape[1] == 1:
             return np.hstack([1 - p, p])
         return p / np.maximum(p.sum(1, keepdims=True), 1e-300)  # model files written before temperature scaling
@@ -207,7 +283,10 @@ class LinearHead(Head):
 
 
 class KNNHead(Head):
-    """L2-normalised features, cosine similarity, majority vote of the k nearest; k chosen on held-out rows."""
+    """L2-normalised features, cosine similarity, the k nearest training rows vote (scikit-learn's
+    ``KNeighborsClassifier`` finds them); k chosen on held-out rows. Probabilities are the smoothed votes
+    (votes + a) / (k + a x classes), a fitted on held-out votes by log-loss (1 when nothing is held out),
+    so no class is ever given probability 0."""
 
     kind = "knn"
 
@@ -217,33 +296,75 @@ class KNNHead(Head):
     def fit(self, X, y):
         X, codes = self._fit_data(X, y)
         folds = make_folds(self.cv, codes)
-        asked = list(self.ks or DEFAULT_KS)
+        asked = sorted(self.ks or DEFAULT_KS)
         if folds:
-            smallest_fold_train = min(len(t) for t, _ in folds.pairs)
-            ks = [k for k in asked if k <= smallest_fold_train] or [1]
-            correct = np.zeros(len(ks))
-            for train, test in folds.pairs:  # one similarity matrix per fold serves every k
-                neighbours = nearest_labels(normalise(X[test]), normalise(X[train]), codes[train], max(ks))
-                for j, k in enumerate(ks):
-                    correct[j] += (vote(neighbours[:, :k], len(self.classes_)).argmax(1) == codes[test]).sum()
-            best = int(np.argmax(correct))  # ties go to the smaller k
-            k, accuracy = ks[best], float(correct[best] / folds.scored.sum())
+            k, alpha = self._select(X, codes, asked, folds)
         else:
-            ks, k, accuracy = asked, asked[0] if len(asked) == 1 else FALLBACK_K, None
-        self.selected_ = {"k": k, "cv_accuracy": accuracy, "candidates": len(ks), **folds.describe()}
+            if asked[0] > len(X):
+                raise FeatxError(f"--k {asked[0]} is more than the {len(X)} training images: use --k {len(X)} or less")
+            k, alpha = (asked[0] if len(asked) == 1 else FALLBACK_K), KNN_SMOOTHING
+            self.selected_ = {"k": k, "cv_accuracy": None, "candidates": len(asked), **folds.describe()}
+        self.selected_["smoothing"] = alpha
         self.train_ = normalise(X)
         self.train_labels_ = codes.astype(np.int64)
-        self.k_ = np.array([min(k, len(X))])  # 1-d: safetensors keeps no 0-d arrays
+        self.k_ = np.array([k])  # 1-d: safetensors keeps no 0-d arrays
+        self.smoothing_ = np.array([alpha])
         return self
+
+    def _select(self, X, codes, asked: list, folds: Folds) -> tuple[int, float]:
+        """(k, smoothing) by ``best_index`` over held-out votes; a k larger than a fold's training part is not
+        tried (said in ``selected_``), and a single ``--k`` that large is refused."""
+        from sklearn.neighbors import KNeighborsClassifier
+
+        limit = min(len(train) for train, _ in folds.pairs)
+        ks = [k for k in asked if k <= limit]
+        if not ks:
+            raise FeatxError(f"--k {asked[0]} is more than the {limit} training images of the smallest "
+                             f"cross-validation fold: use --k {limit} or less")
+        votes = {k: np.zeros((len(X), len(self.classes_))) for k in ks}
+        for train, test in folds.pairs:  # one neighbour search per fold serves every k
+            search = KNeighborsClassifier(n_neighbors=max(ks), algorithm="brute").fit(normalise(X[train]), codes[train])
+            neighbours = codes[train][search.kneighbors(normalise(X[test]), return_distance=False)]
+            for k in ks:
+                votes[k][test] = vote(neighbours[:, :k], len(self.classes_))
+        scored = codes[folds.scored]
+        scores, losses, alphas = [], [], []
+        for k in ks:
+            held = votes[k][folds.scored]
+            alphas.append(fit_smoothing(held, scored, k))
+            scores.append(float((held.argmax(1) == scored).mean()))
+            losses.append(log_loss_of(smoothed(held, k, alphas[-1]), scored))
+        best = best_index(scores, losses)
+        self.selected_ = {"k": ks[best], "cv_accuracy": scores[best], "cv_log_loss": losses[best],
+                          "candidates": len(ks), **folds.describe()}
+        if len(ks) < len(asked):
+            self.selected_["warnings"] = [f"k above {limit} not tried: a cross-validation fold trains on {limit} images"]
+        if note := edge_note("k", best, ks):
+            self.selected_["edge"] = note
+        return ks[best], alphas[best]
 
     def predict_proba(self, X) -> np.ndarray:
         X = self._data(X, np.float32)
         k = int(self.k_[0])
         neighbours = nearest_labels(normalise(X), self.train_, self.train_labels_, k)
-        return vote(neighbours, len(self.classes_)) / k
+        alpha = float(self.smoothing_[0]) if hasattr(self, "smoothing_") else 0.0  # files before smoothing: 0
+        return smoothed(vote(neighbours, len(self.classes_)), k, alpha)
 
     def arrays(self) -> dict:
-        return {"train": self.train_, "train_labels": self.train_labels_, "k": self.k_}
+        return {"train": self.train_, "train_labels": self.train_labels_, "k": self.k_, "smoothing": self.smoothing_}
+
+
+def smoothed(votes: np.ndarray, k: int, alpha: float) -> np.ndarray:
+    return (votes + alpha) / (k + alpha * votes.shape[1])
+
+
+def fit_smoothing(votes: np.ndarray, codes: np.ndarray, k: int) -> float:
+    """The vote smoothing with the lowest log-loss on held-out votes, between 1e-4 and 100."""
+    from scipy.optimize import minimize_scalar
+
+    found = minimize_scalar(lambda log_a: log_loss_of(smoothed(votes, k, np.exp(log_a)), codes),
+                            bounds=(np.log(1e-4), np.log(100.0)), method="bounded")
+    return float(np.exp(found.x))
 
 
 def mlp_module(dim: int, hidden: int, classes: int, dropout: float) -> torch.nn.Module:
@@ -276,46 +397,61 @@ class MLPHead(Head):
         self.cv, self.device, self.random_state, self.class_weight = cv, device, random_state, class_weight
 
     def fit(self, X, y):
+        """Early stopping on the held-out rows picks the number of epochs; the head is then trained afresh on
+        every row (train + val under ``--select-on val``) for that many epochs."""
+        X, codes = self._fit_data(X, y)
+        train, held, how = holdout(self.cv, codes, self.holdout)
+        max_epochs = self.max_epochs if len(held) else min(self.max_epochs, FALLBACK_EPOCHS)
+        epochs, best = self._train(X, codes, train, held, max_epochs)
+        if len(held):
+            self._train(X, codes, np.arange(len(X)), np.array([], int), epochs)
+        self.selected_ = {"epochs": epochs, "best_holdout_loss": best, "holdout": len(held), "selection": how,
+                          "refit": f"on all {len(X)} rows for {epochs} epochs" if len(held) else "none"}
+        return self
+
+    def _train(self, X, codes, train: np.ndarray, held: np.ndarray, max_epochs: int) -> tuple[int, float | None]:
+        """Train a fresh, seeded MLP on ``train`` rows, standardised on them, for up to ``max_epochs``; with
+        ``held`` rows, stop ``patience`` epochs after their loss last improved and keep the best epoch's
+        weights. Stores the arrays; returns (epochs kept, best held-out loss)."""
         import torch
 
-        X, codes = self._fit_data(X, y)
         device = resolve_device(self.device)
         torch.manual_seed(self.random_state)
-        tr, ho, how = holdout(self.cv, codes, self.holdout)
-        max_epochs = self.max_epochs if len(ho) else min(self.max_epochs, FALLBACK_EPOCHS)
-        self.mean_, self.scale_ = scaling(X[tr])
-        Xs = torch.as_tensor((X - self.mean_) / self.scale_, dtype=torch.float32, device=device)
+        mean, scale = scaling(X[train])
+        Xs = torch.as_tensor((X - mean) / scale, dtype=torch.float32, device=device)
         ys = torch.as_tensor(codes, device=device)
         net = mlp_module(X.shape[1], self.hidden, len(self.classes_), self.dropout).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        weights = class_weights(self.class_weight, codes[tr], list(self.classes_), per_class=True)
-        loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else weights.float().to(device))
+        weights = class_weights(self.class_weight, codes[train], list(self.classes_))
+        loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else
+                                            torch.as_tensor(weights, dtype=torch.float32, device=device))
         generator = torch.Generator().manual_seed(self.random_state)
-        tr_t, ho_t = torch.as_tensor(tr, device=device), torch.as_tensor(ho, device=device)
-        best, best_state, since, epochs = np.inf, None, 0, 0
+        train_t, held_t = torch.as_tensor(train, device=device), torch.as_tensor(held, device=device)
+        best, best_state, best_epochs, since = np.inf, None, 0, 0
         for epoch in range(max_epochs):
             net.train()
-            order = tr_t[torch.randperm(len(tr), generator=generator).to(device)]
+            order = train_t[torch.randperm(len(train), generator=generator).to(device)]
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 opt.zero_grad()
                 loss_fn(net(Xs[batch]), ys[batch]).backward()
                 opt.step()
+            if not len(held):
+                continue
             net.eval()
             with torch.no_grad():
-                held = loss_fn(net(Xs[ho_t]), ys[ho_t]).item() if len(ho) else -epoch  # nothing held out: last wins
-            epochs = epoch + 1
-            if held < best - 1e-4:
-                best, since = held, 0
+                loss = loss_fn(net(Xs[held_t]), ys[held_t]).item()
+            if loss < best - 1e-4:
+                best, best_epochs, since = loss, epoch + 1, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             else:
                 since += 1
                 if since >= self.patience:
                     break
-        self.selected_ = {"epochs": epochs, "best_holdout_loss": float(best) if len(ho) else None,
-                          "holdout": len(ho), "selection": how}
-        self.load_arrays(mlp_arrays(self.mean_, self.scale_, best_state))
-        return self
+        if best_state is None:  # nothing held out: the last epoch's weights
+            best_epochs, best_state = max_epochs, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        self.load_arrays(mlp_arrays(mean, scale, best_state))
+        return best_epochs, float(best) if len(held) else None
 
     def load_arrays(self, arrays: dict) -> None:
         arrays = dict(arrays)
@@ -342,20 +478,20 @@ class MLPHead(Head):
         return {"mean": self.mean_, "scale": self.scale_, **self.state_}
 
 
-def class_weights(class_weight, codes: np.ndarray, classes, per_class: bool = False) -> torch.Tensor | None:
-    """None, or weights per row (per class with ``per_class``): ``balanced``, or scikit-learn's
-    {class label: weight} (classes left out weigh 1)."""
+def check_class_weight(class_weight) -> None:
+    if class_weight is not None and not isinstance(class_weight, dict) and class_weight != "balanced":
+        raise FeatxError(f"--class-weight {class_weight} is not supported: use balanced, or leave it out")
+
+
+def class_weights(class_weight, codes: np.ndarray, classes) -> np.ndarray | None:
+    """None, or one weight per class: ``balanced`` (from ``codes``), or scikit-learn's {class label: weight}
+    (classes left out weigh 1)."""
+    check_class_weight(class_weight)
     if class_weight is None:
         return None
     if isinstance(class_weight, dict):
-        weights = np.array([float(class_weight.get(c, 1.0)) for c in classes])
-    elif class_weight == "balanced":
-        weights = balanced_weights(codes, len(classes))
-    else:
-        raise FeatxError(f"--class-weight {class_weight} is not supported: use balanced, or leave it out")
-    import torch
-
-    return torch.as_tensor(weights if per_class else weights[codes])
+        return np.array([float(class_weight.get(c, 1.0)) for c in classes])
+    return balanced_weights(codes, len(classes))
 
 
 def make_head(clf: str, cv=5, device: str = "auto", C: float | None = None, k: int | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 
 SEED = 0
@@ -69,43 +70,62 @@ def holdout(cv, codes: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndar
     return np.setdiff1d(np.arange(n), held), held, how
 
 
-def tied(accuracy: list, n: int) -> list[int]:
-    """Candidates whose held-out accuracy is within one standard error of the best (sqrt(p(1-p)/n) over
-    ``n`` scored images): on 600 images, 0.985 and 0.982 are the same figure."""
+def best_index(accuracy: list, loss: list) -> int:
+    """The documented rule: the best mean held-out accuracy; among equal accuracies the lowest held-out
+    log-loss (a proper score: the most regularised candidate would give timid probabilities); then the
+    first candidate."""
     top = max(accuracy)
-    tolerance = (top * (1 - top) / max(n, 1)) ** 0.5
-    return [i for i, a in enumerate(accuracy) if a >= top - tolerance - 1e-12]
+    return min((i for i, a in enumerate(accuracy) if a == top), key=lambda i: (loss[i], i))
 
 
-def best_index(accuracy: list, loss: list, n: int) -> int:
-    """Among the candidates tied on held-out accuracy, the one with the lowest held-out loss (not the
-    most regularised: that gives timid probabilities)."""
-    return min(tied(accuracy, n), key=lambda i: loss[i])
+def edge_note(name: str, index: int, candidates: list) -> str | None:
+    """A warning when the chosen value is the smallest or largest of several tried: the best may lie beyond."""
+    if len(candidates) < 2 or 0 < index < len(candidates) - 1:
+        return None
+    return f"{name} at the {'smallest' if index == 0 else 'largest'} value tried ({candidates[index]:g})"
 
 
 def log_loss_of(proba: np.ndarray, codes: np.ndarray) -> float:
     return float(-np.log(np.clip(proba[np.arange(len(codes)), codes], 1e-15, 1.0)).mean())
 
 
-def fit_sigmoid(decision: np.ndarray, positive: np.ndarray) -> float:
-    """Platt scaling without intercept for one decision column: p = sigmoid(a * d), a fitted on held-out
-    rows. Without an intercept p = 0.5 stays at d = 0, so probabilities and decisions agree on every
-    label; a fit that would reverse the ranking (a <= 0) falls back to a = 1."""
-    from sklearn.linear_model import LogisticRegression
+class HeldOutDecisions(ClassifierMixin, BaseEstimator):
+    """A fitted classifier whose decision values are its input: lets scikit-learn's
+    ``CalibratedClassifierCV`` calibrate decisions that were computed on held-out rows."""
 
-    if positive.all() or not positive.any():
-        return 1.0
-    a = float(LogisticRegression(C=1e6, fit_intercept=False).fit(decision.reshape(-1, 1), positive).coef_[0, 0])
-    return a if a > 0 else 1.0
+    def __init__(self, n_classes: int = 2):
+        self.n_classes = n_classes
+        self.classes_ = np.arange(n_classes)
+
+    def fit(self, X, y=None):
+        return self
+
+    def decision_function(self, X):
+        X = np.asarray(X, dtype=np.float64)
+        return X[:, 0] if X.shape[1] == 1 else X
+
+    def predict(self, X):
+        z = self.decision_function(X)
+        return (z > 0).astype(int) if z.ndim == 1 else z.argmax(1)
 
 
-def fit_temperature(decision: np.ndarray, codes: np.ndarray) -> float:
-    """Temperature scaling for several decision columns: p = softmax(d / T), T fitted on held-out rows by
-    log-loss. One T for all columns keeps the argmax of probabilities equal to that of the decisions."""
-    from scipy.optimize import minimize_scalar
-    from .solvers import softmax
+def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int) -> dict:
+    """scikit-learn's calibration of held-out decision values: Platt's sigmoid (slope and intercept) for one
+    decision column, temperature scaling for several. Returns the arrays the SVM head predicts with."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.frozen import FrozenEstimator
 
-    def nll(log_t: float) -> float:
-        return log_loss_of(softmax(decision / np.exp(log_t)), codes)
-
-    return float(np.exp(minimize_scalar(nll, bounds=(-7, 7), method="bounded").x))
+    method = "sigmoid" if decision.shape[1] == 1 else "temperature"
+    # one weightless row per class keeps scikit-learn's label encoding equal to the decision columns when
+    # some class has no held-out row (a class with one image is never scored)
+    decision = np.vstack([decision, np.zeros((n_classes, decision.shape[1]))])
+    weights = np.r_[np.ones(len(codes)), np.zeros(n_classes)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*sample weights will only be used for the calibration")
+        warnings.filterwarnings("ignore", message="The least populated class")  # its folds only replay decisions
+        fitted = CalibratedClassifierCV(FrozenEstimator(HeldOutDecisions(n_classes)), method=method, cv=2).fit(
+            decision, np.r_[codes, np.arange(n_classes)], sample_weight=weights)
+    calibrator = fitted.calibrated_classifiers_[0].calibrators[0]
+    if method == "sigmoid":
+        return {"calib_a": np.array([float(calibrator.a_)]), "calib_b": np.array([float(calibrator.b_)])}
+    return {"temperature": np.array([1.0 / float(calibrator.beta_)])}

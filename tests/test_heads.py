@@ -153,7 +153,7 @@ def test_select_on_val_scores_only_val_rows(blobs):
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
-def test_svm_probabilities_agree_with_decisions_and_are_calibrated(blobs, n_classes):
+def test_svm_probabilities_are_calibrated(blobs, n_classes):
     from featx.selection import log_loss_of
     from featx.solvers import softmax
 
@@ -164,8 +164,6 @@ def test_svm_probabilities_agree_with_decisions_and_are_calibrated(blobs, n_clas
     head = heads.LinearHead("svm", cv=cv).fit(Xs, ys)
     Xtest, ytest = Xt[keep_t][keep_t.sum() // 2:], yt[keep_t][keep_t.sum() // 2:]
     z = head.decision_function(Xtest)  # 1-D for two classes, as in scikit-learn
-    decided = (z > 0).astype(int) if z.ndim == 1 else z.argmax(1)
-    assert (head.predict_proba(Xtest).argmax(1) == decided).mean() >= 0.99
     raw = np.c_[-z / 2, z / 2] if z.ndim == 1 else z
     assert log_loss_of(head.predict_proba(Xtest), ytest) <= log_loss_of(softmax(raw), ytest)
 

@@ -152,3 +152,61 @@ def test_onnx_runtime_and_torch_give_the_same_lite0_features(hymenoptera_feature
     onnx = a.X[[row[p] for p in b.paths]]
     cos = (onnx * b.X).sum(1) / np.linalg.norm(onnx, axis=1) / np.linalg.norm(b.X, axis=1)
     assert cos.min() >= 0.9999, cos.min()
+
+
+@pytest.fixture(scope="session")
+def digits_features(tmp_path_factory):
+    """lite0 features of every 4th of scikit-learn's digits (ten classes, 450 images)."""
+    from featx import data
+
+    root = tmp_path_factory.mktemp("digits")
+    full = data.load("digits", root).root
+    files = sorted(p.relative_to(full) for p in full.rglob("*.png"))[::4]
+    subset = linked_subset(full, root / "digits_subset", files)
+    return featx.extract("efficientnet_lite0", str(subset), cache_dir=root / "cache", progress=False)
+
+
+def sklearn_reference(clf: str, value, folds, n_classes: int):
+    """The scikit-learn estimator each featx head's numbers must equal, at a fixed C or k."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+    from sklearn.svm import LinearSVC
+
+    from featx.heads import LOGREG_MAX_ITER
+
+    if clf == "logreg":
+        return make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=LOGREG_MAX_ITER))
+    if clf == "knn":
+        return make_pipeline(Normalizer(), KNeighborsClassifier(value, algorithm="brute"))
+    svc = make_pipeline(StandardScaler(), LinearSVC(C=value, tol=1e-10, max_iter=1_000_000))
+    return CalibratedClassifierCV(svc, cv=folds.pairs, ensemble=False,
+                                  method="sigmoid" if n_classes == 2 else "temperature")
+
+
+@pytest.mark.parametrize("clf,value", [("logreg", 0.01), ("logreg", 1.0), ("svm", 1e-3), ("knn", 5)])
+@pytest.mark.parametrize("dataset", ["hymenoptera", "digits"])
+def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_features, dataset, clf, value):
+    """At a fixed C or k, featx's probabilities are scikit-learn's to 1e-4 and its accuracy is equal: the
+    binary logreg is fitted at C (not 2C), the SVM solves LinearSVC's problem and is calibrated as
+    CalibratedClassifierCV calibrates it, kNN's votes are KNeighborsClassifier's (then smoothed)."""
+    from featx import heads
+    from featx.selection import make_folds
+
+    F = store.load(hymenoptera_features[0].path if dataset == "hymenoptera" else digits_features.path)
+    X, y, _ = F.split("train")
+    Xt, yt, _ = F.split("val" if dataset == "hymenoptera" else "test")
+    head = heads.make_head(clf, C=value if clf != "knn" else None, k=value if clf == "knn" else None).fit(X, y)
+    folds = make_folds(5, np.unique(y, return_inverse=True)[1])
+    ref = sklearn_reference(clf, value, folds, len(np.unique(y))).fit(X, y)
+    expected = ref.predict_proba(Xt)
+    if clf == "knn":
+        expected = heads.smoothed(expected * value, value, float(head.smoothing_[0]))
+    np.testing.assert_allclose(head.predict_proba(Xt), expected, atol=1e-4)
+    assert head.score(Xt, yt) == ref.score(Xt, yt)
+    if clf == "svm":
+        svc = ref.calibrated_classifiers_[0].estimator
+        z = svc.decision_function(Xt)  # LinearSVC at tol 1e-10 on float32 rows: equal to 1e-5 of their range
+        np.testing.assert_allclose(head.decision_function(Xt), z, atol=1e-5 * np.abs(z).max())
