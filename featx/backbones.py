@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import FeatxError
 from .identity import FeatureIdentity
-from .weights import Weights, load_pretrained
+from .weights import Weights, load_pretrained, state_digest
 
 if TYPE_CHECKING:
     from torch import nn
@@ -313,7 +313,7 @@ def create_backbone(name: str, layer: str | None = None, weights: str | None = N
     from .network import Backbone
 
     model = spec.build()
-    weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", "none")
+    weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", state_digest(model))
     net = Backbone(spec, model, layer, preprocess, weights_id, sha).eval()
     net.precision, net.tta = precision, tta
     return net

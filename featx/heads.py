@@ -124,7 +124,7 @@ class LinearHead(Head):
             self.selected_["warnings"] = [f"{unconverged} of {self.selected_['fits']} fits stopped at their iteration "
                                           "limit before converging (scikit-learn's ConvergenceWarning)"]
         if self.loss == "svm":
-            self._calibrate(held_out, codes[folds.scored] if folds else None)
+            self._calibrate(held_out, codes[folds.scored] if folds else None, self._class_weights(codes))
         return self
 
     def _select(self, X, codes: np.ndarray, Cs: np.ndarray, folds: Folds) -> tuple[float, np.ndarray | None]:
@@ -143,7 +143,7 @@ class LinearHead(Head):
             for path, (_, test) in zip(paths, folds.pairs):
                 held[test] = path(C)
             held = held[folds.scored]
-            proba = self._held_out_proba(held, scored)
+            proba = self._held_out_proba(held, scored, self._class_weights(codes))
             scores.append(float((proba.argmax(1) == scored).mean()))
             losses.append(log_loss_of(proba, scored))
             decisions.append(held)
@@ -214,12 +214,12 @@ class LinearHead(Head):
         return SquaredHinge(X, ovr_signs(codes, len(self.classes_)),
                             None if weights is None else ovr_weights(codes, weights))
 
-    def _held_out_proba(self, decision: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    def _held_out_proba(self, decision: np.ndarray, codes: np.ndarray, class_weight) -> np.ndarray:
         """Probabilities that score held-out decisions: logreg's own; the SVM's calibrated on those same
         decisions (they only break accuracy ties between values of C)."""
         if self.loss == "logreg":
             return sigmoid_pair(decision) if decision.shape[1] == 1 else softmax(decision)
-        return self._calibrated(decision, calibrate(decision, codes, len(self.classes_)))
+        return self._calibrated(decision, calibrate(decision, codes, len(self.classes_), class_weight))
 
     def _refit(self, X, codes: np.ndarray, C: float) -> None:
         if self.loss == "logreg":
@@ -235,31 +235,34 @@ class LinearHead(Head):
             self.selected_["_unconverged"] = self.selected_.get("_unconverged", 0) + (not converged)
         self.selected_["fits"] = self.selected_.get("fits", 0) + 1
 
-    def _calibrate(self, decision: np.ndarray | None, codes: np.ndarray | None) -> None:
+    def _calibrate(self, decision: np.ndarray | None, codes: np.ndarray | None, class_weight) -> None:
         """Probabilities from held-out decision values at the chosen C (none held out: uncalibrated,
         a sigmoid of slope 1 or T = 1, and ``selected_`` says so)."""
         self.selected_["calibration"] = "held-out decisions" if decision is not None else "none (nothing held out)"
         if decision is not None:
-            self.load_arrays(calibrate(decision, codes, len(self.classes_)))
+            self.load_arrays(calibrate(decision, codes, len(self.classes_), class_weight))
         elif len(self.classes_) == 2:
             self.calib_a_, self.calib_b_ = np.array([-1.0]), np.array([0.0])
         else:
             self.temperature_ = np.array([1.0])
 
-    def _decisions(self, X) -> np.ndarray:
-        """One column per class, or a single column for two classes."""
+    def margins(self, X) -> np.ndarray:
+        """The linear decision values, one column per class or one for two classes (for svm, what
+        ``LinearSVC.decision_function`` gives)."""
         return ((self._data(X) - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def decision_function(self, X) -> np.ndarray:
-        """scikit-learn's convention: 1-D for two classes (positive favours ``classes_[1]``), else one column
-        per class."""
-        z = self._decisions(X)
+        """Log-odds that agree with ``predict``, in scikit-learn's shape (1-D for two classes, positive
+        favours ``classes_[1]``): logreg's logits; the svm's calibrated ones (its margins are ``margins``)."""
+        z = self.margins(X)
+        if self.loss == "svm":
+            z = z / self.temperature_[0] if hasattr(self, "temperature_") else -(self.calib_a_ * z + self.calib_b_)
         if len(self.classes_) == 2:
             return z[:, 0] if z.shape[1] == 1 else z[:, 1] - z[:, 0]
         return z
 
     def predict_proba(self, X) -> np.ndarray:
-        z = self._decisions(X)
+        z = self.margins(X)
         if self.loss == "logreg":
             return sigmoid_pair(z) if z.shape[1] == 1 else softmax(z)
         return self._calibrated(z, {k: getattr(self, k + "_") for k in ("temperature", "calib_a", "calib_b")

@@ -20,7 +20,7 @@ import numpy as np
 from . import __version__
 from .errors import FeatxError
 from .files import atomic_write
-from .identity import FeatureIdentity
+from .identity import FEATURE_CODE, FeatureIdentity
 
 FORMAT = "featx-model-1"
 MODEL_NAME = "model.featx"
@@ -99,8 +99,12 @@ class ModelFile:
         if digest(meta["manifest"], tensors) != meta.get("sha256"):
             raise FeatxError(f"{path} fails its SHA-256 check (changed after featx wrote it): refit or restore it")
         m = json.loads(meta["manifest"])
+        identity = FeatureIdentity.from_mapping(m["identity"])
+        if identity.code != FEATURE_CODE:
+            raise FeatxError(f"{path} was fitted on features of featx's feature code {identity.code}, and this featx "
+                             f"computes version {FEATURE_CODE}: refit it with featx fit-head (or finetune)")
         backbone = {k[len(BACKBONE):]: v for k, v in tensors.items() if k.startswith(BACKBONE)}
-        return cls(kind=m["kind"], classes=m["classes"], identity=FeatureIdentity.from_mapping(m["identity"]),
+        return cls(kind=m["kind"], classes=m["classes"], identity=identity,
                    preprocess=m["preprocess"], head_config=m["head"],
                    head_arrays={k[len(HEAD):]: v for k, v in tensors.items() if k.startswith(HEAD)},
                    backbone_state=backbone or None, weights_file=m.get("weights_file"),

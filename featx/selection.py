@@ -109,9 +109,11 @@ class HeldOutDecisions(ClassifierMixin, BaseEstimator):
         return (z > 0).astype(int) if z.ndim == 1 else z.argmax(1)
 
 
-def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int) -> dict:
+def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int, class_weight: np.ndarray | None = None) -> dict:
     """scikit-learn's calibration of held-out decision values: Platt's sigmoid (slope and intercept) for one
-    decision column, temperature scaling for several. Returns the arrays the SVM head predicts with."""
+    decision column, temperature scaling for several. ``class_weight`` (one per class) weighs the rows as the
+    fit weighed them, so calibration keeps the prior that ``--class-weight`` asked for. Returns the arrays
+    the SVM head predicts with."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.frozen import FrozenEstimator
 
@@ -119,11 +121,11 @@ def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int) -> dict:
     # one weightless row per class keeps scikit-learn's label encoding equal to the decision columns when
     # some class has no held-out row (a class with one image is never scored)
     decision = np.vstack([decision, np.zeros((n_classes, decision.shape[1]))])
-    weights = np.r_[np.ones(len(codes)), np.zeros(n_classes)]
+    weights = np.r_[np.ones(len(codes)) if class_weight is None else class_weight[codes], np.zeros(n_classes)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*sample weights will only be used for the calibration")
-        warnings.filterwarnings("ignore", message="The least populated class")  # its folds only replay decisions
-        fitted = CalibratedClassifierCV(FrozenEstimator(HeldOutDecisions(n_classes)), method=method, cv=2).fit(
+        everything = [(np.arange(len(weights)), np.arange(len(weights)))]  # one "fold": it only replays decisions
+        fitted = CalibratedClassifierCV(FrozenEstimator(HeldOutDecisions(n_classes)), method=method, cv=everything).fit(
             decision, np.r_[codes, np.arange(n_classes)], sample_weight=weights)
     calibrator = fitted.calibrated_classifiers_[0].calibrators[0]
     if method == "sigmoid":

@@ -117,6 +117,24 @@ def read_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 over a network's tensors (names, dtypes, shapes, values): the identity of weights that have no
+    name, such as a randomly initialised network's."""
+    import hashlib
+
+    import torch
+
+    state = model.state_dict()
+    if any(t.is_meta for t in state.values()):
+        return "meta"  # built for names and shapes only: there are no values to name
+    h = hashlib.sha256()
+    for name, tensor in state.items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_pretrained(spec: "BackboneSpec", model: nn.Module, weights_file: str | None) -> tuple[str, str]:
     """Fill ``model`` with the spec's weights (or ``weights_file``); return (identity, sha256)."""
     if weights_file:

@@ -50,7 +50,7 @@ def test_svm_agrees_with_linearsvc_and_calibrates(blobs, n_classes):
     keep, keep_t = y < n_classes, yt < n_classes
     head = heads.LinearHead("svm", Cs=[0.05]).fit(X[keep], y[keep])
     ref = make_pipeline(StandardScaler(), LinearSVC(C=0.05, max_iter=20000, tol=1e-6)).fit(X[keep], y[keep])
-    z, z_ref = head.decision_function(Xt[keep_t]), ref.decision_function(Xt[keep_t])
+    z, z_ref = head.margins(Xt[keep_t]), ref.decision_function(Xt[keep_t])
     assert np.corrcoef(z.ravel(), z_ref.ravel())[0, 1] > 0.99
     p = head.predict_proba(Xt[keep_t])
     confident = p.max(1) > 0.9
@@ -163,8 +163,8 @@ def test_svm_probabilities_are_calibrated(blobs, n_classes):
     Xs, ys = np.vstack([X[keep], Xt[keep_t][:keep_t.sum() // 2]]), np.r_[y[keep], yt[keep_t][:keep_t.sum() // 2]]
     head = heads.LinearHead("svm", cv=cv).fit(Xs, ys)
     Xtest, ytest = Xt[keep_t][keep_t.sum() // 2:], yt[keep_t][keep_t.sum() // 2:]
-    z = head.decision_function(Xtest)  # 1-D for two classes, as in scikit-learn
-    raw = np.c_[-z / 2, z / 2] if z.ndim == 1 else z
+    z = head.margins(Xtest)  # the uncalibrated decision values, one column for two classes
+    raw = np.c_[-z / 2, z / 2] if z.shape[1] == 1 else z
     assert log_loss_of(head.predict_proba(Xtest), ytest) <= log_loss_of(softmax(raw), ytest)
 
 

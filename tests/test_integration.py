@@ -209,4 +209,4 @@ def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_
     if clf == "svm":
         svc = ref.calibrated_classifiers_[0].estimator
         z = svc.decision_function(Xt)  # LinearSVC at tol 1e-10 on float32 rows: equal to 1e-5 of their range
-        np.testing.assert_allclose(head.decision_function(Xt), z, atol=1e-5 * np.abs(z).max())
+        np.testing.assert_allclose(head.margins(Xt).reshape(z.shape), z, atol=1e-5 * np.abs(z).max())
