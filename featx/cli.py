@@ -155,6 +155,8 @@ def selection_line(selected: dict) -> str:
         names = selected["unscored_classes"]
         text += (f"; {len(names)} classes with one training image are always trained on, never scored: "
                  f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    for note in ([selected["edge"]] if selected.get("edge") else []) + selected.get("warnings", []):
+        text += f"\nwarning: {note}"
     return text
 
 

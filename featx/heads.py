@@ -147,7 +147,7 @@ class LinearHead(Head):
             scores.append(float((proba.argmax(1) == scored).mean()))
             losses.append(log_loss_of(proba, scored))
             decisions.append(held)
-            best = best_index(scores, losses)
+            best = best_index(scores, losses, len(scored))
             if min(len(scores) - 1 - best, len(scores) - 1 - int(np.argmin(losses))) >= PATH_PATIENCE:
                 break
         self.selected_["fits"] = len(scores) * len(paths)
@@ -337,7 +337,7 @@ class KNNHead(Head):
             alphas.append(fit_smoothing(held, scored, k))
             scores.append(float((held.argmax(1) == scored).mean()))
             losses.append(log_loss_of(smoothed(held, k, alphas[-1]), scored))
-        best = best_index(scores, losses)
+        best = best_index(scores, losses, len(scored))
         self.selected_ = {"k": ks[best], "cv_accuracy": scores[best], "cv_log_loss": losses[best],
                           "candidates": len(ks), **folds.describe()}
         if len(ks) < len(asked):

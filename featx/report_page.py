@@ -50,6 +50,7 @@ def setup_section(result: dict, setup: dict) -> str:
     rows = [[html.escape(k), shown(v)] for k, v in setup.items() if v is not None]
     rows += [[f"selected {html.escape(k)}", shown(v)]
              for k, v in result.get("selected", {}).items() if v is not None and not isinstance(v, (list, dict))]
+    rows += [["warning", html.escape(note)] for note in result.get("selected", {}).get("warnings", [])]
     return "<h2>Run</h2>" + table(["", "value"], rows, left=2)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-SVM_GAP = 1e-9  # relative duality gap at which a squared-hinge fit counts as converged
-SVM_MAX_ITER = 5000
+SVM_GAP = 1e-9  # relative duality gap at which a squared-hinge column counts as converged
+SVM_LBFGS_ITER = 200  # L-BFGS iterations before unconverged columns are handed to Newton's method
+SVM_NEWTON_ITER = 100
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -50,10 +51,11 @@ class SquaredHinge:
     """liblinear's L2-regularised squared-hinge problems on one training matrix, at any C:
     per column k, min 0.5 (|w_k|^2 + b_k^2) + C sum_i weight_ik max(0, 1 - sign_ik (x_i w_k + b_k))^2.
 
-    The matrix (with its column of ones) is rotated once into its row space by an SVD, where the
-    Hessian of the all-active problem is diagonal; L-BFGS runs on that diagonally preconditioned form in
-    float64 and stops on the relative duality gap (``SVM_GAP``), which bounds the distance to the optimum
-    whatever C is."""
+    The matrix (with its column of ones) is rotated once into its row space by an SVD, where the Hessian
+    of the all-active problem is diagonal. L-BFGS runs on that diagonally preconditioned form in float64,
+    all columns at once; a column it leaves unconverged (large C, few active rows) is finished by Newton's
+    method on its active rows with backtracking. Each column stops on its relative duality gap
+    (``SVM_GAP``), which bounds the distance to the optimum whatever C is."""
 
     def __init__(self, X: np.ndarray, signs: np.ndarray, weights: np.ndarray | None = None):
         import torch
@@ -66,43 +68,70 @@ class SquaredHinge:
             torch.as_tensor(np.broadcast_to(weights, signs.shape), dtype=torch.float64)
         self.gamma = torch.zeros(len(self.S), signs.shape[1], dtype=torch.float64)  # warm start along the path
 
-    def _objective(self, gamma, C: float):
-        margin = (1 - self.signs * (self.Z @ gamma)).clamp_min(0)
-        return 0.5 * (gamma * gamma).sum() + C * (self.weights * margin * margin).sum(), margin
+    def _objective(self, gamma, C: float, cols=slice(None)):
+        """(primal objective per column, hinge margins) of ``gamma`` for the columns ``cols``."""
+        margin = (1 - self.signs[:, cols] * (self.Z @ gamma)).clamp_min(0)
+        return 0.5 * (gamma * gamma).sum(0) + C * (self.weights[:, cols] * margin * margin).sum(0), margin
 
-    def gap(self, C: float) -> float:
-        """(primal - dual) / primal at the current solution; the dual point is alpha = 2 C weight margin."""
+    def gaps(self, C: float):
+        """(primal - dual) / primal per column at the current solution; the dual point is
+        alpha = 2 C weight margin."""
         import torch
 
         with torch.no_grad():
             primal, margin = self._objective(self.gamma, C)
             alpha = 2 * C * self.weights * margin
             v = self.Z.T @ (alpha * self.signs)
-            dual = alpha.sum() - 0.5 * (v * v).sum() - (alpha * alpha / (4 * C * self.weights)).sum()
-            return float((primal - dual) / primal.clamp_min(1e-300))
+            dual = alpha.sum(0) - 0.5 * (v * v).sum(0) - (alpha * alpha / (4 * C * self.weights)).sum(0)
+            return (primal - dual) / primal.clamp_min(1e-300)
 
     def solve(self, C: float) -> tuple[np.ndarray, np.ndarray, int, bool]:
-        """(coef k x d, intercept k, L-BFGS iterations, converged) at C, starting from the last solution."""
+        """(coef k x d, intercept k, iterations, converged) at C, starting from the last solution."""
         import torch
 
         precondition = (1 + 2 * C * self.S * self.S).rsqrt()[:, None]
         eta = (self.gamma / precondition).requires_grad_(True)
         iterations = 0
-        while (converged := self.gap(C) <= SVM_GAP) is False and iterations < SVM_MAX_ITER:
+        while (self.gaps(C) > SVM_GAP).any() and iterations < SVM_LBFGS_ITER:
             opt = torch.optim.LBFGS([eta], lr=1, max_iter=25, history_size=20, tolerance_grad=0, tolerance_change=0,
                                     line_search_fn="strong_wolfe")
 
             def closure():
                 opt.zero_grad()
-                value = self._objective(precondition * eta, C)[0]
+                value = self._objective(precondition * eta, C)[0].sum()
                 value.backward()
                 return value
 
             opt.step(closure)
             iterations += opt.state[opt._params[0]]["n_iter"]
             self.gamma = (precondition * eta).detach()
+        for column in torch.nonzero(self.gaps(C) > SVM_GAP).flatten().tolist():
+            iterations += self._newton(C, column)
         W = (self.Vh.T @ self.gamma).numpy()
-        return W[:-1].T.copy(), W[-1].copy(), iterations, converged
+        return W[:-1].T.copy(), W[-1].copy(), iterations, bool((self.gaps(C) <= SVM_GAP).all())
+
+    def _newton(self, C: float, column: int) -> int:
+        """Newton's method on one column (the generalised Hessian of its active rows), with backtracking;
+        returns its iterations."""
+        import torch
+
+        cols = slice(column, column + 1)
+        gamma, signs, weights = self.gamma[:, cols].clone(), self.signs[:, column], self.weights[:, column]
+        eye = torch.eye(len(gamma), dtype=torch.float64)
+        for iteration in range(1, SVM_NEWTON_ITER + 1):
+            value, margin = self._objective(gamma, C, cols)
+            active = margin[:, 0] > 0
+            Z, w = self.Z[active], weights[active]
+            grad = gamma - 2 * C * Z.T @ (w * signs[active] * margin[active, 0])[:, None]
+            step = torch.linalg.solve(eye + 2 * C * Z.T @ (w[:, None] * Z), -grad)
+            t, slope = 1.0, float((grad * step).sum())
+            while float(self._objective(gamma + t * step, C, cols)[0]) > float(value) + 1e-4 * t * slope and t > 1e-12:
+                t /= 2
+            gamma = gamma + t * step
+            self.gamma[:, cols] = gamma
+            if float(self.gaps(C)[column]) <= SVM_GAP:
+                break
+        return iteration
 
 
 def scaling(X_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -218,3 +218,81 @@ def test_class_weight_is_checked():
         heads.make_head("knn", class_weight="balanced")
     with pytest.raises(FeatxError, match="use balanced"):
         heads.LinearHead("logreg", class_weight="even").fit(np.eye(4), [0, 1, 0, 1])
+
+
+def test_squared_hinge_path_solves_each_c_as_linearsvc_does(blobs):
+    """Warm-started along the path, every C is solved to its own optimum (the old solver copied the previous
+    C's model from C = 316 up): the decisions equal a cold LinearSVC's at that C."""
+    from featx.solvers import SquaredHinge, ovr_signs, scaling
+
+    X, y, _, _ = blobs
+    mean, scale = scaling(X)
+    Xs = (X - mean) / scale
+    problem = SquaredHinge(Xs, ovr_signs(y, 3))
+    for C in (1e-3, 1e-1, 10.0, 1e3):
+        coef, intercept, iterations, converged = problem.solve(C)
+        ref = LinearSVC(C=C, tol=1e-12, max_iter=1_000_000).fit(Xs, y)
+        z, z_ref = Xs @ coef.T + intercept, ref.decision_function(Xs)
+        assert converged and iterations > 0, C
+        np.testing.assert_allclose(z, z_ref, atol=1e-4 * np.abs(z_ref).max())
+
+
+def test_binary_logreg_is_fitted_at_c_not_2c(blobs):
+    X, y, Xt, _ = blobs
+    two = y < 2
+    head = heads.make_head("logreg", C=0.01).fit(X[two], y[two])
+    at_c = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=heads.LOGREG_MAX_ITER))
+    np.testing.assert_allclose(head.predict_proba(Xt), at_c.fit(X[two], y[two]).predict_proba(Xt), atol=1e-6)
+
+
+def test_a_k_larger_than_a_fold_is_refused_in_one_line_and_the_grid_says_what_it_skipped():
+    X, y, _, _ = few_shot()  # 12 classes, 60 images: a fold trains on about 48
+    with pytest.raises(FeatxError, match=r"^--k 201 is more than the \d+ training images of the smallest "
+                                         r"cross-validation fold: use --k \d+ or less$"):
+        heads.make_head("knn", k=201).fit(X, y)
+    head = heads.make_head("knn").fit(X[:30], y[:30])
+    assert head.selected_["k"] <= 21 and "k above" in head.selected_["warnings"][0]
+
+
+def test_knn_probabilities_are_smoothed_never_zero(blobs):
+    from featx.selection import log_loss_of
+
+    X, y, Xt, yt = blobs
+    head = heads.make_head("knn", k=3).fit(X, y)
+    proba = head.predict_proba(Xt)
+    assert proba.min() > 0 and 0 < head.smoothing_[0] < 100 and np.isfinite(log_loss_of(proba, yt))
+    votes = KNeighborsClassifier(3, algorithm="brute").fit(X / np.linalg.norm(X, axis=1, keepdims=True), y)
+    np.testing.assert_allclose(proba, heads.smoothed(votes.predict_proba(
+        Xt / np.linalg.norm(Xt, axis=1, keepdims=True)) * 3, 3, head.smoothing_[0]), atol=1e-9)
+
+
+def test_mlp_refits_on_train_and_val_for_the_selected_epochs(blobs):
+    X, y, Xt, yt = blobs
+    cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yt), int)])
+    Xall = np.vstack([X, Xt])
+    head = heads.MLPHead(cv=cv, device="cpu", max_epochs=30).fit(Xall, np.r_[y, yt])
+    np.testing.assert_allclose(head.mean_, Xall.mean(0, dtype=np.float64))  # scaled on every row, not train's
+    assert head.selected_["refit"] == f"on all {len(Xall)} rows for {head.selected_['epochs']} epochs"
+
+
+def test_chosen_value_at_the_edge_of_the_grid_is_flagged(blobs):
+    X, y, _, _ = blobs
+    head = heads.LinearHead("logreg", Cs=[1e-6, 1.0]).fit(X, y)
+    assert head.selected_["C"] == 1.0 and head.selected_["edge"] == "C at the largest value tried (1)"
+    assert "edge" not in heads.LinearHead("logreg", Cs=[1e-6, 1.0, 1e6]).fit(X, y).selected_
+
+
+def test_convergence_warnings_reach_the_summary(blobs, monkeypatch):
+    X, y, _, _ = blobs
+    monkeypatch.setattr(heads, "LOGREG_MAX_ITER", 1)
+    head = heads.LinearHead("logreg", Cs=[1.0]).fit(X, y)
+    assert head.selected_["warnings"] == [f"{head.selected_['fits']} of {head.selected_['fits']} fits stopped at "
+                                          "their iteration limit before converging (scikit-learn's ConvergenceWarning)"]
+
+
+def test_model_files_before_smoothing_predict_as_they_did(blobs):
+    X, y, Xt, _ = blobs
+    arrays, config = heads.make_head("knn", k=5).fit(X, y).export()
+    del arrays["smoothing"]  # a kNN file written before smoothing: its plain vote shares
+    old = heads.load_head(arrays, config)
+    np.testing.assert_allclose(old.predict_proba(Xt) * 5, np.round(old.predict_proba(Xt) * 5), atol=1e-9)
