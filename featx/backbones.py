@@ -8,108 +8,17 @@ module, ``network.Backbone``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
 from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import FeatxError
-from .identity import FeatureIdentity
-from .weights import Weights, load_pretrained, state_digest
+from .specs import TF_LITE_MEAN, TF_LITE_STD, BackboneSpec, Preprocess, Tap, Weights, check_tta, with_logits
+from .weights import load_pretrained, local_path, state_digest, where
 
 if TYPE_CHECKING:
     from torch import nn
 
     from .network import Backbone
-
-TF_LITE_MEAN = (0.498, 0.498, 0.498)  # the TF-Lite weights were trained on (x - 127) / 128
-TF_LITE_STD = (0.502, 0.502, 0.502)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-TTAS = ("none", "flip")
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """Eval-time preprocessing of a weight set: shorter side to ``resize_size``, centre crop."""
-
-    input_size: int
-    resize_size: int
-    interpolation: str = "bilinear"
-    mean: tuple = IMAGENET_MEAN
-    std: tuple = IMAGENET_STD
-
-    def at_size(self, size: int) -> "Preprocess":
-        """Same weights at another input size: resize the shorter side to ``size`` and keep it all."""
-        return replace(self, input_size=size, resize_size=size)
-
-    def transform(self) -> Callable:
-        """PIL image, or uint8 CHW tensor on any device -> resized, centre-cropped uint8 CHW tensor.
-        Normalisation happens on the device, inside the model."""
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import v2 as T
-
-        return T.Compose([
-            T.Resize(self.resize_size, interpolation=InterpolationMode(self.interpolation), antialias=True),
-            T.CenterCrop(self.input_size),
-            T.PILToTensor(),
-        ])
-
-    def pil_array(self, img) -> np.ndarray:
-        """``transform()`` of a PIL RGB image, to the same uint8 CHW pixels, as a numpy array: Pillow's
-        resize with torchvision's output size and crop anchor, without importing torch."""
-        from PIL import Image
-
-        w, h = img.size
-        short, long = min(w, h), max(w, h)
-        size = (self.resize_size, int(self.resize_size * long / short))
-        size = size if w <= h else size[::-1]
-        if size != (w, h):
-            img = img.resize(size, getattr(Image.Resampling, self.interpolation.upper()))
-        pixels = np.asarray(img)
-        crop = self.input_size
-        pad = [(max(crop - n, 0) // 2, (max(crop - n, 0) + 1) // 2) for n in pixels.shape[:2]]
-        pixels = np.pad(pixels, pad + [(0, 0)])  # zeros where the image is smaller than the crop
-        top, left = (int(round((n - crop) / 2.0)) for n in pixels.shape[:2])
-        return np.ascontiguousarray(pixels[top:top + crop, left:left + crop].transpose(2, 0, 1))
-
-    def key(self) -> str:
-        return (f"{self.resize_size}-{self.input_size}-{self.interpolation}-"
-                f"{','.join(f'{v:g}' for v in self.mean)}-{','.join(f'{v:g}' for v in self.std)}")
-
-
-@dataclass(frozen=True)
-class Tap:
-    """Where to read features: a module's output (``gap``: global average pool, ``flat``: flatten)
-    or the input of a module (``input``, e.g. what reaches the classifier)."""
-
-    module: str
-    kind: str = "gap"
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    family: str
-    build: Callable[[], nn.Module]
-    weights: Weights
-    preprocess: Preprocess
-    feature_dim: int
-    taps: dict
-    default_tap: str
-    blocks: dict  # block name -> module-name prefixes, bottom to top
-    classifier: str  # the ImageNet classifier module, replaced when fine-tuning
-
-    def describe(self) -> dict:
-        path = self.weights.local_path()
-        return {
-            "name": self.name, "family": self.family, "feature_dim": self.feature_dim,
-            "default_layer": self.default_tap, "layers": list(self.taps), "blocks": list(self.blocks),
-            "input_size": self.preprocess.input_size, "weights": self.weights.ident,
-            "weights_available": path is not None, "weights_path": str(path) if path else self.weights.where(),
-        }
-
 
 # ---------------------------------------------------------------- registry entries
 
@@ -228,7 +137,9 @@ def timm_model(name: str) -> nn.Module:
     return timm.create_model(name, pretrained=False)
 
 
+@lru_cache(maxsize=1)
 def builtin_specs() -> dict[str, BackboneSpec]:
+    """The entries featx ships, built once (callers get copies through ``registry``)."""
     specs = [vgg_spec("vgg16", (2, 2, 3, 3, 3)), vgg_spec("vgg19", (2, 2, 4, 4, 4))]
     specs += [resnet_spec(n, d) for n, d in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
                                               ("resnet101", 2048), ("resnet152", 2048)]]
@@ -245,20 +156,17 @@ def builtin_specs() -> dict[str, BackboneSpec]:
     return {s.name: with_logits(s) for s in specs}
 
 
-def with_logits(spec: BackboneSpec) -> BackboneSpec:
-    """Every backbone can also return its ImageNet logits (to check weights, or to seed a head)."""
-    spec.taps.setdefault("logits", Tap(spec.classifier, "flat"))
-    return spec
+REGISTERED: dict[str, BackboneSpec] = {}  # what register_backbone added; a name here wins over a built-in one
 
 
-@lru_cache(maxsize=1)
 def registry() -> dict[str, BackboneSpec]:
-    return builtin_specs()
+    """Every entry by name: the built-in ones and those ``register_backbone`` added (a new dict each call)."""
+    return {**builtin_specs(), **REGISTERED}
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Add a backbone to the registry (like timm's ``register_model``), e.g. a custom or tiny net."""
-    registry()[spec.name] = with_logits(spec)
+    REGISTERED[spec.name] = with_logits(spec)
     return spec
 
 
@@ -273,8 +181,19 @@ def get_spec(name: str) -> BackboneSpec:
     return specs[name]
 
 
+def describe(spec: BackboneSpec) -> dict:
+    """A registry entry for ``featx backbones``: its names, sizes and whether its weights are here."""
+    path = local_path(spec.weights)
+    return {
+        "name": spec.name, "family": spec.family, "feature_dim": spec.feature_dim,
+        "default_layer": spec.default_tap, "layers": list(spec.taps), "blocks": list(spec.blocks),
+        "input_size": spec.preprocess.input_size, "weights": spec.weights.ident,
+        "weights_available": path is not None, "weights_path": str(path) if path else where(spec.weights),
+    }
+
+
 def list_backbones() -> list[dict]:
-    return [spec.describe() for spec in registry().values()]
+    return [describe(spec) for spec in registry().values()]
 
 
 def resolve_backbone(name: str, layer: str | None = None,
@@ -287,19 +206,6 @@ def resolve_backbone(name: str, layer: str | None = None,
     if layer not in spec.taps:
         raise FeatxError(f"backbone {spec.name} has no layer '{layer}': choose one of {', '.join(spec.taps)}")
     return spec, layer, spec.preprocess.at_size(input_size) if input_size else spec.preprocess
-
-
-def feature_identity(spec: BackboneSpec, weights: tuple[str, str], layer: str,
-                     preprocess: Preprocess, precision: str = "fp32", tta: str = "none") -> FeatureIdentity:
-    """What makes two feature sets comparable: same backbone, weights, tap, preprocessing, precision and
-    test-time augmentation."""
-    check_tta(tta)
-    return FeatureIdentity(spec.name, weights[0], weights[1], layer, preprocess.key(), precision, tta)
-
-
-def check_tta(tta: str) -> None:
-    if tta not in TTAS:
-        raise FeatxError(f"--tta {tta} is not supported: use {' or '.join(TTAS)}")
 
 
 def create_backbone(name: str, layer: str | None = None, weights: str | None = None,

@@ -23,11 +23,12 @@ import numpy as np
 
 from . import __version__, workspace
 from . import data as data_mod
-from .backbones import Preprocess, create_backbone, feature_identity, resolve_backbone
+from .backbones import create_backbone, resolve_backbone
 from .devices import device_name, resolve_precision
 from .errors import FeatxError
 from .identity import FeatureIdentity
 from .runtimes import resolve_runtime
+from .specs import Preprocess, feature_identity
 from .store import FeatureStore, Rows, cache_path
 from .weights import weights_identity
 

@@ -114,12 +114,12 @@ class LinearHead(Head):
         check_class_weight(self.class_weight)
         Cs = np.sort(DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float).ravel())
         folds = make_folds(self.cv, codes)
+        unconverged = []  # one entry per SVM fit left short of its duality gap
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            C, held_out = self._select(X, codes, Cs, folds)
-            self._refit(X, codes, C)
-        unconverged = self.selected_.pop("_unconverged", 0) + sum(
-            issubclass(w.category, ConvergenceWarning) for w in caught)
+            C, held_out = self._select(X, codes, Cs, folds, unconverged)
+            self._refit(X, codes, C, unconverged)
+        unconverged = len(unconverged) + sum(issubclass(w.category, ConvergenceWarning) for w in caught)
         if unconverged:
             self.selected_["warnings"] = [f"{unconverged} of {self.selected_['fits']} fits stopped at their iteration "
                                           "limit before converging (scikit-learn's ConvergenceWarning)"]
@@ -127,15 +127,16 @@ class LinearHead(Head):
             self._calibrate(held_out, codes[folds.scored] if folds else None, self._class_weights(codes))
         return self
 
-    def _select(self, X, codes: np.ndarray, Cs: np.ndarray, folds: Folds) -> tuple[float, np.ndarray | None]:
+    def _select(self, X, codes: np.ndarray, Cs: np.ndarray, folds: Folds,
+                unconverged: list) -> tuple[float, np.ndarray | None]:
         """(C, held-out decisions at C): the C path from the most to the least regularised, warm-started per
         fold, scored by ``best_index``; without held-out rows the one C given, else ``FALLBACK_C``."""
-        self.selected_ = {"candidates": len(Cs), "_unconverged": 0, "fits": 0, **folds.describe()}
+        self.selected_ = {"candidates": len(Cs), "fits": 0, **folds.describe()}
         if not folds:
             C = float(Cs[0]) if len(Cs) == 1 else FALLBACK_C
             self.selected_ |= {"C": C, "cv_accuracy": None}
             return C, None
-        paths = [self._fold_path(X[train], codes[train], X[test]) for train, test in folds.pairs]
+        paths = [self._fold_path(X[train], codes[train], X[test], unconverged) for train, test in folds.pairs]
         scored = codes[folds.scored]
         scores, losses, decisions = [], [], []
         for C in Cs:
@@ -163,7 +164,7 @@ class LinearHead(Head):
     def _class_weights(self, codes: np.ndarray) -> np.ndarray | None:
         return class_weights(self.class_weight, codes, list(self.classes_))
 
-    def _fold_path(self, X_train, codes_train, X_test):
+    def _fold_path(self, X_train, codes_train, X_test, unconverged: list):
         """A function C -> held-out decision values of this fold's model at C, warm-started from the last C."""
         if self.loss == "logreg":
             model = self._logreg(warm_start=True)
@@ -178,7 +179,8 @@ class LinearHead(Head):
 
         def decisions(C):
             coef, intercept, _, converged = problem.solve(C)
-            self.selected_["_unconverged"] += not converged
+            if not converged:
+                unconverged.append(C)
             return X_test @ coef.T + intercept
         return decisions
 
@@ -221,7 +223,7 @@ class LinearHead(Head):
             return sigmoid_pair(decision) if decision.shape[1] == 1 else softmax(decision)
         return self._calibrated(decision, calibrate(decision, codes, len(self.classes_), class_weight))
 
-    def _refit(self, X, codes: np.ndarray, C: float) -> None:
+    def _refit(self, X, codes: np.ndarray, C: float, unconverged: list) -> None:
         if self.loss == "logreg":
             scaler, model = self._logreg(C=C).fit(X, codes).steps
             self.mean_, self.scale_ = scaler[1].mean_, scaler[1].scale_
@@ -232,8 +234,9 @@ class LinearHead(Head):
             coef, intercept, iterations, converged = self._svm_problem((X - self.mean_) / self.scale_, codes).solve(C)
             self.coef_, self.intercept_ = coef, intercept
             self.selected_["refit_iterations"] = iterations
-            self.selected_["_unconverged"] = self.selected_.get("_unconverged", 0) + (not converged)
-        self.selected_["fits"] = self.selected_.get("fits", 0) + 1
+            if not converged:
+                unconverged.append(C)
+        self.selected_["fits"] += 1
 
     def _calibrate(self, decision: np.ndarray | None, codes: np.ndarray | None, class_weight) -> None:
         """Probabilities from held-out decision values at the chosen C (none held out: uncalibrated,

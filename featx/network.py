@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import BackboneSpec, Preprocess, feature_identity
+from .specs import BackboneSpec, Preprocess, feature_identity
 from .identity import FeatureIdentity
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
+from .report_page import HEADLINE, split_label, write_page
+
 TOP_LOSSES = 16
 ECE_BINS = 15
 BOOTSTRAP = 1000  # resamples for the 95% intervals, seeded
-HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ece")
 CONFUSED_PAIRS = 10
 
 
@@ -182,8 +183,6 @@ def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup:
     """metrics.json, a confusion-matrix PNG and a top-losses CSV per evaluated split, and the page that
     shows them all (``report_page.py``); returns the page's path. ``image_root`` is the folder the
     top losses' paths are relative to."""
-    from .report_page import write_page
-
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for split in ("train", "val", "test"):
@@ -197,11 +196,6 @@ def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup:
             writer.writeheader()
             writer.writerows(m["top_losses"])
     return write_page(out_dir, metrics, title, setup, image_root, extra)
-
-
-def split_label(split: str, metrics: dict) -> str:
-    """The split's name, marked when it chose something (an epoch): its figure is then optimistic."""
-    return f"{split} (chose the epoch, optimistic)" if metrics.get("selected_on") == split else split
 
 
 def summary_line(metrics: dict) -> str:

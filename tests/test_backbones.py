@@ -74,7 +74,7 @@ def test_torchvision_weights_load_from_hub_cache(tmp_path, monkeypatch):
     state = featx.create_backbone("resnet18", pretrained=False).model.state_dict()
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
     torch.save(state, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
-    assert backbones.get_spec("resnet18").describe()["weights_available"]
+    assert backbones.describe(backbones.get_spec("resnet18"))["weights_available"]
     net = featx.create_backbone("resnet18")
     assert torch.equal(net.model.conv1.weight, state["conv1.weight"])
     assert net.weights_id == "ResNet18_Weights.IMAGENET1K_V1" and len(net.weights_sha256) == 64

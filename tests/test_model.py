@@ -127,3 +127,32 @@ def test_broken_symlinks_in_a_dataset_are_listed_as_skipped(tiny, dataset, tmp_p
     reasons = {s["path"]: s["reason"] for s in r.skipped_files}
     assert reasons["train/a/gone.jpg"].startswith("dangling symlink") and r.images == 24
     assert reasons["train/b/loop.jpg"].startswith("symlink loop") and r.skipped == 2
+
+
+def test_features_of_another_feature_code_version_are_refused(fitted, monkeypatch):
+    from featx import modelfile
+
+    assert ModelFile.load(fitted[1] / "model.featx").identity.code == modelfile.FEATURE_CODE
+    monkeypatch.setattr(modelfile, "FEATURE_CODE", "2")  # as if featx's preprocessing or tap code had changed
+    with pytest.raises(FeatxError, match=r"feature code 1, and this featx computes version 2: refit it"):
+        ModelFile.load(fitted[1] / "model.featx")
+
+
+def test_random_networks_are_named_by_their_tensors(tiny):
+    torch.manual_seed(1)
+    one = featx.create_backbone(tiny, pretrained=False)
+    torch.manual_seed(2)
+    two = featx.create_backbone(tiny, pretrained=False)
+    assert one.identity().weights == two.identity().weights == "random"
+    assert len(one.identity().weights_sha256) == 64
+    assert one.identity().digest() != two.identity().digest()  # two caches and two ONNX exports, never one
+
+
+def test_fit_head_summary_says_each_warning_on_a_line_of_its_own():
+    from featx.cli import selection_line
+
+    line = selection_line({"C": 1e4, "selection": "5-fold stratified cross-validation on train", "select_on": "cv",
+                           "cv_accuracy": 0.9, "scored_rows": 100, "edge": "C at the largest value tried (10000)",
+                           "warnings": ["3 of 86 fits stopped at their iteration limit before converging"]})
+    assert line.splitlines()[1:] == ["warning: C at the largest value tried (10000)",
+                                     "warning: 3 of 86 fits stopped at their iteration limit before converging"]

@@ -17,7 +17,7 @@ def project(tmp_path, monkeypatch):
     """A project folder, FEATX_DATA holding a small cats_dogs, and vgg16 standing for a tiny VGG-shaped net."""
     make_dataset(tmp_path / "data" / "cats_dogs", {"train": 8, "val": 3, "test": 3}, classes=("cats", "dogs"))
     monkeypatch.setenv("FEATX_DATA", str(tmp_path / "data"))
-    monkeypatch.setitem(backbones.registry(), "vgg16", register_tiny_vgg16(tmp_path))
+    monkeypatch.setitem(backbones.REGISTERED, "vgg16", register_tiny_vgg16(tmp_path))
     (tmp_path / "project").mkdir()
     monkeypatch.chdir(tmp_path / "project")
     return tmp_path / "project"
