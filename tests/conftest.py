@@ -15,10 +15,18 @@ sys.path.insert(0, str(Path(__file__).parent))
 import helpers  # noqa: E402
 
 
+# The longest test files, longest first: pytest-xdist hands whole files to its workers in collection order, so
+# starting these first keeps one worker from finishing a long file alone at the end.
+LONGEST_FIRST = ("test_integration_cats_dogs.py", "test_ray_engine.py", "test_integration.py", "test_few_shot.py",
+                 "test_distributed.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """gpu-marked tests run where torch sees CUDA and skip cleanly elsewhere."""
+    """The longest files first; gpu-marked tests run where torch sees CUDA and skip cleanly elsewhere."""
     import torch
 
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run them on the device machine)")
