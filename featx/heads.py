@@ -345,7 +345,7 @@ class KNNHead(Head):
                           "candidates": len(ks), **folds.describe()}
         if len(ks) < len(asked):
             self.selected_["warnings"] = [f"k above {limit} not tried: a cross-validation fold trains on {limit} images"]
-        if note := edge_note("k", best, ks):
+        if note := edge_note("k", best, ks, floor=1):
             self.selected_["edge"] = note
         return ks[best], alphas[best]
 

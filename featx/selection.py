@@ -80,9 +80,10 @@ def best_index(accuracy: list, loss: list, n: int) -> int:
     return min((i for i, a in enumerate(accuracy) if a >= top - tolerance), key=lambda i: (loss[i], i))
 
 
-def edge_note(name: str, index: int, candidates: list) -> str | None:
-    """A warning when the chosen value is the smallest or largest of several tried: the best may lie beyond."""
-    if len(candidates) < 2 or 0 < index < len(candidates) - 1:
+def edge_note(name: str, index: int, candidates: list, floor=None) -> str | None:
+    """A warning when the chosen value is the smallest or largest of several tried: the best may lie beyond
+    (not below ``floor``, the smallest value there is, such as k = 1)."""
+    if len(candidates) < 2 or 0 < index < len(candidates) - 1 or candidates[index] == floor:
         return None
     return f"{name} at the {'smallest' if index == 0 else 'largest'} value tried ({candidates[index]:g})"
 

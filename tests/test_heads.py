@@ -296,3 +296,11 @@ def test_model_files_before_smoothing_predict_as_they_did(blobs):
     del arrays["smoothing"]  # a kNN file written before smoothing: its plain vote shares
     old = heads.load_head(arrays, config)
     np.testing.assert_allclose(old.predict_proba(Xt) * 5, np.round(old.predict_proba(Xt) * 5), atol=1e-9)
+
+
+def test_k_of_one_is_not_flagged_as_an_edge():
+    from featx.selection import edge_note
+
+    assert edge_note("k", 0, [1, 3, 5], floor=1) is None
+    assert edge_note("k", 2, [1, 3, 5], floor=1) == "k at the largest value tried (5)"
+    assert edge_note("k", 0, [3, 5], floor=1) == "k at the smallest value tried (3)"
