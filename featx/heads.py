@@ -13,7 +13,6 @@ is imported by the fits), so ``featx predict`` starts without torch.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections import OrderedDict
 from typing import TYPE_CHECKING
@@ -24,7 +23,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .devices import resolve_device
+from .devices import cpu_threads, resolve_device
 from .errors import FeatxError
 from .selection import Folds, best_index, calibrate, edge_note, holdout, log_loss_of, make_folds
 from .solvers import (SquaredHinge, balanced_weights, nearest_labels, normalise, ovr_signs, ovr_weights, scaling,
@@ -169,14 +168,15 @@ class LinearHead(Head):
         return threadpool_limits(1) if self.loss == "logreg" else nullcontext()
 
     def _each(self, function, folds: list) -> list:
-        """``function`` over the folds: logreg's in threads, one per core (its BLAS calls and scikit-learn's
-        loss release the GIL: the 120-class fixture's selection took 9.5 s against 13.6 s in turn); the SVM's in
-        turn, as its torch solver already uses every core."""
-        if self.loss == "svm":
+        """``function`` over the folds: logreg's in threads, one per core it may use (``OMP_NUM_THREADS``, as
+        torch; its BLAS calls and scikit-learn's loss release the GIL: the 120-class fixture's selection took
+        9.5 s against 13.6 s in turn); the SVM's in turn, as its torch solver already uses every core."""
+        threads = min(len(folds), cpu_threads())
+        if self.loss == "svm" or threads == 1:
             return [function(fold) for fold in folds]
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(len(folds), os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(threads) as pool:
             return list(pool.map(function, folds))
 
     def _columns(self) -> int:
