@@ -122,7 +122,8 @@ class LinearHead(Head):
         unconverged = len(unconverged) + sum(issubclass(w.category, ConvergenceWarning) for w in caught)
         if unconverged:
             self.selected_["warnings"] = [f"{unconverged} of {self.selected_['fits']} fits stopped at their iteration "
-                                          "limit before converging (scikit-learn's ConvergenceWarning)"]
+                                          "limit before converging (" + ("short of the duality gap" if self.loss == "svm"
+                                                                         else "scikit-learn's ConvergenceWarning") + ")"]
         if self.loss == "svm":
             self._calibrate(held_out, codes[folds.scored] if folds else None, self._class_weights(codes))
         return self
