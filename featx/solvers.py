@@ -51,8 +51,9 @@ class SquaredHinge:
     """liblinear's L2-regularised squared-hinge problems on one training matrix, at any C:
     per column k, min 0.5 (|w_k|^2 + b_k^2) + C sum_i weight_ik max(0, 1 - sign_ik (x_i w_k + b_k))^2.
 
-    The matrix (with its column of ones) is rotated once into its row space by an SVD, where the Hessian
-    of the all-active problem is diagonal. L-BFGS runs on that diagonally preconditioned form in float64,
+    The matrix (with its column of ones) is rotated once into its row space (an SVD, or the eigenvectors of
+    its columns' Gram matrix when it has more rows than columns), where the Hessian of the all-active
+    problem is diagonal. L-BFGS runs on that diagonally preconditioned form in float64,
     all columns at once; a column it leaves unconverged (large C, few active rows) is finished by Newton's
     method on its active rows with backtracking. Each column stops on its relative duality gap
     (``SVM_GAP``), which bounds the distance to the optimum whatever C is."""
@@ -61,8 +62,12 @@ class SquaredHinge:
         import torch
 
         Xa = torch.as_tensor(np.hstack([X, np.ones((len(X), 1))]), dtype=torch.float64)
-        U, self.S, self.Vh = torch.linalg.svd(Xa, full_matrices=False)
-        self.Z = U * self.S
+        if Xa.shape[0] > Xa.shape[1]:  # more rows than columns: the columns' Gram matrix is cheaper than an SVD
+            eigenvalues, V = torch.linalg.eigh(Xa.T @ Xa)  # (8,000 x 2,049: 3.2 s against 6.4 s)
+            self.S, self.Vh, self.Z = eigenvalues.clamp_min(0).sqrt(), V.T, Xa @ V
+        else:
+            U, self.S, self.Vh = torch.linalg.svd(Xa, full_matrices=False)
+            self.Z = U * self.S
         self.signs = torch.as_tensor(signs, dtype=torch.float64)
         self.weights = torch.ones_like(self.signs) if weights is None else \
             torch.as_tensor(np.broadcast_to(weights, signs.shape), dtype=torch.float64)
