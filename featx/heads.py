@@ -138,14 +138,14 @@ class LinearHead(Head):
             self.selected_ |= {"C": C, "cv_accuracy": None}
             return C, None
         paths = [self._fold_path(X[train], codes[train], X[test], unconverged) for train, test in folds.pairs]
-        scored = codes[folds.scored]
+        scored, class_weight = codes[folds.scored], self._class_weights(codes)
         scores, losses, decisions = [], [], []
         for C in Cs:
             held = np.zeros((len(X), self._columns()))
             for (_, test), fold_held in zip(folds.pairs, self._each(lambda path: path(C), paths)):
                 held[test] = fold_held
             held = held[folds.scored]
-            proba = self._held_out_proba(held, scored, self._class_weights(codes))
+            proba = self._held_out_proba(held, scored, class_weight)
             scores.append(float((proba.argmax(1) == scored).mean()))
             losses.append(log_loss_of(proba, scored))
             decisions.append(held)
