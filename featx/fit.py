@@ -1,4 +1,5 @@
-"""Fitting, stage 2: cached features -> a head with leak-free selection -> model file and report."""
+"""Fitting, stage 2: cached features (of one tap, or several to choose from) -> a head with leak-free selection
+-> model file and report."""
 from __future__ import annotations
 
 import json
@@ -11,13 +12,14 @@ import numpy as np
 
 from . import report, store, workspace
 from .errors import FeatxError
-from .extraction import extract
+from .extraction import extract_taps
 from .heads import make_head, proba_over
 from .modelfile import MODEL_NAME, ModelFile
+from .selection import choose_tap
 
 
-def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | None = None,
-             data: str | None = None, layer: str | None = None, *, data_root: str | None = None,
+def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
+             data: str | None = None, layer=None, *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
              device: str = "auto", weights: str | None = None, input_size: int | None = None,
              precision: str | None = None, C: float | None = None, k: int | None = None, progress: bool = True,
@@ -28,8 +30,12 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
     ``select_on="cv"`` selects by cross-validation on train (``selection.make_folds``) and scores val and
     test; ``"val"`` selects on val, refits on train + val and scores test only. ``C`` / ``k`` fix the value.
     ``class_weight="balanced"`` weighs rare classes up in the linear heads' and the MLP's loss.
+    ``layer`` is a tap, several (a comma-separated list or a sequence) or ``auto`` (``specs.auto_layers``);
+    ``features`` a cache file or several. With several, the tap is chosen like a hyper-parameter: a head is
+    fitted on each with its usual selection, the best held-out score wins (``selection.choose_tap``), and only
+    the winner is scored on the held-out splits.
     Without ``features``, what is left out (None) comes from the last extraction in ``cache_dir``
-    (``workspace.fill``); the head is recorded there for ``finetune``."""
+    (``workspace.fill``; all its taps when it had several); the head is recorded there for ``finetune``."""
     if select_on not in ("cv", "val"):
         raise FeatxError(f"--select-on {select_on}: use cv or val")
     if C is not None and not (C > 0 and np.isfinite(C)) or k is not None and k < 1:
@@ -38,32 +44,46 @@ def fit_head(clf: str = "logreg", features: str | None = None, backbone: str | N
         given = workspace.fill(cache_dir, "fit-head", backbone=backbone, data=data, layer=layer,
                                input_size=input_size, precision=precision, weights=weights, tta=tta)
         weights = given["weights"]
-        r = extract(given["backbone"], given["data"], given["layer"], data_root=data_root, cache_dir=cache_dir,
-                    device=device, weights=weights, input_size=given["input_size"],
-                    precision=given["precision"] or "auto", tta=given["tta"] or "none", progress=progress)
-        if r.new and progress:
-            print(f"featx: extracted {r.new} new images into {r.path} first", file=sys.stderr)
-        features = r.path
-    F = store.load(features)
+        extracted = extract_taps(given["backbone"], given["data"], given["layer"], data_root=data_root,
+                                 cache_dir=cache_dir, device=device, weights=weights, input_size=given["input_size"],
+                                 precision=given["precision"] or "auto", tta=given["tta"] or "none", progress=progress)
+        if any(r.new for r in extracted) and progress:
+            print(f"featx: extracted {max(r.new for r in extracted)} new images into "
+                  f"{', '.join(r.path for r in extracted)} first", file=sys.stderr)
+        features = [r.path for r in extracted]
+    files = [features] if isinstance(features, (str, os.PathLike)) else list(features)
+    candidates = [store.load(f) for f in files]
+    F = candidates[0]
     if "train" not in F.split_names():
         raise FeatxError(f"{F.path} has no train split: fit-head trains on train/ (and selects on CV or val/)")
-    X, y, _ = F.split("train")
+    for other in candidates[1:]:
+        if not np.array_equal(other.paths, F.paths) or not np.array_equal(other.splits, F.splits):
+            raise FeatxError(f"{other.path} and {F.path} hold different images: run 'featx extract' with both "
+                             "layers again to bring them up to date together")
     held_out = [s for s in ("val", "test") if s in F.split_names()]
-    cv = 5
+    cv, rows = 5, F.splits == "train"
     if select_on == "val":
         if "val" not in held_out:
             raise FeatxError(f"--select-on val needs a val split, and {F.path} has none: use --select-on cv")
         from sklearn.model_selection import PredefinedSplit
 
-        Xv, yv, _ = F.split("val")
-        cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yv), int)])
-        X, y = np.vstack([X, Xv]), np.r_[y, yv]  # select on val, then refit on train + val
-        held_out.remove("val")
+        rows = np.r_[np.flatnonzero(F.splits == "train"), np.flatnonzero(F.splits == "val")]
+        cv = PredefinedSplit(np.r_[np.full((F.splits == "train").sum(), -1), np.zeros((F.splits == "val").sum(), int)])
+        held_out.remove("val")  # select on val, then refit on train + val
+    y = F.y[rows]
     start = time.perf_counter()
-    head = make_head(clf, cv=cv, device=device, C=C, k=k, class_weight=class_weight).fit(X, y)
+    heads = []
+    for candidate in candidates:
+        if progress and len(candidates) > 1:
+            print(f"featx: fitting {clf} on {candidate.attrs['layer']} ({candidate.X.shape[1]}-d)", file=sys.stderr)
+        heads.append(make_head(clf, cv=cv, device=device, C=C, k=k, class_weight=class_weight).fit(candidate.X[rows], y))
+    chosen, taps = 0, {}
+    if len(candidates) > 1:
+        chosen, taps = choose_tap([c.attrs["layer"] for c in candidates], heads, y)
+    F, head = candidates[chosen], heads[chosen]
     fit_seconds = time.perf_counter() - start
     selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3),
-                "class_weight": class_weight}
+                "class_weight": class_weight, **taps}
     selected["unscored_classes"] = [F.classes[int(head.classes_[c])] for c in selected.get("unscored_classes", [])]
     metrics = {}
     for split in held_out:

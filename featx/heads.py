@@ -51,7 +51,9 @@ def proba_over(head: "Head", X: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 class Head(ClassifierMixin, BaseEstimator):
-    """What every head shares: scikit-learn's input contract, labels from probabilities, export to arrays."""
+    """What every head shares: scikit-learn's input contract, labels from probabilities, export to arrays.
+    After ``fit``, ``held_out_`` is (training rows, their probabilities from models that never saw them, at the
+    selected hyper-parameter), or None when nothing could be held out: what compares taps row by row."""
 
     kind = "head"
 
@@ -136,10 +138,11 @@ class LinearHead(Head):
         if not folds:
             C = float(Cs[0]) if len(Cs) == 1 else FALLBACK_C
             self.selected_ |= {"C": C, "cv_accuracy": None}
+            self.held_out_ = None
             return C, None
         paths = [self._fold_path(X[train], codes[train], X[test], unconverged) for train, test in folds.pairs]
         scored, class_weight = codes[folds.scored], self._class_weights(codes)
-        scores, losses, decisions = [], [], []
+        scores, losses, decisions, probas = [], [], [], []
         for C in Cs:
             held = np.zeros((len(X), self._columns()))
             for (_, test), fold_held in zip(folds.pairs, self._each(lambda path: path(C), paths)):
@@ -149,12 +152,14 @@ class LinearHead(Head):
             scores.append(float((proba.argmax(1) == scored).mean()))
             losses.append(log_loss_of(proba, scored))
             decisions.append(held)
+            probas.append(proba)
             best = best_index(scores, losses, len(scored))
             if min(len(scores) - 1 - best, len(scores) - 1 - int(np.argmin(losses))) >= PATH_PATIENCE:
                 break
         self.selected_["fits"] = len(scores) * len(paths)
         C = float(Cs[best])
         self.selected_ |= {"C": C, "cv_accuracy": scores[best], "cv_log_loss": losses[best], "evaluated": len(scores)}
+        self.held_out_ = (np.flatnonzero(folds.scored), probas[best])
         if note := edge_note("C", best, list(Cs)):
             self.selected_["edge"] = note
         return C, decisions[best]
@@ -332,6 +337,7 @@ class KNNHead(Head):
                 raise FeatxError(f"--k {asked[0]} is more than the {len(X)} training images: use --k {len(X)} or less")
             k, alpha = (asked[0] if len(asked) == 1 else FALLBACK_K), KNN_SMOOTHING
             self.selected_ = {"k": k, "cv_accuracy": None, "candidates": len(asked), **folds.describe()}
+            self.held_out_ = None
         self.selected_["smoothing"] = alpha
         self.train_ = normalise(X)
         self.train_labels_ = codes.astype(np.int64)
@@ -365,6 +371,7 @@ class KNNHead(Head):
         best = best_index(scores, losses, len(scored))
         self.selected_ = {"k": ks[best], "cv_accuracy": scores[best], "cv_log_loss": losses[best],
                           "candidates": len(ks), **folds.describe()}
+        self.held_out_ = (np.flatnonzero(folds.scored), smoothed(votes[ks[best]][folds.scored], ks[best], alphas[best]))
         if len(ks) < len(asked):
             self.selected_["warnings"] = [f"k above {limit} not tried: a cross-validation fold trains on {limit} images"]
         if note := edge_note("k", best, ks, floor=1):
@@ -430,17 +437,20 @@ class MLPHead(Head):
         X, codes = self._fit_data(X, y)
         train, held, how = holdout(self.cv, codes, self.holdout)
         max_epochs = self.max_epochs if len(held) else min(self.max_epochs, FALLBACK_EPOCHS)
-        epochs, best = self._train(X, codes, train, held, max_epochs)
+        epochs, best, proba = self._train(X, codes, train, held, max_epochs)
         if len(held):
             self._train(X, codes, np.arange(len(X)), np.array([], int), epochs)
+        self.held_out_ = (held, proba) if len(held) else None
         self.selected_ = {"epochs": epochs, "best_holdout_loss": best, "holdout": len(held), "selection": how,
+                          "cv_accuracy": float((proba.argmax(1) == codes[held]).mean()) if len(held) else None,
+                          "scored_rows": len(held),
                           "refit": f"on all {len(X)} rows for {epochs} epochs" if len(held) else "none"}
         return self
 
-    def _train(self, X, codes, train: np.ndarray, held: np.ndarray, max_epochs: int) -> tuple[int, float | None]:
+    def _train(self, X, codes, train: np.ndarray, held: np.ndarray, max_epochs: int) -> tuple[int, float | None, np.ndarray]:
         """Train a fresh, seeded MLP on ``train`` rows, standardised on them, for up to ``max_epochs``; with
         ``held`` rows, stop ``patience`` epochs after their loss last improved and keep the best epoch's
-        weights. Stores the arrays; returns (epochs kept, best held-out loss)."""
+        weights. Stores the arrays; returns (epochs kept, best held-out loss, held-out probabilities then)."""
         import torch
 
         device = resolve_device(self.device)
@@ -455,7 +465,7 @@ class MLPHead(Head):
                                             torch.as_tensor(weights, dtype=torch.float32, device=device))
         generator = torch.Generator().manual_seed(self.random_state)
         train_t, held_t = torch.as_tensor(train, device=device), torch.as_tensor(held, device=device)
-        best, best_state, best_epochs, since = np.inf, None, 0, 0
+        best, best_state, best_epochs, since, best_proba = np.inf, None, 0, 0, None
         for epoch in range(max_epochs):
             net.train()
             order = train_t[torch.randperm(len(train), generator=generator).to(device)]
@@ -468,9 +478,11 @@ class MLPHead(Head):
                 continue
             net.eval()
             with torch.no_grad():
-                loss = loss_fn(net(Xs[held_t]), ys[held_t]).item()
+                logits = net(Xs[held_t])
+                loss = loss_fn(logits, ys[held_t]).item()
             if loss < best - 1e-4:
                 best, best_epochs, since = loss, epoch + 1, 0
+                best_proba = torch.softmax(logits.double(), 1).cpu().numpy()
                 best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             else:
                 since += 1
@@ -479,7 +491,7 @@ class MLPHead(Head):
         if best_state is None:  # nothing held out: the last epoch's weights
             best_epochs, best_state = max_epochs, {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
         self.load_arrays(mlp_arrays(mean, scale, best_state))
-        return best_epochs, float(best) if len(held) else None
+        return best_epochs, float(best) if len(held) else None, best_proba
 
     def load_arrays(self, arrays: dict) -> None:
         arrays = dict(arrays)

@@ -8,7 +8,6 @@ own CV accuracy on train. Test, when there is one, chose nothing and is the figu
 from __future__ import annotations
 
 import html
-import math
 import os
 import shlex
 import time
@@ -16,18 +15,12 @@ from pathlib import Path
 
 from . import store
 from .errors import FeatxError
-from .extraction import extract
+from .extraction import extract, extract_taps
 from .fit import fit_head, record_head
 from .report_page import table, write_page
+from .selection import wilson
 
 HEADS = ("logreg", "svm", "knn", "mlp")
-
-
-def wilson(accuracy: float, n: int, z: float = 1.96) -> list:
-    """The 95% Wilson interval of an accuracy measured on ``n`` images."""
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def score(result: dict) -> tuple:
@@ -43,16 +36,16 @@ def score(result: dict) -> tuple:
 def compare(data: str, backbones: list, layers: list | None = None, clfs: list | None = None, *,
             data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
             out: str | os.PathLike | None = None, progress: bool = True) -> dict:
-    """Extract what is not cached, fit every head, and rank the rows best first (``report.html`` in ``out``)."""
+    """Extract what is not cached (each backbone's ``layers`` in one pass; ``auto`` names the family's), fit every
+    head, and rank the rows best first (``report.html`` in ``out``)."""
     clfs, rows = clfs or ["logreg"], []
     unknown = [c for c in clfs if c not in HEADS]
     if unknown or not backbones:
         raise FeatxError(f"--clf {','.join(unknown)}: use {', '.join(HEADS)}" if unknown else
                          "--backbones names none: give one or more, e.g. efficientnet_lite0,efficientnet_lite2")
-    for backbone in backbones:
-        for layer in layers or [None]:
-            extracted = extract(backbone, data, layer, data_root=data_root, cache_dir=cache_dir, device=device,
-                                progress=progress)
+    for backbone in backbones:  # each backbone's layers in one pass
+        for extracted in extract_taps(backbone, data, layers, data_root=data_root, cache_dir=cache_dir,
+                                      device=device, progress=progress):
             attrs = store.load(extracted.path).attrs
             img_per_s = attrs.get("img_per_s")
             out_dir = Path(out or Path("runs") / f"{extracted.dataset}__compare")

@@ -1,9 +1,12 @@
-"""Network: a backbone as a runtime module, uint8 images in, features at one tap out.
+"""Network: a backbone as a runtime module, uint8 images in, features at one tap or several out.
 
 ``backbones.create_backbone`` builds it; the registry itself (``backbones.py``) holds specs as data and
 imports no torch, so a command that only needs to know a cache is up to date never loads torch.
 """
 from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -13,66 +16,108 @@ from .identity import FeatureIdentity
 
 
 class StopForward(Exception):
-    """Raised by the tap hook so the network stops once the requested features exist."""
+    """Raised by a tap hook once every requested tap has its features, so the network runs no further."""
 
 
 class Backbone(nn.Module):
-    """A pretrained network that takes uint8 NCHW images and returns features at one tap.
+    """A pretrained network that takes uint8 NCHW images and returns features at one tap or several.
 
-    Normalisation lives inside, so callers feed the uint8 tensors that data loading produces and
-    the float conversion happens on the device.
+    Several taps come from one forward pass (a hook per tap; the pass stops once the deepest has fired),
+    concatenated in ``tap_names`` order; ``split`` cuts such rows back into one array per tap.
+    Normalisation lives inside, so callers feed the uint8 tensors that data loading produces and the float
+    conversion happens on the device.
     """
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, tap: str, preprocess: Preprocess,
+    def __init__(self, spec: BackboneSpec, model: nn.Module, taps: str | Sequence[str], preprocess: Preprocess,
                  weights_id: str, weights_sha256: str):
         super().__init__()
-        self.spec, self.model, self.tap_name, self.preprocess = spec, model, tap, preprocess
+        self.spec, self.model, self.preprocess = spec, model, preprocess
+        self.tap_names = (taps,) if isinstance(taps, str) else tuple(taps)
+        self.tap_name = ",".join(self.tap_names)
         self.weights_id, self.weights_sha256 = weights_id, weights_sha256
         self.precision, self.tta = "fp32", "none"
-        self.tap = spec.taps[tap]
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255, persistent=False)
-        self._captured = None
-        module = model.get_submodule(self.tap.module)
-        if self.tap.kind == "input":
-            module.register_forward_pre_hook(self._grab_input)
-        else:
-            module.register_forward_hook(self._grab_output)
+        self._captured: dict = {}
+        for name in self.tap_names:
+            tap = spec.taps[name]
+            module = model.get_submodule(tap.module)
+            if tap.kind == "input":
+                module.register_forward_pre_hook(partial(self._grab_input, name))
+            else:
+                module.register_forward_hook(partial(self._grab_output, name))
 
-    def _grab_input(self, module, args):
-        self._captured = args[0]
-        raise StopForward
+    def _grab_input(self, name, module, args):
+        self._keep(name, args[0])
 
-    def _grab_output(self, module, args, output):
-        self._captured = output
-        raise StopForward
+    def _grab_output(self, name, module, args, output):
+        self._keep(name, output)
+
+    def _keep(self, name: str, value: torch.Tensor) -> None:
+        self._captured[name] = value
+        if len(self._captured) == len(self.tap_names):
+            raise StopForward
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return (images.float() - self.mean) / self.std
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Features at the tap; with ``tta="flip"``, the mean of the image's and its mirror's."""
-        if self.tta == "flip":
-            return (self.tap_features(images) + self.tap_features(images.flip(3))) / 2
-        return self.tap_features(images)
+        """Features at the taps, side by side; with ``tta="flip"``, the mean of the image's and its mirror's."""
+        outputs = self.per_tap(images)
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
 
-    def tap_features(self, images: torch.Tensor) -> torch.Tensor:
+    def per_tap(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One feature tensor per tap (the ONNX export's outputs)."""
+        outputs = self.tap_features(images)
+        if self.tta == "flip":
+            outputs = tuple((a + b) / 2 for a, b in zip(outputs, self.tap_features(images.flip(3))))
+        return outputs
+
+    def tap_features(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = self.normalize(images) if images.dtype == torch.uint8 else images
         try:
             self.model(x)
         except StopForward:
             pass
-        out, self._captured = self._captured, None
-        if out is None:
-            raise RuntimeError(f"tap {self.tap_name} ({self.tap.module}) was never reached")
-        if self.tap.kind == "gap" and out.dim() == 4:
-            out = out.mean(dim=(2, 3))
-        return out.flatten(1)
+        captured, self._captured = self._captured, {}
+        missing = [n for n in self.tap_names if n not in captured]
+        if missing:
+            raise RuntimeError(f"taps {', '.join(missing)} of {self.spec.name} were never reached")
+        outputs = []
+        for name in self.tap_names:
+            out = captured[name]
+            if self.spec.taps[name].kind == "gap" and out.dim() == 4:
+                out = out.mean(dim=(2, 3))
+            outputs.append(out.flatten(1))
+        return tuple(outputs)
+
+    def tap_dims(self) -> list[int]:
+        """Each tap's width, from one blank image at the input size (a flattened tap's depends on it)."""
+        size, device = self.preprocess.input_size, self.mean.device
+        with torch.inference_mode():
+            return [int(t.shape[1]) for t in self.tap_features(torch.zeros(1, 3, size, size, device=device))]
+
+    def identities(self) -> list[FeatureIdentity]:
+        """The feature identity of each tap: what a single-tap network at that tap would write."""
+        return [feature_identity(self.spec, (self.weights_id, self.weights_sha256), tap, self.preprocess,
+                                 self.precision, self.tta) for tap in self.tap_names]
 
     def identity(self) -> FeatureIdentity:
-        return feature_identity(self.spec, (self.weights_id, self.weights_sha256), self.tap_name, self.preprocess,
-                                self.precision, self.tta)
+        if len(self.tap_names) > 1:
+            raise ValueError(f"a network at {len(self.tap_names)} taps has one identity per tap: use identities()")
+        return self.identities()[0]
 
     def block_parameters(self, block: str) -> list[nn.Parameter]:
         prefixes = self.spec.blocks[block]
         return [p for n, p in self.model.named_parameters() if any(n == q or n.startswith(f"{q}.") for q in prefixes)]
+
+
+def tap_dims(spec: BackboneSpec) -> dict[str, int]:
+    """Every tap's width (``logits`` aside) at the spec's input size, from a forward pass on the ``meta``
+    device: shapes only, no memory, no weights."""
+    taps = [t for t in spec.taps if t != "logits"]
+    with torch.device("meta"):
+        net = Backbone(spec, spec.build(), taps, spec.preprocess, "meta", "meta")
+        size = spec.preprocess.input_size
+        outputs = net.tap_features(torch.zeros(1, 3, size, size))
+    return {tap: int(out.shape[1]) for tap, out in zip(taps, outputs)}

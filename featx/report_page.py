@@ -53,6 +53,29 @@ def setup_section(result: dict, setup: dict) -> str:
     return "<h2>Run</h2>" + table(["", "value"], rows, left=2)
 
 
+def taps_section(selected: dict) -> str:
+    """The taps a head was fitted on, each one's held-out score, and which won by how much (``choose_tap``)."""
+    taps = [t for t in selected.get("layers", []) if "accuracy" in t]
+    if not taps:
+        return ""
+    rows = [[html.escape(t["layer"]) + (" <b>(chosen)</b>" if t["chosen"] else ""),
+             number(t["accuracy"], f"selected.layers.{i}.accuracy"),
+             f"{number(t['interval95'][0], f'selected.layers.{i}.interval95.0')} – "
+             f"{number(t['interval95'][1], f'selected.layers.{i}.interval95.1')}", str(t["scored_rows"])]
+            for i, t in enumerate(taps)]
+    margin = selected["layer_margin"]
+    verdict = (f"{html.escape(selected['layer'])} beats {html.escape(margin['over'])} by "
+               f"{number(margin['margin'], 'selected.layer_margin.margin')} (95% interval "
+               f"{number(margin['interval95'][0], 'selected.layer_margin.interval95.0')} – "
+               f"{number(margin['interval95'][1], 'selected.layer_margin.interval95.1')}, paired over "
+               f"{margin['rows']} images)" + ("" if margin["told_apart"] else
+                                             ": the interval includes 0, so these taps are not told apart here"))
+    return ("<h2>Layer, chosen by held-out score</h2><p>Each tap's head chose its own hyper-parameter on these "
+            f"rows ({html.escape(selected.get('selection', ''))}), so the winner's figure is optimistic; the "
+            f"held-out splits below scored the chosen tap only.</p>"
+            + table(["tap", "held-out accuracy", "95% interval (Wilson)", "images"], rows) + f"<p>{verdict}.</p>")
+
+
 def metrics_section(split: str, m: dict, result: dict) -> str:
     rows = [[METRIC_NAMES[k], number(m[k], f"{split}.{k}"),
              f"{number(m['interval95'][k][0], f'{split}.interval95.{k}.0')} – "
@@ -150,7 +173,7 @@ def write_page(out_dir: Path, result: dict, title: str, setup: dict, image_root:
     (a pipeline's comparison table, a leaderboard)."""
     splits = [s for s in ("val", "test") if isinstance(result.get(s), dict) and "accuracy" in result[s]]
     body = [f"<h1>{html.escape(title)}</h1><p><code>{html.escape(command_line())}</code></p>",
-            setup_section(result, setup)]
+            setup_section(result, setup), taps_section(result.get("selected", {}))]
     for split in splits:
         body += [metrics_section(split, result[split], result), top_losses_section(split, result[split], image_root)]
     if result.get("history"):

@@ -49,7 +49,7 @@ def resolve_runtime(runtime: str, device: str, precision: str) -> str:
 
 
 class OnnxForward:
-    """A backbone's forward pass in ONNX Runtime: uint8 NCHW images in, float32 features out."""
+    """A backbone's forward pass in ONNX Runtime: uint8 NCHW images in, float32 features out (every tap's)."""
 
     def __init__(self, model: Path | bytes, threads: int | None = None):
         import onnxruntime as ort
@@ -67,20 +67,26 @@ class OnnxForward:
         return torch.from_numpy(self.run(images.numpy()))
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": images})[0]
+        """The features of every tap the export has (one output each), side by side as ``Backbone`` gives them."""
+        outputs = self.session.run(None, {"images": images})
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
 
 
-def onnx_path(cache_dir: str | os.PathLike, identity: FeatureIdentity) -> Path:
-    """Where the export of a feature identity lives (it also depends on the opset and the exporting torch,
-    whose version is read from its metadata, so finding an export needs no torch)."""
-    digest = identity.digest(opset=OPSET, torch=importlib.metadata.version("torch"))
-    return Path(cache_dir) / "onnx" / f"{identity.backbone.replace(':', '-')}__{identity.layer}__{digest}.onnx"
+def onnx_path(cache_dir: str | os.PathLike, identity: FeatureIdentity | list[FeatureIdentity]) -> Path:
+    """Where the export of a feature identity (or of several taps' in one network) lives; it also depends on
+    the opset and the exporting torch, whose version is read from its metadata, so finding an export needs
+    no torch."""
+    first, *more = identity if isinstance(identity, list) else [identity]
+    taps = {"taps": [i.layer for i in more]} if more else {}
+    digest = first.digest(opset=OPSET, torch=importlib.metadata.version("torch"), **taps)
+    layers = "+".join([first.layer, *(i.layer for i in more)])
+    return Path(cache_dir) / "onnx" / f"{first.backbone.replace(':', '-')}__{layers}__{digest}.onnx"
 
 
 def onnx_model(net, cache_dir: str | os.PathLike) -> Path | None:
     """The exported network's file, exporting and checking it first if needed; None (after one line on
     stderr) when this architecture or tap does not export, or disagrees with torch: the caller stays on torch."""
-    path = onnx_path(cache_dir, net.identity())
+    path = onnx_path(cache_dir, net.identities())
     if not path.is_file():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,25 +112,35 @@ def embedding(net, device: torch.device, onnx: Path | bytes | None = None, threa
 
 
 def export(net, path: Path) -> None:
+    """The network as ONNX: uint8 ``images`` in, one output per tap, named by the tap (``features`` for one)."""
     import torch
+
+    class PerTap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            return self.net.per_tap(images)
 
     size = net.preprocess.input_size
     example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    outputs = list(net.tap_names) if len(net.tap_names) > 1 else ["features"]
     with warnings.catch_warnings():  # the TorchScript exporter warns that it is the legacy one
         warnings.simplefilter("ignore")
-        torch.onnx.export(net.cpu().eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
-                          input_names=["images"], output_names=["features"],
-                          dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}})
+        torch.onnx.export(PerTap().cpu().eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
+                          input_names=["images"], output_names=outputs,
+                          dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
 
 
 def check(net, onnx: OnnxForward) -> float:
-    """The lowest per-row cosine between the two runtimes on a seeded batch of random images."""
+    """The lowest per-row cosine between the two runtimes on a seeded batch of random images, tap by tap."""
     import torch
 
     size = net.preprocess.input_size
     images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ref = net.cpu().eval()(images).float().numpy()
-    out = onnx(images).numpy()
-    cosine = (out * ref).sum(1) / np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1), 1e-12)
-    return float(cosine.min())
+        refs = [t.float().numpy() for t in net.cpu().eval().per_tap(images)]
+    outs = onnx.session.run(None, {"images": images.numpy()})
+    return min(float(((out * ref).sum(1) / np.maximum(np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1),
+                                                       1e-12)).min()) for out, ref in zip(outs, refs))

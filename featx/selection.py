@@ -7,6 +7,7 @@ Every score, tie-break and calibration uses held-out rows only.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -14,6 +15,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 
 SEED = 0
+Z95 = 1.96  # the normal quantile of a two-sided 95% interval
 
 
 class Folds:
@@ -134,3 +136,47 @@ def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int, class_wei
     if method == "sigmoid":
         return {"calib_a": np.array([float(calibrator.a_)]), "calib_b": np.array([float(calibrator.b_)])}
     return {"temperature": np.array([1.0 / float(calibrator.beta_)])}
+
+
+def wilson(accuracy: float, n: int, z: float = Z95) -> list:
+    """The 95% Wilson interval of an accuracy measured on ``n`` images."""
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]
+
+
+def paired_margin(correct: np.ndarray, other: np.ndarray, z: float = Z95) -> tuple[float, list]:
+    """(accuracy difference, its 95% interval) of two classifiers right or wrong on the same rows: the normal
+    interval of the mean per-row difference, which is much narrower than two separate intervals when the
+    classifiers err on the same images."""
+    difference = correct.astype(float) - other.astype(float)
+    mean = float(difference.mean())
+    half = z * float(difference.std(ddof=1)) / math.sqrt(len(difference)) if len(difference) > 1 else math.inf
+    return mean, [mean - half, mean + half]
+
+
+def choose_tap(layers: list, heads: list, labels: np.ndarray) -> tuple[int, dict]:
+    """Which of several taps' heads (fitted on the same training rows, in ``layers``' network order) to keep:
+    the highest held-out accuracy (``Head.held_out_``: the rows that chose each head's C or k), ties to the
+    later tap; with the margin over the last tap (over the runner-up when the last one wins) and its paired
+    interval. Without held-out rows the last tap is kept and the record says why. Returns (index, record)."""
+    held = [head.held_out_ for head in heads]
+    if any(h is None for h in held):
+        last = len(layers) - 1
+        return last, {"layer": layers[last], "layer_selection": "none: nothing held out to compare taps on, so "
+                      "the last one", "layers": [{"layer": name} for name in layers]}
+    correct = [dict(zip(rows.tolist(), head.classes_[proba.argmax(1)] == labels[rows]))
+               for head, (rows, proba) in zip(heads, held)]
+    accuracy = [float(np.mean(list(c.values()))) for c in correct]
+    best = max(range(len(layers)), key=lambda i: (accuracy[i], i))
+    other = len(layers) - 1 if best != len(layers) - 1 else \
+        max(range(len(layers) - 1), key=lambda i: (accuracy[i], i))
+    common = sorted(set(correct[best]) & set(correct[other]))
+    margin, interval = paired_margin(np.array([correct[best][r] for r in common]),
+                                     np.array([correct[other][r] for r in common]))
+    return best, {
+        "layer": layers[best], "layer_selection": "highest held-out accuracy, ties to the later tap",
+        "layers": [{"layer": name, "accuracy": a, "interval95": wilson(a, len(c)), "scored_rows": len(c),
+                    "chosen": i == best} for i, (name, a, c) in enumerate(zip(layers, accuracy, correct))],
+        "layer_margin": {"over": layers[other], "margin": margin, "interval95": interval, "rows": len(common),
+                         "told_apart": interval[0] > 0}}

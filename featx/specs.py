@@ -90,6 +90,7 @@ class Tap:
 
     module: str
     kind: str = "gap"
+    dim: int | None = None  # the features' width at the weights' input size, for ``featx backbones``
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,34 @@ class BackboneSpec:
     default_tap: str
     blocks: dict  # block name -> module-name prefixes, bottom to top
     classifier: str  # the ImageNet classifier module, replaced when fine-tuning
+    auto_taps: tuple = ()  # what --layer auto tries (default: ``auto_layers``'s rule)
+
+
+AUTO_EARLIER = 3  # taps before the default one that --layer auto tries when a spec names none
+
+
+def auto_layers(spec: BackboneSpec) -> list[str]:
+    """The taps ``--layer auto`` measures: the family's own list (the last few blocks and the pooled features),
+    else the default tap and the ``AUTO_EARLIER`` taps registered before it."""
+    if spec.auto_taps:
+        return list(spec.auto_taps)
+    names = [t for t in spec.taps if t != "logits"]
+    return names[:names.index(spec.default_tap)][-AUTO_EARLIER:] + [spec.default_tap]
+
+
+def parse_layers(spec: BackboneSpec, layer) -> list[str]:
+    """``--layer`` as taps in network order, checked: None is the default tap, ``auto`` the family's list
+    (``auto_layers``), else one name, a comma-separated list or a sequence of names."""
+    if layer is None or layer == "":
+        return [spec.default_tap]
+    names = [n.strip() for n in (layer.split(",") if isinstance(layer, str) else layer) if n.strip()]
+    names = [t for n in names for t in (auto_layers(spec) if n == "auto" else [n])]
+    unknown = [n for n in names if n not in spec.taps]
+    if unknown or not names:
+        raise FeatxError(f"backbone {spec.name} has no layer '{','.join(unknown) or layer}': choose one or more of "
+                         f"{', '.join(spec.taps)}, or auto ({','.join(auto_layers(spec))})")
+    order = list(spec.taps)
+    return sorted(set(names), key=order.index)
 
 
 def with_logits(spec: BackboneSpec) -> BackboneSpec:

@@ -22,15 +22,18 @@ def timm_spec(name: str) -> BackboneSpec:
     cfg = timm.data.resolve_data_config({}, model=probe)
     size = cfg["input_size"][-1]
     pre = Preprocess(size, int(size / cfg["crop_pct"]), cfg["interpolation"], tuple(cfg["mean"]), tuple(cfg["std"]))
-    stages = [info["module"] for info in getattr(probe, "feature_info", [])]
-    taps = {f"stage{i}": Tap(module, "gap") for i, module in enumerate(stages, 1)}
+    info = getattr(probe, "feature_info", [])
+    stages = [stage["module"] for stage in info]
+    taps = {f"stage{i}": Tap(stage["module"], "gap", stage.get("num_chs")) for i, stage in enumerate(info, 1)}
     classifier = probe.default_cfg.get("classifier", "classifier")
-    taps["pool"] = Tap(classifier, "input")
     head = probe.get_submodule(classifier)
     dim = head.in_features if isinstance(head, nn.Linear) else probe.num_features
+    taps["pool"] = Tap(classifier, "input", dim)
     return with_logits(BackboneSpec(f"timm:{name}", "timm", lambda: timm.create_model(name, pretrained=False),
                                     Weights("timm", name), pre, dim, taps, "pool",
-                                    partition_blocks(probe, stages, classifier), classifier))
+                                    partition_blocks(probe, stages, classifier), classifier,
+                                    auto_taps=(*(f"stage{i}" for i in range(max(1, len(stages) - 2), len(stages))),
+                                               "pool")))  # the last stage averaged is about the pool
 
 
 def partition_blocks(model: nn.Module, boundaries: list[str], classifier: str) -> dict[str, list[str]]:

@@ -1,4 +1,5 @@
 import json
+import shlex
 from functools import partial
 
 import pytest
@@ -22,17 +23,34 @@ def tiny_without_batchnorm() -> nn.Module:
 def no_bn_backbone(tmp_path):
     torch.save(tiny_without_batchnorm().state_dict(), tmp_path / "nobn.pth")
     spec = BackboneSpec("tiny_nobn", "tiny", partial(tiny_without_batchnorm), Weights("file", str(tmp_path / "nobn.pth")),
-                        Preprocess(32, 32), 32, {"pool": Tap("fc", "input")}, "pool",
+                        Preprocess(32, 32), 32, {"block1": Tap("block1"), "block2": Tap("block2"),
+                                                 "pool": Tap("fc", "input")}, "pool",
                         {"stem": ["stem"], "block1": ["block1"], "block2": ["block2"]}, "fc")
     return featx.register_backbone(spec).name
 
 
-def test_few_shot_data_gets_a_warning_and_runnable_commands(tiny, tmp_path):
+def test_few_shot_data_gets_a_warning_and_runnable_commands(tiny, tmp_path, monkeypatch):
+    from featx.cli import main
+
     data = make_dataset(tmp_path / "few", {"train": 3, "test": 2}, classes=("a", "b", "c"))
     r = advise(str(data), tiny)
     assert r["scenario"] in (1, 3) and r["images_per_class"] == 3.0
     assert any("3 classes have fewer than 5 training images (a, b, c)" in w for w in r["warnings"])
-    assert all(f"--data {data}" in c for c in r["commands"])
+    assert [t["layer"] for t in r["layers"]] == ["block1", "block2", "pool"] and r["probe"]["images"] == 9
+    assert r["commands"] == [f"featx extract --backbone {tiny} --data {data} --layer {r['layer']}",
+                             "featx fit-head --clf logreg"]
+    monkeypatch.chdir(tmp_path)
+    for command in r["commands"]:  # typed in order, they fit the head advise measured
+        main(shlex.split(command)[1:] + ["--quiet"])
+    fitted = json.loads(next((tmp_path / "runs").glob("*/metrics.json")).read_text())
+    assert fitted["selected"]["cv_accuracy"] == r["layers"][[t["layer"] for t in r["layers"]].index(r["layer"])][
+        "accuracy"]
+
+
+def test_advise_needs_several_taps(tiny, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 4})
+    with pytest.raises(featx.FeatxError, match="--layer pool names one tap: advise compares several"):
+        advise(str(data), tiny, layer="pool")
 
 
 def test_backbone_without_batchnorm_measures_shift_with_lite0(no_bn_backbone, tmp_path):

@@ -4,6 +4,7 @@ import pytest
 
 import featx
 from featx import store
+from featx.extraction import extract_taps
 from helpers import SHARED_DATA, linked_subset
 
 pytestmark = pytest.mark.integration
@@ -14,9 +15,9 @@ def hymenoptera_features(tmp_path_factory):
     if not (SHARED_DATA / "hymenoptera").is_dir():
         pytest.fail(f"real test images are missing: expected {SHARED_DATA}/hymenoptera beside the checkout")
     cache = tmp_path_factory.mktemp("cache")
-    first = featx.extract("efficientnet_lite0", "hymenoptera", data_root=str(SHARED_DATA), cache_dir=cache,
-                          progress=False)
-    return first, cache
+    *earlier, first = extract_taps("efficientnet_lite0", "hymenoptera", "auto", data_root=str(SHARED_DATA),
+                                   cache_dir=cache, progress=False)  # block5, block6, block7 and pool in one pass
+    return first, cache, earlier
 
 
 def test_lite0_predicts_imagenet_classes_on_real_images():
@@ -31,7 +32,7 @@ def test_lite0_predicts_imagenet_classes_on_real_images():
 
 
 def test_hymenoptera_cache_rows_and_rerun(hymenoptera_features):
-    first, cache = hymenoptera_features
+    first, cache, _ = hymenoptera_features
     assert (first.images, first.new, first.skipped, first.feature_dim) == (398, 398, 0, 1280)
     f = store.load(first.path)
     assert f.X.shape == (398, 1280) and np.isfinite(f.X).all()
@@ -85,38 +86,64 @@ def test_predict_agrees_with_fit_head_on_real_images(hymenoptera_features, tmp_p
     assert len(correct) == 153 and np.mean(correct) == pytest.approx(m["val"]["accuracy"], abs=1e-9)
 
 
+def test_layer_auto_keeps_pool_on_hymenoptera(hymenoptera_features, tmp_path):
+    """Ants and bees are ImageNet's kind of image: the pooled features win, and the earlier taps, cached in
+    the same pass with rows equal to their own runs', lose."""
+    from featx import fit
+
+    pool, _, earlier = hymenoptera_features
+    assert [r.layer for r in earlier] == ["block5", "block6", "block7"] and all(r.images == 398 for r in earlier)
+    m = fit.fit_head("logreg", features=[r.path for r in earlier] + [pool.path], out=tmp_path, progress=False)
+    taps = {t["layer"]: t["accuracy"] for t in m["selected"]["layers"]}
+    assert m["selected"]["layer"] == "pool" and m["features"] == pool.path
+    assert taps["pool"] > taps["block5"] + 0.05  # measured: 0.959 against 0.865 (block6 0.931, block7 0.947)
+    assert m["val"]["accuracy"] >= 0.93
+
+
 def test_advise_hymenoptera_is_small_and_similar():
     from featx.advice import advise
 
     r = advise("hymenoptera", data_root=str(SHARED_DATA))
-    assert (r["scenario"], r["size"], r["similarity"]) == (1, "small", "similar")
-    assert r["images_per_class"] == 122.5 and r["commands"][0].startswith("featx extract")
+    assert (r["scenario"], r["size"], r["similarity"], r["layer"]) == (1, "small", "similar", "pool")
+    assert r["images_per_class"] == 122.5 and r["probe"]["images"] == 245 and 0.1 < r["shift"] < 0.25
+    assert r["commands"] == ["featx extract --backbone efficientnet_lite0 --data hymenoptera --data-root "
+                             f"{SHARED_DATA} --layer pool", "featx fit-head --clf logreg"]
 
 
-def test_advise_digits_is_different(tmp_path):
+def test_advise_and_layer_auto_pick_an_early_tap_where_texture_tells_the_classes(tmp_path):
+    """Classes told apart by pixel noise alone (``make_grain_dataset``): block5 sees it, pool barely."""
+    from featx import fit
     from featx.advice import advise
+    from helpers import make_grain_dataset
 
-    r = advise("digits", data_root=str(tmp_path))
-    assert r["similarity"] == "different" and r["scenario"] in (3, 4)
-    assert "--layer" in r["commands"][0]
+    data = make_grain_dataset(tmp_path / "grain")
+    r = advise(str(data), cache_dir=str(tmp_path / "cache"))
+    assert (r["similarity"], r["scenario"]) == ("different", 3) and r["layer"] != "pool"
+    assert r["layer_margin"]["told_apart"] and r["layer_margin"]["over"] == "pool"  # measured: +0.25 [0.14, 0.36]
+    assert f"--layer {r['layer']}" in r["commands"][0]
+    m = fit.fit_head("logreg", data=str(data), layer="auto", cache_dir=tmp_path / "cache", out=tmp_path / "run",
+                     progress=False)
+    assert m["selected"]["layer"] == r["layer"]  # the whole train set is advise's sample here
 
 
 def test_onnx_runtime_and_torch_give_the_same_lite0_features(hymenoptera_features, tmp_path):
-    """The runtime is not part of the feature identity because the features agree row by row (checked on
-    every 5th image and the odd formats, linked under their own relative paths, to keep torch's run short)."""
-    first, _ = hymenoptera_features
+    """The runtime is not part of the feature identity because the features agree row by row, at every tap
+    (checked on every 5th image and the odd formats, linked under their own relative paths, to keep torch's
+    run short): the fixture's ONNX pass with four outputs against torch's one-tap runs."""
+    first, _, earlier = hymenoptera_features
     assert first.runtime == "onnxruntime"  # auto, on a CPU
-    a = store.load(first.path)
-    picked = sorted(set(list(a.paths)[::5]) | {"train/ants/imageNotFound.gif"})
+    picked = sorted(set(list(store.load(first.path).paths)[::5]) | {"train/ants/imageNotFound.gif"})
     subset = linked_subset(SHARED_DATA / "hymenoptera", tmp_path / "subset", picked)
-    on_torch = featx.extract("efficientnet_lite0", str(subset), cache_dir=tmp_path, runtime="torch", progress=False)
-    assert on_torch.runtime == "torch"
-    b = store.load(on_torch.path)
-    assert sorted(b.paths) == picked and len(picked) >= 80
-    row = {p: i for i, p in enumerate(a.paths)}
-    onnx = a.X[[row[p] for p in b.paths]]
-    cos = (onnx * b.X).sum(1) / np.linalg.norm(onnx, axis=1) / np.linalg.norm(b.X, axis=1)
-    assert cos.min() >= 0.9999, cos.min()
+    for onnx_run in (earlier[0], first):
+        on_torch = featx.extract("efficientnet_lite0", str(subset), onnx_run.layer, cache_dir=tmp_path,
+                                 runtime="torch", progress=False)
+        assert on_torch.runtime == "torch"
+        a, b = store.load(onnx_run.path), store.load(on_torch.path)
+        assert sorted(b.paths) == picked and len(picked) >= 80
+        row = {p: i for i, p in enumerate(a.paths)}
+        onnx = a.X[[row[p] for p in b.paths]]
+        cos = (onnx * b.X).sum(1) / np.linalg.norm(onnx, axis=1) / np.linalg.norm(b.X, axis=1)
+        assert cos.min() >= 0.9999, (onnx_run.layer, cos.min())
 
 
 @pytest.fixture(scope="session")
