@@ -4,8 +4,8 @@ Size: training images per class (``LARGE_PER_CLASS`` or more is large). Similari
 pretraining data: a class-balanced sample of the training images goes through the backbone once, at the
 taps ``--layer auto`` names (the last few blocks and the pooled features), and a logistic regression probes
 each tap by cross-validation (the same head, selection and tap rule as ``fit-head --layer auto``). When an
-earlier tap beats the last one, the data is "different" (scenario 3 or 4); the margin and its paired 95%
-interval say how clearly.
+earlier tap beats the last one by more than the rule's tie (one standard error), the data is "different"
+(scenario 3 or 4); the margin and its paired 95% interval say how clearly.
 
 The BatchNorm shift stays as a diagnostic: at every BatchNorm layer the per-channel mean of its input is
 compared with the running mean the pretrained weights carry, in units of the running standard deviation,

@@ -176,9 +176,10 @@ def taps_lines(selected: dict) -> str:
              + ("  <- chosen" if t["chosen"] else "") for t in taps]
     margin = selected["layer_margin"]
     low, high = margin["interval95"]
-    verdict = (f"{selected['layer']} over {margin['over']}: {margin['margin']:+.4f} [{low:+.3f}, {high:+.3f}] "
+    verdict = (f"{selected['layer']} against {margin['over']}: {margin['margin']:+.4f} [{low:+.3f}, {high:+.3f}] "
                + ("" if margin["told_apart"] else "(within noise: the taps are not told apart here)"))
-    return ("\nlayer chosen by held-out accuracy (the same rows chose C or k: optimistic), 95% interval:\n"
+    return ("\nlayer chosen by held-out accuracy, 95% interval (the later of the taps within one standard error of "
+            "the best; these rows also chose C or k, so the figures are optimistic):\n"
             + "\n".join(lines) + "\n" + verdict.rstrip())
 
 

@@ -135,7 +135,7 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
                  out: str | os.PathLike | None = None, backbone: str | None = None, max_epochs: int | None = None,
                  device: str = "auto", progress: bool = True) -> dict:
     """Run every step; ``backbone`` overrides the file's, ``max_epochs`` caps fine-tuning (both recorded)."""
-    from .extraction import extract
+    from .extraction import extract_taps
     from .finetuning import finetune
     from .fit import fit_head
 
@@ -154,9 +154,9 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
         common = {"data_root": data_root, "device": device, "weights": step.get("weights"),
                   "input_size": step.get("input_size"), "progress": progress}
         if step["kind"] == "extract":
-            r = extract(net, str(folder), step.get("layer"), cache_dir=cache_dir, batch_size=step.get("batch_size"),
-                        dtype=step.get("dtype", "float32"), **common)
-            metrics = {"extract": r.as_dict()}
+            extracted = extract_taps(net, str(folder), step.get("layer"), cache_dir=cache_dir,
+                                     batch_size=step.get("batch_size"), dtype=step.get("dtype", "float32"), **common)
+            metrics = {"extract": [r.as_dict() for r in extracted]}  # one per tap
         elif step["kind"] == "fit-head":
             metrics = fit_head(step["clf"], None, net, str(folder), step.get("layer"), cache_dir=cache_dir,
                                select_on=step.get("select_on", "cv"), out=step_out, **common)
@@ -179,7 +179,8 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
                      "accuracy": metrics[score_split]["accuracy"] if score_split else None,
                      "balanced_accuracy": metrics[score_split]["balanced_accuracy"] if score_split else None,
                      "seed_figure": step.get("seed_figure"), "seconds": round(time.perf_counter() - started, 1),
-                     "output": str(step_out) if step["kind"] != "extract" else metrics["extract"]["path"]})
+                     "output": str(step_out) if step["kind"] != "extract" else
+                     ", ".join(r["path"] for r in metrics["extract"])})
     result = {"pipeline": spec["name"], "data": name, "seed_backbone": spec.get("seed_backbone"),
               "backbone_override": backbone, "max_epochs": max_epochs, "steps": rows, "report": str(out)}
     (out / "results.json").write_text(json.dumps(result, indent=2))

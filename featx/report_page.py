@@ -64,15 +64,16 @@ def taps_section(selected: dict) -> str:
              f"{number(t['interval95'][1], f'selected.layers.{i}.interval95.1')}", str(t["scored_rows"])]
             for i, t in enumerate(taps)]
     margin = selected["layer_margin"]
-    verdict = (f"{html.escape(selected['layer'])} beats {html.escape(margin['over'])} by "
+    verdict = (f"{html.escape(selected['layer'])} against {html.escape(margin['over'])}: "
                f"{number(margin['margin'], 'selected.layer_margin.margin')} (95% interval "
                f"{number(margin['interval95'][0], 'selected.layer_margin.interval95.0')} – "
                f"{number(margin['interval95'][1], 'selected.layer_margin.interval95.1')}, paired over "
                f"{margin['rows']} images)" + ("" if margin["told_apart"] else
                                              ": the interval includes 0, so these taps are not told apart here"))
-    return ("<h2>Layer, chosen by held-out score</h2><p>Each tap's head chose its own hyper-parameter on these "
-            f"rows ({html.escape(selected.get('selection', ''))}), so the winner's figure is optimistic; the "
-            f"held-out splits below scored the chosen tap only.</p>"
+    return ("<h2>Layer, chosen by held-out score</h2><p>The later of the taps within one standard error of the "
+            "best held-out accuracy is kept. Each tap's head chose its own hyper-parameter on these rows "
+            f"({html.escape(selected.get('selection', ''))}), so these figures are optimistic; the held-out splits "
+            "below scored the chosen tap only.</p>"
             + table(["tap", "held-out accuracy", "95% interval (Wilson)", "images"], rows) + f"<p>{verdict}.</p>")
 
 

@@ -156,9 +156,11 @@ def paired_margin(correct: np.ndarray, other: np.ndarray, z: float = Z95) -> tup
 
 
 def choose_tap(layers: list, heads: list, labels: np.ndarray) -> tuple[int, dict]:
-    """Which of several taps' heads (fitted on the same training rows, in ``layers``' network order) to keep:
-    the highest held-out accuracy (``Head.held_out_``: the rows that chose each head's C or k), ties to the
-    later tap; with the margin over the last tap (over the runner-up when the last one wins) and its paired
+    """Which of several taps' heads (fitted on the same training rows, in ``layers``' network order) to keep, by
+    the rule ``best_index`` applies to C and k: taps whose held-out accuracy (``Head.held_out_``: the rows that
+    chose each head's C or k) is within one standard error of the best tie, and the tie goes to the later tap
+    (the deeper features, the usual choice). The record holds every tap's accuracy with its Wilson interval,
+    and the kept tap's margin over the last tap (over the best other when the last is kept) with its paired
     interval. Without held-out rows the last tap is kept and the record says why. Returns (index, record)."""
     held = [head.held_out_ for head in heads]
     if any(h is None for h in held):
@@ -168,14 +170,17 @@ def choose_tap(layers: list, heads: list, labels: np.ndarray) -> tuple[int, dict
     correct = [dict(zip(rows.tolist(), head.classes_[proba.argmax(1)] == labels[rows]))
                for head, (rows, proba) in zip(heads, held)]
     accuracy = [float(np.mean(list(c.values()))) for c in correct]
-    best = max(range(len(layers)), key=lambda i: (accuracy[i], i))
+    top = max(accuracy)
+    tolerance = (top * (1 - top) / len(correct[accuracy.index(top)])) ** 0.5 + 1e-12
+    best = max(i for i, a in enumerate(accuracy) if a >= top - tolerance)
     other = len(layers) - 1 if best != len(layers) - 1 else \
         max(range(len(layers) - 1), key=lambda i: (accuracy[i], i))
     common = sorted(set(correct[best]) & set(correct[other]))
     margin, interval = paired_margin(np.array([correct[best][r] for r in common]),
                                      np.array([correct[other][r] for r in common]))
     return best, {
-        "layer": layers[best], "layer_selection": "highest held-out accuracy, ties to the later tap",
+        "layer": layers[best], "layer_selection": "held-out accuracy: the later of the taps within one standard "
+                                                  "error of the best",
         "layers": [{"layer": name, "accuracy": a, "interval95": wilson(a, len(c)), "scored_rows": len(c),
                     "chosen": i == best} for i, (name, a, c) in enumerate(zip(layers, accuracy, correct))],
         "layer_margin": {"over": layers[other], "margin": margin, "interval95": interval, "rows": len(common),

@@ -117,6 +117,21 @@ def test_choose_tap_keeps_the_informative_tap_and_gives_ties_to_the_later_one():
         assert choose_tap(["early", "pool"], [fitted(signal, y, clf), fitted(noise, y, clf)], y)[1]["layer"] == "early"
 
 
+def test_taps_within_one_standard_error_tie_and_the_later_one_is_kept():
+    from types import SimpleNamespace
+
+    y = np.zeros(100, int)
+    def head(right):  # noqa: E306
+        proba = np.zeros((100, 2))
+        proba[np.arange(100), (np.arange(100) >= right).astype(int)] = 1
+        return SimpleNamespace(classes_=np.array([0, 1]), held_out_=(np.arange(100), proba))
+    # 0.95 against 0.94 on 100 images: one standard error is 0.022, so they tie and pool is kept
+    index, record = choose_tap(["block6", "pool"], [head(95), head(94)], y)
+    assert record["layer"] == "pool" and record["layer_margin"]["over"] == "block6"
+    assert record["layer_margin"]["margin"] == pytest.approx(-0.01)
+    assert choose_tap(["block6", "pool"], [head(95), head(90)], y)[1]["layer"] == "block6"  # 0.05 apart: no tie
+
+
 def test_nothing_held_out_keeps_the_last_tap():
     X, y = np.eye(2), np.array([0, 1])  # one image a class: no fold can score anything
     index, record = choose_tap(["early", "pool"], [fitted(X, y), fitted(X, y)], y)
@@ -153,6 +168,9 @@ def test_fit_head_auto_scores_test_for_the_chosen_tap_only(tiny, tmp_path, monke
     assert featx.ModelFile.load(m["model"]).identity.layer == chosen
     one = fit_head("logreg", cache_dir=cache, layer="block2", out=tmp_path / "one", progress=False)
     assert "layers" not in one["selected"] and one["features"] == several[1].path
+    on_val = fit_head("knn", cache_dir=cache, layer="auto", select_on="val", out=tmp_path / "val", progress=False)
+    assert "val" not in on_val and on_val["test"]["n"] == 6  # val chose the tap (and k): only test is reported
+    assert all(t["scored_rows"] == 6 for t in on_val["selected"]["layers"])
 
 
 def test_cli_extract_several_taps_then_fit_head_chooses(tiny, tmp_path, monkeypatch):
