@@ -25,6 +25,7 @@ from .files import file_digest
 
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 0
+SPLIT_SCHEME = "name-hash"  # hashed splits hash the path below the class folder ("hash" hashed the class too)
 VAL_SEED = 1  # a different hash for carving val out of train, independent of the split hash
 SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}
 
@@ -92,7 +93,7 @@ class Dataset:
     paths: list[str]
     labels: np.ndarray
     splits: list[str]
-    split_source: str  # "folders" or "hash:<seed>"
+    split_source: str  # "folders" or "name-hash:<seed>" (``hashed_split``)
     spec: DatasetSpec | None = None
     counts: dict = field(default_factory=dict)
     broken: list = field(default_factory=list)  # (relative path, reason): symlinks that lead nowhere
@@ -109,13 +110,17 @@ class Dataset:
         splits = list(self.splits)
         for c in range(len(self.classes)):
             rows = [i for i, s in enumerate(splits) if s == "train" and self.labels[i] == c]
-            hashes = {i: unit_hash(self.paths[i], seed=VAL_SEED) for i in rows}
+            hashes = {i: unit_hash(self.name_in_class(i), seed=VAL_SEED) for i in rows}
             carved = [i for i in rows if hashes[i] < fraction]
             if len(carved) == len(rows) and rows:
                 carved.remove(max(rows, key=hashes.get))
             for i in carved:
                 splits[i] = "val"
         return replace(self, splits=splits, split_source=f"{self.split_source}+val:{fraction:g}")
+
+    def name_in_class(self, i: int) -> str:
+        """File ``i``'s path below its class folder: what hashed splits hash, so a renamed class keeps them."""
+        return self.paths[i].split("/", 2 if self.split_source.startswith("folders") else 1)[-1]
 
     def subset(self, split: str) -> tuple[list[str], np.ndarray]:
         idx = [i for i, s in enumerate(self.splits) if s == split]
@@ -153,7 +158,8 @@ def missing_message(spec: DatasetSpec, folder: Path) -> str:
 
 
 def load(data: str | os.PathLike, root: str | os.PathLike | None = None, download: bool = True) -> Dataset:
-    """Resolve and list a dataset; errors name the folder and how to fix it."""
+    """Resolve and list a dataset; errors name the folder and how to fix it. One class folder is a dataset
+    too (to extract, or to evaluate a model on); what trains needs two, and says so."""
     name, folder, spec = resolve(data, root, download)
     return scan(folder, name=name, spec=spec)
 
@@ -178,12 +184,11 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
         classes = sorted(files)
         paths = [f"{c}/{n}" for c in classes for n in files[c]]
         labels = [classes.index(p.split("/", 1)[0]) for p in paths]
-        splits = hashed_split(paths, np.asarray(labels), spec.train_per_class if spec else None)
-        source = f"hash:{SPLIT_SEED}"
+        splits = hashed_split([p.split("/", 1)[1] for p in paths], np.asarray(labels),
+                              spec.train_per_class if spec else None)
+        source = f"{SPLIT_SCHEME}:{SPLIT_SEED}"
     if not paths:
         raise FeatxError(f"no images under {folder}: expected train/, val/, test/ or class folders holding images")
-    if len(classes) < 2:
-        raise FeatxError(f"{folder} has one class ({classes[0]}): a classifier needs at least two class folders")
     labels = np.asarray(labels, dtype=np.int64)
     counts = {s: {c: int(((labels == i) & (np.asarray(splits) == s)).sum()) for i, c in enumerate(classes)}
               for s in SPLITS if s in splits}
@@ -193,11 +198,11 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
 def class_files(folder: Path, broken: list, prefix: str = "") -> dict[str, list[str]]:
     """Files per class folder (hidden ones excluded); format is decided later, by content. Symbolic links
     that lead nowhere go to ``broken`` as (relative path, reason) instead of vanishing silently."""
-    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = sorted(d.name for d in listing(folder) if d.is_dir() and not d.name.startswith("."))
     out = {}
     for c in classes:
         names = []
-        for f in sorted((folder / c).iterdir()):
+        for f in sorted(listing(folder / c)):
             if f.name.startswith("."):
                 continue
             if f.is_file():
@@ -208,6 +213,15 @@ def class_files(folder: Path, broken: list, prefix: str = "") -> dict[str, list[
             raise FeatxError(f"class folder {folder / c} is empty: add images or remove the folder")
         out[c] = names
     return out
+
+
+def listing(folder: Path) -> list[Path]:
+    """The entries of a folder, or one line naming it when it cannot be listed (permissions, I/O)."""
+    try:
+        return list(folder.iterdir())
+    except OSError as exc:
+        raise FeatxError(f"cannot list {folder} ({exc.strerror or exc}): make it readable (chmod u+rx) or move it "
+                         "out of the dataset") from None
 
 
 def symlink_problem(link: Path) -> str:
@@ -225,18 +239,18 @@ def unit_hash(key: str, seed: int = SPLIT_SEED) -> float:
     return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
-def hashed_split(paths: list[str], labels: np.ndarray, train_per_class: int | None = None,
+def hashed_split(names: list[str], labels: np.ndarray, train_per_class: int | None = None,
                  seed: int = SPLIT_SEED) -> list[str]:
-    """Train/val/test by a seeded hash of each file's path relative to the dataset root, so adding or
-    removing files never moves another file: a model fitted earlier is never tested on its own training
-    images. The 70/15/15 fractions hold on average per class. With ``train_per_class`` (Caltech-256's
+    """Train/val/test by a seeded hash of each file's path below its class folder, so adding or removing
+    files never moves another file (a model fitted earlier is never tested on its own training images), and
+    renaming or relabelling a class moves none either. The 70/15/15 fractions hold on average per class. With ``train_per_class`` (Caltech-256's
     fixed 60), the files with the smallest hashes train and the rest are val; a file added there can
     move at most one other file, the one it displaces from train."""
-    u = np.asarray([unit_hash(p, seed) for p in paths])
+    u = np.asarray([unit_hash(n, seed) for n in names])
     if train_per_class is None:
         edges = np.cumsum([SPLIT_FRACTIONS["train"], SPLIT_FRACTIONS["val"]])
         return np.asarray(SPLITS)[np.searchsorted(edges, u, side="right")].tolist()
-    splits = np.full(len(paths), "val", dtype=object)
+    splits = np.full(len(names), "val", dtype=object)
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
         splits[rows[np.argsort(u[rows])[:train_per_class]]] = "train"

@@ -63,7 +63,7 @@ def iter_features(net: Backbone, files: list, device: torch.device | str, batch_
 
     from .devices import HalvingForward, default_batch_size, default_workers, make_loader, overlapped
     from .images import EncodedFiles, ImageFiles, collate, collate_encoded, decode_batches
-    from .runtimes import embedding, onnx_model
+    from .runtimes import embedding, onnx_model, sidecar
 
     check_decode(decode)
     device = torch.device(device)
@@ -74,9 +74,11 @@ def iter_features(net: Backbone, files: list, device: torch.device | str, batch_
                                                           net.preprocess.resize_size)
     loader = make_loader(dataset, device, batch_size or default_batch_size(device), workers,
                          collate_encoded if on_device else collate, image_bytes=3 * size * size, pin=not on_device)
-    embed = embedding(net, device, onnx_model(net, cache_dir) if runtime == "onnxruntime" else None)
+    onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
+    embed = embedding(net, device, onnx)
     if run is not None:
         run.runtime = "torch" if isinstance(embed, HalvingForward) else "onnxruntime"
+        run.exports.update({onnx.name: sidecar(onnx).read_text()} if onnx else {})
     with tqdm(total=len(files), unit="img", desc=desc, file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar, torch.inference_mode():
         for indices, images, failures in decode_batches(loader, dataset, device) if on_device \
@@ -94,6 +96,7 @@ class RunInfo:
 
     runtime: str
     notes: list = field(default_factory=list)
+    exports: dict = field(default_factory=dict)  # the ONNX export that computed the rows: {file name: SHA-256}
 
 
 @dataclass
@@ -207,12 +210,17 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         stores = [held.enter_context(FeatureStore(path, dtype)) for path in paths]  # locked in network order
         indexes = [store.index() for store in stores]
         fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
-        todos = [[f for f in ds.paths if not (f in index.rows and index.rows[f][2] == fingerprints[f] or
-                                              f in index.skipped and index.skipped[f][0] == fingerprints[f])]
-                 for index in indexes]
+        onnx_dir = Path(cache_dir) / "onnx"
+        distrust = [distrusted(index, onnx_dir, store.path) for index, store in zip(indexes, stores)]
+        todos = [[f for f in ds.paths if f not in doubtful and not (
+                  f in index.rows and index.rows[f][2] == fingerprints[f] or
+                  f in index.skipped and index.skipped[f][0] == fingerprints[f])]
+                 for index, doubtful in zip(indexes, distrust)]
         lacking = set().union(*todos)
         todo = [f for f in ds.paths if f in lacking]
         compute_start, unreadable, run = time.perf_counter(), {}, RunInfo(runtime)
+        for store in stores:
+            store.exports = run.exports  # filled once the runtime is set up, before any row is written
         if todo:
             for store, tap_todo in zip(stores, todos):
                 store.check_writable(len(tap_todo))
@@ -220,10 +228,11 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
             files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{net.tap_name}"
             if engine == "ray":
                 from .ray_engine import ray_features
-                from .runtimes import onnx_model
+                from .runtimes import onnx_model, sidecar
 
                 onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
                 run.runtime = "onnxruntime" if onnx else "torch"
+                run.exports.update({onnx.name: sidecar(onnx).read_text()} if onnx else {})
                 batches = ray_features(net, files, dev, batch_size, decode, onnx and onnx.read_bytes(), address,
                                        actors, gpus_per_actor, threads_per_actor, progress, desc, run)
             else:
@@ -236,9 +245,10 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         compute_seconds = time.perf_counter() - compute_start
         rate = round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0
         finished = []
+        run.notes += split_note(indexes[0].main_meta, ds)
         for identity, store, index, tap_todo in zip(p.identities, stores, indexes, todos):
             speed = rate if tap_todo else index.main_meta.get("img_per_s")
-            finished.append(finish(store, ds, lambda: {
+            finished.append(finish(store, ds, fingerprints, onnx_dir, lambda: {
                 **cache_attrs(identity, p.preprocess, ds), "runtime": run.runtime,
                 **({"img_per_s": float(speed)} if speed else {})}))
     if isinstance(backbone, str):  # evaluate extracts with a model's own backbone: not a user's choice
@@ -246,6 +256,10 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
             "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": ",".join(p.layers),
             "input_size": input_size, "precision": p.identities[0].precision, "tta": p.identities[0].tta,
             "weights": weights and str(Path(weights).resolve()), "path": ", ".join(map(str, paths))})
+    if ds.paths and not any(order for _, order, _, _ in finished):
+        why = next(iter([reason for _, reason in finished[0][2].values()] + list(unreadable.values())), "unreadable")
+        raise FeatxError(f"none of the {len(ds.paths)} images under {ds.root} could be read (first: {why}): replace "
+                         "them with images (what could not be decoded is recorded and skipped until it changes)")
     seconds = round(time.perf_counter() - start, 3)
     results = []
     for tap, path, tap_todo, (index, order, skipped, dropped) in zip(p.layers, paths, todos, finished):
@@ -299,12 +313,16 @@ def flush(targets: list, rows: list) -> None:
             store.write_part(tap_rows)
 
 
-def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: Callable[[], dict]):
+def finish(store: FeatureStore, ds: data_mod.Dataset, fingerprints: dict, onnx_dir: Path,
+           attrs: Callable[[], dict]):
     """Merge parts into the main file in dataset order (with the attributes ``attrs()`` gives), unless it
-    already holds exactly that. Returns (index, ordered paths, skipped {path: (fingerprint, reason)},
-    rows dropped)."""
+    already holds exactly that, checksums included. Only rows that can be trusted are kept: the old row of a
+    changed file that could not be read this time is dropped (its file is tried again next run), and so is a
+    row from an export that no longer verifies. Returns (index, ordered paths, skipped {path: (fingerprint,
+    reason)}, rows dropped)."""
     index = store.index()
-    order = [f for f in ds.paths if f in index.rows]
+    doubtful = distrusted(index, onnx_dir)
+    order = [f for f in ds.paths if f in index.rows and index.rows[f][2] == fingerprints[f] and f not in doubtful]
     skipped = {f: index.skipped[f] for f in ds.paths if f in index.skipped}
     position = {f: i for i, f in enumerate(ds.paths)}
     labels = ds.labels[[position[f] for f in order]]
@@ -313,11 +331,36 @@ def finish(store: FeatureStore, ds: data_mod.Dataset, attrs: Callable[[], dict])
     dropped = len(main.get("paths", ())) - sum(1 for f in main.get("paths", ()) if f in position)
     unchanged = (bool(main) and store.parts_written == 0 and len(index.sources) == 1 and main["paths"] == order
                  and np.array_equal(main["labels"], labels) and list(main["splits"]) == splits
-                 and main.get("skipped") == sorted(skipped))
+                 and main.get("skipped") == sorted(skipped) and main["checksummed"])
     if not unchanged:
         store.check_writable(0)
         store.consolidate(order, labels, splits, skipped, attrs())
     return index, order, skipped, dropped
+
+
+def distrusted(index, onnx_dir: Path, cache: Path | None = None) -> set:
+    """Paths whose rows came from an ONNX export that is still here but no longer hashes to the SHA-256 the
+    cache recorded for it (damaged or replaced since): computed again, never served. ``cache`` given, it is
+    said in one line."""
+    from .runtimes import export_failed
+
+    failed = {source: name for source, record in index.exports.items() for name, sha in record.items()
+              if export_failed(onnx_dir / name, sha)}
+    if failed and cache is not None:
+        print(f"featx: rows of {cache} came from {onnx_dir / next(iter(failed.values()))}, which no longer verifies: "
+              "computing them again", file=sys.stderr)
+    return {f for f, (source, _, _) in index.rows.items() if source in failed}
+
+
+def split_note(main: dict, ds: data_mod.Dataset) -> list:
+    """A note when a cache split by the old path hash (class folder included) is re-split by the new one."""
+    if not str(main.get("split_source") or "").startswith("hash:") or ds.split_source.startswith("folders"):
+        return []
+    now = dict(zip(ds.paths, ds.splits))
+    moved = sum(now[p] != s for p, s in zip(main["paths"], main["splits"]) if p in now)
+    return [f"hashed splits now hash each file's path below its class folder, so renaming a class moves no file; "
+            f"this cache was re-split once: {moved} of {len(main['paths'])} images changed split (a head fitted "
+            "before may have trained on images now in val or test: fit it again)"]
 
 
 def cache_attrs(identity: FeatureIdentity, preprocess: Preprocess, ds: data_mod.Dataset) -> dict:

@@ -1,11 +1,20 @@
-"""Files on disk: the one atomic-write helper and the one content-digest helper every module uses."""
+"""Files on disk: the one atomic-write helper, the one content-digest helper, and the one way a full or
+read-only output folder is reported, which every module uses."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import shutil
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+
+from .errors import FeatxError
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+REPORT_BYTES = 4 << 20  # what a report needs beside any model file: metrics, plots, the page with its thumbnails
 
 
 @contextmanager
@@ -44,3 +53,39 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
 def _cached_digest(path: str, algorithm: str, size: int, mtime_ns: int) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def free_space(folder: Path) -> int:
+    """Free bytes where ``folder`` is (or would be created)."""
+    for place in [folder, *folder.parents]:
+        if place.exists():
+            return shutil.disk_usage(place).free
+    return 0
+
+
+@contextmanager
+def room(folder: str | os.PathLike, needed: int, option: str = "--out"):
+    """Writes into ``folder``, about ``needed`` bytes of them: a folder short of that much free space before
+    they start, or a full disk (``ENOSPC``, also inside safetensors' or matplotlib's own errors) or a read-only
+    folder met while writing, is one line naming the folder, the space needed and the option that moves it.
+    Whatever was written before stays (every file is written atomically)."""
+    folder = Path(folder)
+    free = free_space(folder)
+    if free < needed:
+        raise FeatxError(no_room(folder, needed, free, option))
+    try:
+        yield
+    except FeatxError:
+        raise
+    except Exception as exc:
+        code = getattr(exc, "errno", None)
+        if code in NO_SPACE or "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            raise FeatxError(no_room(folder, needed, free_space(folder), option)) from None
+        if isinstance(exc, OSError) and code in NOT_WRITABLE:
+            raise FeatxError(f"{folder} is not writable ({exc.strerror}): pass {option} a writable folder") from None
+        raise
+
+
+def no_room(folder: Path, needed: int, free: int, option: str) -> str:
+    return (f"no room in {folder}: about {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free; free some "
+            f"space or pass {option} elsewhere")

@@ -33,6 +33,7 @@ from .network import Backbone
 from .devices import (EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
                       resolve_precision)
 from .errors import FeatxError
+from .files import REPORT_BYTES, room
 from .heads import class_weights
 from .images import ImageFiles, collate
 from .distributed import World, join_world, restarted
@@ -227,6 +228,8 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     if "train" not in ds.split_names():
         raise FeatxError(f"{ds.root} has no train/ split (it has {', '.join(ds.split_names())}): fine-tuning "
                          "trains on train/")
+    if len(ds.classes) < 2:
+        raise FeatxError(f"{ds.root} has one class ({ds.classes[0]}): a classifier needs at least two class folders")
     if "val" not in ds.split_names():
         if not 0 < val_fraction < 1:
             raise FeatxError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
@@ -272,6 +275,8 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     model = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None) if world.distributed else net
     val_loader = make_loader(ImageFiles(files.get("val", []), net_b.preprocess.transform(), draft), dev, batch_size,
                              workers, collate, 3 * size * size, persistent=True)
+    # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
+    needed = 4 * sum(p.numel() * p.element_size() for p in net.parameters()) + REPORT_BYTES
     since_best = 0
     for epoch in range(state.start_epoch, epochs):
         started = time.perf_counter()
@@ -297,21 +302,23 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
         if progress:
             print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}"
                   + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""), file=sys.stderr)
-        if state.improves(state.history[-1]):
-            since_best = 0
-            save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
-                                                                "epoch": epoch + 1})
-        else:
-            since_best += 1
-        write_history(out / "history.csv", state.history)
-        save_checkpoint(checkpoint, net, opt, sched, epoch, state, config)
+        with room(out, needed):
+            if state.improves(state.history[-1]):
+                since_best = 0
+                save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
+                                                                    "epoch": epoch + 1})
+            else:
+                since_best += 1
+            write_history(out / "history.csv", state.history)
+            save_checkpoint(checkpoint, net, opt, sched, epoch, state, config)
         if world.broadcast(patience is not None and since_best >= patience, dev):
             break
     if not world.main:
         world.leave()
         return {"rank": world.rank}
-    result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers, val_source,
-                          cache_dir)
+    with room(out, needed):
+        result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers,
+                              val_source, cache_dir)
     world.leave()
     return {**result, "processes": world.size, "global_batch_size": batch_size * world.size}
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from . import report, store, workspace
 from .errors import FeatxError
+from .files import REPORT_BYTES, room
 from .extraction import extract_taps
 from .heads import make_head, proba_over
 from .modelfile import MODEL_NAME, ModelFile
@@ -85,6 +86,12 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
     selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3),
                 "class_weight": class_weight, **taps}
     selected["unscored_classes"] = [F.classes[int(head.classes_[c])] for c in selected.get("unscored_classes", [])]
+    untrained = [c for i, c in enumerate(F.classes) if i not in set(head.classes_.tolist())]
+    if untrained:
+        selected["warnings"] = selected.get("warnings", []) + [
+            f"{len(untrained)} classes have no training images ({', '.join(untrained[:8])}"
+            f"{' ...' if len(untrained) > 8 else ''}): the head never predicts them, so their held-out images "
+            "count as errors"]
     metrics = {}
     for split in held_out:
         Xs, ys, paths = F.split(split)
@@ -92,6 +99,13 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
     out = Path(out or Path("runs") / f"{F.attrs['dataset']}__{F.attrs['backbone']}__{F.attrs['layer']}__{clf}")
     arrays, config = head.export()
     config["selected"] = selected
+    with room(out, sum(np.asarray(a).nbytes for a in arrays.values()) + REPORT_BYTES):
+        return write_outputs(out, F, clf, arrays, config, metrics, selected, select_on, weights, cache_dir)
+
+
+def write_outputs(out: Path, F, clf: str, arrays: dict, config: dict, metrics: dict, selected: dict,
+                  select_on: str, weights: str | None, cache_dir) -> dict:
+    """The model file, the workspace record and the report of a fitted head."""
     model_path = ModelFile(kind="head", classes=F.classes, identity=F.identity(),
                            preprocess=json.loads(F.attrs["preprocess"]), head_config=config, head_arrays=arrays,
                            weights_file=weights, info={"dataset": F.attrs["dataset"], "features": str(F.path),

@@ -16,6 +16,7 @@ from pathlib import Path
 from . import store
 from .errors import FeatxError
 from .extraction import extract, extract_taps
+from .files import REPORT_BYTES, room
 from .fit import fit_head, record_head
 from .report_page import table, write_page
 from .selection import wilson
@@ -68,8 +69,9 @@ def compare(data: str, backbones: list, layers: list | None = None, clfs: list |
     result = {"data": data, "rows": rows, "best": rows[0] if rows and rows[0]["accuracy"] is not None else None}
     if result["best"]:
         remember(result["best"], data, data_root, cache_dir, device)
-    result["report_page"] = str(write_page(out_dir, {}, f"featx compare on {data}", {"data": data},
-                                           extra=leaderboard_html(rows, out_dir)))
+    with room(out_dir, REPORT_BYTES):
+        result["report_page"] = str(write_page(out_dir, {}, f"featx compare on {data}", {"data": data},
+                                               extra=leaderboard_html(rows, out_dir)))
     return result
 
 

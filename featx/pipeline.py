@@ -30,6 +30,7 @@ from . import data as data_mod
 from . import report
 from .report_page import table, write_page
 from .errors import FeatxError
+from .files import REPORT_BYTES, room
 
 TOP_KEYS = {"name", "description", "data", "backbone", "seed", "seed_backbone", "notes", "steps"}
 COMMON = {"name", "kind", "backbone", "layer", "weights", "input_size", "seed_figure", "note"}
@@ -183,12 +184,13 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
                      ", ".join(r["path"] for r in metrics["extract"])})
     result = {"pipeline": spec["name"], "data": name, "seed_backbone": spec.get("seed_backbone"),
               "backbone_override": backbone, "max_epochs": max_epochs, "steps": rows, "report": str(out)}
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    (out / "comparison.md").write_text(comparison_table(result))
-    result["report_page"] = str(write_page(out, {}, f"featx run {spec['name']}",
-                                           {"data": name, "seed backbone": spec.get("seed_backbone"),
-                                            "backbone override": backbone, "max epochs": max_epochs},
-                                           extra=comparison_html(result, out)))
+    with room(out, REPORT_BYTES):
+        (out / "results.json").write_text(json.dumps(result, indent=2))
+        (out / "comparison.md").write_text(comparison_table(result))
+        result["report_page"] = str(write_page(out, {}, f"featx run {spec['name']}",
+                                               {"data": name, "seed backbone": spec.get("seed_backbone"),
+                                                "backbone override": backbone, "max epochs": max_epochs},
+                                               extra=comparison_html(result, out)))
     return result
 
 

@@ -20,6 +20,7 @@ from . import workspace
 from .backbones import Preprocess, create_backbone
 from .devices import device_name
 from .errors import FeatxError
+from .files import REPORT_BYTES, room
 from .images import ImageFiles
 from .modelfile import ModelFile
 from .runtimes import OnnxForward, onnx_path, resolve_runtime
@@ -186,9 +187,10 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     metrics = {split: report.classification_metrics(y_model, proba, predictor.classes, paths),
                "model": str(predictor.path), "features": str(F.path)}
     out = Path(out or predictor.path.parent / f"evaluate_{F.attrs['dataset']}_{split}")
-    metrics["report_page"] = str(report.write_report(
-        out, metrics, predictor.classes, f"{predictor.path} evaluated on {F.attrs['dataset']} {split}",
-        {"data": F.attrs["dataset_root"], "split": split, "model": str(predictor.path),
-         "backbone": predictor.model.identity.backbone, "features": str(F.path)},
-        image_root=Path(F.attrs["dataset_root"])))
+    with room(out, REPORT_BYTES):
+        metrics["report_page"] = str(report.write_report(
+            out, metrics, predictor.classes, f"{predictor.path} evaluated on {F.attrs['dataset']} {split}",
+            {"data": F.attrs["dataset_root"], "split": split, "model": str(predictor.path),
+             "backbone": predictor.model.identity.backbone, "features": str(F.path)},
+            image_root=Path(F.attrs["dataset_root"])))
     return metrics

@@ -20,7 +20,7 @@ import numpy as np
 
 from .errors import FeatxError, first_line
 from .devices import HalvingForward, cpu_threads, prepare
-from .files import atomic_write
+from .files import atomic_write, file_digest, room
 from .identity import FeatureIdentity
 
 if TYPE_CHECKING:
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 RUNTIMES = ("auto", "torch", "onnxruntime")
 OPSET = 17
 AGREEMENT = 0.9999  # cosine per row between ONNX Runtime and torch, checked on export
+EXPORT_BYTES_PER_PARAMETER = 5  # float32 weights and the graph around them (lite0: 13.4 MB for 4.7M parameters)
 
 
 def resolve_runtime(runtime: str, device: str, precision: str) -> str:
@@ -84,23 +85,81 @@ def onnx_path(cache_dir: str | os.PathLike, identity: FeatureIdentity | list[Fea
 
 
 def onnx_model(net, cache_dir: str | os.PathLike) -> Path | None:
-    """The exported network's file, exporting and checking it first if needed; None (after one line on
-    stderr) when this architecture or tap does not export, or disagrees with torch: the caller stays on torch."""
+    """The exported network's file, verified against the SHA-256 recorded when it was made (``verified``),
+    exporting and checking it first when it is missing or failed; None (after one line on stderr) when this
+    architecture or tap does not export, or disagrees with torch: the caller stays on torch. Temporary files
+    of an export killed midway are removed first."""
     path = onnx_path(cache_dir, net.identities())
-    if not path.is_file():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path) as tmp:
-                export(net, tmp)
-                agreement = check(net, OnnxForward(tmp))
-                if agreement < AGREEMENT:
-                    raise ValueError(f"its features agree with torch's only to cosine {agreement:.6f}")
-        except Exception as exc:
-            print(f"featx: {net.spec.name}:{net.tap_name} does not run in ONNX Runtime "
-                  f"({type(exc).__name__}: {first_line(exc)}); using torch",
-                  file=sys.stderr)
-            return None
+    remove_stale_temps(path.parent)
+    if verified(path):
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with room(path.parent, EXPORT_BYTES_PER_PARAMETER * sum(p.numel() for p in net.parameters()), "--cache-dir"), \
+                atomic_write(path) as tmp:
+            export(net, tmp)
+            agreement = check(net, OnnxForward(tmp))
+            if agreement < AGREEMENT:
+                raise ValueError(f"its features agree with torch's only to cosine {agreement:.6f}")
+            with atomic_write(sidecar(path)) as record:
+                record.write_text(file_digest(tmp))
+    except FeatxError:
+        raise
+    except Exception as exc:
+        print(f"featx: {net.spec.name}:{net.tap_name} does not run in ONNX Runtime "
+              f"({type(exc).__name__}: {first_line(exc)}); using torch",
+              file=sys.stderr)
+        return None
     return path
+
+
+def sidecar(path: Path) -> Path:
+    """Where an export's SHA-256, recorded when it was made, is kept."""
+    return path.with_name(path.name + ".sha256")
+
+
+def verified(path: Path) -> str | None:
+    """The export's SHA-256 when its bytes still hash to the one recorded when it was made. Otherwise None: a
+    missing file silently; a damaged, truncated or replaced one, or one made before featx recorded digests,
+    after one line on stderr and with the file removed, so that it is exported again."""
+    if not path.is_file():
+        return None
+    try:
+        recorded = sidecar(path).read_text().strip()
+    except FileNotFoundError:
+        recorded = None
+    if recorded and file_digest(path) == recorded:
+        return recorded
+    why = "its SHA-256 differs from the one recorded when it was made" if recorded else \
+        "no SHA-256 was recorded when it was made (an older featx)"
+    print(f"featx: {path} cannot be trusted ({why}): removed; it is exported again", file=sys.stderr)
+    path.unlink(missing_ok=True)
+    sidecar(path).unlink(missing_ok=True)
+    return None
+
+
+def export_failed(path: Path, digest: str) -> bool:
+    """Whether an export that rows were computed with (``digest`` recorded in the cache) is still here but no
+    longer hashes to it: damaged or replaced since, so those rows are not to be trusted."""
+    return path.is_file() and file_digest(path) != digest
+
+
+def remove_stale_temps(folder: Path) -> None:
+    """Remove ``*.tmp<pid>`` files in ``folder`` whose writing process is gone (a killed export)."""
+    for tmp in folder.glob("*.tmp*") if folder.is_dir() else []:
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def embedding(net, device: torch.device, onnx: Path | bytes | None = None, threads: int | None = None):

@@ -9,6 +9,7 @@ every part it finds. A file lock keeps two writers of one cache apart.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -23,6 +24,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from .errors import FeatxError, first_line
+from . import files
 from .files import atomic_write
 from .identity import FeatureIdentity
 
@@ -105,12 +107,51 @@ def check_file(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> Features:
+    """A cache file's rows, every dataset checked against its checksum first (one line when one fails)."""
     path = check_file(path)
     with open_h5(path) as f:
+        damage = damaged(f)
+        if damage:
+            raise FeatxError(f"{path} is damaged ({damage}): run 'featx extract' again, which rebuilds it")
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         return Features(
             X=read_features(f["features"]).astype(np.float32), y=f["labels"][:], paths=f["paths"].asstr()[:],
             splits=f["splits"].asstr()[:], classes=json.loads(attrs["classes"]), attrs=attrs, path=path)
+
+
+CHECKSUMMED = ("labels", "paths", "splits", "fingerprints", "skipped/paths", "skipped/fingerprints", "skipped/reasons")
+
+
+def digest(values) -> str:
+    """SHA-256 of a dataset's content: the bytes of a numeric array, or its strings joined by NUL."""
+    values = np.asarray(values)
+    if values.dtype.kind in "OUS":
+        data = "\0".join(v.decode() if isinstance(v, bytes) else str(v) for v in values.tolist()).encode()
+    else:
+        data = values.dtype.str.encode() + np.ascontiguousarray(values).tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def checksums(f: h5py.File) -> str:
+    """The ``checksums`` attribute of a file just filled: a digest of every dataset but the features, which
+    carry HDF5's own Fletcher-32 per chunk."""
+    return json.dumps({name: digest(f[name][:]) for name in CHECKSUMMED if name in f})
+
+
+def damaged(f: h5py.File) -> str | None:
+    """What in an open cache file fails its checksum (None when all pass): each dataset's digest, and every
+    chunk of the features (Fletcher-32). Files written before checksums were recorded pass on the features'."""
+    recorded = json.loads(f.attrs.get("checksums", "{}"))
+    for name, expected in recorded.items():
+        if name not in f or digest(f[name][:]) != expected:
+            return f"its {name} fail their checksum"
+    features = f["features"]
+    try:
+        for start in range(0, features.shape[0], COPY_ROWS):
+            features[start:start + COPY_ROWS]
+    except OSError:
+        return "its features fail their Fletcher-32 checksum"
+    return None
 
 
 def part_files(path: Path) -> list[Path]:
@@ -137,8 +178,7 @@ def write_h5(path: Path, fill, needed: int) -> None:
 
 
 def no_room(folder: Path, needed: int, free: int) -> str:
-    return (f"no room in {folder}: about {needed / 2**20:.1f} MiB needed, {free / 2**20:.1f} MiB free; free some "
-            "space or pass --cache-dir elsewhere (rows already written are kept and reused)")
+    return files.no_room(folder, needed, free, "--cache-dir") + " (rows already written are kept and reused)"
 
 
 def read_only(folder: Path, why: str = "") -> str:
@@ -155,6 +195,7 @@ def write_rows(f: h5py.File, features, paths, fingerprints, skipped) -> None:
     f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STR)
     f.create_dataset("fingerprints", data=np.asarray(fingerprints, dtype=object), dtype=STR)
     write_skipped(f, skipped)
+    f.attrs["checksums"] = checksums(f)
 
 
 def write_skipped(f: h5py.File, skipped) -> None:
@@ -172,6 +213,7 @@ class Index:
     skipped: dict  # path -> (fingerprint, reason)
     dim: int | None = None
     main_meta: dict = field(default_factory=dict)
+    exports: dict = field(default_factory=dict)  # source number -> {ONNX export file name: SHA-256} its rows came from
 
 
 class FeatureStore:
@@ -183,6 +225,7 @@ class FeatureStore:
         self.lock = FileLock(str(self.path) + ".lock")
         self.parts_written = 0
         self.writable = True
+        self.exports: dict = {}  # the ONNX exports (file name: SHA-256) the rows written now come from
 
     def __enter__(self) -> "FeatureStore":
         """Take the write lock; in a folder featx cannot write to, read without it (``writable`` False),
@@ -213,19 +256,35 @@ class FeatureStore:
             raise FeatxError(read_only(self.path.parent, why))
 
     def index(self) -> Index:
+        """The rows the main file and its parts hold. Every file is checked against its checksums first; a
+        damaged one is said in one line and removed (when the folder is writable), so its rows are computed
+        again instead of served."""
         index = Index([], {}, {})
         for path in ([self.path] if self.path.is_file() else []) + part_files(self.path):
             with open_h5(path) as f:
+                if path == self.path and f.attrs.get("format") != FORMAT:
+                    raise FeatxError(f"{path} was not written by featx: move it out of the cache folder")
+                damage = damaged(f)
+            if damage:
+                if not self.writable:
+                    raise FeatxError(f"{path} is damaged ({damage}) and {path.parent} is not writable, so it cannot "
+                                     "be rebuilt: make the folder writable, or pass --cache-dir elsewhere")
+                print(f"featx: {path} is damaged ({damage}): removed; its rows are computed again",
+                      file=sys.stderr)
+                path.unlink()
+                continue
+            with open_h5(path) as f:
                 if path == self.path:
-                    if f.attrs.get("format") != FORMAT:
-                        raise FeatxError(f"{path} was not written by featx: move it out of the cache folder")
                     index.main_meta = {"paths": list(f["paths"].asstr()[:]), "labels": f["labels"][:],
                                        "splits": list(f["splits"].asstr()[:]),
                                        "skipped": sorted(f["skipped/paths"].asstr()[:]),
-                                       "img_per_s": f.attrs.get("img_per_s")}
+                                       "img_per_s": f.attrs.get("img_per_s"),
+                                       "split_source": f.attrs.get("split_source"),
+                                       "checksummed": "checksums" in f.attrs}
                 n = f["features"].shape[0]
                 source = len(index.sources)
                 index.sources.append((path, n))
+                index.exports[source] = json.loads(f.attrs.get("onnx_exports", "{}"))
                 if n:
                     index.dim = f["features"].shape[1]
                 for row, (p, fp) in enumerate(zip(f["paths"].asstr()[:], f["fingerprints"].asstr()[:])):
@@ -242,8 +301,12 @@ class FeatureStore:
         existing = part_files(self.path)
         number = int(existing[-1].name.rsplit(".part", 1)[1][:-3]) + 1 if existing else 0
         features = np.asarray(rows.features, dtype=self.dtype) if rows.features else np.zeros((0, 0), self.dtype)
-        write_h5(self.path.with_name(f"{self.path.name}.part{number:06d}.h5"),
-                 lambda f: write_rows(f, features, rows.paths, rows.fingerprints, rows.skipped),
+
+        def fill(f: h5py.File) -> None:
+            write_rows(f, features, rows.paths, rows.fingerprints, rows.skipped)
+            f.attrs["onnx_exports"] = json.dumps(self.exports)
+
+        write_h5(self.path.with_name(f"{self.path.name}.part{number:06d}.h5"), fill,
                  size_of(*features.shape, self.dtype.itemsize, rows.paths + [s[0] for s in rows.skipped]))
         self.parts_written += 1
 
@@ -284,7 +347,10 @@ class FeatureStore:
             f.create_dataset("fingerprints", data=np.asarray([index.rows[p][2] for p in order], dtype=object),
                              dtype=STR)
             write_skipped(f, [(p, fp, reason) for p, (fp, reason) in sorted(skipped.items())])
-            f.attrs.update({**attrs, "format": FORMAT, "rows": n, "feature_dim": dim,
+            exports = {name: sha for source in {index.rows[p][0] for p in order} for name, sha in
+                       index.exports[source].items()}
+            f.attrs.update({**attrs, "format": FORMAT, "rows": n, "feature_dim": dim, "checksums": checksums(f),
+                            "onnx_exports": json.dumps(exports),
                             "dtype": self.dtype.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
         write_h5(self.path, fill, size_of(n, dim, self.dtype.itemsize, order))

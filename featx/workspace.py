@@ -76,5 +76,5 @@ def fill(cache_dir: str | os.PathLike, command: str, **given) -> dict:
     if taken:
         shown = {**{k: filled[k] for k in taken}, **({"data": last["dataset"]} if "data" in taken else {})}
         print(f"featx: using {' · '.join(f'{k} {v}' for k, v in shown.items())} from the last extract "
-              f"({last['path']})", file=sys.stderr)
+              f"({state_path(cache_dir)})", file=sys.stderr)
     return filled

@@ -25,7 +25,7 @@ def test_class_folders_only_get_a_hashed_split(tmp_path):
     make_dataset(tmp_path / "flat", {"": 200})
     first, second = data.scan(tmp_path / "flat"), data.scan(tmp_path / "flat")
     assert first.splits == second.splits
-    assert first.split_source == "hash:0"
+    assert first.split_source == "name-hash:0"
     for c in ("a", "b"):  # 70/15/15 on average
         assert 120 <= first.counts["train"][c] <= 160 and 15 <= first.counts["test"][c] <= 45
 

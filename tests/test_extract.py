@@ -409,7 +409,7 @@ def test_flipped_feature_bytes_are_an_error_naming_the_cache(tiny, dataset, tmp_
     raw = bytearray(Path(r.path).read_bytes())
     raw[offset + 40] ^= 0xFF
     Path(r.path).write_bytes(bytes(raw))
-    with pytest.raises(featx.FeatxError, match=r"is damaged .*delete it and run featx extract again"):
+    with pytest.raises(featx.FeatxError, match=r"is damaged \(its features fail their Fletcher-32 checksum\): run 'featx extract' again"):
         store.load(r.path)
 
 
