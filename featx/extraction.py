@@ -212,7 +212,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
         onnx_dir = Path(cache_dir) / "onnx"
         distrust = [distrusted(index, onnx_dir, store.path) for index, store in zip(indexes, stores)]
-        todos = [[f for f in ds.paths if f not in doubtful and not (
+        todos = [[f for f in ds.paths if f in doubtful or not (
                   f in index.rows and index.rows[f][2] == fingerprints[f] or
                   f in index.skipped and index.skipped[f][0] == fingerprints[f])]
                  for index, doubtful in zip(indexes, distrust)]
@@ -331,7 +331,8 @@ def finish(store: FeatureStore, ds: data_mod.Dataset, fingerprints: dict, onnx_d
     dropped = len(main.get("paths", ())) - sum(1 for f in main.get("paths", ()) if f in position)
     unchanged = (bool(main) and store.parts_written == 0 and len(index.sources) == 1 and main["paths"] == order
                  and np.array_equal(main["labels"], labels) and list(main["splits"]) == splits
-                 and main.get("skipped") == sorted(skipped) and main["checksummed"])
+                 and main.get("skipped") == sorted(skipped) and main["checksummed"]
+                 and main.get("split_source") == ds.split_source)
     if not unchanged:
         store.check_writable(0)
         store.consolidate(order, labels, splits, skipped, attrs())

@@ -23,7 +23,7 @@ from .errors import FeatxError
 from .files import REPORT_BYTES, room
 from .images import ImageFiles
 from .modelfile import ModelFile
-from .runtimes import OnnxForward, onnx_path, resolve_runtime
+from .runtimes import OnnxForward, onnx_path, resolve_runtime, verified
 
 if TYPE_CHECKING:
     from .heads import Head
@@ -83,7 +83,7 @@ class Predictor:
         rows, failures = [None] * len(files), []
         runtime = resolve_runtime(runtime, dev, self.model.identity.precision)
         export = onnx_path(cache_dir, self.model.identity) if runtime == "onnxruntime" else None
-        if workers == 0 and export and export.is_file() and self.weights is None:
+        if workers == 0 and export and self.weights is None and verified(export):
             batches = self.exported_features(export, files, batch_size or 32)
         else:
             batches = iter_features(self.backbone, files, dev, batch_size, workers, progress=False, runtime=runtime,
