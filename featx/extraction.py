@@ -234,7 +234,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
                 run.runtime = "onnxruntime" if onnx else "torch"
                 run.exports.update({onnx.name: sidecar(onnx).read_text()} if onnx else {})
                 batches = ray_features(net, files, dev, batch_size, decode, onnx and onnx.read_bytes(), address,
-                                       actors, gpus_per_actor, threads_per_actor, progress, desc, run)
+                                       actors, gpus_per_actor, threads_per_actor, progress, desc, run, checkpoint_rows)
             else:
                 batches = iter_features(net, files, dev, batch_size, workers, progress, desc=desc,
                                         decode=decode, run=run, runtime=runtime, cache_dir=cache_dir)

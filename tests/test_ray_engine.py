@@ -135,3 +135,52 @@ def test_read_tasks_decode_the_local_pixels_without_torch(real_set):
         if pixels is not None:
             np.testing.assert_array_equal(images[j], pixels.numpy())
     assert sum(map(bool, reasons)) == 2
+
+
+def test_ray_honours_checkpoint_rows(cluster, tiny, tmp_path, monkeypatch):
+    data = make_dataset(tmp_path / "d", {"train": 20})
+    parts = []
+    real = store.FeatureStore.write_part
+    monkeypatch.setattr(store.FeatureStore, "write_part", lambda self, rows: parts.append(len(rows)) or
+                        real(self, rows))
+    result = extract(tiny, data, tmp_path / "c", engine="ray", checkpoint_rows=8)
+    assert result.new == 40 and sum(parts) == 40
+    assert len(parts) >= 4 and max(parts) < 16, parts  # batches of at most 8: rows persisted every 8 to 15
+
+
+def running(started: list) -> list:
+    """Those of (pid, start time) still running as the same process (zombies count as gone)."""
+    alive = []
+    for pid, start in started:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[19]) == start and fields[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the reaper reads /proc (Linux)")
+def test_a_killed_driver_takes_its_local_cluster_with_it(tiny_weights, tmp_path):
+    from featx.ray_engine import descendants
+
+    data = make_dataset(tmp_path / "d", {"train": 40})
+    cache = tmp_path / "c"
+    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights))
+    cmd = [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir", str(cache),
+           "--engine", "ray", "--batch-size", "4", "--runtime", "torch", "--checkpoint-rows", "8", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob("*.part*.h5")):
+        time.sleep(0.05)
+    started = descendants(proc.pid)
+    assert len(started) >= 4, started  # gcs, raylet, the agents, workers...
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and running(started):
+        time.sleep(0.2)
+    assert running(started) == []
