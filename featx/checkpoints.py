@@ -22,11 +22,13 @@ from .files import atomic_write
 
 @dataclass
 class Progress:
-    """What survives a kill: the finished epochs, the best (val accuracy, -val loss), the next epoch."""
+    """What survives a kill: the finished epochs, the best (val accuracy, -val loss), the next epoch, and the
+    epochs since the best (so ``--patience`` counts on across a resume)."""
 
     history: list
     best: tuple = (-1.0, -np.inf)
     start_epoch: int = 0
+    since_best: int = 0  # epochs since val last improved (--patience)
 
     def improves(self, row: dict) -> bool:
         """Higher val accuracy wins; equal accuracy goes to the lower val loss; with no val images at all,
@@ -41,14 +43,17 @@ class Progress:
 
 
 CHECKPOINT_MAGIC = b"featx-checkpoint-1 sha256="
+RESUME_FREE = ("epochs", "head")  # may change on --resume: the schedule is rebuilt; the head's start is in the weights
 
 
-def save_checkpoint(path: Path, net, opt, sched, epoch: int, progress: Progress, config: dict) -> None:
+def save_checkpoint(path: Path, net, opt, sched, epoch: int, progress: Progress, config: dict,
+                    scaler=None) -> None:
     """A torch.save payload behind a header line with its SHA-256, written atomically: ``--resume``
     trusts no byte it cannot verify."""
     payload = io.BytesIO()
     torch.save({"net": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                     "epoch": epoch, "best": list(progress.best), "history": json.dumps(progress.history),
+                    "since_best": progress.since_best, "scaler": scaler.state_dict() if scaler else {},
                     "config": json.dumps(config), "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}, payload)
     body = payload.getvalue()
@@ -70,13 +75,15 @@ def read_checkpoint(path: Path) -> dict:
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
 
 
-def load_checkpoint(path: Path, net, opt, sched, config: dict) -> Progress:
+def load_checkpoint(path: Path, net, opt, sched, config: dict, scaler=None) -> Progress:
     """Restore a run. ``--epochs`` may change: the schedule is then rebuilt for the new total, as a fresh
     run of that length would have it at this epoch (earlier epochs keep the rates they ran with)."""
     state = read_checkpoint(path)
     saved = json.loads(state["config"])
-    if {k: v for k, v in saved.items() if k != "epochs"} != {k: v for k, v in config.items() if k != "epochs"}:
-        raise FeatxError(f"{path} was written by a different finetune setup: rerun without --resume "
+    differ = sorted(k for k in saved.keys() | config.keys() if k not in RESUME_FREE and saved.get(k) != config.get(k))
+    if differ:
+        changes = "; ".join(f"{k}: {saved.get(k)} then, {config.get(k)} now" for k in differ)
+        raise FeatxError(f"{path} was written by a different finetune setup ({changes}): rerun without --resume "
                          "or with the same options")
     net.load_state_dict(state["net"])
     opt.load_state_dict(state["optimizer"])
@@ -90,6 +97,10 @@ def load_checkpoint(path: Path, net, opt, sched, config: dict) -> Progress:
             for _ in range(int(state["epoch"]) + 1):
                 sched.step()
     torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return Progress(json.loads(state["history"]), tuple(state["best"]), int(state["epoch"]) + 1)
+    if torch.cuda.is_available():  # the generators of the GPUs that exist now, fewer or more than then
+        for device, generator_state in enumerate(state.get("cuda_rng", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(generator_state, device)
+    if state.get("scaler") and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    return Progress(json.loads(state["history"]), tuple(state["best"]), int(state["epoch"]) + 1,
+                    int(state.get("since_best", 0)))

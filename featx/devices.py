@@ -193,10 +193,14 @@ def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) ->
 
 class HalvingForward:
     """``forward`` that survives running out of device memory: the batch is split in halves (and later
-    batches are cut to the size that fitted), with a note for the summary instead of a traceback."""
+    batches are cut to the size that fitted), with a note for the summary instead of a traceback. The retry
+    runs after the ``except`` block, so the failed attempt's activations are freed first; after
+    ``GROW_AFTER`` batches that fit, the limit doubles again, up to the batch size asked for."""
+
+    GROW_AFTER = 8
 
     def __init__(self, net: torch.nn.Module, device: torch.device):
-        self.net, self.device, self.limit, self.notes = net, device, None, []
+        self.net, self.device, self.limit, self.notes, self.fitted = net, device, None, [], 0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         import torch
@@ -208,16 +212,28 @@ class HalvingForward:
         import torch
 
         try:
-            return forward(self.net, images, self.device)
+            out = forward(self.net, images, self.device)
         except torch.OutOfMemoryError:
-            if len(images) == 1:
-                raise FeatxError("one image does not fit in the device's memory: use --device cpu or a smaller "
-                                 "--input-size") from None
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.limit = len(images) // 2
-            self.notes.append(f"out of device memory at batch {len(images)}: continued with batches of {self.limit}")
-            return self(images)
+            out = None  # leave the handler: its traceback holds the failed attempt's activations
+        if out is not None:
+            self.grow()
+            return out
+        if len(images) == 1:
+            raise FeatxError("one image does not fit in the device's memory: use --device cpu or a smaller "
+                             "--input-size")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.limit, self.fitted = len(images) // 2, 0
+        note = f"out of device memory at batch {len(images)}: continued with batches of {self.limit}"
+        self.notes += [note] if note not in self.notes else []
+        return self(images)
+
+    def grow(self) -> None:
+        if self.limit is None:
+            return
+        self.fitted += 1
+        if self.fitted >= self.GROW_AFTER:
+            self.limit, self.fitted = self.limit * 2, 0
 
 
 def overlapped(batches, device: torch.device):

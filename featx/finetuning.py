@@ -62,6 +62,39 @@ def augmentation(net: Backbone, preset: str):
     return T.Compose([*steps, T.PILToTensor()])
 
 
+class SeededImages(ImageFiles):
+    """Training images whose random augmentation is drawn after seeding torch from (seed, epoch, image):
+    an epoch's augmentations are the same whichever process or DataLoader worker draws them, and in a run
+    resumed after a kill. Items are (epoch, index), as ``EpochTagged`` yields them."""
+
+    def __init__(self, files: list, transform, draft_size: int, seed: int):
+        super().__init__(files, transform, draft_size)
+        self.seed = seed
+
+    def __getitem__(self, item):
+        epoch, i = item
+        with torch.random.fork_rng(devices=[]):  # the process's own stream (dropout, in the main one) moves on untouched
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+            return super().__getitem__(i)
+
+
+class EpochTagged:
+    """A sampler whose indices come tagged with the epoch (``set_epoch``), for ``SeededImages``."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class FineTuneNet(nn.Module):
     """Backbone (pooled features) -> head; takes uint8 images, returns logits."""
 
@@ -119,11 +152,13 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> P
 
 
 def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: World = World(),
-              class_weights: torch.Tensor | None = None) -> tuple[float, float]:
+              class_weights: torch.Tensor | None = None, scaler=None) -> tuple[float, float]:
     """One pass; trains when an optimizer is given. Returns (mean loss, accuracy) over every process. Loss
     and hits add up on the device and are read once at the end (on a CPU every step, for the progress bar),
     so a GPU never waits for the host mid-epoch. Under DDP a process whose batch held no decodable image
-    skips it and ``join`` keeps the others' gradient exchanges matched, so no process waits forever."""
+    skips it and ``join`` keeps the others' gradient exchanges matched, so no process waits forever. Under
+    fp16, ``scaler`` (a ``GradScaler``) scales the loss so small gradients do not flush to zero, and skips a
+    step whose gradients overflowed."""
     loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.float().to(device))
     sums = torch.zeros(3, device=device)  # loss, hits, images
     precision = getattr(net, "module", net).backbone.precision
@@ -137,8 +172,13 @@ def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: Wor
                 loss = loss_fn(logits.float(), y)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
             sums[0] += loss.detach() * len(y)
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += len(y)
@@ -251,9 +291,11 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
               "epochs": epochs, "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
               "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
               "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {})}
+    # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
+    scaler = torch.amp.GradScaler(dev.type) if net_b.precision == "fp16" else None
     checkpoint = out / "checkpoint.pt"
     if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, net, opt, sched, config)
+        state = load_checkpoint(checkpoint, net, opt, sched, config, scaler)
     elif checkpoint.exists():
         raise FeatxError(f"{out} already holds a fine-tuning run: pass --resume to continue it or --out elsewhere")
     else:
@@ -267,9 +309,9 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     size = net_b.preprocess.input_size
     weights = class_weights(class_weight, labels["train"], ds.classes)
     weights = None if weights is None else torch.as_tensor(weights)
-    train_set = ImageFiles(files["train"], augmentation(net_b, augment), draft)
-    sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed) \
-        if world.distributed else EpochSampler(len(train_set), seed, shuffle)
+    train_set = SeededImages(files["train"], augmentation(net_b, augment), draft, seed)
+    sampler = EpochTagged(DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed)
+                          if world.distributed else EpochSampler(len(train_set), seed, shuffle))
     train_loader = make_loader(train_set, dev, batch_size, workers, collate, 3 * size * size, sampler=sampler,
                                persistent=True, drop_last=len(sampler) > batch_size)
     model = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None) if world.distributed else net
@@ -277,7 +319,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
                              workers, collate, 3 * size * size, persistent=True)
     # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
     needed = 4 * sum(p.numel() * p.element_size() for p in net.parameters()) + REPORT_BYTES
-    since_best = 0
+    torch.manual_seed(seed + world.rank)  # the head's dropout: its own stream per process (augmentation: SeededImages)
     for epoch in range(state.start_epoch, epochs):
         started = time.perf_counter()
         with tqdm(total=len(files["train"]), unit="img", file=sys.stderr, disable=not progress,
@@ -286,7 +328,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
             lr_used = opt.param_groups[0]["lr"]
             sampler.set_epoch(epoch)
             train_loss, train_acc = run_epoch(model, train_loader, labels["train"], dev, opt, bar=bar, world=world,
-                                              class_weights=weights)
+                                              class_weights=weights, scaler=scaler)
         sched.step()
         train_seconds = time.perf_counter() - started
         net.eval()
@@ -304,14 +346,14 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
                   + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""), file=sys.stderr)
         with room(out, needed):
             if state.improves(state.history[-1]):
-                since_best = 0
+                state.since_best = 0
                 save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
                                                                     "epoch": epoch + 1})
             else:
-                since_best += 1
+                state.since_best += 1
             write_history(out / "history.csv", state.history)
-            save_checkpoint(checkpoint, net, opt, sched, epoch, state, config)
-        if world.broadcast(patience is not None and since_best >= patience, dev):
+            save_checkpoint(checkpoint, net, opt, sched, epoch, state, config, scaler)
+        if world.broadcast(patience is not None and state.since_best >= patience, dev):
             break
     if not world.main:
         world.leave()

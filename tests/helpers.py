@@ -57,13 +57,13 @@ def register_tiny(weights: Path, name: str = "tiny", delay: float = 0.0) -> Back
 
 
 def forked_cli(argv: list, weights: Path, delay: float = 0.0, stdout: Path | None = None, env: dict | None = None,
-               before=None) -> multiprocessing.Process:
+               before=None, daemon: bool = True) -> multiprocessing.Process:
     """``featx <argv>`` in a forked copy of this process, with the tiny network registered (``delay`` seconds
     per forward): a separate process to kill or to race, started in milliseconds because torch and featx are
     already imported (a fresh interpreter spends about 3 s of CPU on them). Its exit code is the command's;
     ``stdout`` receives what it prints, ``env`` is set in it and ``before()`` runs in it first. It runs torch on
     one thread: a test comparing its numbers with this process's uses the ``one_torch_thread`` fixture."""
-    process = multiprocessing.get_context("fork").Process(target=run_forked_cli, daemon=True,
+    process = multiprocessing.get_context("fork").Process(target=run_forked_cli, daemon=daemon,
                                                           args=(argv, weights, delay, stdout, env or {}, before))
     process.start()
     return process

@@ -157,8 +157,30 @@ def test_running_out_of_device_memory_halves_the_batch(tiny, dataset, tmp_path, 
     reference = run(tiny, dataset, tmp_path / "ref", runtime="torch")
     monkeypatch.setattr(devices, "forward", small_device)
     r = run(tiny, dataset, tmp_path / "c", runtime="torch")
-    assert r.new == 24 and r.notes == ["out of device memory at batch 4: continued with batches of 2"]
+    assert r.new == 24 and r.notes == ["out of device memory at batch 4: continued with batches of 2"]  # said once
     np.testing.assert_allclose(store.load(r.path).X, store.load(reference.path).X, atol=1e-5)
+
+
+def test_a_passing_shortage_of_device_memory_grows_the_batch_back(tiny):
+    from featx import devices
+
+    calls, real = [], devices.forward
+
+    def tight_once(net, images, device):
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(net, images, device)
+
+    embed = devices.HalvingForward(featx.create_backbone(tiny, pretrained=False), torch.device("cpu"))
+    devices_forward, devices.forward = devices.forward, tight_once
+    try:
+        for _ in range(6):
+            embed(torch.zeros(8, 3, 32, 32, dtype=torch.uint8))
+    finally:
+        devices.forward = devices_forward
+    # 8 failed, then halves of 4 until GROW_AFTER (8) fitted, then whole batches of 8 again
+    assert calls == [8] + [4] * 8 + [8, 8] and embed.limit == 8
 
 
 def test_a_small_dev_shm_prefetches_less_instead_of_crashing(capsys):

@@ -141,6 +141,67 @@ def test_kill_and_resume_keeps_finished_epochs(tiny, tiny_weights, tmp_path, one
     assert resumed["val"]["log_loss"] == pytest.approx(uninterrupted["val"]["log_loss"], abs=1e-6)
 
 
+def test_a_resume_right_after_the_checkpoint_reproduces_the_run_with_augmentation_and_workers(
+        tiny, tiny_weights, tmp_path, one_torch_thread):
+    """Killed as soon as epoch 1's checkpoint lands, with light augmentation drawn in two persistent DataLoader
+    workers: the resumed run's history equals an uninterrupted run's (augmentation is seeded per image and
+    epoch, not by whichever worker process draws it), and so does the patience count."""
+    from featx.checkpoints import read_checkpoint
+
+    data = make_dataset(tmp_path / "d", {"train": 12, "val": 3})
+    out = tmp_path / "run"
+    argv = ["finetune", "--backbone", "tiny", "--data", data, "--unfreeze", "block2", "--epochs", "3", "--out", out,
+            "--workers", "2", "--batch-size", "4", "--augment", "light", "--head", "none", "--patience", "5",
+            "--quiet"]
+    proc = forked_cli(argv, tiny_weights, delay=0.05, daemon=False)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.01)
+    proc.kill()
+    proc.join()
+    saved = read_checkpoint(out / "checkpoint.pt")
+    assert saved["epoch"] == 0 and "since_best" in saved
+    options = {"epochs": 3, "workers": 2, "batch_size": 4, "augment": "light", "head": "none", "patience": 5,
+               "progress": False}
+    resumed = ft.finetune(tiny, str(data), "block2", out=out, resume=True, **options)
+    whole = ft.finetune(tiny, str(data), "block2", out=tmp_path / "whole", **options)
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in whole["history"]], abs=1e-6)
+
+
+def test_resume_says_which_option_differs_and_ignores_the_starting_head(tiny, dataset, one_epoch):
+    # the head a run starts from is in its checkpoint's weights: a default that changed since (a later
+    # fit-head in the folder) does not stop --resume
+    m = ft.finetune(tiny, str(dataset), "block2", epochs=2, resume=True, head="imagenet:1,2", **one_epoch)
+    assert [h["epoch"] for h in m["history"]] == [1, 2]
+    with pytest.raises(FeatxError, match=r"different finetune setup \(lr: 0.001 then, 0.01 now\)"):
+        ft.finetune(tiny, str(dataset), "block2", epochs=3, resume=True, lr=0.01, **one_epoch)
+
+
+@pytest.mark.parametrize("precision, scaled", [("fp16", True), ("bf16", False)])
+def test_fp16_scales_its_loss_and_bf16_does_not(tiny, dataset, tmp_path, precision, scaled):
+    """fp16's range flushes small gradients to zero, so its loss goes through a GradScaler, whose state the
+    checkpoint keeps for --resume; bf16 has fp32's range and needs none (autocast on the CPU here)."""
+    from featx.checkpoints import read_checkpoint
+
+    kw = dict(out=tmp_path / precision, workers=0, progress=False, precision=precision)
+    m = ft.finetune(tiny, str(dataset), "block2", epochs=1, **kw)
+    saved = read_checkpoint(tmp_path / precision / "checkpoint.pt")["scaler"]
+    assert bool(saved) is scaled and np.isfinite(m["history"][0]["train_loss"])
+    if scaled:
+        assert saved["scale"] > 1
+        resumed = ft.finetune(tiny, str(dataset), "block2", epochs=2, resume=True, **kw)
+        assert len(resumed["history"]) == 2 and np.isfinite(resumed["history"][1]["train_loss"])
+
+
+@pytest.mark.gpu
+def test_fp16_fine_tuning_on_cuda_keeps_small_gradients(tiny, dataset, tmp_path):
+    m = ft.finetune(tiny, str(dataset), "block2", epochs=2, out=tmp_path / "f", workers=0, progress=False,
+                    precision="fp16", device="cuda")
+    assert all(np.isfinite(h["train_loss"]) for h in m["history"])
+    assert m["history"][1]["train_loss"] < m["history"][0]["train_loss"] + 0.05
+
+
 def test_folders_without_val_carve_a_stable_share_of_train(tiny, tmp_path):
     data = make_dataset(tmp_path / "d", {"train": 10, "test": 3})
     m = ft.finetune(tiny, str(data), "none", epochs=2, out=tmp_path / "run", workers=0, progress=False)
