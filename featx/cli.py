@@ -435,6 +435,8 @@ def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="featx", standalone_mode=False)
     except FeatxError as exc:
+        if type(exc).__name__ == "RankFailed":  # under torchrun rank 0 has said why; the others just stop
+            sys.exit(2)
         click.echo(f"featx: error: {exc}", err=True)
         sys.exit(2)
     except click.exceptions.Abort:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
+
+from .errors import FeatxError, first_line
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -35,13 +40,26 @@ class World:
             torch.cuda.set_device(device)
         return device
 
-    def broadcast(self, flag: bool, device: torch.device) -> bool:
-        """Rank 0's decision (stop early, say), the same in every process."""
+    def decide(self, step: Callable[[], T], device: torch.device) -> T:
+        """Run ``step`` on rank 0 (validate, write, decide whether to stop) and give every process its outcome:
+        the one point where the ranks wait on rank 0, exception-safe. When ``step`` fails, rank 0 raises its
+        error (one line from the CLI) and every other rank raises ``RankFailed`` (a quiet non-zero exit), at
+        once, instead of waiting in a collective until its timeout."""
         if not self.distributed:
-            return flag
-        value = torch.tensor([int(flag)], device=device)
-        torch.distributed.broadcast(value, 0)
-        return bool(value.item())
+            return step()
+        outcome, error = [None], None
+        if self.main:
+            try:
+                outcome = [("done", step())]
+            except BaseException as exc:  # noqa: BLE001 - whatever it is, the other ranks must hear of it
+                error, outcome = exc, [("failed", first_line(exc))]
+        torch.distributed.broadcast_object_list(outcome, src=0, device=device if device.type == "cuda" else None)
+        kind, value = outcome[0]
+        if kind == "failed":
+            if error is not None:
+                raise error
+            raise RankFailed(f"rank 0 failed: {value}")
+        return value
 
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """``values`` summed over every process."""
@@ -50,9 +68,14 @@ class World:
         return values
 
     def leave(self) -> None:
+        """Every process leaves the group together (rank 0 then finishes alone: no collective waits on it)."""
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+class RankFailed(FeatxError):
+    """Raised in every other process when rank 0 failed: rank 0 says why; these exit non-zero quietly."""
 
 
 def join_world(device: torch.device) -> World:

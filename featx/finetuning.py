@@ -278,7 +278,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
                             input_size=given["input_size"],
                             precision=resolve_precision(given["precision"] or "auto", str(dev)))
-    head = None if from_scratch else choose_head(head, net_b, ds, cache_dir)
+    head = None if from_scratch else choose_head(head, net_b, ds, cache_dir, quiet=not world.main)
     blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
     out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")
     out.mkdir(parents=True, exist_ok=True)
@@ -332,36 +332,38 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
         sched.step()
         train_seconds = time.perf_counter() - started
         net.eval()
-        if not world.main:  # rank 0 validates and writes; the others wait for its decision to stop or go on
-            if world.broadcast(False, dev):
-                break
-            continue
-        with torch.inference_mode():
-            val_loss, val_acc = run_epoch(net, val_loader, labels.get("val"), dev) if "val" in files else (None, None)
-        state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-                              "val_loss": val_loss, "val_accuracy": val_acc,
-                              "train_img_per_s": len(files["train"]) / train_seconds, "lr": lr_used})
-        if progress:
-            print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}"
-                  + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""), file=sys.stderr)
-        with room(out, needed):
-            if state.improves(state.history[-1]):
-                state.since_best = 0
-                save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
-                                                                    "epoch": epoch + 1})
-            else:
-                state.since_best += 1
-            write_history(out / "history.csv", state.history)
-            save_checkpoint(checkpoint, net, opt, sched, epoch, state, config, scaler)
-        if world.broadcast(patience is not None and state.since_best >= patience, dev):
+
+        def close_epoch() -> bool:
+            """Rank 0's end of an epoch: validate, record, write; whether to stop early (``--patience``)."""
+            with torch.inference_mode():
+                val_loss, val_acc = run_epoch(net, val_loader, labels.get("val"), dev) if "val" in files \
+                    else (None, None)
+            state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
+                                  "val_loss": val_loss, "val_accuracy": val_acc,
+                                  "train_img_per_s": len(files["train"]) / train_seconds, "lr": lr_used})
+            if progress:
+                print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}"
+                      + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""),
+                      file=sys.stderr)
+            with room(out, needed):
+                if state.improves(state.history[-1]):
+                    state.since_best = 0
+                    save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
+                                                                        "epoch": epoch + 1})
+                else:
+                    state.since_best += 1
+                write_history(out / "history.csv", state.history)
+                save_checkpoint(checkpoint, net, opt, sched, epoch, state, config, scaler)
+            return patience is not None and state.since_best >= patience
+
+        if world.decide(close_epoch, dev):  # the others wait here for rank 0, and hear of its failure
             break
+    world.leave()  # every rank together; rank 0 then scores and reports alone, with nobody waiting on it
     if not world.main:
-        world.leave()
         return {"rank": world.rank}
     with room(out, needed):
         result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers,
                               val_source, cache_dir)
-    world.leave()
     return {**result, "processes": world.size, "global_batch_size": batch_size * world.size}
 
 

@@ -128,12 +128,13 @@ def export_head(head: nn.Module, classes: list) -> tuple[dict, dict]:
     return arrays, {"kind": "mlp", "selected": {}}
 
 
-def choose_head(head: str | None, net: Backbone, ds, cache_dir) -> str | None:
+def choose_head(head: str | None, net: Backbone, ds, cache_dir, quiet: bool = False) -> str | None:
     """``--head`` as given; ``none`` for a fresh head; left out, the head of the last ``fit-head`` when it
     was fitted on this backbone's pooled features of this data (seed S3 warm-starts its fine-tune from
-    its trained top model), else a fresh one. The choice is printed either way."""
+    its trained top model), else a fresh one. The choice is printed either way, unless ``quiet`` (the ranks
+    but 0 under torchrun)."""
     if head == "none":
-        print("featx: starting from a fresh (Xavier) head, as --head none asks", file=sys.stderr)
+        say("featx: starting from a fresh (Xavier) head, as --head none asks", quiet)
         return None
     if head is not None:
         return head
@@ -145,8 +146,13 @@ def choose_head(head: str | None, net: Backbone, ds, cache_dir) -> str | None:
         why = (f"the last fit-head ({model}) is a kNN, which holds no weights to start from" if last["clf"] == "knn"
                else f"the last fit-head ({model}) was fitted on other features or data" if not same else "")
         if not why:
-            print(f"featx: starting the head from the last fit-head ({model}, {last['clf']}), as seed S3 does; "
-                  "--head none starts a fresh one", file=sys.stderr)
+            say(f"featx: starting the head from the last fit-head ({model}, {last['clf']}), as seed S3 does; "
+                "--head none starts a fresh one", quiet)
             return str(model)
-    print(f"featx: starting from a fresh (Xavier) head: {why}", file=sys.stderr)
+    say(f"featx: starting from a fresh (Xavier) head: {why}", quiet)
     return None
+
+
+def say(text: str, quiet: bool) -> None:
+    if not quiet:
+        print(text, file=sys.stderr)

@@ -75,3 +75,16 @@ def shared_data():
     if not (helpers.SHARED_DATA / "hymenoptera").is_dir():
         pytest.fail(f"real test images are missing: expected {helpers.SHARED_DATA}/hymenoptera beside the checkout")
     return helpers.SHARED_DATA
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs (root only, as CI runs), unmounted afterwards."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -57,19 +57,20 @@ def register_tiny(weights: Path, name: str = "tiny", delay: float = 0.0) -> Back
 
 
 def forked_cli(argv: list, weights: Path, delay: float = 0.0, stdout: Path | None = None, env: dict | None = None,
-               before=None, daemon: bool = True) -> multiprocessing.Process:
+               before=None, daemon: bool = True, stderr: Path | None = None) -> multiprocessing.Process:
     """``featx <argv>`` in a forked copy of this process, with the tiny network registered (``delay`` seconds
     per forward): a separate process to kill or to race, started in milliseconds because torch and featx are
     already imported (a fresh interpreter spends about 3 s of CPU on them). Its exit code is the command's;
     ``stdout`` receives what it prints, ``env`` is set in it and ``before()`` runs in it first. It runs torch on
     one thread: a test comparing its numbers with this process's uses the ``one_torch_thread`` fixture."""
     process = multiprocessing.get_context("fork").Process(target=run_forked_cli, daemon=daemon,
-                                                          args=(argv, weights, delay, stdout, env or {}, before))
+                                                          args=(argv, weights, delay, stdout, env or {}, before,
+                                                                stderr))
     process.start()
     return process
 
 
-def run_forked_cli(argv, weights, delay, stdout, env, before):
+def run_forked_cli(argv, weights, delay, stdout, env, before, stderr=None):
     from featx.cli import main
 
     torch.set_num_threads(1)  # an OpenMP pool does not survive fork; torch's DataLoader workers do the same
@@ -79,6 +80,8 @@ def run_forked_cli(argv, weights, delay, stdout, env, before):
         before()
     if stdout:
         sys.stdout = open(stdout, "w")
+    if stderr:
+        sys.stderr = open(stderr, "w")
     main([str(a) for a in argv])
 
 

@@ -4,11 +4,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from featx import finetuning
+from featx.errors import FeatxError
 from featx.modelfile import ModelFile
 from helpers import REPO, forked_cli, make_dataset
 
@@ -112,3 +114,40 @@ def test_a_restarted_torchrun_worker_resumes_by_itself(tiny, tmp_path, monkeypat
     again = finetuning.finetune(tiny, str(data), epochs=2, **kw)  # no --resume: the restart implies it
     assert [h["epoch"] for h in again["history"]] == [1, 2]
     assert again["history"][0] == first["history"][0]
+
+
+def fail_validation_on_rank_zero():
+    """Rank 0's validation fails (an injected fault), after training went through both ranks."""
+    only_rank_zero_writes()
+    if os.environ.get("RANK") == "0":
+        real = finetuning.run_epoch
+
+        def failing(net, batches, labels, device, optimizer=None, **kw):
+            if optimizer is None:
+                raise FeatxError("validation failed (injected)")
+            return real(net, batches, labels, device, optimizer, **kw)
+        finetuning.run_epoch = failing
+
+
+@pytest.mark.parametrize("fault", ["full disk at saving", "failure at validation"])
+def test_rank_zeros_failure_stops_every_rank_with_one_line(tiny, tiny_weights, tmp_path, request, fault):
+    data = make_dataset(tmp_path / "d", {"train": 8, "val": 2})
+    out, hook = tmp_path / "ddp", fail_validation_on_rank_zero
+    if fault == "full disk at saving":
+        disk = request.getfixturevalue("tiny_disk")
+        (disk / "filler").write_bytes(b"\0" * ((1 << 20) - 64 * 1024))
+        out, hook = disk / "ddp", only_rank_zero_writes
+    port, errors = free_port(), [tmp_path / f"rank{r}.err" for r in (0, 1)]
+    started = time.monotonic()
+    ranks = [forked_cli(finetune_args(data, out, 4), tiny_weights, before=hook, stderr=errors[r],
+                        env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(r),
+                             "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    for p in ranks:
+        p.join(60)
+    assert time.monotonic() - started < 30 and [p.exitcode for p in ranks] == [2, 2]
+    said = errors[0].read_text()
+    expected = f"featx: error: no room in {out}" if fault.startswith("full") else \
+        "featx: error: validation failed (injected)"
+    errors_said = [line for line in said.splitlines() if "error" in line.lower()]
+    assert len(errors_said) == 1 and errors_said[0].startswith(expected) and "Traceback" not in said, said
+    assert errors[1].read_text() == "", "rank 1 exits quietly: rank 0 said why"

@@ -137,17 +137,6 @@ def test_extract_checks_the_features_of_a_cache_it_would_call_up_to_date(tiny, d
     store.load(again.path)
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 1 MiB tmpfs (root only, as CI runs), unmounted afterwards."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 def test_a_full_disk_under_out_is_one_line(tiny, tmp_path, tiny_disk):
     data = make_dataset(tmp_path / "colours", {"train": 8, "test": 3})
     r = run(tiny, data, tmp_path / "c")
