@@ -295,6 +295,8 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
                      progress=not quiet, shuffle=shuffle, class_weight=class_weight)
     if "rank" in m:  # under torchrun, rank 0 speaks for every process
         return
+    for note in m["notes"]:
+        click.echo(f"featx: note: {note}", err=True)
     batches = f", {m['processes']} processes x {batch_size} = {m['global_batch_size']} images a step" \
         if m["processes"] > 1 else ""
     emit(m, as_json, f"trained {', '.join(m['unfreeze']) or 'the head only'}: {m['trainable_params']:,} of "

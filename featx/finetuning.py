@@ -151,14 +151,75 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> P
                      head_config=config, head_arrays=arrays, backbone_state=state, info=info).save(path)
 
 
+class MicroBatches:
+    """How many images of a training step go through forward and backward at once: all of them, until the
+    device runs out of memory; then half, with the gradients accumulated, so the step (and the effective
+    batch) stays the same; after ``GROW_AFTER`` steps that fit, twice as many again."""
+
+    GROW_AFTER = 8
+
+    def __init__(self):
+        self.limit, self.fitted, self.notes = None, 0, []
+
+    def step(self, net, images, y, loss_fn, optimizer, scaler, precision: str, device) -> tuple:
+        """One optimizer step on (images, y): (logits, mean loss), both detached."""
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                done = self.accumulate(net, images, y, loss_fn, scaler, precision, device)
+            except torch.OutOfMemoryError:
+                done = None  # leave the handler first: its traceback holds the failed attempt's activations
+            if done is not None:
+                break
+            size = self.limit or len(y)
+            if size == 1:
+                raise FeatxError("one training image does not fit in the device's memory: use a smaller "
+                                 "--input-size, --unfreeze fewer blocks, or --device cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.limit, self.fitted = size // 2, 0
+            note = f"out of device memory at {size} images a step: continued with {self.limit} at a time " \
+                   "(gradients accumulated, same step)"
+            self.notes += [note] if note not in self.notes else []
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
+        if self.limit is not None:
+            self.fitted += 1
+            if self.fitted >= self.GROW_AFTER:
+                self.limit, self.fitted = self.limit * 2, 0
+        return done
+
+    def accumulate(self, net, images, y, loss_fn, scaler, precision: str, device) -> tuple:
+        size, logits, total = self.limit or len(y), [], 0.0
+        starts = list(range(0, len(y), size))
+        for start in starts:
+            end = min(start + size, len(y))
+            last = start == starts[-1]
+            # under DDP gradients are exchanged once, with the last part's backward
+            with (contextlib.nullcontext() if last or not isinstance(net, DDP) else net.no_sync()), \
+                    autocast(device, precision):
+                out = net(images[start:end].contiguous(memory_format=torch.channels_last))
+                loss = loss_fn(out.float(), y[start:end]) * ((end - start) / len(y))
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            logits.append(out.detach())
+            total += loss.detach()
+        return torch.cat(logits), total
+
+
 def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: World = World(),
-              class_weights: torch.Tensor | None = None, scaler=None) -> tuple[float, float]:
+              class_weights: torch.Tensor | None = None, scaler=None,
+              micro: MicroBatches | None = None) -> tuple[float, float]:
     """One pass; trains when an optimizer is given. Returns (mean loss, accuracy) over every process. Loss
     and hits add up on the device and are read once at the end (on a CPU every step, for the progress bar),
     so a GPU never waits for the host mid-epoch. Under DDP a process whose batch held no decodable image
     skips it and ``join`` keeps the others' gradient exchanges matched, so no process waits forever. Under
     fp16, ``scaler`` (a ``GradScaler``) scales the loss so small gradients do not flush to zero, and skips a
-    step whose gradients overflowed."""
+    step whose gradients overflowed. A training step that runs out of device memory is split (``micro``).
+    The split persists across epochs in ``micro``."""
+    micro = micro or MicroBatches()
     loss_fn = nn.CrossEntropyLoss(weight=None if class_weights is None else class_weights.float().to(device))
     sums = torch.zeros(3, device=device)  # loss, hits, images
     precision = getattr(net, "module", net).backbone.precision
@@ -167,18 +228,12 @@ def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: Wor
             if images is None:
                 continue
             y = torch.as_tensor(labels[indices], device=device)
-            with torch.set_grad_enabled(optimizer is not None), autocast(device, precision):
-                logits = net(images.contiguous(memory_format=torch.channels_last))
-                loss = loss_fn(logits.float(), y)
             if optimizer is not None:
-                optimizer.zero_grad(set_to_none=True)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+                logits, loss = micro.step(net, images, y, loss_fn, optimizer, scaler, precision, device)
+            else:
+                with torch.no_grad(), autocast(device, precision):
+                    logits = net(images.contiguous(memory_format=torch.channels_last))
+                    loss = loss_fn(logits.float(), y)
             sums[0] += loss.detach() * len(y)
             sums[1] += (logits.argmax(1) == y).sum()
             sums[2] += len(y)
@@ -320,6 +375,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
     needed = 4 * sum(p.numel() * p.element_size() for p in net.parameters()) + REPORT_BYTES
     torch.manual_seed(seed + world.rank)  # the head's dropout: its own stream per process (augmentation: SeededImages)
+    micro = MicroBatches()
     for epoch in range(state.start_epoch, epochs):
         started = time.perf_counter()
         with tqdm(total=len(files["train"]), unit="img", file=sys.stderr, disable=not progress,
@@ -328,7 +384,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
             lr_used = opt.param_groups[0]["lr"]
             sampler.set_epoch(epoch)
             train_loss, train_acc = run_epoch(model, train_loader, labels["train"], dev, opt, bar=bar, world=world,
-                                              class_weights=weights, scaler=scaler)
+                                              class_weights=weights, scaler=scaler, micro=micro)
         sched.step()
         train_seconds = time.perf_counter() - started
         net.eval()
@@ -364,7 +420,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     with room(out, needed):
         result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers,
                               val_source, cache_dir)
-    return {**result, "processes": world.size, "global_batch_size": batch_size * world.size}
+    return {**result, "processes": world.size, "global_batch_size": batch_size * world.size, "notes": micro.notes}
 
 
 def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, history: list, blocks: list,

@@ -194,6 +194,44 @@ def test_fp16_scales_its_loss_and_bf16_does_not(tiny, dataset, tmp_path, precisi
         assert len(resumed["history"]) == 2 and np.isfinite(resumed["history"][1]["train_loss"])
 
 
+def test_a_training_step_out_of_device_memory_is_split_and_keeps_its_batch(tiny, dataset, tmp_path, monkeypatch):
+    """Steps of 4 images that do not fit run as two halves with their gradients accumulated: the same
+    steps, the same history (the head alone trains, so no BatchNorm sees the smaller parts)."""
+    kw = dict(epochs=2, batch_size=4, workers=0, progress=False, augment="none", head="none")
+    whole = ft.finetune(tiny, str(dataset), "none", out=tmp_path / "whole", **kw)
+    real = ft.FineTuneNet.forward
+
+    def small_device(self, images):
+        if self.training and len(images) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, images)
+
+    monkeypatch.setattr(ft.FineTuneNet, "forward", small_device)
+    split = ft.finetune(tiny, str(dataset), "none", out=tmp_path / "split", **kw)
+    assert split["notes"] == ["out of device memory at 4 images a step: continued with 2 at a time (gradients "
+                              "accumulated, same step)"]
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert [h[key] for h in split["history"]] == pytest.approx([h[key] for h in whole["history"]], abs=1e-5)
+
+
+def test_resume_restores_the_generators_of_the_gpus_that_exist(tiny, tmp_path, monkeypatch):
+    """Saved by a rank that saw two GPUs, resumed where one is visible: one generator restored, no crash."""
+    from featx import checkpoints
+
+    net = featx.create_backbone(tiny, pretrained=False).model
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.get_rng_state(), torch.get_rng_state()])
+    checkpoints.save_checkpoint(tmp_path / "c.pt", net, opt, sched, 0, checkpoints.Progress([]), {"epochs": 1})
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append(device))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("indexes GPUs that are gone"))
+    checkpoints.load_checkpoint(tmp_path / "c.pt", net, opt, sched, {"epochs": 1})
+    assert restored == [0]
+
+
 @pytest.mark.gpu
 def test_fp16_fine_tuning_on_cuda_keeps_small_gradients(tiny, dataset, tmp_path):
     m = ft.finetune(tiny, str(dataset), "block2", epochs=2, out=tmp_path / "f", workers=0, progress=False,
