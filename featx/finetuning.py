@@ -313,114 +313,164 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
     a restarted torchrun worker resumes from the checkpoint by itself (``distributed.py``)."""
     check_options(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
                   weight_decay=weight_decay, step_size=step_size, patience=patience)
-    given = workspace.fill(cache_dir, "finetune", backbone=backbone, data=data, input_size=input_size,
-                           precision=precision, weights=weights)
-    torch.manual_seed(seed)
-    dev = resolve_device(device)
-    world = join_world(dev)
-    dev, progress, resume = world.device(dev), progress and world.main, resume or restarted()
-    ds = data_mod.load(given["data"], data_root)
-    if "train" not in ds.split_names():
-        raise FeatxError(f"{ds.root} has no train/ split (it has {', '.join(ds.split_names())}): fine-tuning "
-                         "trains on train/")
-    if len(ds.classes) < 2:
-        raise FeatxError(f"{ds.root} has one class ({ds.classes[0]}): a classifier needs at least two class folders")
-    if "val" not in ds.split_names():
-        if not 0 < val_fraction < 1:
-            raise FeatxError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
-        ds = ds.with_val_from_train(val_fraction)
-    val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
-    net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
-                            input_size=given["input_size"],
-                            precision=resolve_precision(given["precision"] or "auto", str(dev)))
-    head = None if from_scratch else choose_head(head, net_b, ds, cache_dir, quiet=not world.main)
-    blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
-    out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_{'scratch' if from_scratch else unfreeze}")
-    out.mkdir(parents=True, exist_ok=True)
-    net = FineTuneNet(net_b, starting_head(head, net_b, ds.classes))
-    opt, sched = training_setup(net, blocks, lr, 1.0 if from_scratch else backbone_lr_scale, optimizer, schedule,
-                                epochs, step_size, weight_decay)
-    net = net.to(dev).to(memory_format=torch.channels_last)
-    config = {"backbone": net_b.spec.name, "data": str(ds.root), "split": ds.split_source, "unfreeze": blocks,
-              "from_scratch": from_scratch,
-              "epochs": epochs, "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-              "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
-              "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {})}
-    # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
-    scaler = torch.amp.GradScaler(dev.type) if net_b.precision == "fp16" else None
-    checkpoint = out / "checkpoint.pt"
-    if resume and checkpoint.exists():
-        state = load_checkpoint(checkpoint, net, opt, sched, config, scaler)
-    elif checkpoint.exists():
-        raise FeatxError(f"{out} already holds a fine-tuning run: pass --resume to continue it or --out elsewhere")
-    else:
-        state = Progress([])
-
-    subsets = {s: ds.subset(s) for s in ds.split_names()}
-    files = {s: [ds.root / p for p in paths] for s, (paths, _) in subsets.items()}
-    labels = {s: y for s, (_, y) in subsets.items()}
-    workers = default_workers(dev) if workers is None else workers
-    draft = net_b.preprocess.resize_size
-    size = net_b.preprocess.input_size
-    weights = class_weights(class_weight, labels["train"], ds.classes)
-    weights = None if weights is None else torch.as_tensor(weights)
-    train_set = SeededImages(files["train"], augmentation(net_b, augment), draft, seed)
-    sampler = EpochTagged(DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed)
-                          if world.distributed else EpochSampler(len(train_set), seed, shuffle))
-    train_loader = make_loader(train_set, dev, batch_size, workers, collate, 3 * size * size, sampler=sampler,
-                               persistent=True, drop_last=len(sampler) > batch_size)
-    model = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None) if world.distributed else net
-    val_loader = make_loader(ImageFiles(files.get("val", []), net_b.preprocess.transform(), draft), dev, batch_size,
-                             workers, collate, 3 * size * size, persistent=True)
-    # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
-    needed = 4 * sum(p.numel() * p.element_size() for p in net.parameters()) + REPORT_BYTES
-    torch.manual_seed(seed + world.rank)  # the head's dropout: its own stream per process (augmentation: SeededImages)
-    micro = MicroBatches()
-    for epoch in range(state.start_epoch, epochs):
-        started = time.perf_counter()
-        with tqdm(total=len(files["train"]), unit="img", file=sys.stderr, disable=not progress,
-                  desc=f"epoch {epoch + 1}/{epochs}", dynamic_ncols=True) as bar:
-            net.train()
-            lr_used = opt.param_groups[0]["lr"]
-            sampler.set_epoch(epoch)
-            train_loss, train_acc = run_epoch(model, train_loader, labels["train"], dev, opt, bar=bar, world=world,
-                                              class_weights=weights, scaler=scaler, micro=micro)
-        sched.step()
-        train_seconds = time.perf_counter() - started
-        net.eval()
-
-        def close_epoch() -> bool:
-            """Rank 0's end of an epoch: validate, record, write; whether to stop early (``--patience``)."""
-            with torch.inference_mode():
-                val_loss, val_acc = run_epoch(net, val_loader, labels.get("val"), dev) if "val" in files \
-                    else (None, None)
-            state.history.append({"epoch": epoch + 1, "train_loss": train_loss, "train_accuracy": train_acc,
-                                  "val_loss": val_loss, "val_accuracy": val_acc,
-                                  "train_img_per_s": len(files["train"]) / train_seconds, "lr": lr_used})
-            if progress:
-                print(f"epoch {epoch + 1}: train loss {train_loss:.4f} acc {train_acc:.4f}"
-                      + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""),
-                      file=sys.stderr)
-            with room(out, needed):
-                if state.improves(state.history[-1]):
-                    state.since_best = 0
-                    save_finetuned(out / MODEL_NAME, net, ds.classes, {"dataset": ds.name, "finetune": config,
-                                                                        "epoch": epoch + 1})
-                else:
-                    state.since_best += 1
-                write_history(out / "history.csv", state.history)
-                save_checkpoint(checkpoint, net, opt, sched, epoch, state, config, scaler)
-            return patience is not None and state.since_best >= patience
-
-        if world.decide(close_epoch, dev):  # the others wait here for rank 0, and hear of its failure
+    run = Training(backbone, data, unfreeze, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
+                   backbone_lr_scale=backbone_lr_scale, optimizer=optimizer, schedule=schedule, step_size=step_size,
+                   weight_decay=weight_decay, augment=augment, head=head, from_scratch=from_scratch,
+                   patience=patience, resume=resume, out=out, device=device, workers=workers, weights=weights,
+                   input_size=input_size, precision=precision, val_fraction=val_fraction, seed=seed,
+                   cache_dir=cache_dir, progress=progress, shuffle=shuffle, class_weight=class_weight)
+    for epoch in range(run.state.start_epoch, epochs):
+        trained = run.epoch(epoch)
+        if run.world.decide(lambda: run.close(epoch, trained), run.device):  # every rank waits for rank 0 here
             break
-    world.leave()  # every rank together; rank 0 then scores and reports alone, with nobody waiting on it
-    if not world.main:
-        return {"rank": world.rank}
-    with room(out, needed):
-        result = final_report(out, net, ds, files, labels, state.history, blocks, device, batch_size, workers,
-                              val_source, cache_dir)
-    return {**result, "processes": world.size, "global_batch_size": batch_size * world.size, "notes": micro.notes}
+    return run.finish()
+
+
+class Training:
+    """A fine-tuning run as its named steps: building it (``__init__``: data, network, optimizer, loaders, the
+    progress of a resumed run), an ``epoch`` of training on every rank, then rank 0's ``close`` of it
+    (``validate``, record, ``checkpoint``, patience), and ``finish`` (leave the process group, score, report).
+    The ranks share one point per epoch, ``World.decide`` around ``close``."""
+
+    def __init__(self, backbone, data, unfreeze, *, data_root, epochs, batch_size, lr, backbone_lr_scale, optimizer,
+                 schedule, step_size, weight_decay, augment, head, from_scratch, patience, resume, out, device,
+                 workers, weights, input_size, precision, val_fraction, seed, cache_dir, progress, shuffle,
+                 class_weight):
+        given = workspace.fill(cache_dir, "finetune", backbone=backbone, data=data, input_size=input_size,
+                               precision=precision, weights=weights)
+        torch.manual_seed(seed)
+        dev = resolve_device(device)
+        world = join_world(dev)
+        self.world, self.device = world, world.device(dev)
+        self.progress, resume = progress and world.main, resume or restarted()
+        self.epochs, self.patience, self.batch_size, self.cache_dir, self.asked_device = \
+            epochs, patience, batch_size, cache_dir, device
+        ds = data_mod.load(given["data"], data_root)
+        if "train" not in ds.split_names():
+            raise FeatxError(f"{ds.root} has no train/ split (it has {', '.join(ds.split_names())}): fine-tuning "
+                             "trains on train/")
+        if len(ds.classes) < 2:
+            raise FeatxError(f"{ds.root} has one class ({ds.classes[0]}): a classifier needs at least two class "
+                             "folders")
+        if "val" not in ds.split_names():
+            if not 0 < val_fraction < 1:
+                raise FeatxError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
+            ds = ds.with_val_from_train(val_fraction)
+        self.ds = ds
+        self.val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
+        net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
+                                input_size=given["input_size"],
+                                precision=resolve_precision(given["precision"] or "auto", str(self.device)))
+        head = None if from_scratch else choose_head(head, net_b, ds, cache_dir, quiet=not world.main)
+        self.blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
+        self.out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_"
+                        f"{'scratch' if from_scratch else unfreeze}")
+        self.out.mkdir(parents=True, exist_ok=True)
+        net = FineTuneNet(net_b, starting_head(head, net_b, ds.classes))
+        self.opt, self.sched = training_setup(net, self.blocks, lr, 1.0 if from_scratch else backbone_lr_scale,
+                                              optimizer, schedule, epochs, step_size, weight_decay)
+        self.net = net.to(self.device).to(memory_format=torch.channels_last)
+        self.config = {"backbone": net_b.spec.name, "data": str(ds.root), "split": ds.split_source,
+                       "unfreeze": self.blocks, "from_scratch": from_scratch, "epochs": epochs,
+                       "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+                       "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
+                       "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {})}
+        # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler(self.device.type) if net_b.precision == "fp16" else None
+        self.checkpoint_path = self.out / "checkpoint.pt"
+        if resume and self.checkpoint_path.exists():
+            self.state = load_checkpoint(self.checkpoint_path, self.net, self.opt, self.sched, self.config,
+                                         self.scaler)
+        elif self.checkpoint_path.exists():
+            raise FeatxError(f"{self.out} already holds a fine-tuning run: pass --resume to continue it or --out "
+                             "elsewhere")
+        else:
+            self.state = Progress([])
+        subsets = {s: ds.subset(s) for s in ds.split_names()}
+        self.files = {s: [ds.root / p for p in paths] for s, (paths, _) in subsets.items()}
+        self.labels = {s: y for s, (_, y) in subsets.items()}
+        self.workers = default_workers(self.device) if workers is None else workers
+        draft, size = net_b.preprocess.resize_size, net_b.preprocess.input_size
+        weights = class_weights(class_weight, self.labels["train"], ds.classes)
+        self.class_weights = None if weights is None else torch.as_tensor(weights)
+        train_set = SeededImages(self.files["train"], augmentation(net_b, augment), draft, seed)
+        self.sampler = EpochTagged(DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed)
+                                   if world.distributed else EpochSampler(len(train_set), seed, shuffle))
+        self.train_loader = make_loader(train_set, self.device, batch_size, self.workers, collate, 3 * size * size,
+                                        sampler=self.sampler, persistent=True,
+                                        drop_last=len(self.sampler) > batch_size)
+        self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if world.distributed else self.net
+        self.val_loader = make_loader(ImageFiles(self.files.get("val", []), net_b.preprocess.transform(), draft),
+                                      self.device, batch_size, self.workers, collate, 3 * size * size,
+                                      persistent=True)
+        # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
+        self.needed = 4 * sum(p.numel() * p.element_size() for p in self.net.parameters()) + REPORT_BYTES
+        self.micro = MicroBatches()
+        torch.manual_seed(seed + world.rank)  # the head's dropout: a stream per process (augmentation: SeededImages)
+
+    def epoch(self, epoch: int) -> dict:
+        """Train one epoch on every rank: (loss, accuracy) over all of them, its seconds and learning rate."""
+        started = time.perf_counter()
+        with tqdm(total=len(self.files["train"]), unit="img", file=sys.stderr, disable=not self.progress,
+                  desc=f"epoch {epoch + 1}/{self.epochs}", dynamic_ncols=True) as bar:
+            self.net.train()
+            lr_used = self.opt.param_groups[0]["lr"]
+            self.sampler.set_epoch(epoch)
+            loss, accuracy = run_epoch(self.model, self.train_loader, self.labels["train"], self.device, self.opt,
+                                       bar=bar, world=self.world, class_weights=self.class_weights,
+                                       scaler=self.scaler, micro=self.micro)
+        self.sched.step()
+        self.net.eval()
+        return {"train_loss": loss, "train_accuracy": accuracy, "seconds": time.perf_counter() - started,
+                "lr": lr_used}
+
+    def validate(self) -> tuple:
+        """(val loss, val accuracy), or (None, None) without val images."""
+        if "val" not in self.files:
+            return None, None
+        with torch.inference_mode():
+            return run_epoch(self.net, self.val_loader, self.labels["val"], self.device)
+
+    def close(self, epoch: int, trained: dict) -> bool:
+        """Rank 0's end of an epoch: validate, record, write; whether to stop early (``--patience``)."""
+        val_loss, val_acc = self.validate()
+        self.state.history.append({"epoch": epoch + 1, "train_loss": trained["train_loss"],
+                                   "train_accuracy": trained["train_accuracy"], "val_loss": val_loss,
+                                   "val_accuracy": val_acc,
+                                   "train_img_per_s": len(self.files["train"]) / trained["seconds"],
+                                   "lr": trained["lr"]})
+        if self.progress:
+            print(f"epoch {epoch + 1}: train loss {trained['train_loss']:.4f} acc {trained['train_accuracy']:.4f}"
+                  + (f", val loss {val_loss:.4f} acc {val_acc:.4f}" if val_acc is not None else ""), file=sys.stderr)
+        self.checkpoint(epoch)
+        return self.patience is not None and self.state.since_best >= self.patience
+
+    def checkpoint(self, epoch: int) -> None:
+        """The best model so far, the history and the checkpoint, each written atomically."""
+        with room(self.out, self.needed):
+            if self.state.improves(self.state.history[-1]):
+                self.state.since_best = 0
+                save_finetuned(self.out / MODEL_NAME, self.net, self.ds.classes,
+                               {"dataset": self.ds.name, "finetune": self.config, "epoch": epoch + 1})
+            else:
+                self.state.since_best += 1
+            write_history(self.out / "history.csv", self.state.history)
+            save_checkpoint(self.checkpoint_path, self.net, self.opt, self.sched, epoch, self.state, self.config,
+                            self.scaler)
+
+    def finish(self) -> dict:
+        """Every rank leaves the group together; rank 0 then scores the best epoch and reports, with nobody
+        waiting on it."""
+        self.world.leave()
+        if not self.world.main:
+            return {"rank": self.world.rank}
+        with room(self.out, self.needed):
+            result = final_report(self.out, self.net, self.ds, self.files, self.labels, self.state.history,
+                                  self.blocks, self.asked_device, self.batch_size, self.workers, self.val_source,
+                                  self.cache_dir)
+        return {**result, "processes": self.world.size, "global_batch_size": self.batch_size * self.world.size,
+                "notes": self.micro.notes}
 
 
 def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, history: list, blocks: list,
