@@ -89,30 +89,6 @@ main(sys.argv[1:])
 """
 
 
-def test_a_killed_driver_resumes_with_nothing_lost_or_repeated(cluster, tiny, tiny_weights, tmp_path):
-    data = make_dataset(tmp_path / "d", {"train": 40})
-    cache = tmp_path / "c"
-    code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights))
-    # torch runtime: the delay standing in for a big network is a sleep, which ONNX export drops
-    cmd = [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir", str(cache),
-           "--engine", "ray", "--address", cluster, "--batch-size", "4", "--runtime", "torch",
-           "--checkpoint-rows", "8", "--quiet", "--json"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(cache.glob("*.part*.h5")):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = sum(h5py.File(p, "r")["features"].shape[0] for p in cache.glob("*.part*.h5"))
-    assert 0 < done < 80, "the kill should land mid-run"
-    result = extract(tiny, data, cache, engine="ray", runtime="torch", checkpoint_rows=8)  # the same, in-process
-    assert result.images == 80 and result.new == 80 - done
-    features = store.load(result.path)
-    assert features.X.shape == (80, 32) and len(set(features.paths)) == 80
-    assert not list(cache.glob("*.part*"))
-
-
-
 def test_read_tasks_decode_the_local_pixels_without_torch(real_set):
     """Ray's read tasks decode with Pillow alone: the pixels the local engine's loader gives, and no torch
     imported in the worker (a fresh interpreter here)."""
@@ -162,25 +138,35 @@ def running(started: list) -> list:
     return alive
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="the reaper reads /proc (Linux)")
-def test_a_killed_driver_takes_its_local_cluster_with_it(tiny_weights, tmp_path):
+def test_a_killed_driver_resumes_and_its_local_cluster_goes_with_it(cluster, tiny, tiny_weights, tmp_path):
+    """A driver that started its own local cluster, killed mid-run: nothing of that cluster outlives it (its
+    agents ignore SIGTERM; featx's reaper kills them), and the next run computes only what is missing."""
     from featx.ray_engine import descendants
 
     data = make_dataset(tmp_path / "d", {"train": 40})
     cache = tmp_path / "c"
     code = CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights))
+    # torch runtime: the delay standing in for a big network is a sleep, which ONNX export drops
     cmd = [sys.executable, "-c", code, "extract", "--backbone", "tiny", "--data", str(data), "--cache-dir", str(cache),
            "--engine", "ray", "--batch-size", "4", "--runtime", "torch", "--checkpoint-rows", "8", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "tests")})
+                            env={**os.environ, "PYTHONPATH": str(REPO / "tests")})  # its cluster's workers import helpers
     deadline = time.time() + 120
     while time.time() < deadline and not list(cache.glob("*.part*.h5")):
         time.sleep(0.05)
-    started = descendants(proc.pid)
-    assert len(started) >= 4, started  # gcs, raylet, the agents, workers...
+    linux = os.path.isdir("/proc/self")  # the reaper reads /proc
+    started = descendants(proc.pid) if linux else []
+    assert len(started) >= 4 or not linux, started  # gcs, raylet, the agents, workers...
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.time() + 15
     while time.time() < deadline and running(started):
         time.sleep(0.2)
     assert running(started) == []
+    done = sum(h5py.File(p, "r")["features"].shape[0] for p in cache.glob("*.part*.h5"))
+    assert 0 < done < 80, "the kill should land mid-run"
+    result = extract(tiny, data, cache, engine="ray", runtime="torch", checkpoint_rows=8)  # on the test's cluster
+    assert result.images == 80 and result.new == 80 - done
+    features = store.load(result.path)
+    assert features.X.shape == (80, 32) and len(set(features.paths)) == 80
+    assert not list(cache.glob("*.part*"))
