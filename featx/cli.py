@@ -83,8 +83,11 @@ def cli():
               "per --gpus-per-actor GPUs, or one per two CPUs).")
 @click.option("--gpus-per-actor", default=0.0, type=click.FloatRange(0), show_default=True,
               help="--engine ray: GPUs each embedding actor reserves (0: actors run on CPUs).")
+@click.option("--exclude", type=click.Path(dir_okay=False), default=None,
+              help="A FILE of paths (one a line, as 'featx audit --write-exclude' writes) to leave out of the cache.")
 def extract(backbone, layer, weights, input_size, precision, data, data_root, cache_dir, device, batch_size, workers, decode,
-            dtype, runtime, verify, as_json, checkpoint_rows, quiet, tta, engine, address, actors, gpus_per_actor):
+            dtype, runtime, verify, as_json, checkpoint_rows, quiet, tta, engine, address, actors, gpus_per_actor,
+            exclude):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     check_data(data, data_root)
     from .extraction import extract_taps
@@ -93,8 +96,11 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
                            device=device, batch_size=batch_size, workers=workers, decode=decode, dtype=dtype,
                            weights=weights, input_size=input_size, precision=precision or "auto", verify=verify,
                            runtime=runtime, checkpoint_rows=checkpoint_rows, progress=not quiet, engine=engine,
-                           address=address, actors=actors, gpus_per_actor=gpus_per_actor, tta=tta)
+                           address=address, actors=actors, gpus_per_actor=gpus_per_actor, tta=tta,
+                           exclude=read_exclude(exclude))
     r = results[0]
+    if r.excluded:
+        click.echo(f"featx: left out {len(r.excluded)} files --exclude names", err=True)
     for s in {s["path"]: s for result in results for s in result.skipped_files}.values():
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)
@@ -130,10 +136,13 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Output folder (default: runs/<dataset>__<backbone>__<layer>__<clf>).")
 @click.option("--device", default="auto", show_default=True)
+@click.option("--exclude", type=click.Path(dir_okay=False), default=None,
+              help="A FILE of paths (one a line, as 'featx audit --write-exclude' writes) left out of training and "
+                   "scoring; the metrics name them.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
 @click.option("--quiet", is_flag=True)
 def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k,
-             class_weight, tta, out, device, as_json, quiet):
+             class_weight, tta, out, device, exclude, as_json, quiet):
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     check_data(None if features else data, data_root)
     for file in features:  # a wrong file is one line before scikit-learn and torch are imported
@@ -145,9 +154,16 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
 
     m = run_fit_head(clf, list(features) or None, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
-                     precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet)
+                     precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet,
+                     exclude=read_exclude(exclude))
     emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}\n"
                      f"report: {m['report_page']}")
+
+
+def read_exclude(path):
+    from .data import read_exclude as read
+
+    return read(path)
 
 
 def selection_line(selected: dict) -> str:
@@ -163,6 +179,8 @@ def selection_line(selected: dict) -> str:
                  f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
     for note in ([selected["edge"]] if selected.get("edge") else []) + selected.get("warnings", []):
         text += f"\nwarning: {note}"
+    if selected.get("excluded"):
+        text += f"\nleft out {len(selected['excluded'])} files --exclude names (metrics.json: selected.excluded)"
     return text + taps_lines(selected)
 
 
@@ -391,6 +409,50 @@ def advise(data, data_root, backbone, layer, cache_dir, device, as_json, quiet):
                      + taps_lines(r).replace("\n", "\n  ") + f"\n  BatchNorm shift {r['shift']} on "
                      f"{r['shift_backbone']} (a diagnostic, not the decision)\n"
                      + "\n".join(f"  {c}" for c in r["commands"]))
+
+
+@cli.command()
+@click.option("--data", default=None, help="Dataset folder or registered name (default: the last extract's).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None)
+@click.option("--backbone", default=None, help="Default: the last extract's, else efficientnet_lite0.")
+@click.option("--layer", default=None, help="Feature tap (default: the last extract's; with several, the last).")
+@click.option("--clf", type=click.Choice(["logreg", "svm", "knn", "mlp"]), default="logreg", show_default=True,
+              help="The head whose out-of-fold probabilities score the labels.")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: runs/<dataset>__audit.")
+@click.option("--write-exclude", type=click.Path(dir_okay=False), default=None,
+              help="Write the paths found (label errors, leaking test copies, outliers) to FILE, one a line, to edit.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--quiet", is_flag=True)
+def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, device, as_json, quiet):
+    """Find likely label errors, near-duplicates (leakage across splits) and outliers from cached features."""
+    check_data(data, data_root)
+    from .audit import audit as run_audit
+
+    r = run_audit(data, backbone, layer, clf, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
+                  progress=not quiet)
+    leaks = [d for d in r["duplicates"] if d["leak"]]
+    if write_exclude:
+        from pathlib import Path
+
+        found = [i["path"] for i in r["label_issues"]] + r["leakage"]["leaking_test_images"] + \
+            [o["path"] for o in r["outliers"]]
+        Path(write_exclude).write_text("".join(f"{p}\n" for p in dict.fromkeys(found)))
+    cost = r["leakage"]
+    summary = {k: r[k] for k in ("data", "images", "class_counts", "class_imbalance", "leakage", "report_page")} | {
+        "label_issues": len(r["label_issues"]), "duplicates": len(r["duplicates"]), "leaks": len(leaks),
+        "outliers": len(r["outliers"])}
+    text = [f"{r['images']} images of {r['data']}: {len(r['label_issues'])} likely label errors, "
+            f"{len(r['duplicates'])} near-duplicate pairs ({len(leaks)} across splits), {len(r['outliers'])} outliers"]
+    text += [f"  label? {i['path']}: {i['given']} -> {i['suggested']} ({i['confidence']:.2f})"
+             for i in r["label_issues"][:10]]
+    text += [f"  leak: {d['split_a']} {d['a']} ~ {d['split_b']} {d['b']}" for d in leaks[:10]]
+    if cost.get("test_accuracy_without_leaks") is not None and leaks:
+        text.append(f"  test accuracy {cost['test_accuracy']:.4f}, {cost['test_accuracy_without_leaks']:.4f} "
+                    f"without the {len(cost['leaking_test_images'])} leaking test images")
+    text.append(f"report: {r['report_page']}")
+    emit(summary, as_json, "\n".join(text))
 
 
 @cli.command()

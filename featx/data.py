@@ -122,6 +122,14 @@ class Dataset:
         """File ``i``'s path below its class folder: what hashed splits hash, so a renamed class keeps them."""
         return self.paths[i].split("/", 2 if self.split_source.startswith("folders") else 1)[-1]
 
+    def without(self, excluded) -> "Dataset":
+        """A copy without the files ``excluded`` names (paths relative to the root, e.g. from ``featx audit
+        --write-exclude``); splits of the others do not move."""
+        drop = set(excluded)
+        keep = [i for i, p in enumerate(self.paths) if p not in drop]
+        return replace(self, paths=[self.paths[i] for i in keep], labels=self.labels[keep],
+                       splits=[self.splits[i] for i in keep])
+
     def subset(self, split: str) -> tuple[list[str], np.ndarray]:
         idx = [i for i, s in enumerate(self.splits) if s == split]
         return [self.paths[i] for i in idx], self.labels[idx]
@@ -334,3 +342,15 @@ def unpack(spec: DatasetSpec, archive: Path, folder: Path) -> None:
                              "delete it and download again")
     os.replace(root, folder)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_exclude(path: str | os.PathLike | None) -> list[str]:
+    """The paths an ``--exclude`` FILE lists, one a line (blank lines and ``#`` comments ignored)."""
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise FeatxError(f"--exclude {path} cannot be read ({exc.strerror or exc}): pass a text file with one "
+                         "path a line, as featx audit --write-exclude writes it") from None
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

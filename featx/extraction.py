@@ -114,6 +114,7 @@ class ExtractResult:
     feature_dim: int
     dataset: str
     unreadable: int = 0  # of ``skipped``: I/O errors, not cached, tried again next run
+    excluded: list = field(default_factory=list)  # files --exclude left out
     skipped_files: list = field(default_factory=list)
     notes: list = field(default_factory=list)  # what the run adapted to, e.g. running out of device memory
     runtime: str = "torch"
@@ -169,7 +170,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
                  decode: str = "pil", precision: str = "auto", verify: str = "stat", runtime: str = "auto",
                  checkpoint_rows: int = 1024, checkpoint_seconds: float = 15.0, engine: str = "local",
                  address: str | None = None, actors: int | None = None, gpus_per_actor: float = 0,
-                 threads_per_actor: int = 2, tta: str = "none") -> list[ExtractResult]:
+                 threads_per_actor: int = 2, tta: str = "none", exclude=()) -> list[ExtractResult]:
     """Extract (or bring up to date) the cached features of ``data`` at each tap ``layer`` names (one, a
     comma-separated list, or ``auto``: ``specs.auto_layers``), one result per tap in network order.
 
@@ -185,7 +186,8 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
     ``runtime`` (``auto``: ONNX Runtime on a CPU, torch on CUDA) runs the network; it is recorded in the
     cache's attributes but is not part of the identity, as both give the same features.
     ``tta="flip"`` stores the mean of each image's and its mirror's features (its own cache; predict and
-    evaluate apply what the model file records). ``engine="ray"`` computes on a Ray Data cluster
+    evaluate apply what the model file records). ``exclude`` lists files (relative paths) left out of the cache.
+    ``engine="ray"`` computes on a Ray Data cluster
     (``address``; a local one, started only if some image needs computing, when None) with ``actors``
     embedding actors of ``gpus_per_actor`` GPUs each (``ray_engine.py``); this process still writes the cache.
     """
@@ -202,6 +204,8 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
     check_decode(decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
+    excluded = sorted(set(exclude) & set(ds.paths))
+    ds = ds.without(excluded)
     dev = ("cuda" if gpus_per_actor else "cpu") if engine == "ray" else device_name(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev), tta)
     runtime = resolve_runtime(runtime, dev, p.identities[0].precision)
@@ -269,6 +273,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
             skipped=len(skipped) + len(failed) + len(ds.broken), dropped=dropped, unreadable=len(failed),
             img_per_s=rate if tap_todo else 0.0, seconds=seconds, device=dev, backbone=p.spec.name, layer=tap,
             feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime, engine=engine,
+            excluded=excluded,
             skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
             + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in failed.items()]
             + [{"path": f, "reason": reason} for f, reason in ds.broken]))

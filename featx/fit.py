@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
              cache_dir: str | os.PathLike = "cache", select_on: str = "cv", out: str | os.PathLike | None = None,
              device: str = "auto", weights: str | None = None, input_size: int | None = None,
              precision: str | None = None, C: float | None = None, k: int | None = None, progress: bool = True,
-             class_weight: str | None = None, tta: str | None = None) -> dict:
+             class_weight: str | None = None, tta: str | None = None, exclude=()) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
     and write model.featx, metrics.json, confusion PNGs and top losses to ``out``.
 
@@ -34,7 +35,8 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
     ``layer`` is a tap, several (a comma-separated list or a sequence) or ``auto`` (``specs.auto_layers``);
     ``features`` a cache file or several. With several, the tap is chosen like a hyper-parameter: a head is
     fitted on each with its usual selection, the best held-out score wins (``selection.choose_tap``), and only
-    the winner is scored on the held-out splits.
+    the winner is scored on the held-out splits. ``exclude`` lists files (relative paths, e.g. from ``featx
+    audit --write-exclude``) left out of training and scoring; ``selected.excluded`` names them.
     Without ``features``, what is left out (None) comes from the last extraction in ``cache_dir``
     (``workspace.fill``; all its taps when it had several); the head is recorded there for ``finetune``."""
     if select_on not in ("cv", "val"):
@@ -54,6 +56,8 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
         features = [r.path for r in extracted]
     files = [features] if isinstance(features, (str, os.PathLike)) else list(features)
     candidates = [store.load(f) for f in files]
+    excluded = sorted(set(exclude) & set(candidates[0].paths))
+    candidates = [without(c, excluded) for c in candidates]
     F = candidates[0]
     if "train" not in F.split_names():
         raise FeatxError(f"{F.path} has no train split: fit-head trains on train/ (and selects on CV or val/)")
@@ -84,7 +88,7 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
     F, head = candidates[chosen], heads[chosen]
     fit_seconds = time.perf_counter() - start
     selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3),
-                "class_weight": class_weight, **taps}
+                "class_weight": class_weight, **taps, **({"excluded": excluded} if excluded else {})}
     selected["unscored_classes"] = [F.classes[int(head.classes_[c])] for c in selected.get("unscored_classes", [])]
     untrained = [c for i, c in enumerate(F.classes) if i not in set(head.classes_.tolist())]
     if untrained:
@@ -118,6 +122,14 @@ def write_outputs(out: Path, F, clf: str, arrays: dict, config: dict, metrics: d
          "tta": F.identity().tta, "head": clf, "features": str(F.path), "model": str(model_path)},
         image_root=Path(F.attrs["dataset_root"])))
     return result
+
+
+def without(F: store.Features, excluded: list) -> store.Features:
+    """The cache's rows but those of ``excluded`` paths (``--exclude``): neither trained on nor scored."""
+    if not excluded:
+        return F
+    keep = ~np.isin(F.paths, excluded)
+    return replace(F, X=F.X[keep], y=F.y[keep], paths=F.paths[keep], splits=F.splits[keep])
 
 
 def record_head(cache_dir, model: str | os.PathLike, clf: str, backbone: str, layer: str, data_root: str) -> None:

@@ -50,6 +50,9 @@ def setup_section(result: dict, setup: dict) -> str:
     rows += [[f"selected {html.escape(k)}", shown(v)]
              for k, v in result.get("selected", {}).items() if v is not None and not isinstance(v, (list, dict))]
     rows += [["warning", html.escape(note)] for note in result.get("selected", {}).get("warnings", [])]
+    excluded = result.get("selected", {}).get("excluded", [])
+    rows += [["excluded (--exclude)", f"{len(excluded)} files: " + ", ".join(f"<code>{html.escape(p)}</code>"
+                                                                          for p in excluded)]] if excluded else []
     return "<h2>Run</h2>" + table(["", "value"], rows, left=2)
 
 
@@ -135,15 +138,21 @@ def thumbnail(path: Path) -> str | None:
 def top_losses_section(split: str, m: dict, image_root: Path | None) -> str:
     if not m["top_losses"]:
         return ""
+    grid = image_grid([(row["path"], f'<b>{html.escape(row["true"])}</b> → {html.escape(row["predicted"])}<br>'
+                        f'p(true) {row["p_true"]:.3f} · loss {row["loss"]:.2f}') for row in m["top_losses"]], image_root)
+    return f"<h3>Top losses ({split})</h3>{grid}"
+
+
+def image_grid(items: list, image_root: Path | None) -> str:
+    """Thumbnails with captions: ``items`` are (path relative to ``image_root``, caption HTML)."""
     figures = []
-    for row in m["top_losses"]:
-        src = thumbnail(image_root / row["path"]) if image_root is not None and isinstance(row["path"], str) else None
-        picture = f'<img src="{src}" alt="{html.escape(str(row["path"]))}">' if src else \
+    for path, caption in items:
+        src = thumbnail(image_root / path) if image_root is not None and isinstance(path, str) else None
+        picture = f'<img src="{src}" alt="{html.escape(str(path))}">' if src else \
             '<div class="muted">(image not readable)</div>'
-        figures.append(f'<figure>{picture}<figcaption><b>{html.escape(row["true"])}</b> → '
-                       f'{html.escape(row["predicted"])}<br>p(true) {row["p_true"]:.3f} · loss {row["loss"]:.2f}<br>'
-                       f'<span class="muted">{html.escape(str(row["path"]))}</span></figcaption></figure>')
-    return f"<h3>Top losses ({split})</h3><div class=\"grid\">{''.join(figures)}</div>"
+        figures.append(f'<figure>{picture}<figcaption>{caption}<br>'
+                       f'<span class="muted">{html.escape(str(path))}</span></figcaption></figure>')
+    return f"<div class=\"grid\">{''.join(figures)}</div>"
 
 
 def curves_svg(history: list, metric: str, width: int = 360, height: int = 200) -> str:

@@ -17,7 +17,8 @@ import helpers  # noqa: E402
 
 # The longest test files, longest first: pytest-xdist hands whole files to its workers in collection order, so
 # starting these first keeps one worker from finishing a long file alone at the end.
-LONGEST_FIRST = ("test_integration_cats_dogs.py", "test_ray_engine.py", "test_integration.py", "test_few_shot.py",
+LONGEST_FIRST = ("test_integration_cats_dogs.py", "test_ray_engine.py", "test_integration.py", "test_audit.py",
+                 "test_few_shot.py",
                  "test_distributed.py")
 
 
