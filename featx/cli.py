@@ -90,6 +90,7 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
             exclude):
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     check_data(data, data_root)
+    from .data import read_exclude
     from .extraction import extract_taps
 
     results = extract_taps(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir,
@@ -149,6 +150,7 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
         from .store import check_file
 
         check_file(file)
+    from .data import read_exclude
     from .fit import fit_head as run_fit_head
     from .report import summary_line
 
@@ -158,12 +160,6 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
                      exclude=read_exclude(exclude))
     emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}\n"
                      f"report: {m['report_page']}")
-
-
-def read_exclude(path):
-    from .data import read_exclude as read
-
-    return read(path)
 
 
 def selection_line(selected: dict) -> str:
