@@ -191,16 +191,44 @@ def forward(net: torch.nn.Module, images: torch.Tensor, device: torch.device) ->
         return net(to_device(images, device)).float()
 
 
-class HalvingForward:
-    """``forward`` that survives running out of device memory: the batch is split in halves (and later
-    batches are cut to the size that fitted), with a note for the summary instead of a traceback. The retry
-    runs after the ``except`` block, so the failed attempt's activations are freed first; after
-    ``GROW_AFTER`` batches that fit, the limit doubles again, up to the batch size asked for."""
+class BatchLimit:
+    """How many images go through the device at once: all, until it runs out of memory; then half (the retry
+    comes after the ``except`` block, so the failed attempt's activations are freed first, and a note says
+    so), and twice as many again after ``GROW_AFTER`` batches that fit. Shared by extraction's forward pass
+    (``HalvingForward``) and fine-tuning's steps (``finetuning.MicroBatches``)."""
 
     GROW_AFTER = 8
 
+    def __init__(self):
+        self.limit, self.fitted, self.notes = None, 0, []
+
+    def halve(self, size: int, device: torch.device, too_big: str, note) -> None:
+        """After running out of memory at ``size`` images: one line (``too_big``) at one image, else half."""
+        import torch
+
+        if size == 1:
+            raise FeatxError(too_big)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.limit, self.fitted = size // 2, 0
+        text = note(size, self.limit)
+        self.notes += [text] if text not in self.notes else []
+
+    def fits(self) -> None:
+        """A batch at the limit went through: after ``GROW_AFTER`` of them, try twice as many."""
+        if self.limit is not None:
+            self.fitted += 1
+            if self.fitted >= self.GROW_AFTER:
+                self.limit, self.fitted = self.limit * 2, 0
+
+
+class HalvingForward(BatchLimit):
+    """``forward`` that survives running out of device memory: the batch is split (``BatchLimit``), with a note
+    for the summary instead of a traceback."""
+
     def __init__(self, net: torch.nn.Module, device: torch.device):
-        self.net, self.device, self.limit, self.notes, self.fitted = net, device, None, [], 0
+        super().__init__()
+        self.net, self.device = net, device
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         import torch
@@ -216,24 +244,12 @@ class HalvingForward:
         except torch.OutOfMemoryError:
             out = None  # leave the handler: its traceback holds the failed attempt's activations
         if out is not None:
-            self.grow()
+            self.fits()
             return out
-        if len(images) == 1:
-            raise FeatxError("one image does not fit in the device's memory: use --device cpu or a smaller "
-                             "--input-size")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.limit, self.fitted = len(images) // 2, 0
-        note = f"out of device memory at batch {len(images)}: continued with batches of {self.limit}"
-        self.notes += [note] if note not in self.notes else []
+        self.halve(len(images), self.device, "one image does not fit in the device's memory: use --device cpu or a "
+                   "smaller --input-size",
+                   lambda size, limit: f"out of device memory at batch {size}: continued with batches of {limit}")
         return self(images)
-
-    def grow(self) -> None:
-        if self.limit is None:
-            return
-        self.fitted += 1
-        if self.fitted >= self.GROW_AFTER:
-            self.limit, self.fitted = self.limit * 2, 0
 
 
 def overlapped(batches, device: torch.device):

@@ -30,7 +30,7 @@ from . import data as data_mod
 from . import report, workspace
 from .backbones import create_backbone
 from .network import Backbone
-from .devices import (EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
+from .devices import (BatchLimit, EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
                       resolve_precision)
 from .errors import FeatxError
 from .files import REPORT_BYTES, room
@@ -151,15 +151,9 @@ def save_finetuned(path: Path, net: FineTuneNet, classes: list, info: dict) -> P
                      head_config=config, head_arrays=arrays, backbone_state=state, info=info).save(path)
 
 
-class MicroBatches:
-    """How many images of a training step go through forward and backward at once: all of them, until the
-    device runs out of memory; then half, with the gradients accumulated, so the step (and the effective
-    batch) stays the same; after ``GROW_AFTER`` steps that fit, twice as many again."""
-
-    GROW_AFTER = 8
-
-    def __init__(self):
-        self.limit, self.fitted, self.notes = None, 0, []
+class MicroBatches(BatchLimit):
+    """A training step's images through forward and backward a part at a time once the device runs out of
+    memory (``BatchLimit``), the gradients accumulated, so the step (and the effective batch) stays the same."""
 
     def step(self, net, images, y, loss_fn, optimizer, scaler, precision: str, device) -> tuple:
         """One optimizer step on (images, y): (logits, mean loss), both detached."""
@@ -171,25 +165,16 @@ class MicroBatches:
                 done = None  # leave the handler first: its traceback holds the failed attempt's activations
             if done is not None:
                 break
-            size = self.limit or len(y)
-            if size == 1:
-                raise FeatxError("one training image does not fit in the device's memory: use a smaller "
-                                 "--input-size, --unfreeze fewer blocks, or --device cpu")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            self.limit, self.fitted = size // 2, 0
-            note = f"out of device memory at {size} images a step: continued with {self.limit} at a time " \
-                   "(gradients accumulated, same step)"
-            self.notes += [note] if note not in self.notes else []
+            self.halve(self.limit or len(y), device, "one training image does not fit in the device's memory: use "
+                       "a smaller --input-size, --unfreeze fewer blocks, or --device cpu",
+                       lambda size, limit: f"out of device memory at {size} images a step: continued with {limit} "
+                                           "at a time (gradients accumulated, same step)")
         if scaler is None:
             optimizer.step()
         else:
             scaler.step(optimizer)
             scaler.update()
-        if self.limit is not None:
-            self.fitted += 1
-            if self.fitted >= self.GROW_AFTER:
-                self.limit, self.fitted = self.limit * 2, 0
+        self.fits()
         return done
 
     def accumulate(self, net, images, y, loss_fn, scaler, precision: str, device) -> tuple:

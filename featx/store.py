@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .errors import FeatxError, first_line
+from .errors import FeatxError
 from . import files
 from .files import atomic_write
 from .identity import FeatureIdentity
@@ -88,9 +88,9 @@ def read_features(dataset: h5py.Dataset, rows=slice(None)) -> np.ndarray:
     """Rows of a features array; a Fletcher-32 checksum failure (bytes changed on disk) is one line."""
     try:
         return dataset[rows]
-    except OSError as exc:
-        raise FeatxError(f"{dataset.file.filename} is damaged ({first_line(exc)}): delete it and "
-                         "run featx extract again") from None
+    except OSError:
+        raise FeatxError(f"{dataset.file.filename} is damaged (its features fail their Fletcher-32 checksum): "
+                         "run 'featx extract' again, which rebuilds it") from None
 
 
 def check_file(path: str | os.PathLike) -> Path:
@@ -110,7 +110,7 @@ def load(path: str | os.PathLike) -> Features:
     """A cache file's rows, every dataset checked against its checksum first (one line when one fails)."""
     path = check_file(path)
     with open_h5(path) as f:
-        damage = damaged(f)
+        damage = damaged(f, features=False)  # reading them below checks the features' Fletcher-32
         if damage:
             raise FeatxError(f"{path} is damaged ({damage}): run 'featx extract' again, which rebuilds it")
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
@@ -138,17 +138,18 @@ def checksums(f: h5py.File) -> str:
     return json.dumps({name: digest(f[name][:]) for name in CHECKSUMMED if name in f})
 
 
-def damaged(f: h5py.File) -> str | None:
-    """What in an open cache file fails its checksum (None when all pass): each dataset's digest, and every
-    chunk of the features (Fletcher-32). Files written before checksums were recorded pass on the features'."""
+def damaged(f: h5py.File, features: bool = True) -> str | None:
+    """What in an open cache file fails its checksum (None when all pass): each dataset's digest, and, with
+    ``features``, every chunk of the features (Fletcher-32). Files written before checksums were recorded
+    pass on the features'."""
     recorded = json.loads(f.attrs.get("checksums", "{}"))
     for name, expected in recorded.items():
         if name not in f or digest(f[name][:]) != expected:
             return f"its {name} fail their checksum"
-    features = f["features"]
+    rows = f["features"] if features else []
     try:
-        for start in range(0, features.shape[0], COPY_ROWS):
-            features[start:start + COPY_ROWS]
+        for start in range(0, len(rows), COPY_ROWS):
+            rows[start:start + COPY_ROWS]
     except OSError:
         return "its features fail their Fletcher-32 checksum"
     return None
