@@ -452,6 +452,18 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
 
 
 @cli.command()
+@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="model.featx from fit-head or finetune.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: beside the model, model.onnx.")
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(13))
+def export(model, out, opset):
+    """One ONNX file from uint8 images to class probabilities (backbone, head, calibration), runnable without featx."""
+    from .export import export_model
+
+    click.echo(f"exported: {export_model(model, out, opset)} (checked against featx's probabilities in ONNX Runtime)")
+
+
+@cli.command()
 @click.option("--json", "as_json", is_flag=True)
 def backbones(as_json):
     """List registered backbones, their layers with each one's width, what --layer auto tries, blocks, and

@@ -7,6 +7,7 @@ so ``featx predict`` answers in about 1.5 s on two cores (BENCHMARKS.md).
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -140,8 +141,12 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
             cache_dir: str | os.PathLike = "cache") -> list[dict]:
     """Label and probability (and the top k) for each image; unreadable files get an ``error``."""
     files = image_files(images)  # both checked before scikit-learn or torch is imported
-    predictor = load_predictor(model, weights)
-    proba, failures = predictor.proba(files, device, runtime=runtime, cache_dir=cache_dir)
+    if str(model).endswith(".onnx"):  # a whole classifier from featx export: ONNX Runtime, Pillow and numpy only
+        classes, (proba, failures) = exported_proba(model, files)
+    else:
+        predictor = load_predictor(model, weights)
+        classes = predictor.classes
+        proba, failures = predictor.proba(files, device, runtime=runtime, cache_dir=cache_dir)
     failed = dict(failures)
     results = []
     for i, f in enumerate(files):
@@ -149,8 +154,8 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
             results.append({"path": str(f), "error": failed[i]})
             continue
         order = np.argsort(-proba[i])[:top_k]
-        results.append({"path": str(f), "label": predictor.classes[order[0]], "probability": float(proba[i, order[0]]),
-                        "top_k": [{"label": predictor.classes[j], "probability": float(proba[i, j])} for j in order]})
+        results.append({"path": str(f), "label": classes[order[0]], "probability": float(proba[i, order[0]]),
+                        "top_k": [{"label": classes[j], "probability": float(proba[i, j])} for j in order]})
     if plot:
         from . import report
 
@@ -158,6 +163,26 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
         report.plot_image_grid([r["path"] for r in ok], [f"{r['label']} ({r['probability']:.3f})" for r in ok],
                                Path(plot))
     return results
+
+
+def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -> tuple[list, tuple]:
+    """(classes, (probabilities, failures)) of an exported model (``export.py``), its digest checked first;
+    images decoded by Pillow to the pixels its metadata describes."""
+    from .export import load_exported
+
+    meta = load_exported(path)
+    size, resize = int(meta["input_size"]), int(meta["resize_size"])
+    pre = Preprocess(size, resize, meta["interpolation"])
+    classes, forward = json.loads(meta["classes"]), OnnxForward(Path(path))
+    images = ImageFiles(files, pre.pil_array, pre.resize_size)
+    proba, failures = np.full((len(files), len(classes)), np.nan), []
+    for start in range(0, len(files), batch_size):
+        items = [images[i] for i in range(start, min(start + batch_size, len(files)))]
+        ok = [(i, x) for i, x, _ in items if x is not None]
+        failures += [(i, reason) for i, x, reason in items if x is None]
+        if ok:
+            proba[[i for i, _ in ok]] = forward.run(np.stack([x for _, x in ok]))
+    return classes, (proba, failures)
 
 
 def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "test", *, data_root: str | None = None,

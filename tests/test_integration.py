@@ -202,3 +202,18 @@ def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_
         svc = ref.calibrated_classifiers_[0].estimator
         z = svc.decision_function(Xt)  # LinearSVC at tol 1e-10 on float32 rows: equal to 1e-5 of their range
         np.testing.assert_allclose(head.margins(Xt).reshape(z.shape), z, atol=1e-5 * np.abs(z).max())
+
+
+def test_an_exported_lite0_classifier_equals_featx_on_real_images(hymenoptera_features, tmp_path):
+    """The whole classifier as one ONNX file (lite0 + logreg): its probabilities are featx's on 50 real photos."""
+    from featx import fit
+    from featx.export import export_model
+    from featx.predictor import predict
+
+    fit.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
+    exported = export_model(tmp_path / "model.featx")
+    photos = sorted((SHARED_DATA / "hymenoptera" / "val").rglob("*.jpg"))[::3][:50]
+    ours, theirs = predict(exported, photos, top_k=2), predict(tmp_path / "model.featx", photos, top_k=2)
+    by_label = lambda r: [t["probability"] for t in sorted(r["top_k"], key=lambda t: t["label"])]  # noqa: E731
+    assert len(photos) == 50
+    np.testing.assert_allclose([by_label(r) for r in ours], [by_label(r) for r in theirs], atol=1e-4)

@@ -1,0 +1,162 @@
+"""Export: a whole classifier (backbone at its tap, head, calibration) as one ONNX file, runnable without featx.
+
+The graph takes uint8 images, N×3×H×W, already resized and centre-cropped as the model's preprocessing says
+(the metadata says how), and gives class probabilities: normalisation, the frozen or fine-tuned backbone, the
+head's standardisation, its linear layers and its calibration are all inside. torch's ONNX exporter writes it
+from a torch module that computes exactly what the head's numpy ``predict_proba`` does; the file is checked by
+``onnx.checker`` and, in ONNX Runtime, against featx's own probabilities before it is kept. Its
+``metadata_props`` carry the class names, the preprocessing and a SHA-256 of the graph, which ``featx predict``
+checks before it trusts the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import FeatxError
+from .files import atomic_write, file_digest
+
+FORMAT = "featx-onnx-1"
+DIGEST_KEY = "featx_sha256"
+AGREEMENT = 1e-4  # largest difference in probability between ONNX Runtime and featx, checked on export
+
+
+def head_module(head):
+    """The fitted head as a torch module from standardised-or-not features to probabilities (linear heads with
+    their calibration, the MLP); a kNN head holds its training set and a vote, which is refused in one line."""
+    import torch
+
+    kind = head.kind
+    if kind == "knn":
+        raise FeatxError("a knn head does not export: its training features and vote are not a network; export a "
+                         "logreg, svm or mlp model instead")
+    tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("mean", tensor(head.mean_))
+            self.register_buffer("scale", tensor(head.scale_))
+            if kind == "mlp":
+                self.weights = [tensor(head.state_[k]) for k in ("net__1__weight", "net__1__bias", "net__4__weight",
+                                                                 "net__4__bias")]
+            else:
+                self.register_buffer("coef", tensor(head.coef_))
+                self.register_buffer("intercept", tensor(head.intercept_))
+
+        def forward(self, features):
+            x = (features.double() - self.mean) / self.scale
+            if kind == "mlp":
+                w1, b1, w2, b2 = (w.float() for w in self.weights)
+                z = (torch.relu(x.float() @ w1.T + b1) @ w2.T + b2).double()
+                return torch.softmax(z, 1)
+            z = x @ self.coef.T + self.intercept
+            if kind == "svm" and hasattr(head, "temperature_"):
+                return torch.softmax(z / float(head.temperature_[0]), 1)
+            if kind == "svm":
+                p = 1 / (1 + torch.exp(float(head.calib_a_[0]) * z + float(head.calib_b_[0])))
+                return torch.cat([1 - p, p], 1) if p.shape[1] == 1 else p / p.sum(1, keepdim=True)
+            return torch.cat([1 - torch.sigmoid(z), torch.sigmoid(z)], 1) if z.shape[1] == 1 else torch.softmax(z, 1)
+
+    return Head()
+
+
+def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = 17) -> Path:
+    """Write ``out`` (default: beside the model, ``model.onnx``) and return its path."""
+    import onnx
+    import torch
+
+    from .predictor import load_predictor
+
+    predictor = load_predictor(model)
+    net, head = predictor.backbone.cpu().eval(), head_module(predictor.head).eval()
+    columns = np.asarray(predictor.head.classes_, dtype=int)
+    n_classes = len(predictor.classes)
+
+    spread = torch.zeros(len(columns), n_classes, dtype=torch.float64)
+    spread[torch.arange(len(columns)), torch.as_tensor(columns)] = 1  # the head's columns onto every class
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.head = net, head
+            self.register_buffer("spread", spread)
+
+        def forward(self, images):
+            return (self.head(self.net(images).float()) @ self.spread).float()
+
+    pre = predictor.preprocess
+    size = pre.input_size
+    out = Path(out or Path(predictor.path).with_suffix(".onnx"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is the legacy one
+        torch.onnx.export(Classifier().eval(), (torch.zeros(2, 3, size, size, dtype=torch.uint8),), str(tmp),
+                          dynamo=False, opset_version=opset, input_names=["images"], output_names=["probabilities"],
+                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
+        graph = onnx.load(str(tmp))
+        metadata = {"format": FORMAT, "classes": json.dumps(predictor.classes), "input_size": str(size),
+                    "resize_size": str(pre.resize_size), "interpolation": pre.interpolation,
+                    "crop": "centre", "mean": json.dumps(list(pre.mean)), "std": json.dumps(list(pre.std)),
+                    "normalisation": "inside the graph: feed uint8 RGB pixels, N x 3 x H x W",
+                    "tta": predictor.model.identity.tta, "featx_version": __version__,
+                    "model_sha256": file_digest(predictor.path)}
+        for key, value in metadata.items():
+            graph.metadata_props.add(key=key, value=value)
+        graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
+        onnx.checker.check_model(graph)
+        onnx.save(graph, str(tmp))
+        check_agreement(tmp, predictor, size)
+    return out
+
+
+def graph_digest(graph) -> str:
+    """SHA-256 of the serialised graph without its own digest entry."""
+    kept = [(p.key, p.value) for p in graph.metadata_props if p.key != DIGEST_KEY]
+    copy = type(graph)()
+    copy.CopyFrom(graph)
+    del copy.metadata_props[:]
+    for key, value in kept:
+        copy.metadata_props.add(key=key, value=value)
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def check_agreement(path: Path, predictor, size: int) -> None:
+    """ONNX Runtime's probabilities on seeded random images against featx's (torch backbone, numpy head)."""
+    import torch
+
+    from .heads import proba_over
+    from .runtimes import OnnxForward
+
+    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        features = predictor.backbone(images).float().numpy()
+    expected = proba_over(predictor.head, features, len(predictor.classes))
+    got = OnnxForward(path).run(images.numpy())
+    gap = float(np.abs(got - expected).max())
+    if gap > AGREEMENT:
+        raise FeatxError(f"the exported model's probabilities differ from featx's by {gap:.2g} (more than "
+                         f"{AGREEMENT:g}): not written")
+
+
+def load_exported(path: str | os.PathLike) -> dict:
+    """The metadata of an exported model, its digest checked: a file featx did not write, or one changed since,
+    is refused in one line."""
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise FeatxError(f"{path} is not an ONNX model featx exported: pass a model.onnx from featx export") from None
+    meta = {p.key: p.value for p in graph.metadata_props}
+    if meta.get("format") != FORMAT:
+        raise FeatxError(f"{path} was not written by featx export: pass a model.onnx from featx export")
+    if meta.get(DIGEST_KEY) != graph_digest(graph):
+        raise FeatxError(f"{path} fails its SHA-256 check (changed since featx exported it): export the model again")
+    return meta

@@ -1,0 +1,62 @@
+"""``featx export``: one ONNX file per model whose probabilities are featx's, refused when tampered with."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import featx
+from featx.export import export_model, load_exported
+from featx.fit import fit_head
+from featx.predictor import predict
+from helpers import make_dataset
+
+
+@pytest.fixture
+def colours(tiny, tmp_path):
+    data = make_dataset(tmp_path / "d", {"train": 8, "test": 4}, classes=("a", "b", "c"))
+    return data, featx.extract(tiny, str(data), cache_dir=tmp_path / "c", workers=0, progress=False).path
+
+
+def probabilities(model, images):
+    return np.array([[t["probability"] for t in sorted(r["top_k"], key=lambda t: t["label"])]
+                     for r in predict(model, images, top_k=3)])
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm", "mlp"])
+def test_an_exported_head_gives_featxs_probabilities(colours, tmp_path, clf):
+    data, features = colours
+    fit_head(clf, features=features, out=tmp_path / clf, progress=False)
+    exported = export_model(tmp_path / clf / "model.featx")
+    images = sorted((data / "test").rglob("*.jpg"))
+    np.testing.assert_allclose(probabilities(exported, images), probabilities(tmp_path / clf / "model.featx", images),
+                               atol=1e-4)
+    meta = load_exported(exported)
+    assert json.loads(meta["classes"]) == ["a", "b", "c"] and meta["input_size"] == "32"
+
+
+def test_a_fine_tuned_model_exports_too(tiny, colours, tmp_path):
+    from featx.finetuning import finetune
+
+    data, _ = colours
+    m = finetune(tiny, str(data), "block2", epochs=1, out=tmp_path / "ft", workers=0, progress=False, head="none")
+    exported = export_model(m["model"], tmp_path / "ft.onnx")
+    images = sorted((data / "test").rglob("*.jpg"))
+    np.testing.assert_allclose(probabilities(exported, images), probabilities(m["model"], images), atol=1e-4)
+
+
+def test_knn_and_tampered_files_are_one_line(colours, tmp_path):
+    _, features = colours
+    fit_head("knn", features=features, out=tmp_path / "knn", progress=False)
+    with pytest.raises(featx.FeatxError, match="a knn head does not export"):
+        export_model(tmp_path / "knn" / "model.featx")
+    fit_head("logreg", features=features, out=tmp_path / "lr", progress=False)
+    exported = export_model(tmp_path / "lr" / "model.featx")
+    graph = onnx.load(str(exported))
+    graph.graph.initializer[0].raw_data = bytes(len(graph.graph.initializer[0].raw_data))  # zeroed weights
+    onnx.save(graph, str(tmp_path / "tampered.onnx"))
+    with pytest.raises(featx.FeatxError, match="fails its SHA-256 check"):
+        predict(tmp_path / "tampered.onnx", [next((tmp_path / "d" / "test").rglob("*.jpg"))])
+    (tmp_path / "other.onnx").write_bytes(b"not a model")
+    with pytest.raises(featx.FeatxError, match="is not an ONNX model featx exported"):
+        load_exported(tmp_path / "other.onnx")
