@@ -456,11 +456,13 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
               help="model.featx from fit-head or finetune.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: beside the model, model.onnx.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13))
-def export(model, out, opset):
+@click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed number of images a call.")
+def export(model, out, opset, batch):
     """One ONNX file from uint8 images to class probabilities (backbone, head, calibration), runnable without featx."""
     from .export import export_model
 
-    click.echo(f"exported: {export_model(model, out, opset)} (checked against featx's probabilities in ONNX Runtime)")
+    click.echo(f"exported: {export_model(model, out, opset, batch)} (checked against featx's probabilities in ONNX "
+               "Runtime)")
 
 
 @cli.command()

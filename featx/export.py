@@ -67,8 +67,12 @@ def head_module(head):
     return Head()
 
 
-def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = 17) -> Path:
-    """Write ``out`` (default: beside the model, ``model.onnx``) and return its path."""
+def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = 17,
+                 batch: str | int = "dynamic") -> Path:
+    """Write ``out`` (default: beside the model, ``model.onnx``) and return its path. ``batch``: ``dynamic`` (any
+    number of images a call) or a fixed number, for runtimes that want static shapes."""
+    if batch != "dynamic" and not (str(batch).isdigit() and int(batch) > 0):
+        raise FeatxError(f"--batch {batch}: use dynamic or a positive whole number")
     import onnx
     import torch
 
@@ -97,22 +101,24 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is the legacy one
-        torch.onnx.export(Classifier().eval(), (torch.zeros(2, 3, size, size, dtype=torch.uint8),), str(tmp),
-                          dynamo=False, opset_version=opset, input_names=["images"], output_names=["probabilities"],
-                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}})
+        example = torch.zeros(2 if batch == "dynamic" else int(batch), 3, size, size, dtype=torch.uint8)
+        torch.onnx.export(Classifier().eval(), (example,), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["probabilities"],
+                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}
+                          if batch == "dynamic" else None)
         graph = onnx.load(str(tmp))
         metadata = {"format": FORMAT, "classes": json.dumps(predictor.classes), "input_size": str(size),
                     "resize_size": str(pre.resize_size), "interpolation": pre.interpolation,
                     "crop": "centre", "mean": json.dumps(list(pre.mean)), "std": json.dumps(list(pre.std)),
                     "normalisation": "inside the graph: feed uint8 RGB pixels, N x 3 x H x W",
-                    "tta": predictor.model.identity.tta, "featx_version": __version__,
+                    "tta": predictor.model.identity.tta, "featx_version": __version__, "batch": str(batch),
                     "model_sha256": file_digest(predictor.path)}
         for key, value in metadata.items():
             graph.metadata_props.add(key=key, value=value)
         graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
-        check_agreement(tmp, predictor, size)
+        check_agreement(tmp, predictor, size, 4 if batch == "dynamic" else int(batch))
     return out
 
 
@@ -127,14 +133,15 @@ def graph_digest(graph) -> str:
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
-def check_agreement(path: Path, predictor, size: int) -> None:
+def check_agreement(path: Path, predictor, size: int, count: int) -> None:
     """ONNX Runtime's probabilities on seeded random images against featx's (torch backbone, numpy head)."""
     import torch
 
     from .heads import proba_over
     from .runtimes import OnnxForward
 
-    images = torch.randint(0, 256, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         features = predictor.backbone(images).float().numpy()
     expected = proba_over(predictor.head, features, len(predictor.classes))

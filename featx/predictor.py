@@ -172,6 +172,8 @@ def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -
 
     meta = load_exported(path)
     size, resize = int(meta["input_size"]), int(meta["resize_size"])
+    fixed = int(meta["batch"]) if meta.get("batch", "dynamic") != "dynamic" else None
+    batch_size = fixed or batch_size
     pre = Preprocess(size, resize, meta["interpolation"])
     classes, forward = json.loads(meta["classes"]), OnnxForward(Path(path))
     images = ImageFiles(files, pre.pil_array, pre.resize_size)
@@ -181,7 +183,10 @@ def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -
         ok = [(i, x) for i, x, _ in items if x is not None]
         failures += [(i, reason) for i, x, reason in items if x is None]
         if ok:
-            proba[[i for i, _ in ok]] = forward.run(np.stack([x for _, x in ok]))
+            pixels = np.stack([x for _, x in ok])
+            if fixed:  # a fixed-batch export takes exactly that many images: the last call is padded
+                pixels = np.concatenate([pixels, np.zeros((fixed - len(ok), *pixels.shape[1:]), np.uint8)])
+            proba[[i for i, _ in ok]] = forward.run(pixels)[:len(ok)]
     return classes, (proba, failures)
 
 

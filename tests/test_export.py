@@ -33,6 +33,13 @@ def test_an_exported_head_gives_featxs_probabilities(colours, tmp_path, clf):
                                atol=1e-4)
     meta = load_exported(exported)
     assert json.loads(meta["classes"]) == ["a", "b", "c"] and meta["input_size"] == "32"
+    if clf == "logreg":  # a fixed batch, for runtimes that want static shapes
+        fixed = export_model(tmp_path / clf / "model.featx", tmp_path / "fixed.onnx", batch=2)
+        shape = onnx.load(str(fixed)).graph.input[0].type.tensor_type.shape.dim
+        assert [d.dim_value for d in shape] == [2, 3, 32, 32] and load_exported(fixed)["batch"] == "2"
+        np.testing.assert_allclose(probabilities(fixed, images[:3]), probabilities(exported, images[:3]), atol=1e-5)
+        with pytest.raises(featx.FeatxError, match="--batch 0: use dynamic or a positive whole number"):
+            export_model(tmp_path / clf / "model.featx", tmp_path / "bad.onnx", batch=0)
 
 
 def test_a_fine_tuned_model_exports_too(tiny, colours, tmp_path):
