@@ -457,12 +457,18 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Default: beside the model, model.onnx.")
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13))
 @click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed number of images a call.")
-def export(model, out, opset, batch):
+@click.option("--quantize", type=click.Choice(["int8"]), default=None,
+              help="int8 weights (ONNX Runtime's dynamic quantisation), kept when the test accuracy drops <= 1 point.")
+@click.option("--force", is_flag=True, help="With --quantize: write it whatever the accuracy drop.")
+def export(model, out, opset, batch, quantize, force):
     """One ONNX file from uint8 images to class probabilities (backbone, head, calibration), runnable without featx."""
-    from .export import export_model
+    from .export import export_model, load_exported
 
-    click.echo(f"exported: {export_model(model, out, opset, batch)} (checked against featx's probabilities in ONNX "
-               "Runtime)")
+    path = export_model(model, out, opset, batch, quantize, force)
+    meta = load_exported(path)
+    change = f"; int8: test accuracy {meta['test_accuracy_fp32']} -> {meta['test_accuracy_int8']} on " \
+             f"{meta['test_images']} images" if quantize else ""
+    click.echo(f"exported: {path} (checked against featx's probabilities in ONNX Runtime{change})")
 
 
 @cli.command()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -68,9 +69,13 @@ def head_module(head):
 
 
 def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = 17,
-                 batch: str | int = "dynamic") -> Path:
+                 batch: str | int = "dynamic", quantize: str | None = None, force: bool = False) -> Path:
     """Write ``out`` (default: beside the model, ``model.onnx``) and return its path. ``batch``: ``dynamic`` (any
-    number of images a call) or a fixed number, for runtimes that want static shapes."""
+    number of images a call) or a fixed number, for runtimes that want static shapes. ``quantize="int8"``:
+    ONNX Runtime's dynamic quantisation, kept only when accuracy on the model's own test split drops by at most
+    ``QUANTIZE_TOLERANCE`` (or ``force``); the change is in the metadata and in ``quantized`` on the path."""
+    if quantize not in (None, "int8"):
+        raise FeatxError(f"--quantize {quantize}: use int8")
     if batch != "dynamic" and not (str(batch).isdigit() and int(batch) > 0):
         raise FeatxError(f"--batch {batch}: use dynamic or a positive whole number")
     import onnx
@@ -119,7 +124,79 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         check_agreement(tmp, predictor, size, 4 if batch == "dynamic" else int(batch))
+        if quantize:
+            quantized(tmp, predictor, force)
     return out
+
+
+QUANTIZE_TOLERANCE = 0.01  # accuracy int8 may lose on the model's own test split
+
+
+def quantized(path: Path, predictor, force: bool) -> None:
+    """Replace the export at ``path`` by its int8 (dynamic) quantisation, after measuring both on the model's
+    test split; a drop beyond ``QUANTIZE_TOLERANCE`` is refused in one line unless ``force``."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from .predictor import exported_proba
+
+    files, labels = test_split(predictor)
+    small = path.with_name(path.name + ".int8")
+    root_logger, level = logging.getLogger(), logging.getLogger().level
+    try:
+        root_logger.setLevel(logging.ERROR)  # its advice on pre-processing and the float64 head it leaves alone
+        try:
+            quantize_dynamic(str(path), str(small), weight_type=QuantType.QInt8)
+        finally:
+            root_logger.setLevel(level)
+        graph = onnx.load(str(small))
+        del graph.metadata_props[:]
+        for p in onnx.load(str(path)).metadata_props:
+            if p.key != DIGEST_KEY:
+                graph.metadata_props.add(key=p.key, value=p.value)
+        accuracy = {}
+        for name, candidate in (("fp32", path), ("int8", small)):
+            if candidate is small:
+                graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
+                onnx.save(graph, str(small))
+            proba, failures = exported_proba(candidate, files)[1]
+            kept = [i for i in range(len(files)) if not np.isnan(proba[i]).any()]
+            accuracy[name] = float((proba[kept].argmax(1) == labels[kept]).mean())
+        drop = accuracy["fp32"] - accuracy["int8"]
+        if drop > QUANTIZE_TOLERANCE and not force:
+            raise FeatxError(f"int8 loses {drop:.4f} of accuracy on the model's {len(files)} test images "
+                             f"({accuracy['fp32']:.4f} -> {accuracy['int8']:.4f}): not written; --force writes it")
+        del graph.metadata_props[:]
+        for p in onnx.load(str(path)).metadata_props:
+            if p.key != DIGEST_KEY:
+                graph.metadata_props.add(key=p.key, value=p.value)
+        for key, value in (("quantized", "int8"), ("test_accuracy_fp32", f"{accuracy['fp32']:.4f}"),
+                           ("test_accuracy_int8", f"{accuracy['int8']:.4f}"), ("test_images", str(len(files)))):
+            graph.metadata_props.add(key=key, value=value)
+        graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
+        onnx.save(graph, str(path))
+    finally:
+        small.unlink(missing_ok=True)
+
+
+def test_split(predictor) -> tuple[list, np.ndarray]:
+    """The model's own test images (from its feature cache, or its fine-tuning data) and their class indices in
+    the model's order; one line when there are none."""
+    from . import data as data_mod
+
+    info = predictor.model.info
+    root = info.get("finetune", {}).get("data")
+    if root is None and info.get("features") and Path(info["features"]).is_file():
+        from . import store
+
+        root = store.load(info["features"]).attrs["dataset_root"]
+    ds = data_mod.load(root) if root and Path(root).is_dir() else None
+    if ds is None or "test" not in ds.split_names():
+        raise FeatxError("--quantize int8 measures the change on the model's own test split, and its data has none "
+                         "here: export without --quantize")
+    paths, labels = ds.subset("test")
+    order = [predictor.classes.index(ds.classes[c]) for c in labels]
+    return [ds.root / p for p in paths], np.asarray(order)
 
 
 def graph_digest(graph) -> str:
