@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .errors import FeatxError
+from .errors import FeatxError, first_line
 from .files import atomic_write, file_digest
 
 FORMAT = "featx-onnx-1"
@@ -107,10 +107,14 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     with atomic_write(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is the legacy one
         example = torch.zeros(2 if batch == "dynamic" else int(batch), 3, size, size, dtype=torch.uint8)
-        torch.onnx.export(Classifier().eval(), (example,), str(tmp), dynamo=False, opset_version=opset,
-                          input_names=["images"], output_names=["probabilities"],
-                          dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}
-                          if batch == "dynamic" else None)
+        try:
+            torch.onnx.export(Classifier().eval(), (example,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=["images"], output_names=["probabilities"],
+                              dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}
+                              if batch == "dynamic" else None)
+        except Exception as exc:  # an operator the exporter cannot write, at this opset or at all
+            raise FeatxError(f"{net.spec.name}:{net.tap_name} does not export to ONNX ({type(exc).__name__}: "
+                             f"{first_line(exc)}): try another --opset, or serve the model.featx with featx") from None
         graph = onnx.load(str(tmp))
         metadata = {"format": FORMAT, "classes": json.dumps(predictor.classes), "input_size": str(size),
                     "resize_size": str(pre.resize_size), "interpolation": pre.interpolation,

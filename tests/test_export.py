@@ -85,3 +85,19 @@ def test_int8_is_measured_on_the_models_test_split_and_refused_when_it_costs(col
     assert not (tmp_path / "refused.onnx").exists()
     assert load_exported(export_model(tmp_path / "lr" / "model.featx", tmp_path / "forced.onnx", quantize="int8",
                                       force=True))["quantized"] == "int8"
+
+
+def test_a_backbone_that_does_not_export_is_one_line(colours, tmp_path, monkeypatch):
+    import torch
+
+    _, features = colours
+    fit_head("logreg", features=features, out=tmp_path / "lr", progress=False)
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported.\nmore")
+
+    monkeypatch.setattr(torch.onnx, "export", unsupported)
+    with pytest.raises(featx.FeatxError, match=r"^tiny:pool does not export to ONNX \(RuntimeError: Exporting the "
+                       r"operator 'aten::fancy' .* is not supported.\): try another --opset"):
+        export_model(tmp_path / "lr" / "model.featx", tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
