@@ -85,7 +85,7 @@ class Predictor:
         runtime = resolve_runtime(runtime, dev, self.model.identity.precision)
         export = onnx_path(cache_dir, self.model.identity) if runtime == "onnxruntime" else None
         if workers == 0 and export and self.weights is None and verified(export):
-            batches = self.exported_features(export, files, batch_size or 32)
+            batches = onnx_batches(export, files, self.preprocess, batch_size or 32)
         else:
             batches = iter_features(self.backbone, files, dev, batch_size, workers, progress=False, runtime=runtime,
                                     cache_dir=cache_dir)
@@ -98,18 +98,6 @@ class Predictor:
         if ok:
             proba[ok] = proba_over(self.head, np.stack([rows[i] for i in ok]), len(self.classes))
         return proba, failures
-
-    def exported_features(self, export: Path, files: list, batch_size: int):
-        """(indices, features, failures) per batch from the backbone's ONNX export, decoded by Pillow to
-        the same pixels as the torch path (``Preprocess.pil_array``)."""
-        pre = self.preprocess
-        images, forward = ImageFiles(files, pre.pil_array, pre.resize_size), OnnxForward(export)
-        for start in range(0, len(files), batch_size):
-            items = [images[i] for i in range(start, min(start + batch_size, len(files)))]
-            ok = [(i, x) for i, x, _ in items if x is not None]
-            feats = forward.run(np.stack([x for _, x in ok])) if ok else np.zeros((0, 0), np.float32)
-            yield [i for i, _ in ok], feats, [(i, reason) for i, x, reason in items if x is None]
-
 
 def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predictor:
     """The model file's head, with its backbone made on first use (``Predictor.backbone``); with a
@@ -165,28 +153,36 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
     return results
 
 
-def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -> tuple[list, tuple]:
-    """(classes, (probabilities, failures)) of an exported model (``export.py``), its digest checked first;
-    images decoded by Pillow to the pixels its metadata describes."""
-    from .export import load_exported
-
-    meta = load_exported(path)
-    size, resize = int(meta["input_size"]), int(meta["resize_size"])
-    fixed = int(meta["batch"]) if meta.get("batch", "dynamic") != "dynamic" else None
+def onnx_batches(export: Path, files: list, pre: Preprocess, batch_size: int, fixed: int | None = None):
+    """(indices, outputs, failures) per batch of an ONNX export over image files, decoded by Pillow to the same
+    pixels as the torch path (``Preprocess.pil_array``). A ``fixed``-batch export gets its last batch padded."""
+    images, forward = ImageFiles(files, pre.pil_array, pre.resize_size), OnnxForward(export)
     batch_size = fixed or batch_size
-    pre = Preprocess(size, resize, meta["interpolation"])
-    classes, forward = json.loads(meta["classes"]), OnnxForward(Path(path))
-    images = ImageFiles(files, pre.pil_array, pre.resize_size)
-    proba, failures = np.full((len(files), len(classes)), np.nan), []
     for start in range(0, len(files), batch_size):
         items = [images[i] for i in range(start, min(start + batch_size, len(files)))]
         ok = [(i, x) for i, x, _ in items if x is not None]
-        failures += [(i, reason) for i, x, reason in items if x is None]
+        outputs = np.zeros((0, 0), np.float32)
         if ok:
             pixels = np.stack([x for _, x in ok])
-            if fixed:  # a fixed-batch export takes exactly that many images: the last call is padded
+            if fixed:
                 pixels = np.concatenate([pixels, np.zeros((fixed - len(ok), *pixels.shape[1:]), np.uint8)])
-            proba[[i for i, _ in ok]] = forward.run(pixels)[:len(ok)]
+            outputs = forward.run(pixels)[:len(ok)]
+        yield [i for i, _ in ok], outputs, [(i, reason) for i, x, reason in items if x is None]
+
+
+def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -> tuple[list, tuple]:
+    """(classes, (probabilities, failures)) of an exported model (``export.py``), its digest checked first."""
+    from .export import load_exported
+
+    meta = load_exported(path)
+    pre = Preprocess(int(meta["input_size"]), int(meta["resize_size"]), meta["interpolation"])
+    fixed = int(meta["batch"]) if meta.get("batch", "dynamic") != "dynamic" else None
+    classes = json.loads(meta["classes"])
+    proba, failures = np.full((len(files), len(classes)), np.nan), []
+    for indices, outputs, failed in onnx_batches(Path(path), files, pre, batch_size, fixed):
+        if indices:
+            proba[indices] = outputs
+        failures += failed
     return classes, (proba, failures)
 
 
