@@ -122,9 +122,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
                     "normalisation": "inside the graph: feed uint8 RGB pixels, N x 3 x H x W",
                     "tta": predictor.model.identity.tta, "featx_version": __version__, "batch": str(batch),
                     "model_sha256": file_digest(predictor.path)}
-        for key, value in metadata.items():
-            graph.metadata_props.add(key=key, value=value)
-        graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
+        stamp(graph, metadata)
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
         check_agreement(tmp, predictor, size, 4 if batch == "dynamic" else int(batch))
@@ -153,31 +151,21 @@ def quantized(path: Path, predictor, force: bool) -> None:
             quantize_dynamic(str(path), str(small), weight_type=QuantType.QInt8)
         finally:
             root_logger.setLevel(level)
+        meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props if p.key != DIGEST_KEY}
         graph = onnx.load(str(small))
-        del graph.metadata_props[:]
-        for p in onnx.load(str(path)).metadata_props:
-            if p.key != DIGEST_KEY:
-                graph.metadata_props.add(key=p.key, value=p.value)
+        stamp(graph, meta)
+        onnx.save(graph, str(small))
         accuracy = {}
         for name, candidate in (("fp32", path), ("int8", small)):
-            if candidate is small:
-                graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
-                onnx.save(graph, str(small))
-            proba, failures = exported_proba(candidate, files)[1]
-            kept = [i for i in range(len(files)) if not np.isnan(proba[i]).any()]
+            proba = exported_proba(candidate, files)[1][0]
+            kept = ~np.isnan(proba).any(1)
             accuracy[name] = float((proba[kept].argmax(1) == labels[kept]).mean())
         drop = accuracy["fp32"] - accuracy["int8"]
         if drop > QUANTIZE_TOLERANCE and not force:
             raise FeatxError(f"int8 loses {drop:.4f} of accuracy on the model's {len(files)} test images "
                              f"({accuracy['fp32']:.4f} -> {accuracy['int8']:.4f}): not written; --force writes it")
-        del graph.metadata_props[:]
-        for p in onnx.load(str(path)).metadata_props:
-            if p.key != DIGEST_KEY:
-                graph.metadata_props.add(key=p.key, value=p.value)
-        for key, value in (("quantized", "int8"), ("test_accuracy_fp32", f"{accuracy['fp32']:.4f}"),
-                           ("test_accuracy_int8", f"{accuracy['int8']:.4f}"), ("test_images", str(len(files)))):
-            graph.metadata_props.add(key=key, value=value)
-        graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
+        stamp(graph, {**meta, "quantized": "int8", "test_accuracy_fp32": f"{accuracy['fp32']:.4f}",
+                      "test_accuracy_int8": f"{accuracy['int8']:.4f}", "test_images": str(len(files))})
         onnx.save(graph, str(path))
     finally:
         small.unlink(missing_ok=True)
@@ -201,6 +189,14 @@ def test_split(predictor) -> tuple[list, np.ndarray]:
     paths, labels = ds.subset("test")
     order = [predictor.classes.index(ds.classes[c]) for c in labels]
     return [ds.root / p for p in paths], np.asarray(order)
+
+
+def stamp(graph, metadata: dict) -> None:
+    """Set ``graph``'s metadata to ``metadata``, then add the digest of the graph carrying it."""
+    del graph.metadata_props[:]
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key, value=value)
+    graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
 
 
 def graph_digest(graph) -> str:
