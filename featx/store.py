@@ -217,6 +217,29 @@ class Index:
     exports: dict = field(default_factory=dict)  # source number -> {ONNX export file name: SHA-256} its rows came from
 
 
+def read_into(index: Index, f: h5py.File, path: Path, main: bool) -> None:
+    """Add one checked cache file's rows (and, for the main file, what ``finish`` compares) to ``index``;
+    a later file's row of a path replaces an earlier one's."""
+    if main:
+        index.main_meta = {"paths": list(f["paths"].asstr()[:]), "labels": f["labels"][:],
+                           "splits": list(f["splits"].asstr()[:]), "skipped": sorted(f["skipped/paths"].asstr()[:]),
+                           "img_per_s": f.attrs.get("img_per_s"), "split_source": f.attrs.get("split_source"),
+                           "checksummed": "checksums" in f.attrs}
+    n = f["features"].shape[0]
+    source = len(index.sources)
+    index.sources.append((path, n))
+    index.exports[source] = json.loads(f.attrs.get("onnx_exports", "{}"))
+    if n:
+        index.dim = f["features"].shape[1]
+    for row, (p, fp) in enumerate(zip(f["paths"].asstr()[:], f["fingerprints"].asstr()[:])):
+        index.rows[p] = (source, row, fp)
+        index.skipped.pop(p, None)
+    g = f["skipped"]
+    for p, fp, reason in zip(*(g[k].asstr()[:] for k in ("paths", "fingerprints", "reasons"))):
+        index.skipped[p] = (fp, reason)
+        index.rows.pop(p, None)
+
+
 class FeatureStore:
     """Reads and grows one cache file; use as a context manager to hold its lock."""
 
@@ -266,6 +289,8 @@ class FeatureStore:
                 if path == self.path and f.attrs.get("format") != FORMAT:
                     raise FeatxError(f"{path} was not written by featx: move it out of the cache folder")
                 damage = damaged(f)
+                if not damage:
+                    read_into(index, f, path, main=path == self.path)
             if damage:
                 if not self.writable:
                     raise FeatxError(f"{path} is damaged ({damage}) and {path.parent} is not writable, so it cannot "
@@ -273,28 +298,6 @@ class FeatureStore:
                 print(f"featx: {path} is damaged ({damage}): removed; its rows are computed again",
                       file=sys.stderr)
                 path.unlink()
-                continue
-            with open_h5(path) as f:
-                if path == self.path:
-                    index.main_meta = {"paths": list(f["paths"].asstr()[:]), "labels": f["labels"][:],
-                                       "splits": list(f["splits"].asstr()[:]),
-                                       "skipped": sorted(f["skipped/paths"].asstr()[:]),
-                                       "img_per_s": f.attrs.get("img_per_s"),
-                                       "split_source": f.attrs.get("split_source"),
-                                       "checksummed": "checksums" in f.attrs}
-                n = f["features"].shape[0]
-                source = len(index.sources)
-                index.sources.append((path, n))
-                index.exports[source] = json.loads(f.attrs.get("onnx_exports", "{}"))
-                if n:
-                    index.dim = f["features"].shape[1]
-                for row, (p, fp) in enumerate(zip(f["paths"].asstr()[:], f["fingerprints"].asstr()[:])):
-                    index.rows[p] = (source, row, fp)
-                    index.skipped.pop(p, None)
-                g = f["skipped"]
-                for p, fp, reason in zip(*(g[k].asstr()[:] for k in ("paths", "fingerprints", "reasons"))):
-                    index.skipped[p] = (fp, reason)
-                    index.rows.pop(p, None)
         return index
 
     def write_part(self, rows: Rows) -> None:
