@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +81,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     import torch
 
     from .predictor import load_predictor
+    from .runtimes import write_onnx
 
     predictor = load_predictor(model)
     net, head = predictor.backbone.cpu().eval(), head_module(predictor.head).eval()
@@ -104,14 +104,10 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     size = pre.input_size
     out = Path(out or Path(predictor.path).with_suffix(".onnx"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter warns that it is the legacy one
-        example = torch.zeros(2 if batch == "dynamic" else int(batch), 3, size, size, dtype=torch.uint8)
+    with atomic_write(out) as tmp:
         try:
-            torch.onnx.export(Classifier().eval(), (example,), str(tmp), dynamo=False, opset_version=opset,
-                              input_names=["images"], output_names=["probabilities"],
-                              dynamic_axes={"images": {0: "batch"}, "probabilities": {0: "batch"}}
-                              if batch == "dynamic" else None)
+            write_onnx(Classifier().eval(), size, tmp, ["probabilities"], opset,
+                       None if batch == "dynamic" else int(batch))
         except Exception as exc:  # an operator the exporter cannot write, at this opset or at all
             raise FeatxError(f"{net.spec.name}:{net.tap_name} does not export to ONNX ({type(exc).__name__}: "
                              f"{first_line(exc)}): try another --opset, or serve the model.featx with featx") from None

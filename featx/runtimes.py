@@ -182,14 +182,21 @@ def export(net, path: Path) -> None:
         def forward(self, images):
             return self.net.per_tap(images)
 
-    size = net.preprocess.input_size
-    example = torch.zeros(2, 3, size, size, dtype=torch.uint8)
-    outputs = list(net.tap_names) if len(net.tap_names) > 1 else ["features"]
+    write_onnx(PerTap().cpu().eval(), net.preprocess.input_size, path,
+               list(net.tap_names) if len(net.tap_names) > 1 else ["features"])
+
+
+def write_onnx(module, size: int, path: Path, outputs: list, opset: int = OPSET, batch: int | None = None) -> None:
+    """``module`` (uint8 ``images`` of ``size`` pixels in, ``outputs`` out) as an ONNX file, by torch's
+    TorchScript exporter; the batch dimension is dynamic unless ``batch`` fixes it."""
+    import torch
+
+    example = torch.zeros(batch or 2, 3, size, size, dtype=torch.uint8)
     with warnings.catch_warnings():  # the TorchScript exporter warns that it is the legacy one
         warnings.simplefilter("ignore")
-        torch.onnx.export(PerTap().cpu().eval(), (example,), str(path), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=outputs,
-                          dynamic_axes={"images": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
+                          dynamic_axes=None if batch else {name: {0: "batch"} for name in ["images", *outputs]})
 
 
 def check(net, onnx: OnnxForward) -> float:
