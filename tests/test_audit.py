@@ -73,27 +73,3 @@ def test_an_audit_needs_two_classes_and_images_to_fold(tiny, tmp_path):
     single = make_dataset(tmp_path / "single", {"train": 1})
     with pytest.raises(featx.FeatxError, match="has one image a class: out-of-fold probabilities need"):
         audit(str(single), tiny, cache_dir=tmp_path / "c", progress=False)
-
-
-def test_the_audits_findings_are_cleanlabs_on_the_same_inputs(tiny, tmp_path):
-    """The audit is glue: Datalab called directly on the cache's features and the per-split out-of-fold
-    probabilities flags the same images, with the same suggestions."""
-    from cleanlab import Datalab
-
-    from featx import store
-    from featx.audit import ISSUES, out_of_fold
-
-    data = make_dataset(tmp_path / "d", {"train": 12, "test": 6}, classes=("a", "b", "c"))
-    for victim in ("train/a/000.jpg", "train/b/001.jpg"):  # two labels made wrong
-        target = data / victim.replace("/a/", "/c/").replace("/b/", "/a/")
-        (data / victim).rename(target.with_name("moved_" + target.name))
-    r = audit(str(data), tiny, cache_dir=tmp_path / "c", out=tmp_path / "out", progress=False)
-    F = store.load(r["features"])
-    proba, _ = out_of_fold(F, "logreg")
-    lab = Datalab(data={"label": F.y}, label_name="label", verbosity=0)
-    lab.find_issues(features=F.X, pred_probs=proba, issue_types=ISSUES)
-    issues, label = lab.get_issues(), lab.get_issues("label")
-    direct = {F.paths[i]: F.classes[int(label["predicted_label"].iloc[i])] for i in range(len(F.paths))
-              if issues["is_label_issue"].iloc[i]}
-    assert {i["path"]: i["suggested"] for i in r["label_issues"]} == direct
-    assert len(r["outliers"]) == int(issues["is_outlier_issue"].sum())
