@@ -272,6 +272,14 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True)
 @click.option("--step-size", default=7, show_default=True, type=click.IntRange(1), help="Epochs per step (step).")
 @click.option("--augment", type=click.Choice(["none", "light", "strong"]), default="light", show_default=True)
+@click.option("--views", default=None, type=click.IntRange(1),
+              help="With --augment light|strong: augmented views of each training image kept in the boundary "
+                   "cache (default 2); epoch e trains on view e mod V.")
+@click.option("--boundary-cache/--no-boundary-cache", default=True, show_default=True,
+              help="Run the frozen part below the unfrozen blocks once per image and view, not every epoch.")
+@click.option("--boundary-cache-gb", default=None, type=click.FloatRange(0),
+              help="Most disk the boundary cache may take (default 4; never more than is free): above it, fewer "
+                   "views, or no cache.")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
               help="Weigh each class's loss by n / (classes x its images), for imbalanced classes.")
 @click.option("--head", default=None,
@@ -292,7 +300,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--quiet", is_flag=True)
 def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, shuffle, lr,
-             backbone_lr_scale, optimizer, schedule, step_size, augment, class_weight, head, cache_dir, from_scratch, patience,
+             backbone_lr_scale, optimizer, schedule, step_size, augment, views, boundary_cache, boundary_cache_gb,
+             class_weight, head, cache_dir, from_scratch, patience,
              val_fraction, resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
     check_data(data, data_root)
@@ -306,7 +315,8 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
                      step_size=step_size, augment=augment, head=head, from_scratch=from_scratch, patience=patience,
                      resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
                      precision=precision, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
-                     progress=not quiet, shuffle=shuffle, class_weight=class_weight)
+                     progress=not quiet, shuffle=shuffle, class_weight=class_weight, views=views,
+                     boundary_cache=boundary_cache, boundary_cache_gb=boundary_cache_gb)
     if "rank" in m:  # under torchrun, rank 0 speaks for every process
         return
     for note in m["notes"]:

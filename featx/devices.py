@@ -133,11 +133,15 @@ def make_loader(dataset, device: torch.device, batch_size: int, workers: int, co
                 sampler=None, drop_last: bool = False, persistent: bool = False, pin: bool = True) -> DataLoader:
     """The one DataLoader setup: pinned memory on CUDA (``pin=False`` for bytes nvJPEG reads), prefetching
     workers sized to /dev/shm, an optional sampler, workers kept across epochs with ``persistent``."""
+    import torch
     from torch.utils.data import DataLoader
 
     prefetch = shm_prefetch(workers, batch_size * image_bytes)
     workers = workers if prefetch else 0
+    # its own generator: starting an epoch draws nothing from the process's stream, which the head's dropout uses,
+    # so fine-tuning through the loader and from the boundary cache (no loader) see the same dropout
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+                      generator=torch.Generator(),
                       pin_memory=device.type == "cuda" and pin, drop_last=drop_last,
                       prefetch_factor=prefetch if workers else None, persistent_workers=persistent and workers > 0)
 

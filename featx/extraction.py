@@ -216,10 +216,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
         onnx_dir = Path(cache_dir) / "onnx"
         distrust = [distrusted(index, onnx_dir, store.path) for index, store in zip(indexes, stores)]
-        todos = [[f for f in ds.paths if f in doubtful or not (
-                  f in index.rows and index.rows[f][2] == fingerprints[f] or
-                  f in index.skipped and index.skipped[f][0] == fingerprints[f])]
-                 for index, doubtful in zip(indexes, distrust)]
+        todos = [to_compute(index, ds.paths, fingerprints, doubtful) for index, doubtful in zip(indexes, distrust)]
         lacking = set().union(*todos)
         todo = [f for f in ds.paths if f in lacking]
         compute_start, unreadable, run = time.perf_counter(), {}, RunInfo(runtime)
@@ -278,6 +275,13 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
             + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in failed.items()]
             + [{"path": f, "reason": reason} for f, reason in ds.broken]))
     return results
+
+
+def to_compute(index, paths: list, fingerprints: dict, doubtful=frozenset()) -> list:
+    """The ``paths`` a cache must compute: neither a row nor a recorded skip matches the file as it is now."""
+    return [f for f in paths if f in doubtful or not (
+            f in index.rows and index.rows[f][2] == fingerprints[f] or
+            f in index.skipped and index.skipped[f][0] == fingerprints[f])]
 
 
 def split_taps(rows: np.ndarray, dims: list[int] | None) -> list[np.ndarray]:

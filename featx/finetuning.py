@@ -27,7 +27,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from . import data as data_mod
-from . import report, workspace
+from . import boundary, report, workspace
 from .backbones import create_backbone
 from .network import Backbone
 from .devices import (BatchLimit, EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
@@ -35,7 +35,7 @@ from .devices import (BatchLimit, EpochSampler, autocast, default_workers, make_
 from .errors import FeatxError
 from .files import REPORT_BYTES, room
 from .heads import class_weights
-from .images import ImageFiles, collate
+from .images import ImageFiles, SeededImages, collate, path_keys
 from .distributed import World, join_world, restarted
 from .checkpoints import Progress, load_checkpoint, save_checkpoint
 from .modelfile import MODEL_NAME, ModelFile, digest
@@ -62,24 +62,8 @@ def augmentation(net: Backbone, preset: str):
     return T.Compose([*steps, T.PILToTensor()])
 
 
-class SeededImages(ImageFiles):
-    """Training images whose random augmentation is drawn after seeding torch from (seed, epoch, image):
-    an epoch's augmentations are the same whichever process or DataLoader worker draws them, and in a run
-    resumed after a kill. Items are (epoch, index), as ``EpochTagged`` yields them."""
-
-    def __init__(self, files: list, transform, draft_size: int, seed: int):
-        super().__init__(files, transform, draft_size)
-        self.seed = seed
-
-    def __getitem__(self, item):
-        epoch, i = item
-        with torch.random.fork_rng(devices=[]):  # the process's own stream (dropout, in the main one) moves on untouched
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
-            return super().__getitem__(i)
-
-
 class EpochTagged:
-    """A sampler whose indices come tagged with the epoch (``set_epoch``), for ``SeededImages``."""
+    """A sampler whose indices come tagged with the epoch (``set_epoch``), for ``images.SeededImages``."""
 
     def __init__(self, sampler):
         self.sampler, self.epoch = sampler, 0
@@ -102,9 +86,11 @@ class FineTuneNet(nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
         self.trainable_blocks: list = []
+        self.cut = None  # a ``boundary.Cut`` while training from the boundary cache: inputs are boundary rows
 
     def forward(self, images):
-        return self.head(self.backbone(images).float())
+        features = self.backbone(images) if self.cut is None else self.cut.resume(self.backbone, images)
+        return self.head(features.float())
 
     def train(self, mode: bool = True):
         """Only unfrozen blocks (and the head) enter training mode; frozen BatchNorm stays in eval."""
@@ -186,12 +172,17 @@ class MicroBatches(BatchLimit):
             # under DDP gradients are exchanged once, with the last part's backward
             with (contextlib.nullcontext() if last or not isinstance(net, DDP) else net.no_sync()), \
                     autocast(device, precision):
-                out = net(images[start:end].contiguous(memory_format=torch.channels_last))
+                out = net(channels_last(images[start:end]))
                 loss = loss_fn(out.float(), y[start:end]) * ((end - start) / len(y))
             (loss if scaler is None else scaler.scale(loss)).backward()
             logits.append(out.detach())
             total += loss.detach()
         return torch.cat(logits), total
+
+
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """Images and boundary feature maps in channels_last; a boundary of pooled features as it is."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: World = World(),
@@ -217,7 +208,7 @@ def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: Wor
                 logits, loss = micro.step(net, images, y, loss_fn, optimizer, scaler, precision, device)
             else:
                 with torch.no_grad(), autocast(device, precision):
-                    logits = net(images.contiguous(memory_format=torch.channels_last))
+                    logits = net(channels_last(images))
                     loss = loss_fn(logits.float(), y)
             sums[0] += loss.detach() * len(y)
             sums[1] += (logits.argmax(1) == y).sum()
@@ -261,7 +252,7 @@ def training_setup(net: FineTuneNet, blocks: list, lr: float, lr_scale: float, o
     raise FeatxError(f"unknown schedule '{schedule}': use cosine or step")
 
 
-POSITIVE = {"epochs", "batch_size", "lr", "step_size", "patience"}  # the rest must be >= 0
+POSITIVE = {"epochs", "batch_size", "lr", "step_size", "patience", "views"}  # the rest must be >= 0
 
 
 def check_options(**options) -> None:
@@ -273,7 +264,7 @@ def check_options(**options) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or (value <= 0 if name in POSITIVE else value < 0):
             raise FeatxError(f"--{name.replace('_', '-')} {value}: must be a finite number {low}")
-        if name in ("epochs", "batch_size", "step_size", "patience") and value != int(value):
+        if name in ("epochs", "batch_size", "step_size", "patience", "views") and value != int(value):
             raise FeatxError(f"--{name.replace('_', '-')} {value}: must be a whole number")
 
 
@@ -285,25 +276,33 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
              out: str | os.PathLike | None = None, device: str = "auto", workers: int | None = None,
              weights: str | None = None, input_size: int | None = None, precision: str | None = None,
              val_fraction: float = 0.15, seed: int = 0, cache_dir: str | os.PathLike = "cache",
-             progress: bool = True, shuffle: bool = True, class_weight: str | None = None) -> dict:
+             progress: bool = True, shuffle: bool = True, class_weight: str | None = None,
+             boundary_cache: bool = True, views: int | None = None, boundary_cache_gb: float | None = None) -> dict:
     """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``.
 
     The epoch is chosen on val; data without val/ gets a stable ``val_fraction`` of train instead. The
     result says which split chose the epoch (``selected_on``): its figures are optimistic, test's are not.
+    With ``boundary_cache`` the frozen part below the unfrozen blocks runs once per image and view (``views``
+    augmented views per training image), kept under ``cache_dir``/boundary within ``boundary_cache_gb``, and
+    the epochs train from there (``boundary.py``).
     What is left out (None) comes from the last extraction in ``cache_dir``, and the head from the last
     fit-head there (``choose_head``).
 
     Under torchrun (``WORLD_SIZE`` > 1) each process trains on its share of every epoch with ``batch_size``
     images a step (the global batch is that times the processes), and rank 0 alone validates and writes;
     a restarted torchrun worker resumes from the checkpoint by itself (``distributed.py``)."""
+    views = boundary.DEFAULT_VIEWS if views is None else views
+    boundary_cache_gb = boundary.DEFAULT_GB if boundary_cache_gb is None else boundary_cache_gb
     check_options(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_scale=backbone_lr_scale,
-                  weight_decay=weight_decay, step_size=step_size, patience=patience)
+                  weight_decay=weight_decay, step_size=step_size, patience=patience, views=views,
+                  boundary_cache_gb=boundary_cache_gb)
     run = Training(backbone, data, unfreeze, data_root=data_root, epochs=epochs, batch_size=batch_size, lr=lr,
                    backbone_lr_scale=backbone_lr_scale, optimizer=optimizer, schedule=schedule, step_size=step_size,
                    weight_decay=weight_decay, augment=augment, head=head, from_scratch=from_scratch,
                    patience=patience, resume=resume, out=out, device=device, workers=workers, weights=weights,
                    input_size=input_size, precision=precision, val_fraction=val_fraction, seed=seed,
-                   cache_dir=cache_dir, progress=progress, shuffle=shuffle, class_weight=class_weight)
+                   cache_dir=cache_dir, progress=progress, shuffle=shuffle, class_weight=class_weight,
+                   boundary_cache=boundary_cache, views=views, boundary_cache_gb=boundary_cache_gb)
     for epoch in range(run.state.start_epoch, epochs):
         trained = run.epoch(epoch)
         if run.world.decide(lambda: run.close(epoch, trained), run.device):  # every rank waits for rank 0 here
@@ -320,7 +319,7 @@ class Training:
     def __init__(self, backbone, data, unfreeze, *, data_root, epochs, batch_size, lr, backbone_lr_scale, optimizer,
                  schedule, step_size, weight_decay, augment, head, from_scratch, patience, resume, out, device,
                  workers, weights, input_size, precision, val_fraction, seed, cache_dir, progress, shuffle,
-                 class_weight):
+                 class_weight, boundary_cache, views, boundary_cache_gb):
         given = workspace.fill(cache_dir, "finetune", backbone=backbone, data=data, input_size=input_size,
                                precision=precision, weights=weights)
         torch.manual_seed(seed)
@@ -355,40 +354,53 @@ class Training:
         self.opt, self.sched = training_setup(net, self.blocks, lr, 1.0 if from_scratch else backbone_lr_scale,
                                               optimizer, schedule, epochs, step_size, weight_decay)
         self.net = net.to(self.device).to(memory_format=torch.channels_last)
-        self.config = {"backbone": net_b.spec.name, "data": str(ds.root), "split": ds.split_source,
-                       "unfreeze": self.blocks, "from_scratch": from_scratch, "epochs": epochs,
-                       "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-                       "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
-                       "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {})}
-        # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
-        self.scaler = torch.amp.GradScaler(self.device.type) if net_b.precision == "fp16" else None
         self.checkpoint_path = self.out / "checkpoint.pt"
-        if resume and self.checkpoint_path.exists():
-            self.state = load_checkpoint(self.checkpoint_path, self.net, self.opt, self.sched, self.config,
-                                         self.scaler)
-        elif self.checkpoint_path.exists():
+        if self.checkpoint_path.exists() and not resume:
             raise FeatxError(f"{self.out} already holds a fine-tuning run: pass --resume to continue it or --out "
                              "elsewhere")
-        else:
-            self.state = Progress([])
         subsets = {s: ds.subset(s) for s in ds.split_names()}
         self.files = {s: [ds.root / p for p in paths] for s, (paths, _) in subsets.items()}
         self.labels = {s: y for s, (_, y) in subsets.items()}
         self.workers = default_workers(self.device) if workers is None else workers
+        self.cache, self.cache_note = None, "boundary cache not used: --no-boundary-cache"
+        if boundary_cache:
+            cut = boundary.find_cut(net_b, lambda name: in_blocks(name, net_b, self.blocks)) if self.blocks else \
+                boundary.Cut(None)  # only the head trains: the boundary is the features
+            self.cache, self.cache_note = boundary.prepare(
+                net_b, cut, ds, {s: subsets[s][0] for s in ("train", "val") if s in subsets}, augment,
+                augmentation(net_b, augment), views, seed, cache_dir, self.device, batch_size, self.workers,
+                boundary_cache_gb, self.progress)
+            self.net.cut = self.cache and self.cache.cut
+        if self.progress:
+            print(f"featx: {self.cache_note}", file=sys.stderr)
+        self.config = {"backbone": net_b.spec.name, "data": str(ds.root), "split": ds.split_source,
+                       "unfreeze": self.blocks, "from_scratch": from_scratch, "epochs": epochs,
+                       "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+                       "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
+                       "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {}),
+                       # epoch e trains on view e mod views: another count is another run (uncached: a view an epoch)
+                       **({"views": self.cache.info["views"]} if self.cache and augment != "none" else {})}
+        # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler(self.device.type) if net_b.precision == "fp16" else None
+        self.state = load_checkpoint(self.checkpoint_path, self.net, self.opt, self.sched, self.config, self.scaler) \
+            if self.checkpoint_path.exists() else Progress([])
         draft, size = net_b.preprocess.resize_size, net_b.preprocess.input_size
         weights = class_weights(class_weight, self.labels["train"], ds.classes)
         self.class_weights = None if weights is None else torch.as_tensor(weights)
-        train_set = SeededImages(self.files["train"], augmentation(net_b, augment), draft, seed)
-        self.sampler = EpochTagged(DistributedSampler(train_set, world.size, world.rank, shuffle=shuffle, seed=seed)
-                                   if world.distributed else EpochSampler(len(train_set), seed, shuffle))
-        self.train_loader = make_loader(train_set, self.device, batch_size, self.workers, collate, 3 * size * size,
-                                        sampler=self.sampler, persistent=True,
-                                        drop_last=len(self.sampler) > batch_size)
+        train = self.files["train"]
+        self.sampler = EpochTagged(DistributedSampler(train, world.size, world.rank, shuffle=shuffle, seed=seed)
+                                   if world.distributed else EpochSampler(len(train), seed, shuffle))
+        self.drop_last = len(self.sampler) > batch_size
+        if self.cache is None:  # images decoded every epoch, by workers kept across epochs
+            train_set = SeededImages(train, augmentation(net_b, augment), draft, seed, path_keys(subsets["train"][0]))
+            self.train_loader = make_loader(train_set, self.device, batch_size, self.workers, collate,
+                                            3 * size * size, sampler=self.sampler, persistent=True,
+                                            drop_last=self.drop_last)
+            self.val_loader = make_loader(ImageFiles(self.files.get("val", []), net_b.preprocess.transform(), draft),
+                                          self.device, batch_size, self.workers, collate, 3 * size * size,
+                                          persistent=True)
         self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
             if world.distributed else self.net
-        self.val_loader = make_loader(ImageFiles(self.files.get("val", []), net_b.preprocess.transform(), draft),
-                                      self.device, batch_size, self.workers, collate, 3 * size * size,
-                                      persistent=True)
         # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
         self.needed = 4 * sum(p.numel() * p.element_size() for p in self.net.parameters()) + REPORT_BYTES
         self.micro = MicroBatches()
@@ -402,7 +414,9 @@ class Training:
             self.net.train()
             lr_used = self.opt.param_groups[0]["lr"]
             self.sampler.set_epoch(epoch)
-            loss, accuracy = run_epoch(self.model, self.train_loader, self.labels["train"], self.device, self.opt,
+            batches = self.train_loader if self.cache is None else \
+                self.cache.batches("train", self.sampler, self.batch_size, self.drop_last)
+            loss, accuracy = run_epoch(self.model, batches, self.labels["train"], self.device, self.opt,
                                        bar=bar, world=self.world, class_weights=self.class_weights,
                                        scaler=self.scaler, micro=self.micro)
         self.sched.step()
@@ -415,7 +429,8 @@ class Training:
         if "val" not in self.files:
             return None, None
         with torch.inference_mode():
-            return run_epoch(self.net, self.val_loader, self.labels["val"], self.device)
+            batches = self.val_loader if self.cache is None else self.cache.batches("val", None, self.batch_size)
+            return run_epoch(self.net, batches, self.labels["val"], self.device)
 
     def close(self, epoch: int, trained: dict) -> bool:
         """Rank 0's end of an epoch: validate, record, write; whether to stop early (``--patience``)."""
@@ -448,6 +463,9 @@ class Training:
         """Every rank leaves the group together; rank 0 then scores the best epoch and reports, with nobody
         waiting on it."""
         self.world.leave()
+        if self.cache is not None:
+            self.cache.close()
+            self.net.cut = None
         if not self.world.main:
             return {"rank": self.world.rank}
         with room(self.out, self.needed):
@@ -455,7 +473,8 @@ class Training:
                                   self.blocks, self.asked_device, self.batch_size, self.workers, self.val_source,
                                   self.cache_dir)
         return {**result, "processes": self.world.size, "global_batch_size": self.batch_size * self.world.size,
-                "notes": self.micro.notes}
+                "notes": self.micro.notes, "boundary_cache": {
+                    "used": self.cache is not None, "note": self.cache_note, **(self.cache.info if self.cache else {})}}
 
 
 def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, history: list, blocks: list,

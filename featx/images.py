@@ -7,6 +7,7 @@ ends the same way with either decoder. torch is imported by the functions that m
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -84,6 +85,31 @@ class ImageFiles:
                     break
                 time.sleep(0.05 * (attempt + 1))  # a file-system hiccup may pass: read again
         return i, None, reason
+
+
+class SeededImages(ImageFiles):
+    """Images whose random augmentation is drawn after seeding torch from (seed, draw, image): the draw is
+    the fine-tuning epoch, or a boundary cache's view (``boundary.py``, where view k is what epoch k draws),
+    and each image is known by a key from its path (``keys``), so a draw is the same whichever process or
+    DataLoader worker makes it, in a run resumed after a kill, and after other files are added.
+    Items are (draw, index)."""
+
+    def __init__(self, files: list, transform, draft_size: int, seed: int, keys: list[int]):
+        super().__init__(files, transform, draft_size)
+        self.seed, self.keys = seed, keys
+
+    def __getitem__(self, item):
+        import torch
+
+        draw, i = item
+        with torch.random.fork_rng(devices=[]):  # the process's own stream (dropout, in the main one) moves on untouched
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, draw, self.keys[i]]).generate_state(1)[0]))
+            return super().__getitem__(i)
+
+
+def path_keys(paths: list[str]) -> list[int]:
+    """A stable number per relative path (``SeededImages``' keys)."""
+    return [int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") for p in paths]
 
 
 class EncodedFiles(ImageFiles):

@@ -91,6 +91,26 @@ class Backbone(nn.Module):
             outputs.append(out.flatten(1))
         return tuple(outputs)
 
+    def input_of(self, module: str, images: torch.Tensor) -> torch.Tensor:
+        """What the named module receives for uint8 ``images``; the network runs no further than it."""
+        grabbed = []
+
+        def grab(_module, args):
+            grabbed.append(args[0])
+            raise StopForward
+
+        handle = self.model.get_submodule(module).register_forward_pre_hook(grab)
+        try:
+            self.model(self.normalize(images))
+        except StopForward:
+            pass
+        finally:
+            handle.remove()
+            self._captured = {}  # a tap below the module may have fired
+        if not grabbed:
+            raise RuntimeError(f"{module} of {self.spec.name} is never reached before its taps")
+        return grabbed[0]
+
     def tap_dims(self) -> list[int]:
         """Each tap's width, from one blank image at the input size (a flattened tap's depends on it)."""
         size, device = self.preprocess.input_size, self.mean.device

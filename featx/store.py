@@ -30,7 +30,13 @@ from .identity import FeatureIdentity
 
 FORMAT = "featx-features-1"
 STR = h5py.string_dtype()
-COPY_ROWS = 4096  # rows copied at a time when merging: bounds memory whatever the dataset size
+COPY_ROWS = 4096  # rows copied or checked at a time: bounds memory whatever the dataset size...
+COPY_BYTES = 256 << 20  # ...and whatever the row width (a boundary cache's rows are feature maps)
+
+
+def rows_at_once(dim: int, itemsize: int) -> int:
+    """How many rows of ``dim`` values to hold in memory at once when copying or checking."""
+    return max(1, min(COPY_ROWS, COPY_BYTES // max(1, dim * itemsize)))
 
 
 def cache_path(cache_dir: str | os.PathLike, dataset: str, root: Path, identity: FeatureIdentity, dtype: str) -> Path:
@@ -147,9 +153,10 @@ def damaged(f: h5py.File, features: bool = True) -> str | None:
         if name not in f or digest(f[name][:]) != expected:
             return f"its {name} fail their checksum"
     rows = f["features"] if features else []
+    step = rows_at_once(rows.shape[1], rows.dtype.itemsize) if features and rows.ndim == 2 else COPY_ROWS
     try:
-        for start in range(0, len(rows), COPY_ROWS):
-            rows[start:start + COPY_ROWS]
+        for start in range(0, len(rows), step):
+            rows[start:start + step]
     except OSError:
         return "its features fail their Fletcher-32 checksum"
     return None
@@ -243,9 +250,10 @@ def read_into(index: Index, f: h5py.File, path: Path, main: bool) -> None:
 class FeatureStore:
     """Reads and grows one cache file; use as a context manager to hold its lock."""
 
-    def __init__(self, path: str | os.PathLike, dtype: str = "float32"):
+    def __init__(self, path: str | os.PathLike, dtype: str = "float32", chunk_rows: int = 256):
         self.path = Path(path)
         self.dtype = np.dtype(dtype)
+        self.chunk_rows = chunk_rows  # rows per HDF5 chunk: 1 where rows are read one by one, in random order
         self.lock = FileLock(str(self.path) + ".lock")
         self.parts_written = 0
         self.writable = True
@@ -325,11 +333,11 @@ class FeatureStore:
 
         def fill(f: h5py.File) -> None:
             feats = f.create_dataset("features", shape=(n, dim), dtype=self.dtype, fletcher32=bool(n and dim),
-                                     chunks=(max(1, min(n, 256)), dim) if n and dim else None)
-            handles = {}
+                                     chunks=(max(1, min(n, self.chunk_rows)), dim) if n and dim else None)
+            handles, step = {}, rows_at_once(dim, self.dtype.itemsize)
             try:
-                for start in range(0, n, COPY_ROWS):
-                    chunk = order[start:start + COPY_ROWS]
+                for start in range(0, n, step):
+                    chunk = order[start:start + step]
                     block = np.empty((len(chunk), dim), dtype=self.dtype)
                     by_source: dict = {}
                     for i, p in enumerate(chunk):
