@@ -25,7 +25,7 @@ import sys
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +36,12 @@ from tqdm import tqdm
 from . import data as data_mod
 from .devices import autocast, make_loader, overlapped
 from .errors import FeatxError
-from .extraction import cache_attrs, finish, to_compute, write_batches
+from .extraction import cache_attrs, distrusted, finish, to_compute, write_batches
 from .identity import FeatureIdentity
 from .images import SeededImages, collate, path_keys
 from .network import Backbone
+from .runtimes import embedding, onnx_model, resolve_runtime, sidecar
+from .specs import Tap
 from .store import FeatureStore, cache_path, open_h5
 
 DEFAULT_GB = 4.0  # --boundary-cache-gb
@@ -201,10 +203,13 @@ class BoundaryCache:
 
 def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, augment: str, train_transform,
             views: int, seed: int, cache_dir, device: torch.device, batch_size: int, workers: int,
-            limit_gb: float, progress: bool = True) -> tuple[BoundaryCache | None, str]:
+            limit_gb: float, runtime: str = "auto", progress: bool = True,
+            build: bool = True) -> tuple[BoundaryCache | None, str]:
     """The boundary cache for ``paths`` (split -> relative paths; train and val are cached), brought up to date,
     and one line saying what was done: computed or read, with fewer views than asked, or not used and why (then
-    None: every epoch runs the whole network)."""
+    None: every epoch runs the whole network). The frozen part runs as extraction runs a backbone: ``runtime``
+    ``auto`` is ONNX Runtime on a CPU at fp32 (an export under ``cache_dir``/onnx), torch elsewhere.
+    ``build=False`` only opens what another process (torchrun's rank 0, the one writer) has just built."""
     if isinstance(cut, str):
         return None, f"boundary cache not used: {cut}"
     net.eval()
@@ -244,10 +249,12 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
                       f"--boundary-cache-gb or the {disk / 1e9:.2f} GB free under {folder}: every epoch runs the "
                       "whole network")
     started, computed, files = time.perf_counter(), 0, {}
+    frozen = cache(lambda: frozen_forward(net, cut, device, runtime, cache_dir))  # built once some row needs it
     for recipe in recipes(views):
         files[recipe.name] = file(recipe)
-        computed += fill(net, cut, files[recipe.name], named(recipe), dtype, row_bytes, recipe, ds, seed, device,
-                         batch_size, workers, progress)
+        if build:
+            computed += fill(files[recipe.name], named(recipe), net, dtype, row_bytes, recipe, ds, seed, device,
+                             batch_size, workers, progress, frozen, Path(cache_dir) / "onnx")
     seconds = time.perf_counter() - started
     info = {"module": cut.module, "frozen": cut.frozen, "shape": list(shape), "dtype": dtype.name, "views": views,
             "files": [str(p) for p in files.values()], "bytes": sum(p.stat().st_size for p in files.values()),
@@ -267,17 +274,35 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def fill(net: Backbone, cut: Cut, path: Path, identity: FeatureIdentity, dtype: np.dtype, row_bytes: int, recipe: Recipe,
-         ds: data_mod.Dataset, seed: int, device: torch.device, batch_size: int, workers: int, progress: bool) -> int:
-    """Bring one cache file up to date with ``recipe``: compute the rows it lacks (written in parts as they
-    come, so a killed run keeps them), then merge. Rows of the dataset's other train and val images already
-    there are kept, for the next run that needs them. Returns the rows computed."""
+def frozen_forward(net: Backbone, cut: Cut, device: torch.device, runtime: str, cache_dir) -> tuple:
+    """(forward pass from uint8 images to flattened boundary rows, {ONNX export: SHA-256} it runs). The frozen
+    part is its own network (fresh modules with the same weights), whose one tap is the boundary; extraction's
+    runtimes run it, so on a CPU it is a checked ONNX export, made once and kept under ``cache_dir``/onnx."""
+    taps = [f"boundary:{cut.module}"] if cut.module else list(net.tap_names)
+    spec = replace(net.spec, taps={**net.spec.taps, **{t: Tap(cut.module, "input") for t in taps if cut.module}})
+    model = net.spec.build()
+    model.load_state_dict(net.model.state_dict())
+    part = Backbone(spec, model, taps, net.preprocess, net.weights_id, net.weights_sha256)
+    part.precision = net.precision
+    onnx = onnx_model(part, cache_dir) if resolve_runtime(runtime, device.type, net.precision) == "onnxruntime" \
+        else None
+    return embedding(part.eval(), device, onnx), {onnx.name: sidecar(onnx).read_text()} if onnx else {}
+
+
+def fill(path: Path, identity: FeatureIdentity, net: Backbone, dtype: np.dtype, row_bytes: int, recipe: Recipe,
+         ds: data_mod.Dataset, seed: int, device: torch.device, batch_size: int, workers: int, progress: bool,
+         frozen, onnx_dir: Path) -> int:
+    """Bring one cache file up to date with ``recipe``: compute the rows it lacks with ``frozen()``'s forward
+    pass (written in parts as they come, so a killed run keeps them), then merge. Rows of the dataset's other
+    train and val images already there are kept, for the next run that needs them. Returns the rows computed."""
     fingerprints = {p: data_mod.fingerprint(ds.root / p) for p in ds.paths}
     kept = ds.without([p for p, s in zip(ds.paths, ds.splits) if s == "test"])
     with FeatureStore(path, dtype.name, chunk_rows=1) as store:
-        todo = to_compute(store.index(), recipe.paths, fingerprints)
+        index = store.index()
+        todo = to_compute(index, recipe.paths, fingerprints, distrusted(index, onnx_dir, path))
         if todo:
             store.check_writable(len(todo))
+            forward, store.exports = frozen()
             size = net.preprocess.input_size
             images = SeededImages([ds.root / p for p in todo], recipe.transform, net.preprocess.resize_size, seed,
                                   path_keys(todo))
@@ -285,22 +310,17 @@ def fill(net: Backbone, cut: Cut, path: Path, identity: FeatureIdentity, dtype: 
                                  sampler=[(recipe.draw, i) for i in range(len(todo))])
             with tqdm(total=len(todo), unit="img", desc=f"boundary {recipe.name}", file=sys.stderr,
                       disable=not progress, dynamic_ncols=True) as bar:
-                write_batches([(store, set(todo))], None, boundary_rows(net, cut, loader, device, dtype, bar),
+                write_batches([(store, set(todo))], None, boundary_rows(forward, loader, device, dtype, bar),
                               todo, fingerprints, max(1, PART_BYTES // row_bytes), CHECKPOINT_SECONDS)
-        finish(store, kept, fingerprints, path.parent / "onnx", lambda: {
-            **cache_attrs(identity, net.preprocess, kept), "boundary_module": cut.module or "", "frozen": ",".join(cut.frozen), "view": recipe.name})
+        finish(store, kept, fingerprints, onnx_dir, lambda: {
+            **cache_attrs(identity, net.preprocess, kept), "view": recipe.name})
     return len(todo)
 
 
-def boundary_rows(net: Backbone, cut: Cut, loader, device: torch.device, dtype: np.dtype, bar):
-    """(indices, flattened boundary rows, failures) per batch, as ``extraction.write_batches`` takes them."""
+def boundary_rows(forward, loader, device: torch.device, dtype: np.dtype, bar):
+    """(indices, boundary rows, failures) per batch, as ``extraction.write_batches`` takes them."""
     with torch.inference_mode():
         for indices, images, failures in overlapped(loader, device):
             bar.update(len(indices) + len(failures))
-            if images is None:
-                yield indices, np.zeros((0, 0), dtype), failures
-                continue
-            with autocast(device, net.precision):
-                rows = cut.capture(net, images.contiguous(memory_format=torch.channels_last))
-            yield indices, rows.flatten(1).to(torch.float16 if dtype == np.float16 else torch.float32).cpu().numpy(), \
-                failures
+            rows = np.zeros((0, 0), dtype) if images is None else forward(images).cpu().numpy().astype(dtype)
+            yield indices, rows, failures

@@ -280,6 +280,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @click.option("--boundary-cache-gb", default=None, type=click.FloatRange(0),
               help="Most disk the boundary cache may take (default 4; never more than is free): above it, fewer "
                    "views, or no cache.")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+              help="What runs the frozen part for the boundary cache (auto: ONNX Runtime on a CPU at fp32).")
 @click.option("--class-weight", type=click.Choice(["balanced"]), default=None,
               help="Weigh each class's loss by n / (classes x its images), for imbalanced classes.")
 @click.option("--head", default=None,
@@ -301,7 +303,7 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
 @click.option("--quiet", is_flag=True)
 def finetune(backbone, layer, weights, input_size, precision, data, data_root, unfreeze, epochs, batch_size, shuffle, lr,
              backbone_lr_scale, optimizer, schedule, step_size, augment, views, boundary_cache, boundary_cache_gb,
-             class_weight, head, cache_dir, from_scratch, patience,
+             runtime, class_weight, head, cache_dir, from_scratch, patience,
              val_fraction, resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
     check_data(data, data_root)
@@ -316,7 +318,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
                      resume=resume, out=out, device=device, workers=workers, weights=weights, input_size=input_size,
                      precision=precision, val_fraction=val_fraction, seed=seed, cache_dir=cache_dir,
                      progress=not quiet, shuffle=shuffle, class_weight=class_weight, views=views,
-                     boundary_cache=boundary_cache, boundary_cache_gb=boundary_cache_gb)
+                     boundary_cache=boundary_cache, boundary_cache_gb=boundary_cache_gb, runtime=runtime)
     if "rank" in m:  # under torchrun, rank 0 speaks for every process
         return
     for note in m["notes"]:

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -277,14 +278,15 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
              weights: str | None = None, input_size: int | None = None, precision: str | None = None,
              val_fraction: float = 0.15, seed: int = 0, cache_dir: str | os.PathLike = "cache",
              progress: bool = True, shuffle: bool = True, class_weight: str | None = None,
-             boundary_cache: bool = True, views: int | None = None, boundary_cache_gb: float | None = None) -> dict:
+             boundary_cache: bool = True, views: int | None = None, boundary_cache_gb: float | None = None,
+             runtime: str = "auto") -> dict:
     """Fine-tune ``unfreeze`` blocks (comma-separated, ``all`` or ``none``) plus a head on ``data``.
 
     The epoch is chosen on val; data without val/ gets a stable ``val_fraction`` of train instead. The
     result says which split chose the epoch (``selected_on``): its figures are optimistic, test's are not.
     With ``boundary_cache`` the frozen part below the unfrozen blocks runs once per image and view (``views``
     augmented views per training image), kept under ``cache_dir``/boundary within ``boundary_cache_gb``, and
-    the epochs train from there (``boundary.py``).
+    the epochs train from there (``boundary.py``); ``runtime`` runs that part as extraction's does.
     What is left out (None) comes from the last extraction in ``cache_dir``, and the head from the last
     fit-head there (``choose_head``).
 
@@ -302,7 +304,7 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
                    patience=patience, resume=resume, out=out, device=device, workers=workers, weights=weights,
                    input_size=input_size, precision=precision, val_fraction=val_fraction, seed=seed,
                    cache_dir=cache_dir, progress=progress, shuffle=shuffle, class_weight=class_weight,
-                   boundary_cache=boundary_cache, views=views, boundary_cache_gb=boundary_cache_gb)
+                   boundary_cache=boundary_cache, views=views, boundary_cache_gb=boundary_cache_gb, runtime=runtime)
     for epoch in range(run.state.start_epoch, epochs):
         trained = run.epoch(epoch)
         if run.world.decide(lambda: run.close(epoch, trained), run.device):  # every rank waits for rank 0 here
@@ -319,7 +321,7 @@ class Training:
     def __init__(self, backbone, data, unfreeze, *, data_root, epochs, batch_size, lr, backbone_lr_scale, optimizer,
                  schedule, step_size, weight_decay, augment, head, from_scratch, patience, resume, out, device,
                  workers, weights, input_size, precision, val_fraction, seed, cache_dir, progress, shuffle,
-                 class_weight, boundary_cache, views, boundary_cache_gb):
+                 class_weight, boundary_cache, views, boundary_cache_gb, runtime):
         given = workspace.fill(cache_dir, "finetune", backbone=backbone, data=data, input_size=input_size,
                                precision=precision, weights=weights)
         torch.manual_seed(seed)
@@ -366,10 +368,17 @@ class Training:
         if boundary_cache:
             cut = boundary.find_cut(net_b, lambda name: in_blocks(name, net_b, self.blocks)) if self.blocks else \
                 boundary.Cut(None)  # only the head trains: the boundary is the features
-            self.cache, self.cache_note = boundary.prepare(
-                net_b, cut, ds, {s: subsets[s][0] for s in ("train", "val") if s in subsets}, augment,
-                augmentation(net_b, augment), views, seed, cache_dir, self.device, batch_size, self.workers,
-                boundary_cache_gb, self.progress)
+            prepare = partial(boundary.prepare, net_b, cut, ds, {s: subsets[s][0] for s in ("train", "val") if s in
+                                                                 subsets}, augment, augmentation(net_b, augment),
+                              views, seed, cache_dir, self.device, batch_size, self.workers, boundary_cache_gb,
+                              runtime, self.progress)
+
+            def build() -> None:  # rank 0, the one writer, builds it while the others wait
+                self.cache, self.cache_note = prepare()
+
+            world.decide(build, self.device)
+            if not world.main:
+                self.cache, self.cache_note = prepare(build=False)
             self.net.cut = self.cache and self.cache.cut
         if self.progress:
             print(f"featx: {self.cache_note}", file=sys.stderr)

@@ -21,7 +21,7 @@ EPOCHS = 3
 
 def run(tiny, data, tmp_path, name, **kw):
     options = {"epochs": EPOCHS, "lr": 0.05, "backbone_lr_scale": 1.0, "workers": 0, "progress": False,
-               "head": "none", "cache_dir": tmp_path / "cache", "augment": "none", **kw}
+               "head": "none", "cache_dir": tmp_path / "cache", "augment": "none", "runtime": "torch", **kw}
     return ft.finetune(tiny, str(data), kw.pop("unfreeze", "block2"), out=tmp_path / name,
                        **{k: v for k, v in options.items() if k != "unfreeze"})
 
@@ -66,6 +66,19 @@ def test_views_are_the_uncached_epochs_augmentation(tiny, dataset, tmp_path, one
     assert fewer["boundary_cache"]["rows_computed"] == 0  # views 0 and 1 are already there
     np.testing.assert_allclose(fewer["history"][1]["train_loss"], whole["history"][1]["train_loss"], rtol=1e-5)
     assert fewer["history"][2]["train_loss"] != pytest.approx(whole["history"][2]["train_loss"], rel=1e-5)
+
+
+def test_on_a_cpu_onnx_runtime_computes_the_same_rows(tiny, dataset, tmp_path):
+    """The default runtime on a CPU runs the frozen part as a checked ONNX export (made once, under cache/onnx):
+    its rows equal torch's to float precision."""
+    by_torch = run(tiny, dataset, tmp_path / "t", "torch", epochs=1)
+    by_onnx = run(tiny, dataset, tmp_path / "o", "onnx", epochs=1, runtime="auto")
+    exports = list((tmp_path / "o" / "cache" / "onnx").glob("tiny__boundary:block2__*.onnx"))
+    assert len(exports) == 1
+    with h5py.File(by_torch["boundary_cache"]["files"][0]) as a, h5py.File(by_onnx["boundary_cache"]["files"][0]) as b:
+        assert list(a["paths"].asstr()[:]) == list(b["paths"].asstr()[:])
+        np.testing.assert_allclose(b["features"][:], a["features"][:], atol=1e-5)
+        assert exports[0].name in b.attrs["onnx_exports"]
 
 
 def test_the_cache_is_reused_and_grows_with_the_data(tiny, tmp_path):
