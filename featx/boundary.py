@@ -13,9 +13,10 @@ run from the captured boundary must give the network's own features. A network w
 connection across the cut, arithmetic between modules) trains the uncached way, as does one whose cache would
 not fit its budget; ``prepare`` says which in one line.
 
-Views: without augmentation, one plain view per image. With it, ``views`` augmented views per training image,
-view k drawn exactly as an uncached run draws epoch k (``images.SeededImages``), and epoch e trains on view
-e mod ``views``: with as many views as epochs the cached run is the uncached one. Val is one plain view.
+Views: without augmentation, one plain view per image. With it, ``views`` augmented views per training image
+(no more than the epochs), view k drawn exactly as an uncached run draws epoch k (``images.SeededImages``), and
+epoch e trains on view e mod ``views``: with as many views as epochs the cached run is the uncached one. Val is
+one plain view.
 """
 from __future__ import annotations
 
@@ -202,7 +203,7 @@ class BoundaryCache:
 
 
 def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, augment: str, train_transform,
-            views: int, seed: int, cache_dir, device: torch.device, batch_size: int, workers: int,
+            views: int, epochs: int, seed: int, cache_dir, device: torch.device, batch_size: int, workers: int,
             limit_gb: float, runtime: str = "auto", progress: bool = True,
             build: bool = True) -> tuple[BoundaryCache | None, str]:
     """The boundary cache for ``paths`` (split -> relative paths; train and val are cached), brought up to date,
@@ -219,7 +220,7 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
     dtype = np.dtype("float16" if net.precision == "fp16" else "float32")  # bf16 is not exact in fp16: fp32
     row_bytes = int(np.prod(shape)) * dtype.itemsize
     train, val = paths.get("train", []), paths.get("val", [])
-    views = 1 if augment == "none" else views
+    views = 1 if augment == "none" else min(views, epochs)  # epoch e trains on view e mod views: no more are used
     identity, folder = net.identity(), Path(cache_dir) / "boundary"
 
     def recipes(count: int) -> list[Recipe]:
@@ -243,7 +244,7 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
     asked, rows = views, len(train) * views + len(val)
     if augment != "none" and rows > budget:
         views = int(max(budget - len(val), 0) // max(len(train), 1))
-    if rows > budget and (augment == "none" or views < 2):  # a single augmented view would freeze the augmentation
+    if rows > budget and (augment == "none" or views < min(2, epochs)):  # one view would freeze the augmentation
         need = row_bytes * (len(train) * (1 if augment == "none" else 2) + len(val))
         return None, (f"boundary cache not used: it needs {need / 1e9:.2f} GB, over the {limit_gb:g} GB of "
                       f"--boundary-cache-gb or the {disk / 1e9:.2f} GB free under {folder}: every epoch runs the "

@@ -370,7 +370,7 @@ class Training:
                 boundary.Cut(None)  # only the head trains: the boundary is the features
             prepare = partial(boundary.prepare, net_b, cut, ds, {s: subsets[s][0] for s in ("train", "val") if s in
                                                                  subsets}, augment, augmentation(net_b, augment),
-                              views, seed, cache_dir, self.device, batch_size, self.workers, boundary_cache_gb,
+                              views, epochs, seed, cache_dir, self.device, batch_size, self.workers, boundary_cache_gb,
                               runtime, self.progress)
 
             def build() -> None:  # rank 0, the one writer, builds it while the others wait
@@ -387,8 +387,9 @@ class Training:
                        "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
                        "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
                        "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {}),
-                       # epoch e trains on view e mod views: another count is another run (uncached: a view an epoch)
-                       **({"views": self.cache.info["views"]} if self.cache and augment != "none" else {})}
+                       # epoch e trains on view e mod views: another count is another run (uncached: a view an epoch);
+                       # the first min(views, epochs) epochs are the same whatever the count, so --epochs may grow
+                       **({"views": views} if self.cache and augment != "none" else {})}
         # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
         self.scaler = torch.amp.GradScaler(self.device.type) if net_b.precision == "fp16" else None
         self.state = load_checkpoint(self.checkpoint_path, self.net, self.opt, self.sched, self.config, self.scaler) \
