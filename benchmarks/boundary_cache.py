@@ -35,8 +35,8 @@ def folder_bytes(folder: Path) -> int:
 
 def measured(options: dict, cache: Path) -> dict:
     """One fine-tuning run in its own process: its result, wall time, peak RSS, peak size of cache/boundary."""
-    start, peak_disk = time.perf_counter(), 0
-    child = subprocess.Popen([sys.executable, __file__, "--one", json.dumps(options)], stdout=subprocess.PIPE)
+    start, peak_disk, result = time.perf_counter(), 0, cache.with_suffix(".json")
+    child = subprocess.Popen([sys.executable, __file__, "--one", json.dumps(options), str(result)])
     while True:
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         peak_disk = max(peak_disk, folder_bytes(cache / "boundary"))
@@ -46,7 +46,7 @@ def measured(options: dict, cache: Path) -> dict:
     wall = time.perf_counter() - start
     if status:
         raise SystemExit(f"run failed: {options}")
-    m = json.loads(child.stdout.read())
+    m = json.loads(result.read_text())
     rates = [h["train_img_per_s"] for h in m["history"]]
     bc = m["boundary_cache"]
     return {"views": bc.get("views") if bc["used"] else None, "seed": options["seed"], "wall_s": round(wall, 1),
@@ -73,7 +73,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--one"]:
         from featx.finetuning import finetune
 
-        print(json.dumps(finetune(**json.loads(sys.argv[2])), default=str))
+        Path(sys.argv[3]).write_text(json.dumps(finetune(**json.loads(sys.argv[2])), default=str))
         return
     ap = parser()
     ap.add_argument("--unfreeze", default="top:2")

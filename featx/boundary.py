@@ -250,12 +250,13 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
                       f"--boundary-cache-gb or the {disk / 1e9:.2f} GB free under {folder}: every epoch runs the "
                       "whole network")
     started, computed, files = time.perf_counter(), 0, {}
-    frozen = cache(lambda: frozen_forward(net, cut, device, runtime, cache_dir))  # built once some row needs it
-    for recipe in recipes(views):
-        files[recipe.name] = file(recipe)
-        if build:
-            computed += fill(files[recipe.name], named(recipe), net, dtype, row_bytes, recipe, ds, seed, device,
-                             batch_size, workers, progress, frozen, Path(cache_dir) / "onnx")
+    with frozen_part(net, cut) as part:
+        frozen = cache(lambda: frozen_forward(part, device, runtime, cache_dir))  # made once some row needs it
+        for recipe in recipes(views):
+            files[recipe.name] = file(recipe)
+            if build:
+                computed += fill(files[recipe.name], named(recipe), net, dtype, row_bytes, recipe, ds, seed, device,
+                                 batch_size, workers, progress, frozen, Path(cache_dir) / "onnx")
     seconds = time.perf_counter() - started
     info = {"module": cut.module, "frozen": cut.frozen, "shape": list(shape), "dtype": dtype.name, "views": views,
             "files": [str(p) for p in files.values()], "bytes": sum(p.stat().st_size for p in files.values()),
@@ -275,19 +276,29 @@ def free_bytes(folder: Path) -> int:
     return shutil.disk_usage(existing).free
 
 
-def frozen_forward(net: Backbone, cut: Cut, device: torch.device, runtime: str, cache_dir) -> tuple:
-    """(forward pass from uint8 images to flattened boundary rows, {ONNX export: SHA-256} it runs). The frozen
-    part is its own network (fresh modules with the same weights), whose one tap is the boundary; extraction's
-    runtimes run it, so on a CPU it is a checked ONNX export, made once and kept under ``cache_dir``/onnx."""
-    taps = [f"boundary:{cut.module}"] if cut.module else list(net.tap_names)
-    spec = replace(net.spec, taps={**net.spec.taps, **{t: Tap(cut.module, "input") for t in taps if cut.module}})
-    model = net.spec.build()
-    model.load_state_dict(net.model.state_dict())
-    part = Backbone(spec, model, taps, net.preprocess, net.weights_id, net.weights_sha256)
+@contextmanager
+def frozen_part(net: Backbone, cut: Cut):
+    """The frozen part as a network of its own over the same modules (no copy), whose one tap is the boundary,
+    flattened: extraction's runtimes run it. Its hook is removed on leaving, so training never meets it."""
+    if cut.module is None:  # the boundary is the features: the network itself
+        yield net
+        return
+    tap = f"boundary:{cut.module}"
+    spec = replace(net.spec, taps={**net.spec.taps, tap: Tap(cut.module, "input")})
+    part = Backbone(spec, net.model, tap, net.preprocess, net.weights_id, net.weights_sha256)
     part.precision = net.precision
-    onnx = onnx_model(part, cache_dir) if resolve_runtime(runtime, device.type, net.precision) == "onnxruntime" \
+    try:
+        yield part
+    finally:
+        part.remove_hooks()
+
+
+def frozen_forward(part: Backbone, device: torch.device, runtime: str, cache_dir) -> tuple:
+    """(forward pass from uint8 images to boundary rows, {ONNX export: SHA-256} it runs): on a CPU at fp32 a
+    checked ONNX export of the frozen part, made once and kept under ``cache_dir``/onnx; torch elsewhere."""
+    onnx = onnx_model(part, cache_dir) if resolve_runtime(runtime, device.type, part.precision) == "onnxruntime" \
         else None
-    return embedding(part.eval(), device, onnx), {onnx.name: sidecar(onnx).read_text()} if onnx else {}
+    return embedding(part, device, onnx), {onnx.name: sidecar(onnx).read_text()} if onnx else {}
 
 
 def fill(path: Path, identity: FeatureIdentity, net: Backbone, dtype: np.dtype, row_bytes: int, recipe: Recipe,

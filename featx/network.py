@@ -39,13 +39,17 @@ class Backbone(nn.Module):
         self.register_buffer("mean", torch.tensor(preprocess.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(preprocess.std).view(1, 3, 1, 1) * 255, persistent=False)
         self._captured: dict = {}
+        self._hooks = []
         for name in self.tap_names:
             tap = spec.taps[name]
             module = model.get_submodule(tap.module)
-            if tap.kind == "input":
-                module.register_forward_pre_hook(partial(self._grab_input, name))
-            else:
-                module.register_forward_hook(partial(self._grab_output, name))
+            self._hooks.append(module.register_forward_pre_hook(partial(self._grab_input, name)) if tap.kind == "input"
+                               else module.register_forward_hook(partial(self._grab_output, name)))
+
+    def remove_hooks(self) -> None:
+        """Leave ``model`` as it was given: for a network built over another's modules (``boundary.py``)."""
+        for hook in self._hooks:
+            hook.remove()
 
     def _grab_input(self, name, module, args):
         self._keep(name, args[0])

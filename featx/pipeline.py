@@ -38,7 +38,8 @@ STEP_KEYS = {
     "extract": COMMON | {"batch_size", "dtype"},
     "fit-head": COMMON | {"clf", "select_on"},
     "finetune": COMMON | {"unfreeze", "epochs", "batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
-                          "step_size", "augment", "from_scratch", "patience", "head", "head_from", "seed"},
+                          "step_size", "augment", "from_scratch", "patience", "head", "head_from", "seed", "views",
+                          "boundary_cache", "boundary_cache_gb"},
 }
 REQUIRED = {"extract": set(), "fit-head": {"clf"}, "finetune": {"unfreeze"}}
 
@@ -167,11 +168,12 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
             if max_epochs:
                 epochs = min(epochs, max_epochs)
             options = {k: step[k] for k in ("batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
-                                            "step_size", "augment", "from_scratch", "patience", "seed") if k in step}
+                                            "step_size", "augment", "from_scratch", "patience", "seed", "views",
+                                            "boundary_cache", "boundary_cache_gb") if k in step}
             # a step without head or head_from starts fresh, as its file says: never from the workspace's last fit-head
             head = models[step["head_from"]] if step.get("head_from") else step.get("head", "none")
             metrics = finetune(net, str(folder), step["unfreeze"], epochs=epochs, out=step_out, head=head,
-                               **options, **common)
+                               cache_dir=cache_dir, **options, **common)
             metrics["epochs_run"] = epochs
             models[step["name"]] = metrics["model"]
         score_split = "test" if "test" in metrics else "val" if "val" in metrics else None

@@ -8,6 +8,7 @@ identity: both runtimes share one cache.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -192,11 +193,27 @@ def write_onnx(module, size: int, path: Path, outputs: list, opset: int = OPSET,
     import torch
 
     example = torch.zeros(batch or 2, 3, size, size, dtype=torch.uint8)
-    with warnings.catch_warnings():  # the TorchScript exporter warns that it is the legacy one
+    with warnings.catch_warnings(), quiet_stderr():  # the TorchScript exporter warns that it is the legacy one
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=outputs,
                           dynamic_axes=None if batch else {name: {0: "batch"} for name in ["images", *outputs]})
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """File descriptor 2 to /dev/null for a while: torch's TorchScript exporter always enables its C++ log (its
+    ``setup_onnx_logging`` tests a function for truth), which prints the whole graph when an export fails; the
+    caller says why in one line instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def check(net, onnx: OnnxForward) -> float:
