@@ -193,7 +193,7 @@ def write_onnx(module, size: int, path: Path, outputs: list, opset: int = OPSET,
     import torch
 
     example = torch.zeros(batch or 2, 3, size, size, dtype=torch.uint8)
-    with warnings.catch_warnings(), quiet_stderr():  # the TorchScript exporter warns that it is the legacy one
+    with warnings.catch_warnings(), quiet_output():  # the TorchScript exporter warns that it is the legacy one
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), dynamo=False, opset_version=opset,
                           input_names=["images"], output_names=outputs,
@@ -201,19 +201,22 @@ def write_onnx(module, size: int, path: Path, outputs: list, opset: int = OPSET,
 
 
 @contextlib.contextmanager
-def quiet_stderr():
-    """File descriptor 2 to /dev/null for a while: torch's TorchScript exporter always enables its C++ log (its
-    ``setup_onnx_logging`` tests a function for truth), which prints the whole graph when an export fails; the
-    caller says why in one line instead."""
+def quiet_output():
+    """File descriptors 1 and 2 to /dev/null for a while: torch's TorchScript exporter always enables its C++ log
+    (its ``setup_onnx_logging`` tests a function for truth), which prints the whole graph to stdout when an
+    export fails, and would break ``--json``; the caller says why in one line instead."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = [os.dup(fd) for fd in (1, 2)]
     try:
         with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
+            for fd in (1, 2):
+                os.dup2(null.fileno(), fd)
             yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def check(net, onnx: OnnxForward) -> float:

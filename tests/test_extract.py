@@ -547,3 +547,20 @@ def test_flip_tta_stores_the_mean_of_each_image_and_its_mirror(tiny, tmp_path, r
 def test_an_unknown_tta_is_one_line(tiny, dataset, tmp_path):
     with pytest.raises(featx.FeatxError, match="--tta rotate is not supported: use none or flip"):
         run(tiny, dataset, tmp_path / "c", tta="rotate")
+
+
+def test_an_export_torch_refuses_is_one_line_and_leaves_stdout_alone(tmp_path, capfd):
+    """torch's TorchScript exporter prints the whole graph (to stdout) when it fails: featx says one line on
+    stderr, so ``--json`` output stays JSON."""
+    from torch import nn
+
+    from featx.network import Backbone
+    from featx.runtimes import onnx_model
+    from featx.specs import BackboneSpec, Preprocess, Tap, Weights
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.AdaptiveAvgPool2d(3), nn.Flatten())  # 4x4 -> 3x3
+    spec = BackboneSpec("pooled", "tiny", lambda: model, Weights("file", "-"), Preprocess(32, 32), 36,
+                        {"pool": Tap("2", "flat")}, "pool", {"all": ["0"]}, "2")
+    assert onnx_model(Backbone(spec, model, "pool", spec.preprocess, "w", "sha"), tmp_path) is None
+    out, err = capfd.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and "does not run in ONNX Runtime" in err, (out[:300], err[:300])
