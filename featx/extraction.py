@@ -47,16 +47,10 @@ def check_decode(decode: str) -> None:
         raise FeatxError(f"--decode {decode} is not supported: use one of {', '.join(DECODERS)}")
 
 
-def iter_features(net: Backbone | Callable[[], Backbone], files: list, device: torch.device | str,
-                  batch_size: int | None = None, workers: int | None = None, progress: bool = True,
-                  desc: str = "extract", decode: str = "pil", run: RunInfo | None = None, runtime: str = "torch",
-                  cache_dir: str | os.PathLike = "cache", preprocess: Preprocess | None = None):
+def iter_features(net: Backbone, files: list, device: torch.device | str, batch_size: int | None = None,
+                  workers: int | None = None, progress: bool = True, desc: str = "extract", decode: str = "pil",
+                  run: RunInfo | None = None, runtime: str = "torch", cache_dir: str | os.PathLike = "cache"):
     """Yield (indices, features, failures) per batch; ``failures`` is [(index, reason)].
-
-    ``net`` is a built network, or, with its ``preprocess`` given, a function that builds it: it is then
-    called once the decoding workers have started, so that importing the model library, building the network,
-    loading its weights and opening the ONNX session overlap the first batches' decoding instead of preceding
-    it (a fresh ``featx extract`` spends about a second there).
 
     ``decode="pil"`` decodes in the workers (JPEG draft mode); ``"device"`` has the workers read
     JPEG bytes and decodes them in batches on ``device``, which lifts the CPU decoding ceiling on a GPU.
@@ -75,13 +69,11 @@ def iter_features(net: Backbone | Callable[[], Backbone], files: list, device: t
     device = torch.device(device)
     workers = default_workers(device, runtime == "onnxruntime") if workers is None else workers
     on_device = decode == "device"
-    pre = preprocess or net.preprocess
-    dataset = (EncodedFiles if on_device else ImageFiles)(files, pre.transform(), pre.resize_size)
+    size = net.preprocess.input_size
+    dataset = (EncodedFiles if on_device else ImageFiles)(files, net.preprocess.transform(),
+                                                          net.preprocess.resize_size)
     loader = make_loader(dataset, device, batch_size or default_batch_size(device), workers,
-                         collate_encoded if on_device else collate, image_bytes=3 * pre.input_size ** 2,
-                         pin=not on_device)
-    batches = iter(loader)  # the workers start decoding now
-    net = net() if preprocess is not None else net
+                         collate_encoded if on_device else collate, image_bytes=3 * size * size, pin=not on_device)
     onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
     embed = embedding(net, device, onnx)
     if run is not None:
@@ -89,8 +81,8 @@ def iter_features(net: Backbone | Callable[[], Backbone], files: list, device: t
         run.exports.update({onnx.name: sidecar(onnx).read_text()} if onnx else {})
     with tqdm(total=len(files), unit="img", desc=desc, file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar, torch.inference_mode():
-        for indices, images, failures in decode_batches(batches, dataset, device) if on_device \
-                else overlapped(batches, device):
+        for indices, images, failures in decode_batches(loader, dataset, device) if on_device \
+                else overlapped(loader, device):
             feats = embed(images).cpu().numpy() if images is not None else np.zeros((0, 0))
             bar.update(len(indices) + len(failures))
             yield indices, feats, failures
@@ -233,11 +225,8 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         if todo:
             for store, tap_todo in zip(stores, todos):
                 store.check_writable(len(tap_todo))
-            taps = [tap for tap, tap_todo in zip(p.layers, todos) if tap_todo]
-            files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{','.join(taps)}"
-            # one tap on this machine: built by iter_features, overlapping the first batches' decoding; several
-            # taps' widths split the rows, and Ray actors need the network: built now
-            net = p.build(taps) if engine == "ray" or len(taps) > 1 else partial(p.build, taps)
+            net = p.build([tap for tap, tap_todo in zip(p.layers, todos) if tap_todo])
+            files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{net.tap_name}"
             if engine == "ray":
                 from .ray_engine import ray_features
                 from .runtimes import onnx_model, sidecar
@@ -248,11 +237,10 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
                 batches = ray_features(net, files, dev, batch_size, decode, onnx and onnx.read_bytes(), address,
                                        actors, gpus_per_actor, threads_per_actor, progress, desc, run, checkpoint_rows)
             else:
-                batches = iter_features(net, files, dev, batch_size, workers, progress, desc=desc, decode=decode,
-                                        run=run, runtime=runtime, cache_dir=cache_dir,
-                                        preprocess=None if len(taps) > 1 else p.preprocess)
-            targets = [(stores[p.layers.index(tap)], set(todos[p.layers.index(tap)])) for tap in taps]
-            dims = net.tap_dims() if len(taps) > 1 else None
+                batches = iter_features(net, files, dev, batch_size, workers, progress, desc=desc,
+                                        decode=decode, run=run, runtime=runtime, cache_dir=cache_dir)
+            targets = [(stores[p.layers.index(tap)], set(todos[p.layers.index(tap)])) for tap in net.tap_names]
+            dims = net.tap_dims() if len(net.tap_names) > 1 else None
             unreadable = write_batches(targets, dims, batches, todo, fingerprints, checkpoint_rows,
                                        checkpoint_seconds)
         compute_seconds = time.perf_counter() - compute_start
