@@ -111,8 +111,8 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
     for r in results:
         unreadable = f", {r.unreadable} of them unreadable now and tried again next run" if r.unreadable else ""
         lines.append(f"{r.images} images ({r.new} new, {r.skipped} skipped{unreadable}, {r.dropped} dropped) "
-                     f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device} ({r.runtime}), {r.img_per_s} img/s "
-                     f"-> {r.path}")
+                     f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device} ({r.runtime}), {r.img_per_s} img/s"
+                     + (f" after {r.setup_s:.1f} s of setup" if r.setup_s else "") + f" -> {r.path}")
     emit(r.as_dict() if len(results) == 1 else {"layers": [r.as_dict() for r in results]}, as_json, "\n".join(lines))
 
 
