@@ -1,6 +1,8 @@
 """The boundary cache (issue 27): the frozen part runs once per image and view; epochs train from the cache."""
 from __future__ import annotations
 
+import time
+
 import h5py
 import numpy as np
 import pytest
@@ -159,3 +161,34 @@ def test_cli_flags(tiny, dataset, tmp_path, monkeypatch):
     assert out.exit_code == 0 and '"used": false' in out.output
     out = CliRunner().invoke(cli, base + ["--views", "0", "--out", "c"])
     assert out.exit_code == 2 and "--views" in out.output
+
+
+def flush_every_batch():
+    boundary.CHECKPOINT_SECONDS = -1
+
+
+def test_a_boundary_pass_killed_midway_keeps_its_rows(tiny, tiny_weights, tmp_path, one_torch_thread):
+    """Rows reach part files batch by batch; a run after a kill computes only what is missing, and trains as an
+    uninterrupted run does."""
+    data = helpers.make_dataset(tmp_path / "d", {"train": 12, "val": 3})
+    cache = tmp_path / "cache"
+    args = ["finetune", "--backbone", "tiny", "--data", data, "--unfreeze", "block2", "--epochs", "1", "--workers",
+            "0", "--batch-size", "2", "--runtime", "torch", "--augment", "none", "--cache-dir", cache, "--head",
+            "none", "--quiet"]
+    proc = helpers.forked_cli(args + ["--out", tmp_path / "killed"], tiny_weights, delay=0.2, before=flush_every_batch)
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(cache.glob("boundary/*.part*.h5"))) < 2:
+        time.sleep(0.02)
+    proc.kill()
+    proc.join()
+    kept = 0
+    for part in cache.glob("boundary/*.part*.h5"):
+        with h5py.File(part) as f:
+            kept += f["features"].shape[0]
+    assert 2 <= kept < 30
+    options = {"epochs": 1, "workers": 0, "batch_size": 2, "runtime": "torch", "augment": "none", "head": "none",
+               "progress": False}
+    again = ft.finetune(tiny, str(data), "block2", out=tmp_path / "again", cache_dir=cache, **options)
+    assert again["boundary_cache"]["rows_computed"] == 30 - kept
+    whole = ft.finetune(tiny, str(data), "block2", out=tmp_path / "whole", cache_dir=tmp_path / "fresh", **options)
+    same_history(again, whole)
