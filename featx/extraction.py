@@ -274,7 +274,8 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         results.append(ExtractResult(
             path=str(path), images=len(order), new=sum(1 for f in tap_todo if f not in skipped and f not in failed),
             skipped=len(skipped) + len(failed) + len(ds.broken), dropped=dropped, unreadable=len(failed),
-            img_per_s=rate if tap_todo else 0.0, seconds=seconds, setup_s=round(ready - compute_start, 3), device=dev, backbone=p.spec.name, layer=tap,
+            img_per_s=rate if tap_todo else 0.0, seconds=seconds, setup_s=round(ready - compute_start, 3), device=dev,
+            backbone=p.spec.name, layer=tap,
             feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime, engine=engine,
             excluded=excluded,
             skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]

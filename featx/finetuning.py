@@ -1,10 +1,11 @@
 """Fine-tuning, stage 3: unfreeze named top blocks of a backbone and train them end to end with a head.
 
 Frozen blocks keep ``requires_grad=False`` *and* stay in eval mode, so their BatchNorm statistics
-never move (the Keras fine-tuning lesson). The head may start from a stage-2 model or ImageNet rows
-(``warmstart.py``). Every epoch writes a checkpoint; ``resume=True`` continues after a kill. The best
-epoch by val accuracy is saved as a featx model file that ``predict`` and ``evaluate`` use like any
-stage-2 model.
+never move (the Keras fine-tuning lesson), and their output for an image never changes: by default it is
+computed once per image and view and the epochs train only the top part from it (``boundary.py``). The head
+may start from a stage-2 model or ImageNet rows (``warmstart.py``). Every epoch writes a checkpoint;
+``resume=True`` continues after a kill. The best epoch by val accuracy is saved as a featx model file that
+``predict`` and ``evaluate`` use like any stage-2 model.
 """
 from __future__ import annotations
 
