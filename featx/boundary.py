@@ -241,11 +241,12 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
     largest = max(len(r.paths) for r in recipes(1))
     disk = free_bytes(folder) + there
     budget = min(limit_gb * 1e9 // row_bytes, disk // row_bytes - largest)
-    asked, rows = views, len(train) * views + len(val)
-    if augment != "none" and rows > budget:
-        views = int(max(budget - len(val), 0) // max(len(train), 1))
-    if rows > budget and (augment == "none" or views < min(2, epochs)):  # one view would freeze the augmentation
-        need = row_bytes * (len(train) * (1 if augment == "none" else 2) + len(val))
+    asked = views
+    if len(train) * views + len(val) > budget:  # fewer views, if there are views to spare
+        views = int(max(budget - len(val), 0) // max(len(train), 1)) if augment != "none" else 0
+    least = 1 if augment == "none" else min(2, epochs)  # one view for several epochs would freeze the augmentation
+    if views < least:
+        need = row_bytes * (len(train) * least + len(val))
         return None, (f"boundary cache not used: it needs {need / 1e9:.2f} GB, over the {limit_gb:g} GB of "
                       f"--boundary-cache-gb or the {disk / 1e9:.2f} GB free under {folder}: every epoch runs the "
                       "whole network")

@@ -115,6 +115,8 @@ def test_over_the_budget_fewer_views_then_the_whole_network(tiny, dataset, tmp_p
     none = run(tiny, dataset, tmp_path, "none", epochs=1, augment="light", boundary_cache_gb=row / 1e9)
     assert not none["boundary_cache"]["used"]
     assert "whole network" in none["boundary_cache"]["note"] and none["history"][0]["train_accuracy"] > 0
+    plain = run(tiny, dataset, tmp_path, "plain", epochs=1, boundary_cache_gb=17 * row / 1e9)  # 18 rows needed
+    assert not plain["boundary_cache"]["used"] and "--boundary-cache-gb" in plain["boundary_cache"]["note"]
 
 
 def test_unfreeze_none_caches_the_features_and_all_caches_nothing(tiny, dataset, tmp_path):
