@@ -104,22 +104,10 @@ def find_cut(net: Backbone, unfrozen) -> Cut | str:
     size = net.preprocess.input_size
     probe = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0)).to(net.mean.device)
-    started, finished, clock, hooks = {}, {}, itertools.count(), []
-
-    def stamp(times: dict, name: str, *_) -> None:  # a hook that returned a value would replace the input
-        times.setdefault(name, next(clock))
-
-    for name, module in net.model.named_modules():
-        if name:
-            hooks += [module.register_forward_pre_hook(partial(stamp, started, name)),
-                      module.register_forward_hook(partial(stamp, finished, name))]
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad():
-            whole = net(probe)
-        for hook in hooks:
-            hook.remove()
+        started, finished, whole = traced(net, probe)
         trained = [n for n in started if unfrozen(n)]
         if not trained:
             return "the unfrozen blocks do not run before the features are taken"
@@ -138,9 +126,26 @@ def find_cut(net: Backbone, unfrozen) -> Cut | str:
             same = False
         return cut if same else f"the features are not a function of what {first} receives alone"
     finally:
+        net.train(was_training)
+
+
+def traced(net: Backbone, images: torch.Tensor) -> tuple[dict, dict, torch.Tensor]:
+    """One forward pass that stamps when each module starts and finishes: (starts, ends, the features)."""
+    started, finished, clock, hooks = {}, {}, itertools.count(), []
+
+    def stamp(times: dict, name: str, *_) -> None:  # a hook that returned a value would replace the input
+        times.setdefault(name, next(clock))
+
+    for name, module in net.model.named_modules():
+        if name:
+            hooks += [module.register_forward_pre_hook(partial(stamp, started, name)),
+                      module.register_forward_hook(partial(stamp, finished, name))]
+    try:
+        with torch.no_grad():
+            return started, finished, net(images)
+    finally:
         for hook in hooks:
             hook.remove()
-        net.train(was_training)
 
 
 @dataclass
@@ -253,11 +258,14 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
     started, computed, files = time.perf_counter(), 0, {}
     with frozen_part(net, cut) as part:
         frozen = cache(lambda: frozen_forward(part, device, runtime, cache_dir))  # made once some row needs it
+        fingerprints = {p: data_mod.fingerprint(ds.root / p) for p in ds.paths} if build else {}
+        kept = ds.without([p for p, s in zip(ds.paths, ds.splits) if s == "test"])  # what the files may hold
         for recipe in recipes(views):
             files[recipe.name] = file(recipe)
             if build:
-                computed += fill(files[recipe.name], named(recipe), net, dtype, row_bytes, recipe, ds, seed, device,
-                                 batch_size, workers, progress, frozen, Path(cache_dir) / "onnx")
+                computed += fill(files[recipe.name], named(recipe), net, dtype, row_bytes, recipe, kept,
+                                 fingerprints, seed, device, batch_size, workers, progress, frozen,
+                                 Path(cache_dir) / "onnx")
     seconds = time.perf_counter() - started
     info = {"module": cut.module, "frozen": cut.frozen, "shape": list(shape), "dtype": dtype.name, "views": views,
             "files": [str(p) for p in files.values()], "bytes": sum(p.stat().st_size for p in files.values()),
@@ -303,13 +311,11 @@ def frozen_forward(part: Backbone, device: torch.device, runtime: str, cache_dir
 
 
 def fill(path: Path, identity: FeatureIdentity, net: Backbone, dtype: np.dtype, row_bytes: int, recipe: Recipe,
-         ds: data_mod.Dataset, seed: int, device: torch.device, batch_size: int, workers: int, progress: bool,
-         frozen, onnx_dir: Path) -> int:
+         kept: data_mod.Dataset, fingerprints: dict, seed: int, device: torch.device, batch_size: int, workers: int,
+         progress: bool, frozen, onnx_dir: Path) -> int:
     """Bring one cache file up to date with ``recipe``: compute the rows it lacks with ``frozen()``'s forward
-    pass (written in parts as they come, so a killed run keeps them), then merge. Rows of the dataset's other
-    train and val images already there are kept, for the next run that needs them. Returns the rows computed."""
-    fingerprints = {p: data_mod.fingerprint(ds.root / p) for p in ds.paths}
-    kept = ds.without([p for p, s in zip(ds.paths, ds.splits) if s == "test"])
+    pass (written in parts as they come, so a killed run keeps them), then merge. Rows of ``kept``'s other images
+    already there stay, for the next run that needs them. Returns the rows computed."""
     with FeatureStore(path, dtype.name, chunk_rows=1) as store:
         index = store.index()
         todo = to_compute(index, recipe.paths, fingerprints, distrusted(index, onnx_dir, path))
@@ -317,7 +323,7 @@ def fill(path: Path, identity: FeatureIdentity, net: Backbone, dtype: np.dtype, 
             store.check_writable(len(todo))
             forward, store.exports = frozen()
             size = net.preprocess.input_size
-            images = SeededImages([ds.root / p for p in todo], recipe.transform, net.preprocess.resize_size, seed,
+            images = SeededImages([kept.root / p for p in todo], recipe.transform, net.preprocess.resize_size, seed,
                                   path_keys(todo))
             loader = make_loader(images, device, batch_size, workers, collate, 3 * size * size,
                                  sampler=[(recipe.draw, i) for i in range(len(todo))])
