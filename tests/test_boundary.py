@@ -194,3 +194,15 @@ def test_a_boundary_pass_killed_midway_keeps_its_rows(tiny, tiny_weights, tmp_pa
     assert again["boundary_cache"]["rows_computed"] == 30 - kept
     whole = ft.finetune(tiny, str(data), "block2", out=tmp_path / "whole", cache_dir=tmp_path / "fresh", **options)
     same_history(again, whole)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "densenet121", "convnext_tiny", "mobilenet_v3_large"])
+def test_every_family_is_cut_at_its_top_blocks(name):
+    """The traced cut, proved by replaying it, on the registry's own architectures (random weights, 64 px)."""
+    from featx.finetuning import in_blocks, parse_unfreeze
+
+    net = featx.create_backbone(name, pretrained=False, input_size=64).eval()
+    blocks = parse_unfreeze("top:2", net)
+    cut = boundary.find_cut(net, lambda module: in_blocks(module, net, blocks))
+    assert isinstance(cut, boundary.Cut), cut
+    assert in_blocks(cut.module, net, blocks[:1]) and not any(in_blocks(m, net, blocks) for m in cut.frozen)
