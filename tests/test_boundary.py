@@ -21,11 +21,10 @@ import helpers
 EPOCHS = 3
 
 
-def run(tiny, data, tmp_path, name, **kw):
+def run(tiny, data, tmp_path, name, unfreeze="block2", **kw):
     options = {"epochs": EPOCHS, "lr": 0.05, "backbone_lr_scale": 1.0, "workers": 0, "progress": False,
                "head": "none", "cache_dir": tmp_path / "cache", "augment": "none", "runtime": "torch", **kw}
-    return ft.finetune(tiny, str(data), kw.pop("unfreeze", "block2"), out=tmp_path / name,
-                       **{k: v for k, v in options.items() if k != "unfreeze"})
+    return ft.finetune(tiny, str(data), unfreeze, out=tmp_path / name, **options)
 
 
 def same_history(a: dict, b: dict) -> None:
