@@ -46,7 +46,7 @@ from .specs import Tap
 from .store import FeatureStore, cache_path, open_h5
 
 DEFAULT_GB = 4.0  # --boundary-cache-gb
-DEFAULT_VIEWS = 2  # --views with augmentation (BENCHMARKS.md, "Boundary cache": 2, 4 and 8 measured)
+DEFAULT_VIEWS = 2  # --views with augmentation (BENCHMARKS.md, "Stage 3 — the boundary cache": 2, 4, 8 measured)
 PART_BYTES = 64 << 20  # computed rows held in memory before they go to a part file
 CHECKPOINT_SECONDS = 15.0
 
