@@ -114,7 +114,8 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
         graph = onnx.load(str(tmp))
         metadata = {"format": FORMAT, "classes": json.dumps(predictor.classes), "input_size": str(size),
                     "resize_size": str(pre.resize_size), "interpolation": pre.interpolation,
-                    "crop": "centre", "mean": json.dumps(list(pre.mean)), "std": json.dumps(list(pre.std)),
+                    "crop": "centre", "preprocessing": json.dumps(recipe(pre)),
+                    "mean": json.dumps(list(pre.mean)), "std": json.dumps(list(pre.std)),
                     "normalisation": "inside the graph: feed uint8 RGB pixels, N x 3 x H x W",
                     "tta": predictor.model.identity.tta, "featx_version": __version__, "batch": str(batch),
                     "model_sha256": file_digest(predictor.path)}
@@ -125,6 +126,27 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
         if quantize:
             quantized(tmp, predictor, force)
     return out
+
+
+def recipe(pre) -> dict:
+    """Everything featx does to an image file before the graph (``images.open_rgb``, then
+    ``Preprocess.pil_array``), in words exact enough to reimplement; the README's snippet follows it."""
+    resize, crop = pre.resize_size, pre.input_size
+    return {
+        "decode": f"Pillow Image.open; a JPEG is first given img.draft('RGB', ({resize}, {resize})), so large JPEGs "
+                  "decode at a reduced scale (1/2, 1/4 or 1/8) no smaller than that",
+        "orientation": "PIL.ImageOps.exif_transpose: the EXIF orientation is applied",
+        "mode": "16- and 32-bit (I;16*, I): value * 255 / 65535 (I: / (2**31 - 1) when its maximum exceeds 65535), "
+                "F: * 255 when its maximum is at most 1, else as it is; rounded (numpy rint), clipped to 0..255, "
+                "as 8-bit grey; PA, and P with a transparency entry, to RGBA; RGBA and LA composited on white "
+                "(255, 255, 255) with their alpha as mask; everything else (L, P, CMYK, YCbCr, 1) Image.convert('RGB')",
+        "resize": f"shorter side to {resize}, longer side int({resize} * long / short) (truncated); no resize when "
+                  f"the image already has that size; Image.resize with Image.Resampling.{pre.interpolation.upper()}",
+        "crop": f"{crop} x {crop}; a side shorter than {crop} is first padded with zeros, (d // 2) before and "
+                f"(d + 1) // 2 after, d = {crop} - side; top = round((height - {crop}) / 2), left = "
+                f"round((width - {crop}) / 2), Python's round (halves to even)",
+        "input": f"uint8 RGB, N x 3 x {crop} x {crop} (channels first); normalisation is inside the graph",
+    }
 
 
 QUANTIZE_TOLERANCE = 0.01  # accuracy int8 may lose on the model's own test split
