@@ -43,7 +43,7 @@ from .images import SeededImages, collate, path_keys
 from .network import Backbone
 from .runtimes import embedding, onnx_model, resolve_runtime, sidecar
 from .specs import Tap
-from .store import FeatureStore, cache_path, open_h5
+from .store import MARGIN, ROW_STRINGS, FeatureStore, cache_path, open_h5, strings
 
 DEFAULT_GB = 4.0  # --boundary-cache-gb
 DEFAULT_VIEWS = 2  # --views with augmentation (BENCHMARKS.md, "Stage 3 — the boundary cache": 2, 4, 8 measured)
@@ -171,7 +171,7 @@ class BoundaryCache:
         for name, path in files.items():
             f = self.stack.enter_context(open_h5(path))
             self.files[name] = f
-            self.rows[name] = {p: row for row, p in enumerate(f["paths"].asstr()[:])}
+            self.rows[name] = {p: row for row, p in enumerate(strings(f["paths"]))}
 
     def close(self) -> None:
         self.stack.close()
@@ -241,20 +241,23 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
         return cache_path(folder, ds.name, ds.root, named(recipe), dtype.name)
 
     # the budget in rows: --boundary-cache-gb, and the free disk (plus what this cache holds already), less one
-    # file's worth, as each file briefly exists twice while its parts are merged
+    # file's worth, as each file briefly exists twice while its parts are merged, and less the margin and the
+    # per-row strings every HDF5 write is checked for (``store.size_of``)
     there = sum(file(r).stat().st_size for r in recipes(views) if file(r).is_file())
     largest = max(len(r.paths) for r in recipes(1))
     disk = free_bytes(folder) + there
-    budget = min(limit_gb * 1e9 // row_bytes, disk // row_bytes - largest)
+    on_disk = row_bytes + ROW_STRINGS + max(map(len, train + val), default=0)
+    budget = min(limit_gb * 1e9 // row_bytes, (disk - MARGIN) // on_disk - largest)
     asked = views
     if len(train) * views + len(val) > budget:  # fewer views, if there are views to spare
         views = int(max(budget - len(val), 0) // max(len(train), 1)) if augment != "none" else 0
     least = 1 if augment == "none" else min(2, epochs)  # one view for several epochs would freeze the augmentation
     if views < least:
         need = row_bytes * (len(train) * least + len(val))
-        return None, (f"boundary cache not used: it needs {need / 1e9:.2f} GB, over the {limit_gb:g} GB of "
-                      f"--boundary-cache-gb or the {disk / 1e9:.2f} GB free under {folder}: every epoch runs the "
-                      "whole network")
+        written = on_disk * (need // row_bytes + largest) + MARGIN
+        return None, (f"boundary cache not used: it needs {size_text(need)} ({size_text(written)} free while it "
+                      f"is written), over the {limit_gb:g} GB of --boundary-cache-gb or the "
+                      f"{size_text(disk)} free under {folder}: every epoch runs the whole network")
     started, computed, files = time.perf_counter(), 0, {}
     with frozen_part(net, cut) as part:
         frozen = cache(lambda: frozen_forward(part, device, runtime, cache_dir))  # made once some row needs it
@@ -277,6 +280,11 @@ def prepare(net: Backbone, cut: Cut | str, ds: data_mod.Dataset, paths: dict, au
             + (f"{computed} rows computed in {seconds:.1f} s" if computed else "every row already there"))
     train_names = ["plain"] if augment == "none" else [n for n in files if n != "plain"]
     return BoundaryCache(cut, shape, files, train_names, "plain" if val else None, paths, info), line
+
+
+def size_text(n: float) -> str:
+    """Bytes in GB, or in MB below a tenth of a GB, so that a small figure is not shown as 0.00."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def free_bytes(folder: Path) -> int:

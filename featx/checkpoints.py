@@ -75,6 +75,15 @@ def read_checkpoint(path: Path) -> dict:
     return torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)  # RNG states must stay on the CPU
 
 
+def check_views(path: Path, views: int) -> None:
+    """Before any boundary row is computed: a checkpoint written with another ``--views`` is refused in the
+    line ``load_checkpoint`` would give after them."""
+    saved = json.loads(read_checkpoint(path)["config"]).get("views")
+    if saved is not None and saved != views:
+        raise FeatxError(f"{path} was written by a different finetune setup (views: {saved} then, {views} now): "
+                         "rerun without --resume or with the same options")
+
+
 def load_checkpoint(path: Path, net, opt, sched, config: dict, scaler=None) -> Progress:
     """Restore a run. ``--epochs`` may change: the schedule is then rebuilt for the new total, as a fresh
     run of that length would have it at this epoch (earlier epochs keep the rates they ran with)."""

@@ -222,15 +222,17 @@ def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_
         if "error" in r:
             click.echo(f"featx: {tsv_safe(r['path'])}: could not be read ({r['error']})", err=True)
         elif not as_json:
-            ranked = ", ".join(f"{t['label']} {t['probability']:.6f}" for t in r["top_k"])
+            ranked = ", ".join(f"{tsv_safe(t['label'])} {t['probability']:.6f}" for t in r["top_k"])
             click.echo(f"{tsv_safe(r['path'])}\t{ranked}")
     if all("error" in r for r in results):
         raise FeatxError(f"none of the {len(results)} inputs could be predicted: pass image files")
 
 
 def tsv_safe(text: str) -> str:
-    """A path on one tab-separated line: backslash, tab, newline and carriage return are escaped."""
-    return text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    """A path or label on one tab-separated UTF-8 line: backslash, tab, newline and carriage return are escaped,
+    and so is each byte of a file name that is not UTF-8 (as \\xff)."""
+    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @cli.command()

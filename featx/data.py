@@ -243,7 +243,7 @@ def symlink_problem(link: Path) -> str:
 
 def unit_hash(key: str, seed: int = SPLIT_SEED) -> float:
     """A number in [0, 1) fixed by ``key`` and ``seed`` alone: the same on every machine and every run."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    digest = hashlib.sha256(f"{seed}:{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
@@ -349,8 +349,11 @@ def read_exclude(path: str | os.PathLike | None) -> list[str]:
     if path is None:
         return []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_bytes().decode("utf-8").splitlines()
     except OSError as exc:
         raise FeatxError(f"--exclude {path} cannot be read ({exc.strerror or exc}): pass a text file with one "
+                         "path a line, as featx audit --write-exclude writes it") from None
+    except UnicodeDecodeError as exc:
+        raise FeatxError(f"--exclude {path} is not UTF-8 text (byte {exc.start} is not): pass a text file with one "
                          "path a line, as featx audit --write-exclude writes it") from None
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import __version__
 from .errors import FeatxError, first_line
-from .files import atomic_write, file_digest
+from .files import atomic_write, file_digest, full_disk, make_folder, not_writable, room
 
 FORMAT = "featx-onnx-1"
 DIGEST_KEY = "featx_sha256"
@@ -103,12 +103,14 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     pre = predictor.preprocess
     size = pre.input_size
     out = Path(out or Path(predictor.path).with_suffix(".onnx"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp:
+    weights = sum(t.numel() * 8 for t in [*net.parameters(), *net.buffers(), *head.buffers()])  # fp32, twice
+    with room(out.parent, weights + (1 << 20)), atomic_write(make_folder(out.parent) / out.name) as tmp:
         try:
             write_onnx(Classifier().eval(), size, tmp, ["probabilities"], opset,
                        None if batch == "dynamic" else int(batch))
         except Exception as exc:  # an operator the exporter cannot write, at this opset or at all
+            if full_disk(exc) or not_writable(exc):
+                raise  # said as such by ``room``
             raise FeatxError(f"{net.spec.name}:{net.tap_name} does not export to ONNX ({type(exc).__name__}: "
                              f"{first_line(exc)}): try another --opset, or serve the model.featx with featx") from None
         graph = onnx.load(str(tmp))

@@ -34,7 +34,29 @@ def atomic_write(path: str | os.PathLike):
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a folder that cannot be searched: nothing could be written there either
+            pass
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Remove what ``atomic_write`` left in ``folder`` when its process was killed: a ``NAME.tmp<pid>`` whose
+    process no longer runs (a live one may still be writing it)."""
+    for tmp in Path(folder).glob("*.tmp[0-9]*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def current_umask() -> int:
@@ -58,9 +80,33 @@ def _cached_digest(path: str, algorithm: str, size: int, mtime_ns: int) -> str:
 def free_space(folder: Path) -> int:
     """Free bytes where ``folder`` is (or would be created)."""
     for place in [folder, *folder.parents]:
-        if place.exists():
+        try:
             return shutil.disk_usage(place).free
+        except OSError:  # not there yet, or not searchable: the nearest folder above that is
+            continue
     return 0
+
+
+def make_folder(folder: str | os.PathLike, option: str = "--out") -> Path:
+    """``folder`` created (with its parents), or one line naming it and the option that moves it."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FeatxError(f"{folder} cannot be created ({exc.strerror or exc}): pass {option} a writable folder") from None
+    return folder
+
+
+def full_disk(exc: BaseException) -> bool:
+    """``ENOSPC`` or ``EDQUOT``, also inside another library's own error (safetensors', matplotlib's, torch's)."""
+    return getattr(exc, "errno", None) in NO_SPACE or "No space left on device" in str(exc) or \
+        "Disk quota exceeded" in str(exc)
+
+
+def not_writable(exc: BaseException) -> bool:
+    """A read-only file system or a folder featx may not write to, also inside another library's own error."""
+    return getattr(exc, "errno", None) in NOT_WRITABLE or "Read-only file system" in str(exc) or \
+        "Permission denied" in str(exc)
 
 
 @contextmanager
@@ -78,11 +124,11 @@ def room(folder: str | os.PathLike, needed: int, option: str = "--out"):
     except FeatxError:
         raise
     except Exception as exc:
-        code = getattr(exc, "errno", None)
-        if code in NO_SPACE or "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+        if full_disk(exc):
             raise FeatxError(no_room(folder, needed, free_space(folder), option)) from None
-        if isinstance(exc, OSError) and code in NOT_WRITABLE:
-            raise FeatxError(f"{folder} is not writable ({exc.strerror}): pass {option} a writable folder") from None
+        if not_writable(exc):
+            why = getattr(exc, "strerror", None) or "not writable"
+            raise FeatxError(f"{folder} is not writable ({why}): pass {option} a writable folder") from None
         raise
 
 

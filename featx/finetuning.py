@@ -35,11 +35,11 @@ from .network import Backbone
 from .devices import (BatchLimit, EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
                       resolve_precision)
 from .errors import FeatxError
-from .files import REPORT_BYTES, room
+from .files import REPORT_BYTES, make_folder, remove_stale_temporaries, room
 from .heads import class_weights
 from .images import ImageFiles, SeededImages, collate, path_keys
 from .distributed import World, join_world, restarted
-from .checkpoints import Progress, load_checkpoint, save_checkpoint
+from .checkpoints import Progress, check_views, load_checkpoint, save_checkpoint
 from .modelfile import MODEL_NAME, ModelFile, digest
 from .predictor import load_predictor
 from .warmstart import choose_head, export_head, starting_head
@@ -352,7 +352,8 @@ class Training:
         self.blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
         self.out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_"
                         f"{'scratch' if from_scratch else unfreeze}")
-        self.out.mkdir(parents=True, exist_ok=True)
+        make_folder(self.out)
+        remove_stale_temporaries(self.out)  # a checkpoint or model a killed run was writing
         net = FineTuneNet(net_b, starting_head(head, net_b, ds.classes))
         self.opt, self.sched = training_setup(net, self.blocks, lr, 1.0 if from_scratch else backbone_lr_scale,
                                               optimizer, schedule, epochs, step_size, weight_decay)
@@ -366,6 +367,8 @@ class Training:
         self.labels = {s: y for s, (_, y) in subsets.items()}
         self.workers = default_workers(self.device) if workers is None else workers
         self.cache, self.cache_note = None, "boundary cache not used: --no-boundary-cache"
+        if boundary_cache and augment != "none" and resume and self.checkpoint_path.exists():
+            check_views(self.checkpoint_path, views)
         if boundary_cache:
             cut = boundary.find_cut(net_b, lambda name: in_blocks(name, net_b, self.blocks)) if self.blocks else \
                 boundary.Cut(None)  # only the head trains: the boundary is the features

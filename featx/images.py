@@ -109,7 +109,7 @@ class SeededImages(ImageFiles):
 
 def path_keys(paths: list[str]) -> list[int]:
     """A stable number per relative path (``SeededImages``' keys)."""
-    return [int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") for p in paths]
+    return [int.from_bytes(hashlib.sha256(p.encode("utf-8", "surrogateescape")).digest()[:8], "big") for p in paths]
 
 
 class EncodedFiles(ImageFiles):

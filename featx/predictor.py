@@ -113,8 +113,13 @@ def image_files(inputs: list) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():  # broken symlinks stay in, so they are reported per file rather than dropped
-            files += sorted(p for p in item.rglob("*") if (p.is_file() or p.is_symlink() and not p.exists())
-                            and not p.name.startswith("."))
+            try:
+                files += sorted(p for p in item.rglob("*") if (p.is_file() or p.is_symlink() and not p.exists())
+                                and not p.name.startswith("."))
+            except OSError as exc:  # a path too long for the system, a folder that cannot be listed
+                where = f"{exc.filename}"[:120] + ("..." if len(f"{exc.filename}") > 120 else "")
+                raise FeatxError(f"cannot list {item}: {exc.strerror or exc} at {where}: pass the image files, "
+                                 "or shorten or move what is below the folder") from None
         elif item.is_file() or item.is_symlink():
             files.append(item)
         else:

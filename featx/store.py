@@ -23,13 +23,16 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .errors import FeatxError
+from .errors import FeatxError, first_line
 from . import files
 from .files import atomic_write
 from .identity import FeatureIdentity
 
 FORMAT = "featx-features-1"
+INTEGRITY = 1  # files that record it carry checksums: one without them is damaged, not older
 STR = h5py.string_dtype()
+READABLE = 150  # characters of a cache file's readable name at most: with the digest and the longest suffix
+# (".partNNNNNN.h5.tmpPID") it stays below the 255 bytes a file name may have
 COPY_ROWS = 4096  # rows copied or checked at a time: bounds memory whatever the dataset size...
 COPY_BYTES = 256 << 20  # ...and whatever the row width (a boundary cache's rows are feature maps)
 
@@ -43,7 +46,7 @@ def cache_path(cache_dir: str | os.PathLike, dataset: str, root: Path, identity:
     """A readable name plus a digest of everything that changes the rows: the feature identity, the
     storage dtype and the resolved dataset root (two folders called ``photos`` never share a file)."""
     readable = "__".join(re.sub(r"[^A-Za-z0-9_.-]+", "-", str(p)) for p in
-                         (dataset, identity.backbone, identity.layer))
+                         (dataset, identity.backbone, identity.layer))[:READABLE]
     return Path(cache_dir) / f"{readable}__{identity.digest(dtype=dtype, root=str(Path(root).resolve()))}.h5"
 
 
@@ -87,7 +90,8 @@ def open_h5(path: Path, mode: str = "r") -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as exc:
-        raise FeatxError(f"{path} is not a readable HDF5 feature cache ({exc}): delete it and extract again") from None
+        raise FeatxError(f"{path} is not a readable HDF5 feature cache ({first_line(exc)}): run 'featx extract' "
+                         "again, which rebuilds it") from None
 
 
 def read_features(dataset: h5py.Dataset, rows=slice(None)) -> np.ndarray:
@@ -121,18 +125,31 @@ def load(path: str | os.PathLike) -> Features:
             raise FeatxError(f"{path} is damaged ({damage}): run 'featx extract' again, which rebuilds it")
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         return Features(
-            X=read_features(f["features"]).astype(np.float32), y=f["labels"][:], paths=f["paths"].asstr()[:],
-            splits=f["splits"].asstr()[:], classes=json.loads(attrs["classes"]), attrs=attrs, path=path)
+            X=read_features(f["features"]).astype(np.float32), y=f["labels"][:], paths=strings(f["paths"]),
+            splits=strings(f["splits"]), classes=json.loads(attrs["classes"]), attrs=attrs, path=path)
 
 
 CHECKSUMMED = ("labels", "paths", "splits", "fingerprints", "skipped/paths", "skipped/fingerprints", "skipped/reasons")
+
+
+def encoded(values) -> np.ndarray:
+    """Strings as UTF-8 bytes for an HDF5 string dataset, losslessly: a file name that is not valid UTF-8
+    (Python holds its bytes as surrogates) keeps its bytes, and ``strings`` gives the same name back."""
+    return np.asarray([v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v for v in values]
+                      + [None], dtype=object)[:-1]
+
+
+def strings(dataset: h5py.Dataset) -> np.ndarray:
+    """An HDF5 string dataset as Python strings, bytes that are not UTF-8 as surrogates (``encoded``)."""
+    return dataset.asstr(errors="surrogateescape")[:]
 
 
 def digest(values) -> str:
     """SHA-256 of a dataset's content: the bytes of a numeric array, or its strings joined by NUL."""
     values = np.asarray(values)
     if values.dtype.kind in "OUS":
-        data = "\0".join(v.decode() if isinstance(v, bytes) else str(v) for v in values.tolist()).encode()
+        data = b"\0".join(v if isinstance(v, bytes) else str(v).encode("utf-8", "surrogateescape")
+                          for v in values.tolist())
     else:
         data = values.dtype.str.encode() + np.ascontiguousarray(values).tobytes()
     return hashlib.sha256(data).hexdigest()
@@ -147,8 +164,18 @@ def checksums(f: h5py.File) -> str:
 def damaged(f: h5py.File, features: bool = True) -> str | None:
     """What in an open cache file fails its checksum (None when all pass): each dataset's digest, and, with
     ``features``, every chunk of the features (Fletcher-32). Files written before checksums were recorded
-    pass on the features'."""
-    recorded = json.loads(f.attrs.get("checksums", "{}"))
+    (no ``integrity`` attribute) pass on the features'."""
+    if "checksums" not in f.attrs:
+        if f.attrs.get("integrity") is not None:
+            return "its checksums attribute is missing"
+        recorded = {}
+    else:
+        try:
+            recorded = json.loads(f.attrs["checksums"])
+        except (ValueError, TypeError):
+            recorded = None
+        if not isinstance(recorded, dict) or not all(isinstance(v, str) for v in recorded.values()):
+            return "its checksums attribute is unreadable"
     for name, expected in recorded.items():
         if name not in f or digest(f[name][:]) != expected:
             return f"its {name} fail their checksum"
@@ -193,23 +220,27 @@ def read_only(folder: Path, why: str = "") -> str:
     return f"the cache folder {folder} is not writable{why}: pass --cache-dir a writable folder (or make it writable)"
 
 
+ROW_STRINGS = 96  # bytes a row's fingerprint and string overhead may take, beside its path
+MARGIN = 1 << 20  # and a file's own
+
+
 def size_of(rows: int, dim: int, itemsize: int, paths) -> int:
     """A generous estimate of an HDF5 file's size: features, path strings, fingerprints, overhead."""
-    return rows * dim * itemsize + sum(len(p) + 96 for p in paths) + (1 << 20)
+    return rows * dim * itemsize + sum(len(p) + ROW_STRINGS for p in paths) + MARGIN
 
 
 def write_rows(f: h5py.File, features, paths, fingerprints, skipped) -> None:
     f.create_dataset("features", data=features, fletcher32=features.size > 0)
-    f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=STR)
-    f.create_dataset("fingerprints", data=np.asarray(fingerprints, dtype=object), dtype=STR)
+    f.create_dataset("paths", data=encoded(paths), dtype=STR)
+    f.create_dataset("fingerprints", data=encoded(fingerprints), dtype=STR)
     write_skipped(f, skipped)
-    f.attrs["checksums"] = checksums(f)
+    f.attrs.update({"checksums": checksums(f), "integrity": INTEGRITY})
 
 
 def write_skipped(f: h5py.File, skipped) -> None:
     g = f.create_group("skipped")
     for i, name in enumerate(("paths", "fingerprints", "reasons")):
-        g.create_dataset(name, data=np.asarray([s[i] for s in skipped], dtype=object), dtype=STR)
+        g.create_dataset(name, data=encoded([s[i] for s in skipped]), dtype=STR)
 
 
 @dataclass
@@ -228,8 +259,8 @@ def read_into(index: Index, f: h5py.File, path: Path, main: bool) -> None:
     """Add one checked cache file's rows (and, for the main file, what ``finish`` compares) to ``index``;
     a later file's row of a path replaces an earlier one's."""
     if main:
-        index.main_meta = {"paths": list(f["paths"].asstr()[:]), "labels": f["labels"][:],
-                           "splits": list(f["splits"].asstr()[:]), "skipped": sorted(f["skipped/paths"].asstr()[:]),
+        index.main_meta = {"paths": list(strings(f["paths"])), "labels": f["labels"][:],
+                           "splits": list(strings(f["splits"])), "skipped": sorted(strings(f["skipped/paths"])),
                            "img_per_s": f.attrs.get("img_per_s"), "split_source": f.attrs.get("split_source"),
                            "checksummed": "checksums" in f.attrs}
     n = f["features"].shape[0]
@@ -238,11 +269,11 @@ def read_into(index: Index, f: h5py.File, path: Path, main: bool) -> None:
     index.exports[source] = json.loads(f.attrs.get("onnx_exports", "{}"))
     if n:
         index.dim = f["features"].shape[1]
-    for row, (p, fp) in enumerate(zip(f["paths"].asstr()[:], f["fingerprints"].asstr()[:])):
+    for row, (p, fp) in enumerate(zip(strings(f["paths"]), strings(f["fingerprints"]))):
         index.rows[p] = (source, row, fp)
         index.skipped.pop(p, None)
     g = f["skipped"]
-    for p, fp, reason in zip(*(g[k].asstr()[:] for k in ("paths", "fingerprints", "reasons"))):
+    for p, fp, reason in zip(*(strings(g[k]) for k in ("paths", "fingerprints", "reasons"))):
         index.skipped[p] = (fp, reason)
         index.rows.pop(p, None)
 
@@ -293,12 +324,17 @@ class FeatureStore:
         again instead of served."""
         index = Index([], {}, {})
         for path in ([self.path] if self.path.is_file() else []) + part_files(self.path):
-            with open_h5(path) as f:
-                if path == self.path and f.attrs.get("format") != FORMAT:
-                    raise FeatxError(f"{path} was not written by featx: move it out of the cache folder")
-                damage = damaged(f)
-                if not damage:
-                    read_into(index, f, path, main=path == self.path)
+            try:
+                f = h5py.File(path, "r")
+            except OSError as exc:  # a featx-named file HDF5 cannot open: its header or superblock is damaged
+                damage = f"HDF5 cannot open it: {first_line(exc)}"
+            else:
+                with f:
+                    if path == self.path and f.attrs.get("format") != FORMAT:
+                        raise FeatxError(f"{path} was not written by featx: move it out of the cache folder")
+                    damage = damaged(f)
+                    if not damage:
+                        read_into(index, f, path, main=path == self.path)
             if damage:
                 if not self.writable:
                     raise FeatxError(f"{path} is damaged ({damage}) and {path.parent} is not writable, so it cannot "
@@ -354,15 +390,14 @@ class FeatureStore:
                 for h in handles.values():
                     h.close()
             f.create_dataset("labels", data=labels)
-            f.create_dataset("paths", data=np.asarray(order, dtype=object), dtype=STR)
-            f.create_dataset("splits", data=np.asarray(splits, dtype=object), dtype=STR)
-            f.create_dataset("fingerprints", data=np.asarray([index.rows[p][2] for p in order], dtype=object),
-                             dtype=STR)
+            f.create_dataset("paths", data=encoded(order), dtype=STR)
+            f.create_dataset("splits", data=encoded(splits), dtype=STR)
+            f.create_dataset("fingerprints", data=encoded([index.rows[p][2] for p in order]), dtype=STR)
             write_skipped(f, [(p, fp, reason) for p, (fp, reason) in sorted(skipped.items())])
             exports = {name: sha for source in {index.rows[p][0] for p in order} for name, sha in
                        index.exports[source].items()}
             f.attrs.update({**attrs, "format": FORMAT, "rows": n, "feature_dim": dim, "checksums": checksums(f),
-                            "onnx_exports": json.dumps(exports),
+                            "integrity": INTEGRITY, "onnx_exports": json.dumps(exports),
                             "dtype": self.dtype.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
         write_h5(self.path, fill, size_of(n, dim, self.dtype.itemsize, order))

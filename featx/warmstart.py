@@ -143,7 +143,8 @@ def choose_head(head: str | None, net: Backbone, ds, cache_dir, quiet: bool = Fa
     if last:
         model = Path(last["model"])
         same = model.is_file() and ModelFile.load(model).identity == net.identity() and Path(last["data"]) == ds.root
-        why = (f"the last fit-head ({model}) is a kNN, which holds no weights to start from" if last["clf"] == "knn"
+        why = (f"the last fit-head's model {model} no longer exists" if not model.is_file()
+               else f"the last fit-head ({model}) is a kNN, which holds no weights to start from" if last["clf"] == "knn"
                else f"the last fit-head ({model}) was fitted on other features or data" if not same else "")
         if not why:
             say(f"featx: starting the head from the last fit-head ({model}, {last['clf']}), as seed S3 does; "

@@ -23,6 +23,14 @@ from .files import atomic_write
 STATE = "workspace.json"
 DEFAULT_BACKBONE = "efficientnet_lite0"
 REMEMBERED = ("backbone", "data", "layer", "input_size", "precision", "weights", "tta")
+OPTIONAL = (str, type(None))
+SHAPE = {  # entry -> key -> (the types it may have, whether it must be there), as ``record`` writes them
+    "extract": {"backbone": (str, True), "data": (str, True), "dataset": (str, True), "layer": (OPTIONAL, False),
+                "input_size": ((int, type(None)), False), "precision": (OPTIONAL, False), "tta": (OPTIONAL, False),
+                "weights": (OPTIONAL, False), "path": (OPTIONAL, False)},
+    "fit_head": {"model": (str, True), "clf": (str, True), "backbone": (OPTIONAL, False), "layer": (OPTIONAL, False),
+                 "data": (str, True)},
+}
 
 
 def state_path(cache_dir: str | os.PathLike) -> Path:
@@ -30,19 +38,45 @@ def state_path(cache_dir: str | os.PathLike) -> Path:
 
 
 def read(cache_dir: str | os.PathLike) -> dict:
+    """The record, checked to have the shape ``record`` writes: anything else is one line."""
     path = state_path(cache_dir)
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise FeatxError(f"{path} is not readable JSON: delete it (featx writes it again at the next extract)") from None
+    problem = shape_problem(state)
+    if problem:
+        raise FeatxError(f"{path} is not a record featx wrote ({problem}): delete it (featx writes it again at the "
+                         "next extract)")
+    return state
+
+
+def shape_problem(state) -> str | None:
+    """What in a parsed workspace.json differs from what ``record`` writes (None when nothing does)."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    for entry, keys in SHAPE.items():
+        value = state.get(entry)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            return f"its {entry} is not an object"
+        for key, (types, required) in keys.items():
+            if key not in value and required or key in value and (
+                    not isinstance(value[key], types) or isinstance(value[key], bool)):
+                return f"its {entry}.{key} is {json.dumps(value.get(key))[:40] if key in value else 'missing'}"
+    return None
 
 
 def record(cache_dir: str | os.PathLike, key: str, entry: dict) -> None:
     """Remember ``entry`` as the last ``key`` (``extract`` or ``fit_head``); a folder featx cannot write
     to keeps its old record, since remembering is a convenience, never a reason to fail."""
-    state = {**read(cache_dir), key: entry}
+    try:
+        state = {**read(cache_dir), key: entry}
+    except FeatxError:  # a damaged record is replaced by this one
+        state = {key: entry}
     try:
         with atomic_write(state_path(cache_dir)) as tmp:
             tmp.write_text(json.dumps(state, indent=2, default=str))
