@@ -121,7 +121,7 @@ def write_outputs(out: Path, result: dict, root: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "audit.json").write_text(json.dumps(result, indent=2))
     for name, rows in (("label_issues", result["label_issues"]), ("duplicates", result["duplicates"])):
-        with open(out / f"{name}.csv", "w", newline="") as f:
+        with open(out / f"{name}.csv", "w", newline="", errors="surrogateescape") as f:  # names byte for byte
             fields = ["path", "split", "given", "suggested", "confidence", "score"] if name == "label_issues" else \
                 ["a", "split_a", "b", "split_b", "leak", "score"]
             writer = csv.DictWriter(f, fieldnames=fields)

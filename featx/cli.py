@@ -448,7 +448,7 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
 
         found = [i["path"] for i in r["label_issues"]] + r["leakage"]["leaking_test_images"] + \
             [o["path"] for o in r["outliers"]]
-        Path(write_exclude).write_text("".join(f"{p}\n" for p in dict.fromkeys(found)))
+        Path(write_exclude).write_text("".join(f"{p}\n" for p in dict.fromkeys(found)), errors="surrogateescape")
     cost = r["leakage"]
     summary = {k: r[k] for k in ("data", "images", "class_counts", "class_imbalance", "leakage", "report_page")} | {
         "label_issues": len(r["label_issues"]), "duplicates": len(r["duplicates"]), "leaks": len(leaks),
@@ -526,6 +526,9 @@ def datasets(data_root, as_json):
 
 def main(argv=None) -> None:
     keep_freed_memory()
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, not as an encoding error
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         cli.main(args=argv, prog_name="featx", standalone_mode=False)
     except FeatxError as exc:

@@ -349,11 +349,12 @@ def read_exclude(path: str | os.PathLike | None) -> list[str]:
     if path is None:
         return []
     try:
-        lines = Path(path).read_bytes().decode("utf-8").splitlines()
+        raw = Path(path).read_bytes()
     except OSError as exc:
         raise FeatxError(f"--exclude {path} cannot be read ({exc.strerror or exc}): pass a text file with one "
                          "path a line, as featx audit --write-exclude writes it") from None
-    except UnicodeDecodeError as exc:
-        raise FeatxError(f"--exclude {path} is not UTF-8 text (byte {exc.start} is not): pass a text file with one "
-                         "path a line, as featx audit --write-exclude writes it") from None
+    if b"\0" in raw:
+        raise FeatxError(f"--exclude {path} is not a text file (byte {raw.index(0)} is NUL): pass a text file with "
+                         "one path a line, as featx audit --write-exclude writes it")
+    lines = raw.decode("utf-8", "surrogateescape").splitlines()  # a file name that is not UTF-8 keeps its bytes
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]

@@ -191,7 +191,7 @@ def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup:
         m = metrics[split]
         plot_confusion(m["confusion_matrix"], classes, out_dir / f"confusion_{split}.png",
                        f"{split}: accuracy {m['accuracy']:.3f}")
-        with open(out_dir / f"top_losses_{split}.csv", "w", newline="") as f:
+        with open(out_dir / f"top_losses_{split}.csv", "w", newline="", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=["path", "true", "predicted", "p_true", "loss"])
             writer.writeheader()
             writer.writerows(m["top_losses"])

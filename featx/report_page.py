@@ -195,7 +195,7 @@ def write_page(out_dir: Path, result: dict, title: str, setup: dict, image_root:
             f"<meta name=\"viewport\" content=\"width=device-width\"><style>{STYLE}</style></head>"
             f"<body>{''.join(body)}{extra}</body></html>")
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page, encoding="utf-8", errors="backslashreplace")  # a file name's bytes that are not UTF-8
     return path
 
 

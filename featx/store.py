@@ -123,7 +123,7 @@ def load(path: str | os.PathLike) -> Features:
         damage = damaged(f, features=False)  # reading them below checks the features' Fletcher-32
         if damage:
             raise FeatxError(f"{path} is damaged ({damage}): run 'featx extract' again, which rebuilds it")
-        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        attrs = {k: (v.decode("utf-8", "surrogateescape") if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
         return Features(
             X=read_features(f["features"]).astype(np.float32), y=f["labels"][:], paths=strings(f["paths"]),
             splits=strings(f["splits"]), classes=json.loads(attrs["classes"]), attrs=attrs, path=path)
@@ -137,6 +137,16 @@ def encoded(values) -> np.ndarray:
     (Python holds its bytes as surrogates) keeps its bytes, and ``strings`` gives the same name back."""
     return np.asarray([v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v for v in values]
                       + [None], dtype=object)[:-1]
+
+
+def attribute(value):
+    """An attribute value h5py can store: a string that is not UTF-8 (a dataset folder's name) as its bytes."""
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "surrogateescape")
+    return value
 
 
 def strings(dataset: h5py.Dataset) -> np.ndarray:
@@ -396,7 +406,7 @@ class FeatureStore:
             write_skipped(f, [(p, fp, reason) for p, (fp, reason) in sorted(skipped.items())])
             exports = {name: sha for source in {index.rows[p][0] for p in order} for name, sha in
                        index.exports[source].items()}
-            f.attrs.update({**attrs, "format": FORMAT, "rows": n, "feature_dim": dim, "checksums": checksums(f),
+            f.attrs.update({**{k: attribute(v) for k, v in attrs.items()}, "format": FORMAT, "rows": n, "feature_dim": dim, "checksums": checksums(f),
                             "integrity": INTEGRITY, "onnx_exports": json.dumps(exports),
                             "dtype": self.dtype.name, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 

@@ -114,7 +114,7 @@ def test_a_binary_exclude_file_is_one_line(extracted, tmp_path, capsys):
     _, path = extracted
     (tmp_path / "drop.txt").write_bytes(bytes(range(256)))
     one_line(*cli(capsys, "fit-head", "--features", path, "--exclude", tmp_path / "drop.txt")[::2],
-             f"--exclude {tmp_path / 'drop.txt'} is not UTF-8 text (byte 128 is not)")
+             f"--exclude {tmp_path / 'drop.txt'} is not a text file (byte 0 is NUL)")
 
 
 @pytest.mark.parametrize("content", ["[1, 2, 3]", '{"extract": "hello"}', '{"extract": {"backbone": 3}}',
