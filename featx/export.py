@@ -103,7 +103,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     pre = predictor.preprocess
     size = pre.input_size
     out = Path(out or Path(predictor.path).with_suffix(".onnx"))
-    weights = sum(t.numel() * 8 for t in [*net.parameters(), *net.buffers(), *head.buffers()])  # fp32, twice
+    weights = sum(t.numel() * 8 for t in [*net.parameters(), *net.buffers(), *head.buffers()])  # fp32 file, int8 copy, margin
     with room(out.parent, weights + (1 << 20)), atomic_write(make_folder(out.parent) / out.name) as tmp:
         try:
             write_onnx(Classifier().eval(), size, tmp, ["probabilities"], opset,

@@ -56,7 +56,8 @@ def read(cache_dir: str | os.PathLike) -> dict:
 def shape_problem(state) -> str | None:
     """What in a parsed workspace.json differs from what ``record`` writes (None when nothing does)."""
     if not isinstance(state, dict):
-        return f"a JSON {type(state).__name__}, not an object"
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(state), "a number")
+        return f"{kind}, not an object"
     for entry, keys in SHAPE.items():
         value = state.get(entry)
         if value is None:
