@@ -135,8 +135,7 @@ CHECKSUMMED = ("labels", "paths", "splits", "fingerprints", "skipped/paths", "sk
 def encoded(values) -> np.ndarray:
     """Strings as UTF-8 bytes for an HDF5 string dataset, losslessly: a file name that is not valid UTF-8
     (Python holds its bytes as surrogates) keeps its bytes, and ``strings`` gives the same name back."""
-    return np.asarray([v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v for v in values]
-                      + [None], dtype=object)[:-1]
+    return np.asarray([v.encode("utf-8", "surrogateescape") if isinstance(v, str) else v for v in values], dtype=object)
 
 
 def attribute(value):
