@@ -6,9 +6,10 @@ import pytest
 
 from featx.devices import keep_freed_memory
 
-if "PYTEST_XDIST_WORKER" in os.environ:
-    # the README's command runs one pytest-xdist worker per core: one torch thread each keeps them off each other
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One BLAS / OpenMP / torch thread per test process, set before numpy or torch load: the README's command runs
+# one pytest-xdist worker per core, and tiny fits are slower on two threads anyway (featx.threads). Subprocesses
+# (the CLI, torchrun, Ray's workers) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 keep_freed_memory()  # as the CLI does, since most tests call the API in this process
 
 sys.path.insert(0, str(Path(__file__).parent))
