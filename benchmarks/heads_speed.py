@@ -149,10 +149,11 @@ def timings(args) -> None:
                     ref = child(CHILD, ["sklearn", clf, classes, n, DIM], timeout=args.timeout)
                 row["sklearn"], row["sklearn_accuracy"] = ref["seconds"], ref.get("accuracy")
                 rows.append(row)
-                print(f"{condition:<5} {shape:>9} {clf:<7} featx {row['featx']:>7.2f} s (acc {row['featx_accuracy']:.3f})"
-                      + (f"  baseline {seconds({'seconds': row['baseline'], 'timeout': 0}):>7} s" if args.baseline else "")
-                      + f"  scikit-learn {seconds(ref):>7} s" + (f" (acc {ref['accuracy']:.3f})" if ref.get("accuracy")
-                                                                 is not None else ""), flush=True)
+                line = f"{condition:<5} {shape:>9} {clf:<7} featx {row['featx']:>7.2f} s (acc {row['featx_accuracy']:.3f})"
+                if args.baseline:
+                    line += f"  baseline {row['baseline']:>7.2f} s"
+                line += f"  scikit-learn {seconds(ref):>7} s"
+                print(line + (f" (acc {ref['accuracy']:.3f})" if ref.get("accuracy") is not None else ""), flush=True)
     print(json.dumps({"machine": machine(), "rows": rows}))
 
 

@@ -120,8 +120,8 @@ class LinearHead(Head):
         unconverged = []  # one entry per SVM fit left short of its duality gap
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
-            C, held_out = self._select(X, codes, Cs, folds, unconverged)  # folds side by side, a thread each
-            with threads.limited(threads.for_fit(self.kind, *X.shape, len(self.classes_))):
+            C, held_out = self._select(X, codes, Cs, folds, unconverged)
+            with threads.limited(threads.for_fit(self.kind, *X.shape, len(self.classes_)), self.loss == "svm"):
                 self._refit(X, codes, C, unconverged)
         unconverged = len(unconverged) + sum(issubclass(w.category, ConvergenceWarning) for w in caught)
         if unconverged:
@@ -142,14 +142,16 @@ class LinearHead(Head):
             self.selected_ |= {"C": C, "cv_accuracy": None}
             self.held_out_ = None
             return C, None
+        torch_solver = self.loss == "svm"  # folds side by side, one thread each (threads.side_by_side)
         paths = threads.side_by_side(lambda pair: self._fold_path(X[pair[0]], codes[pair[0]], X[pair[1]], unconverged),
-                                     folds.pairs)
+                                     folds.pairs, torch_solver)
         scored, class_weight = codes[folds.scored], self._class_weights(codes)
         scores, losses, decisions, probas = [], [], [], []
         for C in Cs:
             held = np.zeros((len(X), self._columns()))
-            for (_, test), fold_held in zip(folds.pairs, threads.side_by_side(lambda path: path(C), paths)):
-                held[test] = fold_held
+            fold_held = threads.side_by_side(lambda path: path(C), paths, torch_solver)
+            for (_, test), part in zip(folds.pairs, fold_held):
+                held[test] = part
             held = held[folds.scored]
             proba = self._held_out_proba(held, scored, class_weight)
             scores.append(float((proba.argmax(1) == scored).mean()))
@@ -423,7 +425,7 @@ class MLPHead(Head):
         X, codes = self._fit_data(X, y)
         train, held, how = holdout(self.cv, codes, self.holdout)
         max_epochs = self.max_epochs if len(held) else min(self.max_epochs, FALLBACK_EPOCHS)
-        with threads.limited(threads.for_fit(self.kind, *X.shape, self.hidden)):
+        with threads.limited(threads.for_fit(self.kind, *X.shape, self.hidden), uses_torch=True):
             epochs, best, proba = self._train(X, codes, train, held, max_epochs)
             if len(held):
                 self._train(X, codes, np.arange(len(X)), np.array([], int), epochs)

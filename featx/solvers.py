@@ -14,6 +14,7 @@ SVM_GAP = 1e-9  # relative duality gap at which a squared-hinge column counts as
 SVM_SELECT_GAP = 1e-4  # the same for the fits that only score a C on held-out rows (tests/test_heads.py: their
 # held-out decisions and accuracies agree with LinearSVC's at each C)
 SVM_LBFGS_ITER = 200  # L-BFGS iterations before unconverged columns are handed to Newton's method
+SVM_LBFGS_ROUND = 10  # L-BFGS iterations between two checks of the duality gap
 SVM_NEWTON_ITER = 100
 
 
@@ -99,18 +100,20 @@ class SquaredHinge:
         precondition = (1 + 2 * C * self.S * self.S).rsqrt()[:, None]
         eta = (self.gamma / precondition).requires_grad_(True)
         iterations = 0
+        # one optimiser for the whole solve (its curvature history carries over), the gap checked every
+        # SVM_LBFGS_ROUND iterations: a warm start at a loose gap often needs only a few
+        opt = torch.optim.LBFGS([eta], lr=1, max_iter=SVM_LBFGS_ROUND, history_size=20, tolerance_grad=0,
+                                tolerance_change=0, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            value = self._objective(precondition * eta, C)[0].sum()
+            value.backward()
+            return value
+
         while (self.gaps(C) > gap).any() and iterations < SVM_LBFGS_ITER:
-            opt = torch.optim.LBFGS([eta], lr=1, max_iter=25, history_size=20, tolerance_grad=0, tolerance_change=0,
-                                    line_search_fn="strong_wolfe")
-
-            def closure():
-                opt.zero_grad()
-                value = self._objective(precondition * eta, C)[0].sum()
-                value.backward()
-                return value
-
             opt.step(closure)
-            iterations += opt.state[opt._params[0]]["n_iter"]
+            iterations = opt.state[opt._params[0]]["n_iter"]
             self.gamma = (precondition * eta).detach()
         for column in torch.nonzero(self.gaps(C) > gap).flatten().tolist():
             iterations += self._newton(C, column, gap)

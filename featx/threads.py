@@ -38,11 +38,12 @@ def for_fit(kind: str, rows: int, features: int, width: int) -> int:
 
 
 @contextmanager
-def limited(threads: int):
-    """BLAS and OpenMP (threadpoolctl) and torch held to ``threads`` inside the block, restored after."""
+def limited(threads: int, uses_torch: bool = False):
+    """BLAS and OpenMP (threadpoolctl) and torch held to ``threads`` inside the block, restored after; torch
+    is imported first when the block ``uses_torch``, else limited only if something imported it already."""
     from threadpoolctl import threadpool_limits
 
-    torch = sys.modules.get("torch")  # torch is only limited where it is already in use
+    torch = _torch(uses_torch)
     before = torch.get_num_threads() if torch else None
     if torch:
         torch.set_num_threads(threads)
@@ -54,11 +55,11 @@ def limited(threads: int):
             torch.set_num_threads(before)
 
 
-def side_by_side(function, items: list) -> list:
+def side_by_side(function, items: list, uses_torch: bool = False) -> list:
     """``function`` over independent ``items`` (folds, grid points), in order, up to ``available()`` at a
     time, each on one thread; torch's kernels and BLAS release the GIL, so threads run them in parallel."""
     workers = min(len(items), available())
-    with limited(1):
+    with limited(1, uses_torch):
         if workers <= 1:
             return [function(item) for item in items]
         from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +72,15 @@ def _one_openmp_thread() -> None:
     """OpenMP's thread count belongs to the calling thread (BLAS's to the process): each worker sets its own."""
     from threadpoolctl import threadpool_limits
 
-    if torch := sys.modules.get("torch"):
+    if torch := _torch(False):
         torch.set_num_threads(1)
     threadpool_limits(1, user_api="openmp")  # the worker ends with the pool, so nothing to restore
+
+
+def _torch(uses_torch: bool):
+    """torch, imported when asked for, else only if something already did (None then)."""
+    if uses_torch:
+        import torch
+
+        return torch
+    return sys.modules.get("torch")

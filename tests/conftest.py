@@ -67,6 +67,23 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local two-CPU Ray cluster for the whole test run (starting one costs seconds): one embedding actor
+    on one thread, one CPU left for the read tasks. Its workers inherit this environment, so they can import
+    the tests' helpers (the tiny network's class). Yields its address."""
+    ray = pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]' (.ci/run installs it)")
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(helpers.REPO / "tests"), saved]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if saved is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = saved
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return helpers.make_dataset(tmp_path / "colours")
