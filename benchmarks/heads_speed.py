@@ -35,7 +35,7 @@ def features(classes, n, dim, seed=0):
     rng = np.random.default_rng(seed)
     centres = np.abs(rng.normal(0, 1, (classes, dim))) * (rng.random((classes, dim)) < 0.1)
     y, y_test = rng.permutation(np.arange(n) % classes), np.arange(max(n // 5, classes)) % classes
-    X, X_test = (np.maximum(centres[c] + rng.normal(0, 1.5, (len(c), dim)), 0).astype(np.float32) for c in (y, y_test))
+    X, X_test = (np.maximum(centres[c] + rng.normal(0, 3.0, (len(c), dim)), 0).astype(np.float32) for c in (y, y_test))
     return X, y, X_test, y_test
 '''
 

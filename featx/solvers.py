@@ -14,7 +14,7 @@ SVM_GAP = 1e-9  # relative duality gap at which a squared-hinge column counts as
 SVM_SELECT_GAP = 1e-4  # the same for the fits that only score a C on held-out rows (tests/test_heads.py: their
 # held-out decisions and accuracies agree with LinearSVC's at each C)
 SVM_LBFGS_ITER = 200  # L-BFGS iterations before unconverged columns are handed to Newton's method
-SVM_LBFGS_ROUND = 10  # L-BFGS iterations between two checks of the duality gap
+SVM_LBFGS_ROUND = 5  # L-BFGS iterations between two checks of the duality gap
 SVM_NEWTON_ITER = 100
 
 
@@ -71,6 +71,7 @@ class SquaredHinge:
         else:
             U, self.S, self.Vh = torch.linalg.svd(Xa, full_matrices=False)
             self.Z = U * self.S
+        self.ZT = self.Z.T.contiguous()  # its transpose laid out for the gradient (6 ms a product, not 11)
         self.signs = torch.as_tensor(signs, dtype=torch.float64)
         self.weights = torch.ones_like(self.signs) if weights is None else \
             torch.as_tensor(np.broadcast_to(weights, signs.shape), dtype=torch.float64)
@@ -89,7 +90,7 @@ class SquaredHinge:
         with torch.no_grad():
             primal, margin = self._objective(self.gamma, C)
             alpha = 2 * C * self.weights * margin
-            v = self.Z.T @ (alpha * self.signs)
+            v = self.ZT @ (alpha * self.signs)
             dual = alpha.sum(0) - 0.5 * (v * v).sum(0) - (alpha * alpha / (4 * C * self.weights)).sum(0)
             return (primal - dual) / primal.clamp_min(1e-300)
 
@@ -98,18 +99,18 @@ class SquaredHinge:
         import torch
 
         precondition = (1 + 2 * C * self.S * self.S).rsqrt()[:, None]
-        eta = (self.gamma / precondition).requires_grad_(True)
+        eta = self.gamma / precondition
         iterations = 0
         # one optimiser for the whole solve (its curvature history carries over), the gap checked every
         # SVM_LBFGS_ROUND iterations: a warm start at a loose gap often needs only a few
         opt = torch.optim.LBFGS([eta], lr=1, max_iter=SVM_LBFGS_ROUND, history_size=20, tolerance_grad=0,
                                 tolerance_change=0, line_search_fn="strong_wolfe")
 
-        def closure():
-            opt.zero_grad()
-            value = self._objective(precondition * eta, C)[0].sum()
-            value.backward()
-            return value
+        def closure():  # the objective and its gradient by hand: autograd's backward pass took twice the forward
+            gamma = precondition * eta
+            value, margin = self._objective(gamma, C)
+            eta.grad = precondition * (gamma - 2 * C * self.ZT @ (self.weights * margin * self.signs))
+            return value.sum()
 
         while (self.gaps(C) > gap).any() and iterations < SVM_LBFGS_ITER:
             opt.step(closure)
