@@ -27,7 +27,7 @@ from . import threads
 from .devices import resolve_device
 from .errors import FeatxError
 from .selection import Folds, best_index, calibrate, edge_note, holdout, log_loss_of, make_folds
-from .solvers import (SVM_SELECT_GAP, SquaredHinge, balanced_weights, nearest_labels, normalise, ovr_signs,
+from .solvers import (SVM_GAP, SVM_SELECT_GAP, SquaredHinge, balanced_weights, nearest_labels, normalise, ovr_signs,
                       ovr_weights, scaling, sigmoid_pair, softmax, vote)
 
 if TYPE_CHECKING:
@@ -163,6 +163,15 @@ class LinearHead(Head):
                 break
         self.selected_["fits"] = len(scores) * len(paths)
         C = float(Cs[best])
+        if self.loss == "svm":  # the chosen C's held-out decisions calibrate the kept model: to its gap, not 1e-4
+            held = np.zeros((len(X), self._columns()))
+            for (_, test), part in zip(folds.pairs, threads.side_by_side(lambda path: path(C, SVM_GAP), paths, True)):
+                held[test] = part
+            decisions[best] = held[folds.scored]
+            probas[best] = self._held_out_proba(decisions[best], scored, class_weight)
+            scores[best] = float((probas[best].argmax(1) == scored).mean())
+            losses[best] = log_loss_of(probas[best], scored)
+            self.selected_["fits"] += len(paths)
         self.selected_ |= {"C": C, "cv_accuracy": scores[best], "cv_log_loss": losses[best], "evaluated": len(scores)}
         self.held_out_ = (np.flatnonzero(folds.scored), probas[best])
         if note := edge_note("C", best, list(Cs)):
@@ -176,11 +185,12 @@ class LinearHead(Head):
         return class_weights(self.class_weight, codes, list(self.classes_))
 
     def _fold_path(self, X_train, codes_train, X_test, unconverged: list):
-        """A function C -> held-out decision values of this fold's model at C, warm-started from the last C."""
+        """A function (C, gap) -> held-out decision values of this fold's model at C, warm-started from the last
+        C (``gap``: the SVM's duality gap; by default ``SVM_SELECT_GAP``, enough to score C)."""
         if self.loss == "logreg":
             model = self._logreg(warm_start=True)
 
-            def decisions(C):
+            def decisions(C, gap=None):
                 model.set_params(logisticregression__C=C).fit(X_train, codes_train)
                 return self._logits(model, X_test)
             return decisions
@@ -188,8 +198,8 @@ class LinearHead(Head):
         X_train, X_test = (X_train - mean) / scale, (X_test - mean) / scale
         problem = self._svm_problem(X_train, codes_train)
 
-        def decisions(C):
-            coef, intercept, _, converged = problem.solve(C, gap=SVM_SELECT_GAP)  # to score C, not to keep
+        def decisions(C, gap=SVM_SELECT_GAP):
+            coef, intercept, _, converged = problem.solve(C, gap=gap)
             if not converged:
                 unconverged.append(C)
             return X_test @ coef.T + intercept
