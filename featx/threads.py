@@ -5,8 +5,8 @@ than it gives, and where two threads fight any other process on the machine: sci
 ``LogisticRegression`` on 763 x 1,280 took 0.65 s on one BLAS thread and 6.5 s on two beside a busy core;
 one MLP fit, 4 s on one torch thread and 26-37 s on two. So:
 
-- a single fit smaller than ``SMALL_FIT`` (rows x features x classes, measured: ``benchmarks/heads_speed.py
-  --threshold``) runs on one thread; a larger one on every thread the process may use;
+- a single fit smaller than ``SMALL_FIT`` (rows x features x classes; ``benchmarks/heads_speed.py
+  --threshold`` measures one thread against all) runs on one thread; a larger one on every thread available;
 - independent fits (cross-validation folds, grid points) run side by side, one thread each, up to that many;
 - ``OMP_NUM_THREADS`` caps the total (``devices.cpu_threads``), so jobs sharing a machine can each keep to
   their share.
@@ -21,9 +21,11 @@ from contextlib import contextmanager
 
 from .devices import cpu_threads
 
-# rows x features x classes (the MLP: x hidden units) below which one thread fits faster than all of them
-# (measured: BENCHMARKS.md, "Heads: one thread or all")
-SMALL_FIT = {"logreg": 2e9, "svm": 2e9, "knn": 2e9, "mlp": 2e9}
+# rows x features x classes (the MLP: x hidden units) below which a fit runs on one thread. Idle, a second
+# thread starts to pay at about 6e8 (logreg), 1e8 (svm) and 1e9 (mlp); beside a busy process it costs several
+# times what it gains, so the line is above those (BENCHMARKS.md, "Stage 2 — one fit on one thread or on
+# every core"). kNN has no single fit to size: its folds' neighbour searches run side by side.
+SMALL_FIT = {"logreg": 2e9, "svm": 2e9, "mlp": 2e9}
 
 
 def available() -> int:
