@@ -21,10 +21,10 @@ from contextlib import contextmanager
 
 from .devices import cpu_threads
 
-# rows x features x classes (the MLP: x hidden units) below which a fit runs on one thread. Idle, a second
-# thread starts to pay at about 6e8 (logreg), 1e8 (svm) and 1e9 (mlp); beside a busy process it costs several
-# times what it gains, so the line is above those (BENCHMARKS.md, "Stage 2 — one fit on one thread or on
-# every core"). kNN has no single fit to size: its folds' neighbour searches run side by side.
+# rows x features x classes (the MLP: x hidden units) below which a fit runs on one thread. On 2 shared
+# cores a second thread started to pay at about 6e8 (logreg) and 1e8 (svm), not clearly for the MLP; beside a
+# busy process it costs several times what it gains, so the line is above those (BENCHMARKS.md, "Stage 2 —
+# one fit on one thread or on every core"). kNN has no single fit to size: its folds run side by side.
 SMALL_FIT = {"logreg": 2e9, "svm": 2e9, "mlp": 2e9}
 
 
