@@ -23,11 +23,12 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .devices import cpu_threads, resolve_device
+from . import threads
+from .devices import resolve_device
 from .errors import FeatxError
 from .selection import Folds, best_index, calibrate, edge_note, holdout, log_loss_of, make_folds
-from .solvers import (SquaredHinge, balanced_weights, nearest_labels, normalise, ovr_signs, ovr_weights, scaling,
-                      sigmoid_pair, softmax, vote)
+from .solvers import (SVM_GAP, SVM_SELECT_GAP, SquaredHinge, balanced_weights, nearest_labels, normalise, ovr_signs,
+                      ovr_weights, scaling, sigmoid_pair, softmax, vote)
 
 if TYPE_CHECKING:
     import torch
@@ -117,10 +118,11 @@ class LinearHead(Head):
         Cs = np.sort(DEFAULT_CS if self.Cs is None else np.asarray(self.Cs, dtype=float).ravel())
         folds = make_folds(self.cv, codes)
         unconverged = []  # one entry per SVM fit left short of its duality gap
-        with warnings.catch_warnings(record=True) as caught, self._threads():
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             C, held_out = self._select(X, codes, Cs, folds, unconverged)
-            self._refit(X, codes, C, unconverged)
+            with threads.limited(threads.for_fit(self.kind, *X.shape, len(self.classes_)), self.loss == "svm"):
+                self._refit(X, codes, C, unconverged)
         unconverged = len(unconverged) + sum(issubclass(w.category, ConvergenceWarning) for w in caught)
         if unconverged:
             self.selected_["warnings"] = [f"{unconverged} of {self.selected_['fits']} fits stopped at their iteration "
@@ -140,13 +142,16 @@ class LinearHead(Head):
             self.selected_ |= {"C": C, "cv_accuracy": None}
             self.held_out_ = None
             return C, None
-        paths = [self._fold_path(X[train], codes[train], X[test], unconverged) for train, test in folds.pairs]
+        torch_solver = self.loss == "svm"  # folds side by side, one thread each (threads.side_by_side)
+        paths = threads.side_by_side(lambda pair: self._fold_path(X[pair[0]], codes[pair[0]], X[pair[1]], unconverged),
+                                     folds.pairs, torch_solver)
         scored, class_weight = codes[folds.scored], self._class_weights(codes)
         scores, losses, decisions, probas = [], [], [], []
         for C in Cs:
             held = np.zeros((len(X), self._columns()))
-            for (_, test), fold_held in zip(folds.pairs, self._each(lambda path: path(C), paths)):
-                held[test] = fold_held
+            fold_held = threads.side_by_side(lambda path: path(C), paths, torch_solver)
+            for (_, test), part in zip(folds.pairs, fold_held):
+                held[test] = part
             held = held[folds.scored]
             proba = self._held_out_proba(held, scored, class_weight)
             scores.append(float((proba.argmax(1) == scored).mean()))
@@ -158,32 +163,20 @@ class LinearHead(Head):
                 break
         self.selected_["fits"] = len(scores) * len(paths)
         C = float(Cs[best])
+        if self.loss == "svm":  # the chosen C's held-out decisions calibrate the kept model: to its gap, not 1e-4
+            held = np.zeros((len(X), self._columns()))
+            for (_, test), part in zip(folds.pairs, threads.side_by_side(lambda path: path(C, SVM_GAP), paths, True)):
+                held[test] = part
+            decisions[best] = held[folds.scored]
+            probas[best] = self._held_out_proba(decisions[best], scored, class_weight)
+            scores[best] = float((probas[best].argmax(1) == scored).mean())
+            losses[best] = log_loss_of(probas[best], scored)
+            self.selected_["fits"] += len(paths)
         self.selected_ |= {"C": C, "cv_accuracy": scores[best], "cv_log_loss": losses[best], "evaluated": len(scores)}
         self.held_out_ = (np.flatnonzero(folds.scored), probas[best])
         if note := edge_note("C", best, list(Cs)):
             self.selected_["edge"] = note
         return C, decisions[best]
-
-    def _threads(self):
-        """logreg's fits on one BLAS and OpenMP thread each: scipy's L-BFGS-B calls BLAS on small vectors,
-        where threads cost more than they give (one fold of digits' C path: 0.9 s on one thread, 6 s on two)."""
-        from contextlib import nullcontext
-
-        from threadpoolctl import threadpool_limits
-
-        return threadpool_limits(1) if self.loss == "logreg" else nullcontext()
-
-    def _each(self, function, folds: list) -> list:
-        """``function`` over the folds: logreg's in threads, one per core it may use (``OMP_NUM_THREADS``, as
-        torch; its BLAS calls and scikit-learn's loss release the GIL: the 120-class fixture's selection took
-        9.5 s against 13.6 s in turn); the SVM's in turn, as its torch solver already uses every core."""
-        threads = min(len(folds), cpu_threads())
-        if self.loss == "svm" or threads == 1:
-            return [function(fold) for fold in folds]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(function, folds))
 
     def _columns(self) -> int:
         return 1 if len(self.classes_) == 2 else len(self.classes_)
@@ -192,11 +185,12 @@ class LinearHead(Head):
         return class_weights(self.class_weight, codes, list(self.classes_))
 
     def _fold_path(self, X_train, codes_train, X_test, unconverged: list):
-        """A function C -> held-out decision values of this fold's model at C, warm-started from the last C."""
+        """A function (C, gap) -> held-out decision values of this fold's model at C, warm-started from the last
+        C (``gap``: the SVM's duality gap; by default ``SVM_SELECT_GAP``, enough to score C)."""
         if self.loss == "logreg":
             model = self._logreg(warm_start=True)
 
-            def decisions(C):
+            def decisions(C, gap=None):
                 model.set_params(logisticregression__C=C).fit(X_train, codes_train)
                 return self._logits(model, X_test)
             return decisions
@@ -204,8 +198,8 @@ class LinearHead(Head):
         X_train, X_test = (X_train - mean) / scale, (X_test - mean) / scale
         problem = self._svm_problem(X_train, codes_train)
 
-        def decisions(C):
-            coef, intercept, _, converged = problem.solve(C)
+        def decisions(C, gap=SVM_SELECT_GAP):
+            coef, intercept, _, converged = problem.solve(C, gap=gap)
             if not converged:
                 unconverged.append(C)
             return X_test @ coef.T + intercept
@@ -356,9 +350,13 @@ class KNNHead(Head):
             raise FeatxError(f"--k {asked[0]} is more than the {limit} training images of the smallest "
                              f"cross-validation fold: use --k {limit} or less")
         votes = {k: np.zeros((len(X), len(self.classes_))) for k in ks}
-        for train, test in folds.pairs:  # one neighbour search per fold serves every k
+
+        def neighbours_of(pair):  # one neighbour search per fold serves every k
+            train, test = pair
             search = KNeighborsClassifier(n_neighbors=max(ks), algorithm="brute").fit(normalise(X[train]), codes[train])
-            neighbours = codes[train][search.kneighbors(normalise(X[test]), return_distance=False)]
+            return codes[train][search.kneighbors(normalise(X[test]), return_distance=False)]
+
+        for (_, test), neighbours in zip(folds.pairs, threads.side_by_side(neighbours_of, folds.pairs)):
             for k in ks:
                 votes[k][test] = vote(neighbours[:, :k], len(self.classes_))
         scored = codes[folds.scored]
@@ -437,9 +435,10 @@ class MLPHead(Head):
         X, codes = self._fit_data(X, y)
         train, held, how = holdout(self.cv, codes, self.holdout)
         max_epochs = self.max_epochs if len(held) else min(self.max_epochs, FALLBACK_EPOCHS)
-        epochs, best, proba = self._train(X, codes, train, held, max_epochs)
-        if len(held):
-            self._train(X, codes, np.arange(len(X)), np.array([], int), epochs)
+        with threads.limited(threads.for_fit(self.kind, *X.shape, self.hidden), uses_torch=True):
+            epochs, best, proba = self._train(X, codes, train, held, max_epochs)
+            if len(held):
+                self._train(X, codes, np.arange(len(X)), np.array([], int), epochs)
         self.held_out_ = (held, proba) if len(held) else None
         self.selected_ = {"epochs": epochs, "best_holdout_loss": best, "holdout": len(held), "selection": how,
                           "cv_accuracy": float((proba.argmax(1) == codes[held]).mean()) if len(held) else None,

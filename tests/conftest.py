@@ -6,9 +6,10 @@ import pytest
 
 from featx.devices import keep_freed_memory
 
-if "PYTEST_XDIST_WORKER" in os.environ:
-    # the README's command runs one pytest-xdist worker per core: one torch thread each keeps them off each other
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One BLAS / OpenMP / torch thread per test process, set before numpy or torch load: the README's command runs
+# one pytest-xdist worker per core, and tiny fits are slower on two threads anyway (featx.threads). Subprocesses
+# (the CLI, torchrun, Ray's workers) inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 keep_freed_memory()  # as the CLI does, since most tests call the API in this process
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -64,6 +65,23 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local two-CPU Ray cluster for the whole test run (starting one costs seconds): one embedding actor
+    on one thread, one CPU left for the read tasks. Its workers inherit this environment, so they can import
+    the tests' helpers (the tiny network's class). Yields its address."""
+    ray = pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]' (.ci/run installs it)")
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(helpers.REPO / "tests"), saved]))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if saved is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture

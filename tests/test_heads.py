@@ -304,3 +304,26 @@ def test_k_of_one_is_not_flagged_as_an_edge():
     assert edge_note("k", 0, [1, 3, 5], floor=1) is None
     assert edge_note("k", 2, [1, 3, 5], floor=1) == "k at the largest value tried (5)"
     assert edge_note("k", 0, [3, 5], floor=1) == "k at the smallest value tried (3)"
+
+
+def test_the_svm_scores_each_c_as_linearsvc_at_the_selection_tolerance():
+    """The fits that only score C stop at ``SVM_SELECT_GAP``, not 1e-9: on each fold, along the warm-started
+    path, their held-out decisions are LinearSVC's (fitted directly on the same standardised rows) to 1% of
+    their range, and the held-out accuracy of every C is LinearSVC's to one image."""
+    from featx.selection import make_folds
+    from featx.solvers import SVM_SELECT_GAP, SquaredHinge, ovr_signs, scaling
+
+    X, y = make_classification(n_samples=300, n_features=60, n_informative=12, n_classes=4, n_clusters_per_class=1,
+                               class_sep=1.0, flip_y=0.05, random_state=1)
+    for train, test in make_folds(5, y).pairs[:2]:
+        mean, scale = scaling(X[train])
+        Xs, Xt = (X[train] - mean) / scale, (X[test] - mean) / scale
+        problem = SquaredHinge(Xs, ovr_signs(y[train], 4))
+        for C in (1e-4, 1e-2, 1.0, 100.0):
+            coef, intercept, _, converged = problem.solve(C, gap=SVM_SELECT_GAP)
+            z = Xt @ coef.T + intercept
+            ref = LinearSVC(C=C, tol=1e-10, max_iter=1_000_000).fit(Xs, y[train])
+            z_ref = ref.decision_function(Xt)
+            assert converged, C
+            np.testing.assert_allclose(z, z_ref, atol=1e-2 * np.abs(z_ref).max())
+            assert abs((z.argmax(1) == y[test]).sum() - (ref.predict(Xt) == y[test]).sum()) <= 1, C

@@ -19,19 +19,10 @@ from helpers import REPO, make_dataset
 ray = pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]' (.ci/run installs it)")
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A local two-CPU cluster: one embedding actor on one thread, one CPU left for the read tasks. Its
-    workers inherit this environment, so they can import the tests' helpers (the tiny network's class)."""
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "tests"), saved]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if saved is None:
-        del os.environ["PYTHONPATH"]
-    else:
-        os.environ["PYTHONPATH"] = saved
+@pytest.fixture
+def cluster(ray_cluster):
+    """The test run's one local Ray cluster (``ray_cluster`` in conftest.py)."""
+    return ray_cluster
 
 
 @pytest.fixture
