@@ -217,7 +217,18 @@ def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_
     results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot,
                           runtime=runtime, cache_dir=cache_dir)
     if as_json:
-        emit({"predictions": results, "plot": plot}, True, "")
+        from .provenance import UNKNOWN
+
+        if str(model).endswith(".onnx"):
+            from .export import load_exported
+
+            recorded = load_exported(model).get("provenance")
+            recorded = json.loads(recorded) if recorded else None
+        else:
+            from .modelfile import stored_manifest
+
+            recorded = stored_manifest(model).get("provenance")
+        emit({"predictions": results, "plot": plot, "provenance": recorded or UNKNOWN}, True, "")
     for r in results:
         if "error" in r:
             click.echo(f"featx: {tsv_safe(r['path'])}: could not be read ({r['error']})", err=True)
@@ -253,7 +264,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
                      weights=weights, runtime=runtime, progress=not quiet)
     from .report import summary_line
 
-    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}")
+    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}"
+                     f"\nprovenance: {m['provenance_line']}")
 
 
 @cli.command()
@@ -470,7 +482,8 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13))
 @click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed number of images a call.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="int8 weights (ONNX Runtime's dynamic quantisation), kept when the test accuracy drops <= 1 point.")
+              help="int8 weights (ONNX Runtime's dynamic quantisation), kept when val accuracy (train's without val) "
+                   "drops <= 1 point; test is only reported.")
 @click.option("--force", is_flag=True, help="With --quantize: write it whatever the accuracy drop.")
 def export(model, out, opset, batch, quantize, force):
     """One ONNX file from uint8 images to class probabilities (backbone, head, calibration), runnable without featx."""
@@ -478,8 +491,11 @@ def export(model, out, opset, batch, quantize, force):
 
     path = export_model(model, out, opset, batch, quantize, force)
     meta = load_exported(path)
-    change = f"; int8: test accuracy {meta['test_accuracy_fp32']} -> {meta['test_accuracy_int8']} on " \
-             f"{meta['test_images']} images" if quantize else ""
+    on = meta.get("quantize_decided_on")
+    change = f"; int8 kept on {on} accuracy {meta[on + '_accuracy_fp32']} -> {meta[on + '_accuracy_int8']} over " \
+             f"{meta[on + '_images']} images" if quantize else ""
+    if quantize and "test_images" in meta:
+        change += f"; test, after: {meta['test_accuracy_fp32']} -> {meta['test_accuracy_int8']}"
     click.echo(f"exported: {path} (checked against featx's probabilities in ONNX Runtime{change})")
 
 
