@@ -29,11 +29,12 @@ from .report_page import image_grid, table, write_page
 # cleanlab's near-duplicate threshold is a fraction of the median distance to the nearest neighbour: on cats_dogs
 # (lite0 features) a test photo re-encoded and resized into train sits at 0.07-0.19 of it, different photos at 0.5
 # and more; cleanlab's default, 0.13, missed half of such copies
-# n_jobs=1: cleanlab's label search otherwise forks a multiprocessing pool per call (one per physical core), which
-# in a process already running threads (a pytest-xdist worker, torch's) failed where the same call in a plain
-# process did not; on one process the findings are the same and deterministic
-ISSUES = {"label": {"clean_learning_kwargs": {"find_label_issues_kwargs": {"n_jobs": 1}}},
-          "near_duplicate": {"threshold": 0.3}, "outlier": {}, "class_imbalance": {}}
+def issue_types() -> dict:
+    """What Datalab looks for, a fresh dict each call: ``find_issues`` writes the call's ``pred_probs`` and
+    ``features`` into the one it is given, and a dict kept between calls hands the next call the last one's
+    probabilities (in one process, the second audit's label check failed: "pred_probs and labels must have same
+    length")."""
+    return {"label": {}, "near_duplicate": {"threshold": 0.3}, "outlier": {}, "class_imbalance": {}}
 SHOWN = 48  # images a grid of the report shows per finding
 
 
@@ -126,7 +127,7 @@ def find_issues(F: store.Features, proba: np.ndarray):
     lab = Datalab(data={"label": F.y}, label_name="label", verbosity=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        lab.find_issues(features=F.X, pred_probs=proba, issue_types=ISSUES)
+        lab.find_issues(features=F.X, pred_probs=proba, issue_types=issue_types())
     return lab
 
 

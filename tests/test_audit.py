@@ -79,7 +79,7 @@ def test_audit_finds_planted_label_errors_and_every_leaking_copy(tmp_path, monke
     X, y, paths = store.load(found["features"]).split("train")
     reference = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)), X, y,
                                   cv=StratifiedKFold(5, shuffle=True, random_state=0), method="predict_proba")
-    direct = set(paths[find_label_issues(y, reference, n_jobs=1)].tolist())
+    direct = set(paths[find_label_issues(y, reference)].tolist())
     assert len(flipped & flagged) >= len(flipped & direct) >= 0.8 * len(flipped)
 
 
@@ -98,7 +98,7 @@ def test_the_audits_findings_are_cleanlabs_on_the_same_inputs(tiny, tmp_path):
     from cleanlab import Datalab
 
     from featx import store
-    from featx.audit import ISSUES, out_of_fold
+    from featx.audit import issue_types, out_of_fold
 
     data = make_dataset(tmp_path / "d", {"train": 12, "test": 6}, classes=("a", "b", "c"))
     for victim in ("train/a/000.jpg", "train/b/001.jpg"):  # two labels made wrong
@@ -108,7 +108,7 @@ def test_the_audits_findings_are_cleanlabs_on_the_same_inputs(tiny, tmp_path):
     F = store.load(r["features"])
     proba, _ = out_of_fold(F, "logreg")
     lab = Datalab(data={"label": F.y}, label_name="label", verbosity=0)
-    lab.find_issues(features=F.X, pred_probs=proba, issue_types=ISSUES)
+    lab.find_issues(features=F.X, pred_probs=proba, issue_types=issue_types())
     issues, label = lab.get_issues(), lab.get_issues("label")
     direct = {F.paths[i]: F.classes[int(label["predicted_label"].iloc[i])] for i in range(len(F.paths))
               if issues["is_label_issue"].iloc[i]}
