@@ -138,8 +138,8 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
               help="Output folder (default: runs/<dataset>__<backbone>__<layer>__<clf>).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--exclude", type=click.Path(dir_okay=False), default=None,
-              help="A FILE of paths (one a line, as 'featx audit --write-exclude' writes) left out of training and "
-                   "scoring; the metrics name them.")
+              help="A FILE of paths (one a line, relative to the data folder as 'featx audit --write-exclude' "
+                   "writes them, or absolute) left out of training; val and test are scored in full.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
 @click.option("--quiet", is_flag=True)
 def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k,
@@ -158,7 +158,11 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
                      precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet,
                      exclude=read_exclude(exclude))
-    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}\n"
+    second = "".join(f"\n{split} without the {m[split]['without_excluded']['excluded']} excluded images (optimistic: "
+                     f"a model that saw their labels chose them): accuracy {m[split]['without_excluded']['accuracy']:.4f}"
+                     f" (n={m[split]['without_excluded']['n']})" for split in ("val", "test")
+                     if split in m and m[split].get("without_excluded", {}).get("accuracy") is not None)
+    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}{second}\nmodel: {m['model']}\n"
                      f"report: {m['report_page']}")
 
 
@@ -176,7 +180,11 @@ def selection_line(selected: dict) -> str:
     for note in ([selected["edge"]] if selected.get("edge") else []) + selected.get("warnings", []):
         text += f"\nwarning: {note}"
     if selected.get("excluded"):
-        text += f"\nleft out {len(selected['excluded'])} files --exclude names (metrics.json: selected.excluded)"
+        text += (f"\nleft out of training {len(selected['excluded'])} files --exclude names (metrics.json: "
+                 "selected.excluded)")
+    if selected.get("excluded_but_scored"):
+        text += (f"\n{len(selected['excluded_but_scored'])} val/test files --exclude names are still scored; "
+                 "metrics.json's without_excluded is the figure without them")
     return text + taps_lines(selected)
 
 

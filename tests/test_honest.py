@@ -58,6 +58,10 @@ def test_exclude_drops_training_rows_only_and_a_file_that_matches_nothing_fails(
     out = CliRunner().invoke(cli, ["fit-head", "--features", str(cache), "--exclude", str(tmp_path / "drop.txt"),
                                    "--out", str(tmp_path / "z"), "--quiet"])
     assert out.exit_code != 0 and "the first: 'nothing/here.jpg'" in str(out.exception)
+    (tmp_path / "drop.txt").write_text("train/a/000.jpg\nval/a/002.jpg\n")
+    out = CliRunner().invoke(cli, ["fit-head", "--features", str(cache), "--exclude", str(tmp_path / "drop.txt"),
+                                   "--out", str(tmp_path / "z"), "--quiet"])
+    assert out.exit_code == 0 and "val without the 1 excluded images (optimistic" in out.stdout, out.output
 
 
 def test_a_head_that_saw_the_fine_tunes_val_is_not_warm_started(tiny, tmp_path, capsys):
