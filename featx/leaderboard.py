@@ -85,11 +85,12 @@ def compare(data: str, backbones: list, layers: list | None = None, clfs: list |
                 started = time.perf_counter()
                 result = fit_head(clf, extracted.path, cache_dir=cache_dir, device=device, progress=progress,
                                   out=out_dir / f"{backbone}__{extracted.layer}__{clf}".replace(":", "-"))
+                seconds = round(time.perf_counter() - started, 2)
                 where, hits = held_out_right(result, clf)
                 right.append(hits)
                 rows.append({"backbone": backbone, "layer": extracted.layer, "clf": clf, "ranked_on": where,
                              "test_accuracy": result["test"]["accuracy"] if "test" in result else None,
-                             "fit_seconds": round(time.perf_counter() - started, 2),
+                             "fit_seconds": seconds,
                              "extract_img_per_s": round(float(img_per_s), 2) if img_per_s else None,
                              "extract_seconds": round(extracted.images / float(img_per_s), 1) if img_per_s else None,
                              "feature_dim": extracted.feature_dim, "images": extracted.images,
@@ -126,7 +127,8 @@ def interval_text(row: dict) -> str:
     return f"{row['accuracy']:.4f} [{low:.3f}, {high:.3f}]"
 
 
-COLUMNS = ["#", "backbone", "layer", "head", "score [95%]", "vs best, paired [95%]", "ranked on", "test", "fit s", "extract s", "img/s", "dim"]
+COLUMNS = ["#", "backbone", "layer", "head", "score [95%]", "vs best, paired [95%]", "ranked on", "test", "fit s",
+           "extract s", "img/s", "dim"]
 
 
 def cells(rank: int, row: dict) -> list:
