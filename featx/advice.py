@@ -119,7 +119,7 @@ def advise(data: str, backbone: str = "efficientnet_lite0", data_root: str | Non
     y = ds.labels[rows[kept]]
     per_tap = split_taps(np.stack([found[i] for i in kept]), net.tap_dims())
     heads = [make_head("logreg").fit(X, y) for X in per_tap]
-    chosen, taps = choose_tap(layers, heads, y)
+    chosen, taps = choose_tap(layers, heads)
     shift_net = net
     if not batchnorm_layers(net):  # vgg, convnext: no running statistics to compare with
         warnings.append(f"{spec.name} has no BatchNorm layers, so the shift was measured with {SHIFT_BACKBONE}")

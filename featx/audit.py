@@ -3,7 +3,7 @@
 cleanlab's ``Datalab`` does the finding (label issues, near-duplicates, outliers, class imbalance) from each
 image's features and its out-of-fold probabilities; featx supplies those. The probabilities come from the
 head ``fit-head`` would fit, with its usual selection, fitted on each split alone: every image is scored by
-models that never saw it (``Head.held_out_``), and no split's images help score another's. Near-duplicates
+K-fold models that never saw it (``folds``), and no split's images help score another's. Near-duplicates
 across splits are leakage: the report gives the test accuracy with and without the leaking test images.
 Nothing in the dataset is moved or deleted.
 """
@@ -22,19 +22,26 @@ from . import store, workspace
 from .errors import FeatxError
 from .extraction import extract_taps
 from .files import REPORT_BYTES, room
-from .heads import make_head, proba_over
+from .heads import MLPHead, make_head, proba_over
+from .selection import make_folds
 from .report_page import image_grid, table, write_page
 
 # cleanlab's near-duplicate threshold is a fraction of the median distance to the nearest neighbour: on cats_dogs
 # (lite0 features) a test photo re-encoded and resized into train sits at 0.07-0.19 of it, different photos at 0.5
 # and more; cleanlab's default, 0.13, missed half of such copies
-ISSUES = {"label": {}, "near_duplicate": {"threshold": 0.3}, "outlier": {}, "class_imbalance": {}}
+def issue_types() -> dict:
+    """What Datalab looks for, a fresh dict each call: ``find_issues`` writes the call's ``pred_probs`` and
+    ``features`` into the one it is given, and a dict kept between calls hands the next call the last one's
+    probabilities (in one process, the second audit's label check failed: "pred_probs and labels must have same
+    length")."""
+    return {"label": {}, "near_duplicate": {"threshold": 0.3}, "outlier": {}, "class_imbalance": {}}
 SHOWN = 48  # images a grid of the report shows per finding
 
 
 def out_of_fold(F: store.Features, clf: str) -> tuple[np.ndarray, dict]:
-    """(probabilities of every row over every class, {split: head fitted on it}). A row nothing could hold
-    out (the only image of its class in its split) gets its own label at probability 1: never called wrong."""
+    """(probabilities of every row over every class, {split: head fitted on it}), each row's from K-fold models
+    that never saw it (``folds``). A row nothing could hold out (the only image of its class in its split) gets
+    its own label at probability 1: never called wrong."""
     proba = np.eye(len(F.classes))[F.y]
     heads = {}
     for split in F.split_names():
@@ -42,11 +49,26 @@ def out_of_fold(F: store.Features, clf: str) -> tuple[np.ndarray, dict]:
         if len(np.unique(F.y[rows])) < 2:
             continue
         head = heads[split] = make_head(clf).fit(F.X[rows], F.y[rows])
+        for scored, p in folds(head, F.X[rows], F.y[rows], len(F.classes)):
+            proba[rows[scored]] = p
+    return proba, heads
+
+
+def folds(head, X: np.ndarray, y: np.ndarray, n_classes: int):
+    """(rows, their probabilities over every class) from K-fold models that never saw them. The linear heads and
+    kNN score every row in their C or k selection (``Head.held_out_``, stratified K-fold); the MLP's selection
+    holds out 15% only, so it is refitted on each of the same folds, stopping early within the fold and for at
+    most the epochs the whole split's MLP kept."""
+    if head.kind != "mlp":
         if head.held_out_ is not None:
             scored, p = head.held_out_
-            proba[rows[scored]] = 0
-            proba[np.ix_(rows[scored], np.asarray(head.classes_, dtype=int))] = p
-    return proba, heads
+            full = np.zeros((len(scored), n_classes))
+            full[:, np.asarray(head.classes_, dtype=int)] = p
+            yield scored, full
+        return
+    for train, test in make_folds(5, y).pairs:
+        fold = MLPHead(max_epochs=head.selected_["epochs"], device=head.device).fit(X[train], y[train])
+        yield test, proba_over(fold, X[test], n_classes)
 
 
 def audit(data: str | None = None, backbone: str | None = None, layer: str | None = None, clf: str = "logreg", *,
@@ -55,8 +77,6 @@ def audit(data: str | None = None, backbone: str | None = None, layer: str | Non
     """Audit a dataset's labelled images (extracting what is not cached) and write ``audit.json``,
     ``label_issues.csv``, ``duplicates.csv`` and ``report.html`` to ``out``. What is left out comes from the
     last extraction in ``cache_dir``; with several taps there, the last (the pooled features)."""
-    from cleanlab import Datalab
-
     given = workspace.fill(cache_dir, "audit", backbone=backbone, data=data, layer=layer)
     extracted = extract_taps(given["backbone"], given["data"], given.get("layer"), data_root=data_root,
                              cache_dir=cache_dir, device=device, progress=progress)[-1]
@@ -69,10 +89,7 @@ def audit(data: str | None = None, backbone: str | None = None, layer: str | Non
         raise FeatxError(f"{F.attrs['dataset_root']} has one image a class: out-of-fold probabilities need at "
                          "least two images in some class")
     proba, heads = out_of_fold(F, clf)
-    lab = Datalab(data={"label": F.y}, label_name="label", verbosity=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        lab.find_issues(features=F.X, pred_probs=proba, issue_types=ISSUES)
+    lab = find_issues(F, proba)
     issues = lab.get_issues()
     label = lab.get_issues("label")
     root = Path(F.attrs["dataset_root"])
@@ -100,6 +117,18 @@ def audit(data: str | None = None, backbone: str | None = None, layer: str | Non
         write_outputs(out, result, root)
     result["report_page"] = str(out / "report.html")
     return result
+
+
+def find_issues(F: store.Features, proba: np.ndarray):
+    """cleanlab's ``Datalab`` over the features and out-of-fold probabilities (its warnings, about pandas and
+    small classes, silenced)."""
+    from cleanlab import Datalab
+
+    lab = Datalab(data={"label": F.y}, label_name="label", verbosity=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lab.find_issues(features=F.X, pred_probs=proba, issue_types=issue_types())
+    return lab
 
 
 def leakage_cost(F: store.Features, heads: dict, duplicates: list) -> dict:

@@ -138,8 +138,8 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
               help="Output folder (default: runs/<dataset>__<backbone>__<layer>__<clf>).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--exclude", type=click.Path(dir_okay=False), default=None,
-              help="A FILE of paths (one a line, as 'featx audit --write-exclude' writes) left out of training and "
-                   "scoring; the metrics name them.")
+              help="A FILE of paths (one a line, relative to the data folder as 'featx audit --write-exclude' "
+                   "writes them, or absolute) left out of training; val and test are scored in full.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics object on stdout.")
 @click.option("--quiet", is_flag=True)
 def fit_head(clf, features, backbone, layer, weights, input_size, precision, data, data_root, cache_dir, select_on, C, k,
@@ -158,7 +158,11 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
                      precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet,
                      exclude=read_exclude(exclude))
-    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}\nmodel: {m['model']}\n"
+    second = "".join(f"\n{split} without the {m[split]['without_excluded']['excluded']} excluded images (optimistic: "
+                     f"a model that saw their labels chose them): accuracy {m[split]['without_excluded']['accuracy']:.4f}"
+                     f" (n={m[split]['without_excluded']['n']})" for split in ("val", "test")
+                     if split in m and m[split].get("without_excluded", {}).get("accuracy") is not None)
+    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}{second}\nmodel: {m['model']}\n"
                      f"report: {m['report_page']}")
 
 
@@ -176,7 +180,11 @@ def selection_line(selected: dict) -> str:
     for note in ([selected["edge"]] if selected.get("edge") else []) + selected.get("warnings", []):
         text += f"\nwarning: {note}"
     if selected.get("excluded"):
-        text += f"\nleft out {len(selected['excluded'])} files --exclude names (metrics.json: selected.excluded)"
+        text += (f"\nleft out of training {len(selected['excluded'])} files --exclude names (metrics.json: "
+                 "selected.excluded)")
+    if selected.get("excluded_but_scored"):
+        text += (f"\n{len(selected['excluded_but_scored'])} val/test files --exclude names are still scored; "
+                 "metrics.json's without_excluded is the figure without them")
     return text + taps_lines(selected)
 
 
@@ -217,7 +225,18 @@ def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_
     results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot,
                           runtime=runtime, cache_dir=cache_dir)
     if as_json:
-        emit({"predictions": results, "plot": plot}, True, "")
+        from .provenance import UNKNOWN
+
+        if str(model).endswith(".onnx"):
+            from .export import load_exported
+
+            recorded = load_exported(model).get("provenance")
+            recorded = json.loads(recorded) if recorded else None
+        else:
+            from .modelfile import stored_manifest
+
+            recorded = stored_manifest(model).get("provenance")
+        emit({"predictions": results, "plot": plot, "provenance": recorded or UNKNOWN}, True, "")
     for r in results:
         if "error" in r:
             click.echo(f"featx: {tsv_safe(r['path'])}: could not be read ({r['error']})", err=True)
@@ -255,7 +274,8 @@ def evaluate(model, data, data_root, split, cache_dir, out, weights, device, run
                      weights=weights, runtime=runtime, progress=not quiet)
     from .report import summary_line
 
-    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}")
+    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}"
+                     f"\nprovenance: {m['provenance_line']}")
 
 
 @cli.command()
@@ -472,7 +492,8 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(13))
 @click.option("--batch", default="dynamic", show_default=True, help="dynamic, or a fixed number of images a call.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="int8 weights (ONNX Runtime's dynamic quantisation), kept when the test accuracy drops <= 1 point.")
+              help="int8 weights (ONNX Runtime's dynamic quantisation), kept when val accuracy (train's without val) "
+                   "drops <= 1 point; test is only reported.")
 @click.option("--force", is_flag=True, help="With --quantize: write it whatever the accuracy drop.")
 def export(model, out, opset, batch, quantize, force):
     """One ONNX file from uint8 images to class probabilities (backbone, head, calibration), runnable without featx."""
@@ -480,8 +501,11 @@ def export(model, out, opset, batch, quantize, force):
 
     path = export_model(model, out, opset, batch, quantize, force)
     meta = load_exported(path)
-    change = f"; int8: test accuracy {meta['test_accuracy_fp32']} -> {meta['test_accuracy_int8']} on " \
-             f"{meta['test_images']} images" if quantize else ""
+    on = meta.get("quantize_decided_on")
+    change = f"; int8 kept on {on} accuracy {meta[on + '_accuracy_fp32']} -> {meta[on + '_accuracy_int8']} over " \
+             f"{meta[on + '_images']} images" if quantize else ""
+    if quantize and "test_images" in meta:
+        change += f"; test, after: {meta['test_accuracy_fp32']} -> {meta['test_accuracy_int8']}"
     click.echo(f"exported: {path} (checked against featx's probabilities in ONNX Runtime{change})")
 
 

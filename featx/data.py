@@ -358,3 +358,41 @@ def read_exclude(path: str | os.PathLike | None) -> list[str]:
                          "one path a line, as featx audit --write-exclude writes it")
     lines = raw.decode("utf-8", "surrogateescape").splitlines()  # a file name that is not UTF-8 keeps its bytes
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def match_exclude(lines: list[str], paths, root: str | os.PathLike, option: str = "--exclude") -> list[str]:
+    """The dataset paths (relative to ``root``) that ``--exclude`` lines name: relative to the dataset folder as
+    ``featx audit --write-exclude`` writes them, absolute, or relative to the working folder. Lines that match no
+    image are counted and warned about on stderr; a file where no line matches is an error naming its first line."""
+    import sys
+
+    if not lines:
+        return []
+    known, root = set(map(str, paths)), Path(root)
+    roots = {root.absolute(), root.resolve()}
+    matched, unmatched = set(), []
+
+    def lookup(line: str) -> str | None:
+        given = Path(line)
+        if not given.is_absolute() and given.as_posix() in known:
+            return given.as_posix()
+        whole = Path(os.path.normpath(given if given.is_absolute() else Path.cwd() / given))
+        for base in roots:
+            if whole.is_relative_to(base) and whole.relative_to(base).as_posix() in known:
+                return whole.relative_to(base).as_posix()
+        return None
+
+    for line in lines:
+        found = lookup(line)
+        if found is None:
+            unmatched.append(line)
+        else:
+            matched.add(found)
+    if not matched:
+        raise FeatxError(f"{option}: none of its {len(lines)} lines names an image of {root} (the first: '{lines[0]}'):"
+                         " list paths relative to the dataset folder (e.g. train/cats/1.jpg, as featx audit "
+                         "--write-exclude writes them) or absolute ones")
+    if unmatched:
+        print(f"featx: warning: {len(unmatched)} of the {len(lines)} {option} lines match no image of {root} "
+              f"(the first: '{unmatched[0]}'); they are ignored", file=sys.stderr)
+    return sorted(matched)

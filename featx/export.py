@@ -71,8 +71,8 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
                  batch: str | int = "dynamic", quantize: str | None = None, force: bool = False) -> Path:
     """Write ``out`` (default: beside the model, ``model.onnx``) and return its path. ``batch``: ``dynamic`` (any
     number of images a call) or a fixed number, for runtimes that want static shapes. ``quantize="int8"``:
-    ONNX Runtime's dynamic quantisation, kept only when accuracy on the model's own test split drops by at most
-    ``QUANTIZE_TOLERANCE`` (or ``force``); the change is in the metadata and in ``quantized`` on the path."""
+    ONNX Runtime's dynamic quantisation, kept only when accuracy on the model's own val split (else train) drops
+    by at most ``QUANTIZE_TOLERANCE`` (or ``force``), never decided on test; the figures are in the metadata."""
     if quantize not in (None, "int8"):
         raise FeatxError(f"--quantize {quantize}: use int8")
     if batch != "dynamic" and not (str(batch).isdigit() and int(batch) > 0):
@@ -120,7 +120,8 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
                     "mean": json.dumps(list(pre.mean)), "std": json.dumps(list(pre.std)),
                     "normalisation": "inside the graph: feed uint8 RGB pixels, N x 3 x H x W",
                     "tta": predictor.model.identity.tta, "featx_version": __version__, "batch": str(batch),
-                    "model_sha256": file_digest(predictor.path)}
+                    "model_sha256": file_digest(predictor.path),
+                    "provenance": json.dumps(predictor.model.info.get("provenance"))}
         stamp(graph, metadata)
         onnx.checker.check_model(graph)
         onnx.save(graph, str(tmp))
@@ -151,18 +152,21 @@ def recipe(pre) -> dict:
     }
 
 
-QUANTIZE_TOLERANCE = 0.01  # accuracy int8 may lose on the model's own test split
+QUANTIZE_TOLERANCE = 0.01  # accuracy int8 may lose on the split that decides (val, else train)
 
 
 def quantized(path: Path, predictor, force: bool) -> None:
-    """Replace the export at ``path`` by its int8 (dynamic) quantisation, after measuring both on the model's
-    test split; a drop beyond ``QUANTIZE_TOLERANCE`` is refused in one line unless ``force``."""
+    """Replace the export at ``path`` by its int8 (dynamic) quantisation. Whether to keep it is decided on the
+    model's val split (train, where its head was cross-validated, when there is none), never on test: a drop
+    beyond ``QUANTIZE_TOLERANCE`` there is refused in one line unless ``force``. Test, when there is one, is
+    measured afterwards and only reported."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from .predictor import exported_proba
 
-    files, labels = test_split(predictor)
+    splits = model_splits(predictor)
+    decides = "val" if "val" in splits else "train"
     small = path.with_name(path.name + ".int8")
     root_logger, level = logging.getLogger(), logging.getLogger().level
     try:
@@ -175,25 +179,36 @@ def quantized(path: Path, predictor, force: bool) -> None:
         graph = onnx.load(str(small))
         stamp(graph, meta)
         onnx.save(graph, str(small))
-        accuracy = {}
-        for name, candidate in (("fp32", path), ("int8", small)):
-            proba = exported_proba(candidate, files)[1][0]
-            kept = ~np.isnan(proba).any(1)
-            accuracy[name] = float((proba[kept].argmax(1) == labels[kept]).mean())
-        drop = accuracy["fp32"] - accuracy["int8"]
+
+        def accuracy(split: str) -> dict:
+            files, labels = splits[split]
+            found = {}
+            for name, candidate in (("fp32", path), ("int8", small)):
+                proba = exported_proba(candidate, files)[1][0]
+                kept = ~np.isnan(proba).any(1)
+                found[name] = float((proba[kept].argmax(1) == labels[kept]).mean())
+            return found
+
+        decided = accuracy(decides)
+        drop = decided["fp32"] - decided["int8"]
         if drop > QUANTIZE_TOLERANCE and not force:
-            raise FeatxError(f"int8 loses {drop:.4f} of accuracy on the model's {len(files)} test images "
-                             f"({accuracy['fp32']:.4f} -> {accuracy['int8']:.4f}): not written; --force writes it")
-        stamp(graph, {**meta, "quantized": "int8", "test_accuracy_fp32": f"{accuracy['fp32']:.4f}",
-                      "test_accuracy_int8": f"{accuracy['int8']:.4f}", "test_images": str(len(files))})
+            raise FeatxError(f"int8 loses {drop:.4f} of accuracy on the model's {len(splits[decides][0])} {decides} "
+                             f"images ({decided['fp32']:.4f} -> {decided['int8']:.4f}): not written; --force writes it")
+        report = {"quantized": "int8", "quantize_decided_on": decides, f"{decides}_accuracy_fp32": f"{decided['fp32']:.4f}",
+                  f"{decides}_accuracy_int8": f"{decided['int8']:.4f}", f"{decides}_images": str(len(splits[decides][0]))}
+        if "test" in splits:  # after the decision, which it cannot change
+            tested = accuracy("test")
+            report |= {"test_accuracy_fp32": f"{tested['fp32']:.4f}", "test_accuracy_int8": f"{tested['int8']:.4f}",
+                       "test_images": str(len(splits["test"][0]))}
+        stamp(graph, {**meta, **report})
         onnx.save(graph, str(path))
     finally:
         small.unlink(missing_ok=True)
 
 
-def test_split(predictor) -> tuple[list, np.ndarray]:
-    """The model's own test images (from its feature cache, or its fine-tuning data) and their class indices in
-    the model's order; one line when there are none."""
+def model_splits(predictor) -> dict:
+    """{split: (image files, class indices in the model's order)} of the model's own data (from its feature cache,
+    or its fine-tuning data); one line when it has no train or val images here."""
     from . import data as data_mod
 
     info = predictor.model.info
@@ -203,12 +218,14 @@ def test_split(predictor) -> tuple[list, np.ndarray]:
 
         root = store.load(info["features"]).attrs["dataset_root"]
     ds = data_mod.load(root) if root and Path(root).is_dir() else None
-    if ds is None or "test" not in ds.split_names():
-        raise FeatxError("--quantize int8 measures the change on the model's own test split, and its data has none "
+    if ds is None or not {"train", "val"} & set(ds.split_names()):
+        raise FeatxError("--quantize int8 decides on the model's own val split (or train), and its data is not "
                          "here: export without --quantize")
-    paths, labels = ds.subset("test")
-    order = [predictor.classes.index(ds.classes[c]) for c in labels]
-    return [ds.root / p for p in paths], np.asarray(order)
+    found = {}
+    for split in ds.split_names():
+        paths, labels = ds.subset(split)
+        found[split] = [ds.root / p for p in paths], np.asarray([predictor.classes.index(ds.classes[c]) for c in labels])
+    return found
 
 
 def stamp(graph, metadata: dict) -> None:

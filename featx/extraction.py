@@ -207,7 +207,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
     check_decode(decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
-    excluded = sorted(set(exclude) & set(ds.paths))
+    excluded = data_mod.match_exclude(list(exclude), ds.paths, ds.root)  # relative or absolute; none matching: an error
     ds = ds.without(excluded)
     dev = ("cuda" if gpus_per_actor else "cpu") if engine == "ray" else device_name(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev), tta)

@@ -29,7 +29,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from . import data as data_mod
-from . import boundary, report, workspace
+from . import boundary, provenance, report, workspace
 from .backbones import create_backbone
 from .network import Backbone
 from .devices import (BatchLimit, EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
@@ -42,7 +42,7 @@ from .distributed import World, join_world, restarted
 from .checkpoints import Progress, check_views, load_checkpoint, save_checkpoint
 from .modelfile import MODEL_NAME, ModelFile, digest
 from .predictor import load_predictor
-from .warmstart import choose_head, export_head, starting_head
+from .warmstart import choose_head, export_head, fine_tune_rows, starting_head
 
 AUGMENTATIONS = ("none", "light", "strong")
 
@@ -349,6 +349,9 @@ class Training:
                                 input_size=given["input_size"],
                                 precision=resolve_precision(given["precision"] or "auto", str(self.device)))
         head = None if from_scratch else choose_head(head, net_b, ds, cache_dir, quiet=not world.main)
+        warm = provenance.of_model(ModelFile.load(head)) if head and not str(head).startswith("imagenet:") else None
+        self.provenance = provenance.record(ds.root, **fine_tune_rows(ds), chose="the epoch",
+                                            **({"warm_start": warm} if warm else {}))
         self.blocks = list(net_b.spec.blocks) if from_scratch else parse_unfreeze(unfreeze, net_b)
         self.out = Path(out or Path("runs") / f"{ds.name}__{net_b.spec.name}__finetune_"
                         f"{'scratch' if from_scratch else unfreeze}")
@@ -466,7 +469,8 @@ class Training:
             if self.state.improves(self.state.history[-1]):
                 self.state.since_best = 0
                 save_finetuned(self.out / MODEL_NAME, self.net, self.ds.classes,
-                               {"dataset": self.ds.name, "finetune": self.config, "epoch": epoch + 1})
+                               {"dataset": self.ds.name, "finetune": self.config, "epoch": epoch + 1,
+                                "provenance": self.provenance})
             else:
                 self.state.since_best += 1
             write_history(self.out / "history.csv", self.state.history)
@@ -507,7 +511,7 @@ def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, his
                                                            np.asarray(paths)[ok])
     result = {**metrics, "history": history, "best_epoch": best_net.model.info["epoch"], "selected_on": "val", "val_source": val_source,
               "unfreeze": blocks, "model": str(out / MODEL_NAME), "trainable_params": trainable(net),
-              "total_params": used_params(net)}
+              "total_params": used_params(net), "provenance": provenance.of_model(best_net.model)}
     result["report_page"] = str(report.write_report(
         out, result, ds.classes, f"{net.backbone.spec.name} fine-tuned on {ds.name} ({', '.join(blocks) or 'head only'})",
         {"data": str(ds.root), "backbone": net.backbone.spec.name, "unfrozen": ", ".join(blocks) or "none",

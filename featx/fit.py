@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report, store, workspace
+from . import provenance, report, store, workspace
+from .data import match_exclude
 from .errors import FeatxError
 from .files import REPORT_BYTES, room
 from .extraction import extract_taps
@@ -35,8 +36,10 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
     ``layer`` is a tap, several (a comma-separated list or a sequence) or ``auto`` (``specs.auto_layers``);
     ``features`` a cache file or several. With several, the tap is chosen like a hyper-parameter: a head is
     fitted on each with its usual selection, the best held-out score wins (``selection.choose_tap``), and only
-    the winner is scored on the held-out splits. ``exclude`` lists files (relative paths, e.g. from ``featx
-    audit --write-exclude``) left out of training and scoring; ``selected.excluded`` names them.
+    the winner is scored on the held-out splits. ``exclude`` lists files (relative to the dataset folder, as ``featx
+    audit --write-exclude`` writes them, or absolute) left out of training only: val and test are scored in full,
+    and "without the excluded images" is a second figure (``without_excluded``) beside each split's.
+    ``provenance`` (also in the model file) names the rows that trained the head and chose its settings.
     Without ``features``, what is left out (None) comes from the last extraction in ``cache_dir``
     (``workspace.fill``; all its taps when it had several); the head is recorded there for ``finetune``."""
     if select_on not in ("cv", "val"):
@@ -56,7 +59,10 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
         features = [r.path for r in extracted]
     files = [features] if isinstance(features, (str, os.PathLike)) else list(features)
     candidates = [store.load(f) for f in files]
-    excluded = sorted(set(exclude) & set(candidates[0].paths))
+    named = match_exclude(list(exclude), candidates[0].paths, candidates[0].attrs["dataset_root"])
+    training = set(candidates[0].paths[candidates[0].splits == "train"].tolist())
+    excluded = [p for p in named if p in training]  # val and test are never filtered by a model's doubts
+    scored_despite = sorted(set(named) - training)
     candidates = [without(c, excluded) for c in candidates]
     F = candidates[0]
     if "train" not in F.split_names():
@@ -84,11 +90,12 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
         heads.append(make_head(clf, cv=cv, device=device, C=C, k=k, class_weight=class_weight).fit(candidate.X[rows], y))
     chosen, taps = 0, {}
     if len(candidates) > 1:
-        chosen, taps = choose_tap([c.attrs["layer"] for c in candidates], heads, y)
+        chosen, taps = choose_tap([c.attrs["layer"] for c in candidates], heads)
     F, head = candidates[chosen], heads[chosen]
     fit_seconds = time.perf_counter() - start
     selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3),
-                "class_weight": class_weight, **taps, **({"excluded": excluded} if excluded else {})}
+                "class_weight": class_weight, **taps, **({"excluded": excluded} if excluded else {}),
+                **({"excluded_but_scored": scored_despite} if scored_despite else {})}
     selected["unscored_classes"] = [F.classes[int(head.classes_[c])] for c in selected.get("unscored_classes", [])]
     untrained = [c for i, c in enumerate(F.classes) if i not in set(head.classes_.tolist())]
     if untrained:
@@ -99,22 +106,37 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
     metrics = {}
     for split in held_out:
         Xs, ys, paths = F.split(split)
-        metrics[split] = report.classification_metrics(ys, proba_over(head, Xs, len(F.classes)), F.classes, paths)
+        proba = proba_over(head, Xs, len(F.classes))
+        metrics[split] = report.classification_metrics(ys, proba, F.classes, paths)
+        named_here = np.isin(paths, scored_despite)
+        if named_here.any():
+            kept = ~named_here
+            metrics[split]["without_excluded"] = {
+                "accuracy": float((proba[kept].argmax(1) == ys[kept]).mean()) if kept.any() else None,
+                "n": int(kept.sum()), "excluded": int(named_here.sum()),
+                "note": "a second figure, without the images --exclude names: they were picked by a model that saw "
+                        "their labels, so this one is optimistic; the split's own figure is on every image"}
+    split_rows = lambda split: provenance.rows(split, F.paths[F.splits == split])  # noqa: E731
+    prov = provenance.record(F.attrs["dataset_root"], [split_rows(s) for s in ("train", "val")[:1 + (select_on == "val")]],
+                             [split_rows("train" if select_on == "cv" else "val")], [provenance.rows("train", excluded)],
+                             [split_rows(s) for s in held_out],
+                             chose="C, k or epochs" + (" and the tap" if len(candidates) > 1 else ""))
     out = Path(out or Path("runs") / f"{F.attrs['dataset']}__{F.attrs['backbone']}__{F.attrs['layer']}__{clf}")
     arrays, config = head.export()
     config["selected"] = selected
     with room(out, sum(np.asarray(a).nbytes for a in arrays.values()) + REPORT_BYTES):
-        return write_outputs(out, F, clf, arrays, config, metrics, selected, select_on, weights, cache_dir)
+        return write_outputs(out, F, clf, arrays, config, metrics, selected, select_on, weights, cache_dir, prov)
 
 
 def write_outputs(out: Path, F, clf: str, arrays: dict, config: dict, metrics: dict, selected: dict,
-                  select_on: str, weights: str | None, cache_dir) -> dict:
+                  select_on: str, weights: str | None, cache_dir, prov: dict) -> dict:
     """The model file, the workspace record and the report of a fitted head."""
     model_path = ModelFile(kind="head", classes=F.classes, identity=F.identity(),
                            preprocess=json.loads(F.attrs["preprocess"]), head_config=config, head_arrays=arrays,
                            weights_file=weights, info={"dataset": F.attrs["dataset"], "features": str(F.path),
-                                                       "select_on": select_on}).save(out / MODEL_NAME)
-    result = {**metrics, "selected": selected, "clf": clf, "model": str(model_path), "features": str(F.path)}
+                                                       "select_on": select_on, "provenance": prov}).save(out / MODEL_NAME)
+    result = {**metrics, "selected": selected, "clf": clf, "model": str(model_path), "features": str(F.path),
+              "provenance": prov}
     record_head(cache_dir, model_path, clf, F.attrs["backbone"], F.attrs["layer"], F.attrs["dataset_root"])
     result["report_page"] = str(report.write_report(
         out, result, F.classes, f"{clf} head on {F.attrs['backbone']}:{F.attrs['layer']} features of {F.attrs['dataset']}",
@@ -125,7 +147,7 @@ def write_outputs(out: Path, F, clf: str, arrays: dict, config: dict, metrics: d
 
 
 def without(F: store.Features, excluded: list) -> store.Features:
-    """The cache's rows but those of ``excluded`` paths (``--exclude``): neither trained on nor scored."""
+    """The cache's rows but those of ``excluded`` paths (``--exclude``'s training rows)."""
     if not excluded:
         return F
     keep = ~np.isin(F.paths, excluded)

@@ -109,3 +109,11 @@ class ModelFile:
                    head_arrays={k[len(HEAD):]: v for k, v in tensors.items() if k.startswith(HEAD)},
                    backbone_state=backbone or None, weights_file=m.get("weights_file"),
                    info={k: v for k, v in m.items() if k not in KNOWN}, path=path)
+
+
+def stored_manifest(path: str | os.PathLike) -> dict:
+    """A model file's manifest, read without its tensors (for showing what it records; ``load`` verifies)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return json.loads((f.metadata() or {}).get("manifest", "{}"))

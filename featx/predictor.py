@@ -202,7 +202,7 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     if unknown:  # checked before any extraction
         raise FeatxError(f"{data} has classes the model does not know ({', '.join(unknown[:5])}): "
                          f"evaluate on data with the model's classes {', '.join(predictor.classes[:10])}")
-    from . import report, store
+    from . import provenance, report, store
     from .extraction import extract
     from .heads import proba_over
 
@@ -215,8 +215,13 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     X, y, paths = F.split(split)
     y_model = np.asarray([predictor.classes.index(F.classes[i]) for i in y])
     proba = proba_over(predictor.head, X, len(predictor.classes))
+    prov = provenance.of_model(predictor.model)
+    shared = provenance.overlap(prov, F.attrs["dataset_root"], [provenance.rows(split, paths)])
     metrics = {split: report.classification_metrics(y_model, proba, predictor.classes, paths),
-               "model": str(predictor.path), "features": str(F.path)}
+               "model": str(predictor.path), "features": str(F.path), "provenance": prov or provenance.UNKNOWN,
+               "provenance_line": provenance.describe(prov) + (
+                   f"; warning: it trained on or chose its settings on {split} images, so this figure is optimistic"
+                   if shared else "")}
     out = Path(out or predictor.path.parent / f"evaluate_{F.attrs['dataset']}_{split}")
     with room(out, REPORT_BYTES):
         metrics["report_page"] = str(report.write_report(

@@ -127,7 +127,10 @@ def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int, class_wei
     # some class has no held-out row (a class with one image is never scored)
     decision = np.vstack([decision, np.zeros((n_classes, decision.shape[1]))])
     weights = np.r_[np.ones(len(codes)) if class_weight is None else class_weight[codes], np.zeros(n_classes)]
-    with warnings.catch_warnings():
+    from threadpoolctl import threadpool_limits
+
+    # one BLAS thread: scipy's L-BFGS-B on a two-parameter problem ran 5x slower on two threads than on one
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.filterwarnings("ignore", message=".*sample weights will only be used for the calibration")
         everything = [(np.arange(len(weights)), np.arange(len(weights)))]  # one "fold": it only replays decisions
         fitted = CalibratedClassifierCV(FrozenEstimator(HeldOutDecisions(n_classes)), method=method, cv=everything).fit(
@@ -155,10 +158,10 @@ def paired_margin(correct: np.ndarray, other: np.ndarray, z: float = Z95) -> tup
     return mean, [mean - half, mean + half]
 
 
-def choose_tap(layers: list, heads: list, labels: np.ndarray) -> tuple[int, dict]:
+def choose_tap(layers: list, heads: list) -> tuple[int, dict]:
     """Which of several taps' heads (fitted on the same training rows, in ``layers``' network order) to keep, by
-    the rule ``best_index`` applies to C and k: taps whose held-out accuracy (``Head.held_out_``: the rows that
-    chose each head's C or k) is within one standard error of the best tie, and the tie goes to the later tap
+    the rule ``best_index`` applies to C and k: taps whose held-out accuracy (``Head.held_out_right_``: the rows
+    that chose each head's C or k, the same rows for every tap, as their folds depend on the labels only) is within one standard error of the best tie, and the tie goes to the later tap
     (the deeper features, the usual choice). The record holds every tap's accuracy with its Wilson interval,
     and the kept tap's margin over the last tap (over the best other when the last is kept) with its paired
     interval. Without held-out rows the last tap is kept and the record says why. Returns (index, record)."""
@@ -167,15 +170,15 @@ def choose_tap(layers: list, heads: list, labels: np.ndarray) -> tuple[int, dict
         last = len(layers) - 1
         return last, {"layer": layers[last], "layer_selection": "none: nothing held out to compare taps on, so "
                       "the last one", "layers": [{"layer": name} for name in layers]}
-    correct = [dict(zip(rows.tolist(), head.classes_[proba.argmax(1)] == labels[rows]))
-               for head, (rows, proba) in zip(heads, held)]
+    correct = [dict(zip(rows.tolist(), head.held_out_right_)) for head, (rows, _) in zip(heads, held)]
+    common = sorted(set.intersection(*(set(c) for c in correct)))  # every tap ranked on the same rows
+    correct = [{r: c[r] for r in common} for c in correct]
     accuracy = [float(np.mean(list(c.values()))) for c in correct]
     top = max(accuracy)
-    tolerance = (top * (1 - top) / len(correct[accuracy.index(top)])) ** 0.5 + 1e-12
+    tolerance = (top * (1 - top) / len(common)) ** 0.5 + 1e-12
     best = max(i for i, a in enumerate(accuracy) if a >= top - tolerance)
     other = len(layers) - 1 if best != len(layers) - 1 else \
         max(range(len(layers) - 1), key=lambda i: (accuracy[i], i))
-    common = sorted(set(correct[best]) & set(correct[other]))
     margin, interval = paired_margin(np.array([correct[best][r] for r in common]),
                                      np.array([correct[other][r] for r in common]))
     return best, {

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import workspace
+from . import provenance, workspace
 from .network import Backbone
 from .errors import FeatxError
 from .heads import LinearHead, MLPHead, mlp_arrays
@@ -49,7 +49,8 @@ class Standardise(nn.Module):
 
 
 def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
-    """A stage-2 head as a torch module: logreg/svm folded into one Linear, or the MLP with its scaler."""
+    """A stage-2 head as a torch module: logreg/svm folded into one Linear (the svm's Platt sigmoid or
+    temperature folded in too, so its probabilities are the stage-2 model's), or the MLP with its scaler."""
     model = ModelFile.load(path)
     if model.identity != net.identity():
         raise FeatxError(f"{path} was fitted on features of {model.identity.backbone}:{model.identity.layer} "
@@ -65,6 +66,10 @@ def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
                          "warm-start from fit-head --clf logreg or mlp")
     W = head.coef_ / head.scale_
     b = head.intercept_ - W @ head.mean_
+    if head.kind == "svm" and hasattr(head, "temperature_"):  # softmax(z / T)
+        W, b = W / head.temperature_[0], b / head.temperature_[0]
+    elif head.kind == "svm" and W.shape[0] == 1:  # Platt: p = 1 / (1 + exp(a z + b)), log-odds -(a z + b)
+        W, b = -head.calib_a_[0] * W, -(head.calib_a_[0] * b + head.calib_b_[0])
     if W.shape[0] == 1:  # binary svm: one decision column -> two logits with the same difference
         W, b = np.vstack([-W / 2, W / 2]), np.r_[-b / 2, b / 2]
     linear = nn.Linear(W.shape[1], W.shape[0])
@@ -128,24 +133,56 @@ def export_head(head: nn.Module, classes: list) -> tuple[dict, dict]:
     return arrays, {"kind": "mlp", "selected": {}}
 
 
+def fine_tune_rows(ds) -> dict:
+    """The provenance entries of a fine-tune on ``ds`` (val already carved when there was none)."""
+    carved = "+val:" in ds.split_source
+    entries = {s: provenance.rows(s, ds.subset(s)[0], "train" if carved and s == "val" else s)
+               for s in ds.split_names()}
+    return {"trained_on": [entries["train"]], "selected_on": [entries[s] for s in ("val",) if s in entries],
+            "held_out": [entries[s] for s in ("test",) if s in entries]}
+
+
+def seen_rows(model: ModelFile, ds) -> tuple[dict | None, list | None]:
+    """(the model's provenance, the splits of ``ds`` it saw that the fine-tune chooses its epoch on)."""
+    prov = provenance.of_model(model)
+    return prov, provenance.overlap(prov, ds.root, fine_tune_rows(ds)["selected_on"])
+
+
 def choose_head(head: str | None, net: Backbone, ds, cache_dir, quiet: bool = False) -> str | None:
     """``--head`` as given; ``none`` for a fresh head; left out, the head of the last ``fit-head`` when it
     was fitted on this backbone's pooled features of this data (seed S3 warm-starts its fine-tune from
-    its trained top model), else a fresh one. The choice is printed either way, unless ``quiet`` (the ranks
-    but 0 under torchrun)."""
+    its trained top model) and never saw the rows the fine-tune chooses its epoch on (its provenance),
+    else a fresh one. A ``--head FILE`` that saw them is refused. The choice is printed either way, unless
+    ``quiet`` (the ranks but 0 under torchrun)."""
     if head == "none":
         say("featx: starting from a fresh (Xavier) head, as --head none asks", quiet)
         return None
+    val = "val (carved from train)" if "+val:" in ds.split_source else "val"
     if head is not None:
+        if not str(head).startswith("imagenet:") and Path(head).is_file():
+            prov, shared = seen_rows(ModelFile.load(head), ds)
+            if shared:
+                raise FeatxError(f"--head {head} was trained or chose its settings on {', '.join(shared)} images, "
+                                 f"and this fine-tune chooses its epoch on {val}, which they include: fit it with "
+                                 "--select-on cv on data with a val/ folder, or pass --head none")
+            if prov is None:
+                say(f"featx: warning: --head {head}: {provenance.UNKNOWN}, so it may have seen the {val} images "
+                    "this fine-tune chooses its epoch on", quiet)
         return head
     last = workspace.read(cache_dir).get("fit_head")
     why = "no fit-head ran in this folder"
     if last:
         model = Path(last["model"])
-        same = model.is_file() and ModelFile.load(model).identity == net.identity() and Path(last["data"]) == ds.root
-        why = (f"the last fit-head's model {model} no longer exists" if not model.is_file()
+        loaded = ModelFile.load(model) if model.is_file() else None
+        same = loaded is not None and loaded.identity == net.identity() and Path(last["data"]) == ds.root
+        prov, shared = seen_rows(loaded, ds) if same else (None, [])
+        why = (f"the last fit-head's model {model} no longer exists" if loaded is None
                else f"the last fit-head ({model}) is a kNN, which holds no weights to start from" if last["clf"] == "knn"
-               else f"the last fit-head ({model}) was fitted on other features or data" if not same else "")
+               else f"the last fit-head ({model}) was fitted on other features or data" if not same
+               else f"the last fit-head ({model}) has no provenance record, so it may have seen the {val} images "
+                    "this fine-tune chooses its epoch on" if prov is None
+               else f"the last fit-head ({model}) was trained or chose its settings on {', '.join(shared)} images, "
+                    f"which hold the {val} images this fine-tune chooses its epoch on" if shared else "")
         if not why:
             say(f"featx: starting the head from the last fit-head ({model}, {last['clf']}), as seed S3 does; "
                 "--head none starts a fresh one", quiet)

@@ -69,18 +69,19 @@ def test_knn_and_tampered_files_are_one_line(colours, tmp_path):
         load_exported(tmp_path / "other.onnx")
 
 
-def test_int8_is_measured_on_the_models_test_split_and_refused_when_it_costs(colours, tmp_path, monkeypatch):
+def test_int8_is_decided_on_train_without_val_and_refused_when_it_costs(colours, tmp_path, monkeypatch):
     from featx import export
 
     _, features = colours
     fit_head("logreg", features=features, out=tmp_path / "lr", progress=False)
     small = export_model(tmp_path / "lr" / "model.featx", tmp_path / "int8.onnx", quantize="int8")
     meta = load_exported(small)
-    assert meta["quantized"] == "int8" and meta["test_images"] == "12"
-    assert float(meta["test_accuracy_fp32"]) - float(meta["test_accuracy_int8"]) <= export.QUANTIZE_TOLERANCE
+    assert meta["quantized"] == "int8" and meta["quantize_decided_on"] == "train" and meta["train_images"] == "24"
+    assert float(meta["train_accuracy_fp32"]) - float(meta["train_accuracy_int8"]) <= export.QUANTIZE_TOLERANCE
+    assert meta["test_images"] == "12"  # reported after the decision
     assert predict(small, [next((tmp_path / "d" / "test").rglob("*.jpg"))])[0]["label"] in ("a", "b", "c")
     monkeypatch.setattr(export, "QUANTIZE_TOLERANCE", -1.0)  # any change is too much
-    with pytest.raises(featx.FeatxError, match=r"int8 loses .* of accuracy on the model's 12 test images .*--force"):
+    with pytest.raises(featx.FeatxError, match=r"int8 loses .* of accuracy on the model's 24 train images .*--force"):
         export_model(tmp_path / "lr" / "model.featx", tmp_path / "refused.onnx", quantize="int8")
     assert not (tmp_path / "refused.onnx").exists()
     assert load_exported(export_model(tmp_path / "lr" / "model.featx", tmp_path / "forced.onnx", quantize="int8",

@@ -42,6 +42,7 @@ def test_every_default_command_runs(tiny, tmp_path, monkeypatch):
     ft = invoke("finetune", *common, "--unfreeze", "top:1", "--epochs", "1", "--workers", "0", "--out",
                 tmp_path / "ft", "--quiet")
     assert ft["test"]["n"] == 30 and ft["selected_on"] == "val" and ft["val_source"].startswith("15% of train")
+    assert "warm_start" not in ft["provenance"]  # the last fit-head trained on the train images val is carved from
     advice = invoke("advise", *common)
     assert advice["warnings"] and advice["commands"]
     for command in advice["commands"]:

@@ -102,7 +102,7 @@ def test_choose_tap_keeps_the_informative_tap_and_gives_ties_to_the_later_one():
     y = np.repeat([0, 1], 40)
     signal = rng.normal(0, 1, (80, 6)) + y[:, None] * 1.5
     noise = rng.normal(0, 1, (80, 6))
-    index, record = choose_tap(["early", "pool"], [fitted(signal, y), fitted(noise, y)], y)
+    index, record = choose_tap(["early", "pool"], [fitted(signal, y), fitted(noise, y)])
     assert (index, record["layer"]) == (0, "early")
     early, pool = record["layers"]
     assert early["chosen"] and not pool["chosen"] and early["accuracy"] > pool["accuracy"] + 0.3
@@ -111,10 +111,10 @@ def test_choose_tap_keeps_the_informative_tap_and_gives_ties_to_the_later_one():
     assert margin["over"] == "pool" and margin["told_apart"] and margin["interval95"][0] > 0
     assert margin["margin"] == pytest.approx(early["accuracy"] - pool["accuracy"])
     same = fitted(signal, y)
-    index, record = choose_tap(["early", "pool"], [same, fitted(signal, y)], y)
+    index, record = choose_tap(["early", "pool"], [same, fitted(signal, y)])
     assert record["layer"] == "pool" and not record["layer_margin"]["told_apart"]  # a tie goes to the later tap
     for clf in ("knn", "mlp", "svm"):  # every head scores its taps on held-out rows
-        assert choose_tap(["early", "pool"], [fitted(signal, y, clf), fitted(noise, y, clf)], y)[1]["layer"] == "early"
+        assert choose_tap(["early", "pool"], [fitted(signal, y, clf), fitted(noise, y, clf)])[1]["layer"] == "early"
 
 
 def test_taps_within_one_standard_error_tie_and_the_later_one_is_kept():
@@ -124,17 +124,17 @@ def test_taps_within_one_standard_error_tie_and_the_later_one_is_kept():
     def head(right):  # noqa: E306
         proba = np.zeros((100, 2))
         proba[np.arange(100), (np.arange(100) >= right).astype(int)] = 1
-        return SimpleNamespace(classes_=np.array([0, 1]), held_out_=(np.arange(100), proba))
+        return SimpleNamespace(classes_=np.array([0, 1]), held_out_=(np.arange(100), proba), held_out_right_=np.arange(100) < right)
     # 0.95 against 0.94 on 100 images: one standard error is 0.022, so they tie and pool is kept
-    index, record = choose_tap(["block6", "pool"], [head(95), head(94)], y)
+    index, record = choose_tap(["block6", "pool"], [head(95), head(94)])
     assert record["layer"] == "pool" and record["layer_margin"]["over"] == "block6"
     assert record["layer_margin"]["margin"] == pytest.approx(-0.01)
-    assert choose_tap(["block6", "pool"], [head(95), head(90)], y)[1]["layer"] == "block6"  # 0.05 apart: no tie
+    assert choose_tap(["block6", "pool"], [head(95), head(90)])[1]["layer"] == "block6"  # 0.05 apart: no tie
 
 
 def test_nothing_held_out_keeps_the_last_tap():
     X, y = np.eye(2), np.array([0, 1])  # one image a class: no fold can score anything
-    index, record = choose_tap(["early", "pool"], [fitted(X, y), fitted(X, y)], y)
+    index, record = choose_tap(["early", "pool"], [fitted(X, y), fitted(X, y)])
     assert index == 1 and record["layer_selection"].startswith("none")
 
 
