@@ -280,16 +280,18 @@ def curve_fit(points: list) -> dict:
 class Search:
     """One ``featx auto`` run: the data, its rows, the budget spent so far, the board of candidates."""
 
-    def __init__(self, data: str, budget_s: float, backbones: list, out, data_root, cache_dir, device, progress):
+    def __init__(self, data: str, budget_s: float, backbones: list, out, data_root, cache_dir, device, progress,
+                 workers=None):
         from tqdm import tqdm
 
         self.data, self.data_root, self.cache_dir, self.device = str(data), data_root, cache_dir, device
+        self.workers = workers
         self.ds = data_mod.load(data, data_root)
         self.rows = comparison_rows(self.ds)
         self.out = Path(out or Path("runs") / f"{self.ds.name}__auto")
         self.results = Results(self.out / "candidates", self.rows.fingerprint)
         self.backbones, self.budget, self.spent, self.cost = backbones, budget_s, 0.0, CostModel()
-        self.board, self.features, self.extract_seconds = [], {}, {}
+        self.board, self.features, self.extract_seconds, self.seconds_by_family = [], {}, {}, {}
         self.bar = tqdm(total=1, unit="s", desc="featx auto", file=sys.stderr, disable=not progress,
                         dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
@@ -303,8 +305,9 @@ class Search:
     def fits(self, estimate: float) -> bool:
         return self.spent + estimate + self.reserve() <= self.budget
 
-    def charge(self, seconds: float, what: str) -> None:
+    def charge(self, seconds: float, what: str, family: str) -> None:
         self.spent += seconds
+        self.seconds_by_family[family] = self.seconds_by_family.get(family, 0.0) + seconds
         self.bar.total = max(self.bar.total, round(self.spent + self.reserve()))
         self.bar.n = round(self.spent)
         self.bar.set_description_str(f"featx auto: {what}")
@@ -335,7 +338,7 @@ class Search:
             return None
         started = time.perf_counter()
         extracted = extract_taps(backbone, self.data, "auto", data_root=self.data_root, cache_dir=self.cache_dir,
-                                 device=self.device, progress=False)
+                                 device=self.device, workers=self.workers, progress=False)
         seconds = known["seconds"] if known else time.perf_counter() - started
         rate = known["img_per_s"] if known else \
             extracted[0].img_per_s or float(store.load(extracted[0].path).attrs.get("img_per_s") or 0)
@@ -344,7 +347,7 @@ class Search:
         if not known:
             self.results.put(f"extract__{backbone}", options, {"seconds": seconds, "img_per_s": rate})
         self.extract_seconds[backbone] = computing  # what a candidate's route costs: setup is paid once per run
-        self.charge(seconds, f"{backbone} taps")
+        self.charge(seconds, f"{backbone} taps", "extract")
         self.features[backbone] = {r.layer: r.path for r in extracted}
         return self.features[backbone]
 
@@ -371,7 +374,7 @@ class Search:
                 "cv_accuracy": fitted.selected_.get("cv_accuracy"), "fit_seconds": seconds, "rows": len(train),
                 "dim": int(F.X.shape[1])})
         self.cost.saw_fit(candidate.clf, known["rows"], known["dim"], known["fit_seconds"])
-        self.charge(known["fit_seconds"], candidate.name)
+        self.charge(known["fit_seconds"], candidate.name, candidate.clf)
         return self.enter(candidate, known, known["fit_seconds"] + self.extract_seconds.get(candidate.backbone, 0))
 
     def enter(self, candidate: Candidate, result: dict, cost: float) -> dict:
@@ -394,7 +397,7 @@ class Search:
         folder = link_dataset(out.parent / f"{out.name}_data", self.ds.root, splits, self.rows.labels,
                               self.rows.classes)
         return finetune(backbone, str(folder), unfreeze, epochs=FINETUNE_EPOCHS, head="none", out=out,
-                        cache_dir=self.cache_dir, device=self.device, progress=False,
+                        cache_dir=self.cache_dir, device=self.device, workers=self.workers, progress=False,
                         resume=(out / "checkpoint.pt").exists())
 
     def finetune(self, candidate: Candidate) -> dict | None:
@@ -423,7 +426,7 @@ class Search:
                 "cv_accuracy": m["val"]["accuracy"], "fit_seconds": time.perf_counter() - started,
                 "estimate_s": estimate})
         self.cost.saw_finetune(known["estimate_s"], known["fit_seconds"])
-        self.charge(known["fit_seconds"], candidate.name)  # its route runs the backbone over the images too
+        self.charge(known["fit_seconds"], candidate.name, "finetune")  # its route runs the backbone over the images too
         return self.enter(candidate, known, known["fit_seconds"] + self.extract_seconds.get(candidate.backbone, 0))
 
     def ensemble(self) -> dict | None:
@@ -487,9 +490,13 @@ class Search:
         self.ensemble()
 
     def best_by_cv(self, family: str) -> dict:
-        """The candidate of ``family`` that did best inside the training part (the cheaper on a tie)."""
+        """The candidate of ``family`` that did best inside the training part; a tie goes to the earlier backbone
+        (the cheaper), then to the later tap (the deeper features, as ``--layer auto`` breaks ties)."""
         rows = [r for r in self.measured() if r["family"] == family]
-        return max(rows, key=lambda r: (-1 if r["cv_accuracy"] is None else r["cv_accuracy"], -r["cost_s"]))
+        backbones = list(self.features)
+        return max(rows, key=lambda r: (-1 if r["cv_accuracy"] is None else r["cv_accuracy"],
+                                        -backbones.index(r["backbone"]),
+                                        list(self.features[r["backbone"]]).index(r["layer"]) if r["layer"] else 0))
 
     # -- the decision ---------------------------------------------------------------------------------------
 
@@ -503,14 +510,13 @@ class Search:
         """(winner, best, why): the best exportable candidate (equal scores: the better inside the training part),
         unless one at most ``CHEAPER`` of its cost is within its noise: then the best of those, by the same order."""
         rows = [r for r in self.measured() if r["exportable"]]
-        order = lambda r: (r["accuracy"], -1 if r.get("cv_accuracy") is None else r["cv_accuracy"], -r["cost_s"])  # noqa: E731
-        best = max(rows, key=order)
+        best = max(rows, key=ranking)
         for r in self.measured():
             r["vs_leader"] = self.paired(best, r)
         ties = [r for r in rows if r["cost_s"] <= CHEAPER * best["cost_s"] and not r["vs_leader"]["told_apart"]]
         if not ties:
             return best, best, "the best on the comparison rows"
-        winner = max(ties, key=order)
+        winner = max(ties, key=ranking)
         low, high = winner["vs_leader"]["interval95"]
         return winner, best, (f"within noise of the best ({best['name']}: {100 * winner['vs_leader']['margin']:+.1f} "
                               f"[{100 * low:+.1f}, {100 * high:+.1f}] points) and cheaper "
@@ -536,11 +542,11 @@ class Search:
             different = m["told_apart"] and m["margin"] > 0
             findings.append(f"a linear head on {tap['layer']} {'beats' if m['margin'] >= 0 else 'trails'} pooled "
                             f"features by {points(m)}" + ("" if m["told_apart"] else " (within noise)"))
-        best_head = max(heads, key=lambda r: (r["accuracy"], -r["cost_s"]))
+        best_head = max(heads, key=ranking)
         tunes = [r for r in self.measured() if r["family"] == "finetune"]
         tuning_pays = False
         if tunes:
-            tune = max(tunes, key=lambda r: (r["accuracy"], -r["cost_s"]))
+            tune = max(tunes, key=ranking)
             m = self.paired(best_head, tune)
             tuning_pays = m["told_apart"] and m["margin"] > 0
             verdict = "it beats the best head, so fine-tuning pays" if tuning_pays else \
@@ -661,6 +667,11 @@ class Search:
                         str(self.ds.root))
 
 
+def ranking(r: dict) -> tuple:
+    """Best first: accuracy on the comparison rows, then inside the training part, then the cheaper."""
+    return r["accuracy"], -1 if r.get("cv_accuracy") is None else r["cv_accuracy"], -r["cost_s"]
+
+
 def points(m: dict) -> str:
     low, high = m["interval95"]
     return f"{100 * m['margin']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points"
@@ -673,24 +684,28 @@ HIDDEN = ("correct", "proba", "paths")  # per-row records: in the run folder, no
 
 def auto(data: str, budget="10m", backbones=None, out: str | os.PathLike | None = None, *,
          data_root: str | None = None, cache_dir: str | os.PathLike = "cache", device: str = "auto",
-         progress: bool = True) -> dict:
+         workers: int | None = None, progress: bool = True) -> dict:
     """Measure every route that fits ``budget`` on ``data``, keep the best one it can prove, refit it on every
     labelled image but test, score test once, and write model.featx, model.onnx, report.html and leaderboard.csv
     under ``out`` (default runs/<data>__auto). ``backbones`` (a list or comma-separated) adds to the offline
-    backbones present. Returns the object ``featx auto --json`` prints: test, winner, leaderboard, scenario."""
+    backbones present; ``workers`` are the decoding processes (default: by device). Returns the object ``featx auto --json`` prints: test, winner, leaderboard, scenario."""
     seconds = parse_budget(budget)
     if isinstance(backbones, str):
         backbones = [b.strip() for b in backbones.split(",") if b.strip()]
     started = time.perf_counter()
-    search = Search(data, seconds, backbones or [], out, data_root, cache_dir, device, progress)
+    search = Search(data, seconds, backbones or [], out, data_root, cache_dir, device, progress, workers)
     try:
         search.measure()
         winner, best, why = search.decide()
         scenario = search.scenario(winner)
+        steps = time.perf_counter()
         curve = search.learning_curve(winner)
+        search.charge(time.perf_counter() - steps, "learning curve", "learning curve")
+        steps = time.perf_counter()
         refit = search.refit(winner)
         onnx = search.export()
         search.remember(winner)
+        search.charge(time.perf_counter() - steps, "refit, test, export", "refit, test, export")
     finally:
         search.bar.close()
     board = sorted(search.measured(), key=lambda r: -r["accuracy"]) + [r for r in search.board if r["skipped"]]
@@ -703,7 +718,8 @@ def auto(data: str, budget="10m", backbones=None, out: str | os.PathLike | None 
                          "best": best["name"]},
               "leaderboard": summary, "scenario": scenario, "learning_curve": curve,
               "skipped": [{"name": r["name"], "reason": r["reason"]} for r in summary if r["skipped"]],
-              "model": str(search.out / "model.featx"), "onnx": str(onnx)}
+              "model": str(search.out / "model.featx"), "onnx": str(onnx),
+              "seconds_by_family": {k: round(v, 1) for k, v in search.seconds_by_family.items()}}
     return write_outputs(search, result)
 
 

@@ -1,7 +1,7 @@
 """featx auto: the comparison rows choose nothing, the carve-out stays put, ties go to the cheaper candidate, a
 re-run reuses every result, --json has its keys, and a small budget skips and says so (tiny network, tiny data)."""
+import html
 import json
-import os
 import shutil
 
 import numpy as np
@@ -10,11 +10,12 @@ from scipy.stats import binom
 
 import featx
 import helpers
-from featx import autosearch
+from featx import autosearch, heads
 from featx import data as data_mod
 from featx.cli import main
 
 SPLITS = {"train": 8, "val": 4, "test": 3}
+FEW_CS = np.logspace(-3, 3, 7)  # C's sweep, shortened for speed (the rule that picks from it is the same)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,9 @@ def first_run(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(autosearch, "OFFLINE", ())
         patch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
-        result = featx.auto(str(root), "10m", [tiny], home / "run", cache_dir=home / "cache", progress=False)
+        patch.setattr(heads, "DEFAULT_CS", FEW_CS)
+        result = featx.auto(str(root), "10m", [tiny], home / "run", cache_dir=home / "cache", workers=0,
+                            progress=False)
     return home, root, result
 
 
@@ -34,27 +37,12 @@ def first_run(tiny, tmp_path_factory):
 def only_tiny(monkeypatch):
     monkeypatch.setattr(autosearch, "OFFLINE", ())
     monkeypatch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
+    monkeypatch.setattr(heads, "DEFAULT_CS", FEW_CS)
 
 
 def choices(result: dict) -> dict:
     """What each candidate chose (C, k, epochs, its score inside the training part), by name."""
     return {r["name"]: (r.get("selected"), r.get("cv_accuracy")) for r in result["leaderboard"] if not r["skipped"]}
-
-
-def test_comparison_rows_choose_nothing(first_run, tiny, only_tiny):
-    """Shuffling the labels of the comparison rows (val) changes their scores but no candidate's choices."""
-    home, root, result = first_run
-    shuffled = home / "shuffled"
-    shutil.copytree(root, shuffled)
-    for i, path in enumerate(sorted((shuffled / "val").glob("*/*.jpg"))):  # a derangement of the classes
-        target = shuffled / "val" / "abc"[("abc".index(path.parent.name) + 1 + i % 2) % 3] / f"moved_{path.name}"
-        path.rename(target)
-    again = featx.auto(str(shuffled), "10m", [tiny], home / "run_shuffled", cache_dir=home / "cache", progress=False)
-    assert {"head", "finetune"} <= {r["family"] for r in result["leaderboard"] if not r["skipped"]}
-    assert choices(again) == choices(result)
-    before = {r["name"]: r["accuracy"] for r in result["leaderboard"] if not r["skipped"]}
-    after = {r["name"]: r["accuracy"] for r in again["leaderboard"] if not r["skipped"]}
-    assert before != after  # the rows really were scored with the new labels
 
 
 def test_carve_out_stays_put_when_files_are_added(tmp_path):
@@ -108,7 +96,7 @@ def test_outputs_and_workspace(first_run):
     for name in ("model.featx", "model.onnx", "report.html", "leaderboard.csv"):
         assert (run / name).is_file(), name
     page = (run / "report.html").read_text()
-    assert "Leaderboard" in page and "Learning curve" in page and result["scenario"]["finding"] in page
+    assert "Leaderboard" in page and "Learning curve" in page and html.escape(result["scenario"]["finding"]) in page
     lines = (run / "leaderboard.csv").read_text().splitlines()
     assert len(lines) == 1 + len(result["leaderboard"])
     curve = result["learning_curve"]["points"]
@@ -150,7 +138,7 @@ def test_rerun_reuses_every_result_and_json_has_its_keys(first_run, tiny, only_t
 
 def test_small_budget_still_returns_a_model_and_says_what_it_skipped(tiny, only_tiny, tmp_path):
     root = helpers.make_dataset(tmp_path / "d", {"train": 6, "test": 2})
-    result = featx.auto(str(root), "1s", [tiny], tmp_path / "run", progress=False)
+    result = featx.auto(str(root), "1s", [tiny], tmp_path / "run", workers=0, progress=False)
     measured = {r["name"] for r in result["leaderboard"] if not r["skipped"] and r["family"] != "ensemble"}
     assert measured == {"tiny:block1 + logreg", "tiny:block2 + logreg", "tiny:pool + logreg"}
     skipped = {s["name"]: s["reason"] for s in result["skipped"]}
@@ -175,3 +163,20 @@ def test_pipeline_step_auto_is_accepted(tmp_path):
     path.write_text('name = "x"\ndata = "d"\n[[steps]]\nname = "auto"\nkind = "auto"\nclf = "svm"\n')
     with pytest.raises(featx.FeatxError, match="unknown key 'clf' for a auto step"):
         load_pipeline(path)
+
+
+def test_comparison_rows_choose_nothing(first_run, tiny, only_tiny):
+    """(Last: its run rewrites the shared cache's workspace record.) Shuffling the labels of the comparison rows (val) changes their scores but no candidate's choices."""
+    home, root, result = first_run
+    shuffled = home / "shuffled"
+    shutil.copytree(root, shuffled)
+    for i, path in enumerate(sorted((shuffled / "val").glob("*/*.jpg"))):  # a derangement of the classes
+        target = shuffled / "val" / "abc"[("abc".index(path.parent.name) + 1 + i % 2) % 3] / f"moved_{path.name}"
+        path.rename(target)
+    again = featx.auto(str(shuffled), "10m", [tiny], home / "run_shuffled", cache_dir=home / "cache", workers=0,
+                       progress=False)
+    assert {"head", "finetune"} <= {r["family"] for r in result["leaderboard"] if not r["skipped"]}
+    assert choices(again) == choices(result)
+    before = {r["name"]: r["accuracy"] for r in result["leaderboard"] if not r["skipped"]}
+    after = {r["name"]: r["accuracy"] for r in again["leaderboard"] if not r["skipped"]}
+    assert before != after  # the rows really were scored with the new labels
