@@ -249,13 +249,14 @@ def plain(value):
     return json.loads(json.dumps(value, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def link_dataset(folder: Path, root: Path, splits: dict, labels: dict, classes: list) -> Path:
+def link_dataset(folder: Path, root: Path, splits: dict, labels: dict, classes: list) -> bool:
     """A dataset folder of symlinks: ``splits`` maps split -> relative paths under ``root``, each filed under its
-    class (the path flattened into the name, so no two collide). Rebuilt only when its listing changes."""
+    class (the path flattened into the name, so no two collide). Rebuilt only when its listing changes: returns
+    whether it was."""
     listing = {s: sorted(paths) for s, paths in splits.items()}
     stamp = folder / "listing.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == listing:
-        return folder
+        return False
     shutil.rmtree(folder, ignore_errors=True)
     for split, paths in listing.items():
         for p in paths:
@@ -263,7 +264,7 @@ def link_dataset(folder: Path, root: Path, splits: dict, labels: dict, classes: 
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to((root / p).resolve())
     stamp.write_text(json.dumps(listing))
-    return folder
+    return True
 
 
 def curve_fit(points: list) -> dict:
@@ -394,8 +395,9 @@ class Search:
         """``featx finetune`` on a symlinked copy of ``splits``: its val is the holdout of the training part."""
         from .finetuning import finetune
 
-        folder = link_dataset(out.parent / f"{out.name}_data", self.ds.root, splits, self.rows.labels,
-                              self.rows.classes)
+        folder = out.parent / f"{out.name}_data"
+        if link_dataset(folder, self.ds.root, splits, self.rows.labels, self.rows.classes):
+            shutil.rmtree(out, ignore_errors=True)  # a checkpoint there trained on other rows: never resume it
         return finetune(backbone, str(folder), unfreeze, epochs=FINETUNE_EPOCHS, head="none", out=out,
                         cache_dir=self.cache_dir, device=self.device, workers=self.workers, progress=False,
                         resume=(out / "checkpoint.pt").exists())
@@ -425,6 +427,7 @@ class Search:
                                           f"({m['val']['n']} images)", "boundary_cache": m["boundary_cache"]["used"]},
                 "cv_accuracy": m["val"]["accuracy"], "fit_seconds": time.perf_counter() - started,
                 "estimate_s": estimate})
+            Path(m["model"]).with_name("checkpoint.pt").unlink(missing_ok=True)  # only a killed run resumes from it
         self.cost.saw_finetune(known["estimate_s"], known["fit_seconds"])
         self.charge(known["fit_seconds"], candidate.name, "finetune")  # its route runs the backbone over the images too
         return self.enter(candidate, known, known["fit_seconds"] + self.extract_seconds.get(candidate.backbone, 0))
@@ -595,7 +598,8 @@ class Search:
         from .files import file_digest
         from .modelfile import MODEL_NAME
 
-        options = {"refit": winner["name"], **{k: winner[k] for k in ("family", "backbone", "layer", "clf", "unfreeze")}}
+        options = {"refit": winner["name"],
+                   **{k: winner[k] for k in ("family", "backbone", "layer", "clf", "unfreeze")}}
         known = self.results.get("refit", options)
         model = self.out / MODEL_NAME
         if known and model.is_file() and file_digest(model) == known["model_sha256"]:
@@ -688,7 +692,8 @@ def auto(data: str, budget="10m", backbones=None, out: str | os.PathLike | None 
     """Measure every route that fits ``budget`` on ``data``, keep the best one it can prove, refit it on every
     labelled image but test, score test once, and write model.featx, model.onnx, report.html and leaderboard.csv
     under ``out`` (default runs/<data>__auto). ``backbones`` (a list or comma-separated) adds to the offline
-    backbones present; ``workers`` are the decoding processes (default: by device). Returns the object ``featx auto --json`` prints: test, winner, leaderboard, scenario."""
+    backbones present; ``workers`` are the decoding processes (default: by device). Returns the object
+    ``featx auto --json`` prints: test, winner, leaderboard, scenario."""
     seconds = parse_budget(budget)
     if isinstance(backbones, str):
         backbones = [b.strip() for b in backbones.split(",") if b.strip()]
@@ -708,7 +713,7 @@ def auto(data: str, budget="10m", backbones=None, out: str | os.PathLike | None 
         search.charge(time.perf_counter() - steps, "refit, test, export", "refit, test, export")
     finally:
         search.bar.close()
-    board = sorted(search.measured(), key=lambda r: -r["accuracy"]) + [r for r in search.board if r["skipped"]]
+    board = sorted(search.measured(), key=ranking, reverse=True) + [r for r in search.board if r["skipped"]]
     summary = [{k: v for k, v in r.items() if k not in HIDDEN} for r in board]
     result = {"data": search.ds.name, "budget_s": seconds, "seconds": round(time.perf_counter() - started, 1),
               "compare_rows": {"source": search.rows.source, "images": len(search.rows.compare),

@@ -166,7 +166,8 @@ def test_pipeline_step_auto_is_accepted(tmp_path):
 
 
 def test_comparison_rows_choose_nothing(first_run, tiny, only_tiny):
-    """(Last: its run rewrites the shared cache's workspace record.) Shuffling the labels of the comparison rows (val) changes their scores but no candidate's choices."""
+    """Shuffling the labels of the comparison rows (val) changes their scores but no candidate's choices. (Last
+    in the file: its run rewrites the shared cache's workspace record.)"""
     home, root, result = first_run
     shuffled = home / "shuffled"
     shutil.copytree(root, shuffled)
