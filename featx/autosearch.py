@@ -327,14 +327,18 @@ class Search:
     # -- extraction and heads -------------------------------------------------------------------------------
 
     def extract(self, backbone: str, mandatory: bool) -> dict | None:
-        """Every ``--layer auto`` tap of ``backbone`` in one pass (cached rows reused): {tap: cache file}."""
+        """Every ``--layer auto`` tap of ``backbone`` in one pass (cached rows reused): {tap: cache file}. It
+        runs only when its taps' logreg heads fit in the budget too: features alone decide nothing."""
         from . import store
+        from .backbones import resolve_backbone
         from .extraction import extract_taps
 
         options = {"step": "extract", "backbone": backbone}
         known = self.results.get(f"extract__{backbone}", options)
         estimate = known["seconds"] if known else self.cost.extract(backbone, len(self.ds))
-        if not mandatory and not self.fits(estimate):
+        taps = resolve_backbone(backbone, "auto")[1]
+        heads = sum(self.cost.fit("logreg", len(self.rows.train), 1280 if tap == taps[-1] else 256) for tap in taps)
+        if not mandatory and not self.fits(estimate + heads):
             self.skip(Candidate(f"{backbone} taps", "extract", backbone), estimate)
             return None
         started = time.perf_counter()
