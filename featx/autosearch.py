@@ -339,7 +339,7 @@ class Search:
         taps = resolve_backbone(backbone, "auto")[1]
         heads = sum(self.cost.fit("logreg", len(self.rows.train), 1280 if tap == taps[-1] else 256) for tap in taps)
         if not mandatory and not self.fits(estimate + heads):
-            self.skip(Candidate(f"{backbone} taps", "extract", backbone), estimate)
+            self.skip(Candidate(f"{backbone} taps", "extract", backbone), estimate + heads)
             return None
         started = time.perf_counter()
         extracted = extract_taps(backbone, self.data, "auto", data_root=self.data_root, cache_dir=self.cache_dir,
