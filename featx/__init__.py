@@ -22,6 +22,7 @@ _EXPORTS = {
     "finetune": "finetuning",
     "compare": "leaderboard",
     "advise": "advice",
+    "auto": "autosearch",
     "run_pipeline": "pipeline",
 }
 

@@ -382,6 +382,38 @@ def compare(data, data_root, backbones, layers, clf, cache_dir, device, out, as_
 
 
 @cli.command()
+@data_options()
+@click.option("--budget", default="10m", show_default=True, help="Time for the whole search, e.g. 10m, 90s, 1h: "
+              "candidates whose measured-rate estimate does not fit are skipped, and said.")
+@click.option("--backbones", default=None, help="Comma-separated backbones to try beside the offline ones present "
+              "(efficientnet_lite0/1/2).")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Default: runs/<dataset>__auto.")
+@click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))
+@click.option("--device", default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one object: test, winner, leaderboard, scenario.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def auto(data, data_root, budget, backbones, out, cache_dir, device, as_json, quiet):
+    """Measure backbones x taps x heads x fine-tuning within a budget on the same held-out rows; refit, test, export
+    and report the best model it can prove (runs/<data>__auto)."""
+    check_data(data, data_root)
+    from .autosearch import auto as run_auto, parse_budget
+
+    parse_budget(budget)  # a wrong --budget is one line before torch is imported
+    r = run_auto(data, budget, backbones, out, data_root=data_root, cache_dir=cache_dir, device=device,
+                 progress=not quiet)
+    for skipped in r["skipped"]:
+        click.echo(f"featx: skipped {skipped['name']}: {skipped['reason']}", err=True)
+    test = r["test"]
+    emit(r, as_json, f"scenario {r['scenario']['scenario']}: {r['scenario']['finding']}\n"
+                     f"winner: {r['winner']['name']}, {r['winner']['accuracy']:.4f} on the comparison rows "
+                     f"({r['compare_rows']['source']}); {r['winner']['why']}\n{r['winner']['refit']}\n"
+                     + (f"test accuracy {test['accuracy']:.4f} (n={test['n']}, scored once, for the winner only)\n"
+                        if test else "no test split: nothing scored on test\n")
+                     + f"{r['learning_curve']['estimate']}\nmodel: {r['model']}  onnx: {r['onnx']}\n"
+                     f"report: {r['report_page']}  leaderboard: {r['leaderboard_csv']}")
+
+
+@cli.command()
 @click.argument("pipeline")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None)
 @click.option("--cache-dir", default="cache", show_default=True, type=click.Path(file_okay=False))

@@ -11,7 +11,7 @@ Schema (unknown keys are errors)::
 
     [[steps]]
     name = "fixed features + logreg"   # required, unique
-    kind = "fit-head"                  # extract | fit-head | finetune
+    kind = "fit-head"                  # extract | fit-head | finetune | auto (keys: budget, backbones)
     clf = "logreg"
     seed_figure = 0.961                # number or text, e.g. "0.93-0.96"
 """
@@ -40,15 +40,16 @@ STEP_KEYS = {
     "finetune": COMMON | {"unfreeze", "epochs", "batch_size", "lr", "backbone_lr_scale", "optimizer", "schedule",
                           "step_size", "augment", "from_scratch", "patience", "head", "head_from", "seed", "views",
                           "boundary_cache", "boundary_cache_gb"},
+    "auto": {"name", "kind", "backbones", "budget", "seed_figure", "note"},  # featx auto: its own backbones and taps
 }
-REQUIRED = {"extract": set(), "fit-head": {"clf"}, "finetune": {"unfreeze"}}
+REQUIRED = {"extract": set(), "fit-head": {"clf"}, "finetune": {"unfreeze"}, "auto": set()}
 
 # key -> (accepted types, the smallest value for numbers, what to write), for the top level and the steps
 TEXT, WHOLE, NUMBER, FLAG = ((str,), None, "text"), ((int,), 1, "a whole number >= 1"), \
     ((int, float), 0, "a number >= 0"), ((bool,), None, "true or false")
 TYPES = {**{k: TEXT for k in ("name", "description", "data", "backbone", "seed_backbone", "notes", "kind", "layer",
                               "weights", "note", "dtype", "clf", "select_on", "unfreeze", "optimizer", "schedule",
-                              "augment", "head", "head_from")},
+                              "augment", "head", "head_from", "backbones", "budget")},
          **{k: WHOLE for k in ("input_size", "batch_size", "epochs", "step_size", "patience")},
          "seed": ((int,), 0, "a whole number >= 0"), "lr": ((int, float), 1e-300, "a number > 0"),
          "backbone_lr_scale": NUMBER, "from_scratch": FLAG, "seed_figure": ((int, float, str), None, "a number or text")}
@@ -163,6 +164,14 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
             metrics = fit_head(step["clf"], None, net, str(folder), step.get("layer"), cache_dir=cache_dir,
                                select_on=step.get("select_on", "cv"), out=step_out, **common)
             models[step["name"]] = metrics["model"]
+        elif step["kind"] == "auto":
+            from .autosearch import auto
+
+            metrics = auto(str(folder), step.get("budget", "10m"), step.get("backbones"), step_out,
+                           data_root=data_root, cache_dir=cache_dir, device=device, progress=progress)
+            metrics = {k: v for k, v in metrics.items() if not (k == "test" and v is None)}
+            models[step["name"]] = metrics["model"]
+            net = metrics["winner"]["name"]
         else:
             epochs = step.get("epochs", 5)
             if max_epochs:
