@@ -170,9 +170,9 @@ class LinearHead(Head):
             for (_, test), part in zip(folds.pairs, threads.side_by_side(lambda path: path(C, SVM_GAP), paths, True)):
                 held[test] = part
             decisions[best] = held[folds.scored]
-            probas[best] = self._held_out_proba(decisions[best], scored, class_weight)
-            scores[best] = float((probas[best].argmax(1) == scored).mean())
-            losses[best] = log_loss_of(probas[best], scored)
+            proba = self._held_out_proba(decisions[best], scored, class_weight)
+            right = self._predicted(decisions[best]) == scored  # scored on the raw decisions, as every C was
+            scores[best], losses[best], probas[best] = float(right.mean()), log_loss_of(proba, scored), (proba, right)
             self.selected_["fits"] += len(paths)
         self.selected_ |= {"C": C, "cv_accuracy": scores[best], "cv_log_loss": losses[best], "evaluated": len(scores)}
         proba, self.held_out_right_ = probas[best]
