@@ -4,7 +4,7 @@ selection on each split) and cleanlab's Datalab (label issues, near-duplicates, 
     python benchmarks/audit_speed.py --features cache/cats_dogs__efficientnet_lite0__pool__*.h5 --images 10000
 
 Real features of a cache are repeated, with a little noise, to ``--images`` rows (classes and splits kept),
-over that many tiny PNGs the cache is made to describe; then ``featx.audit`` runs on it, timed.
+over that many tiny PNGs the cache is made to describe; then ``featx.heads.audit`` runs on it, timed.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from PIL import Image
 
 from common import machine
 from featx import data as data_mod
-from featx import store
-from featx.audit import audit
-from featx.extraction import cache_attrs, finish, plan
-from featx.store import FeatureStore, Rows, cache_path
+from featx.extraction import store
+from featx.heads.audit import audit
+from featx.extraction.runner import cache_attrs, finish, plan
+from featx.extraction.store import FeatureStore, Rows, cache_path
 
 
 def main() -> None:

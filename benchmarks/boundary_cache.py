@@ -71,7 +71,7 @@ def subset(src: Path, dst: Path, per_class: int | None, holdout_val: bool) -> Pa
 
 def main() -> None:
     if sys.argv[1:2] == ["--one"]:
-        from featx.finetuning import finetune
+        from featx.finetuning.training import finetune
 
         Path(sys.argv[3]).write_text(json.dumps(finetune(**json.loads(sys.argv[2])), default=str))
         return

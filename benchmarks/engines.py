@@ -18,8 +18,8 @@ import numpy as np
 
 import featx
 from common import machine, parser, replicate
-from featx.ray_engine import read_files
-from featx.store import FeatureStore, Rows
+from featx.extraction.ray_engine import read_files
+from featx.extraction.store import FeatureStore, Rows
 
 
 def timed_extract(backbone: str, data: Path, cache: Path, **kw) -> dict:

@@ -21,7 +21,7 @@ from torchvision import datasets, transforms
 import featx
 from common import machine, parser, replicate
 from featx.devices import keep_freed_memory, resolve_device
-from featx.finetuning import finetune
+from featx.finetuning.training import finetune
 
 
 def seed_loop(backbone: str, weights: str | None, root: Path, unfreeze: list, device: torch.device,

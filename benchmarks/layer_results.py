@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from featx.advice import advise
-from featx.extraction import extract_taps
-from featx.fit import fit_head
+from featx.heads.advice import advise
+from featx.extraction.runner import extract_taps
+from featx.heads.fit import fit_head
 
 
 def measure(data: str, data_root: str | None, backbone: str, clf: str, work: Path) -> dict:

@@ -22,8 +22,8 @@ from PIL import Image
 
 from common import machine
 from featx import data as data_mod
-from featx.extraction import cache_attrs, extract, finish, plan
-from featx.store import FeatureStore, Rows, cache_path
+from featx.extraction.runner import cache_attrs, extract, finish, plan
+from featx.extraction.store import FeatureStore, Rows, cache_path
 
 
 def main() -> None:

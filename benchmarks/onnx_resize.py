@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 
 from common import machine
-from featx.backbones import create_backbone
-from featx.images import open_rgb
+from featx.extraction.backbones import create_backbone
+from featx.extraction.images import open_rgb
 
 
 RESIZE_OPSET = 18  # Resize's antialias attribute: Pillow's downscaling filter, stretched by the scale

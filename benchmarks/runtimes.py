@@ -17,7 +17,7 @@ import torch
 
 import featx
 from common import machine
-from featx.runtimes import OnnxForward, onnx_model
+from featx.extraction.runtimes import OnnxForward, onnx_model
 
 
 def rate(run, images: np.ndarray, rounds: int) -> list[float]:

@@ -3,9 +3,9 @@ Gaussian features: featx's rule (raw held-out decisions) against the old one (Pl
 then argmax), cross-fitted Platt, and logreg. Chance is 0.5. Run: python benchmarks/svm_noise_labels.py"""
 import numpy as np
 
-from featx import heads
-from featx.heads import make_head
-from featx.selection import calibrate
+from featx.heads import estimators as heads
+from featx.heads.estimators import make_head
+from featx.heads.selection import calibrate
 
 captured = {}
 cross_fitted = heads.LinearHead._cross_fitted

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import featx
 from common import machine, parser, replicate
-from featx.backbones import resolve_backbone
+from featx.extraction.backbones import resolve_backbone
 from featx.devices import resolve_device
-from featx.extraction import extract_taps
+from featx.extraction.runner import extract_taps
 
 
 def timed(backbone: str, data: str, layer, cache: Path, runtime: str, device: str) -> float:

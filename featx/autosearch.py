@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from featx import __version__
 from . import data as data_mod
 from .errors import FeatxError
 from .files import atomic_write
@@ -159,7 +159,7 @@ def paired_interval(leader: np.ndarray, other: np.ndarray) -> dict:
 
 def scored(proba: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy on the comparison rows with its Wilson interval, and which rows were right."""
-    from .selection import wilson
+    from featx.heads.selection import wilson
 
     correct = proba.argmax(1) == y
     accuracy = float(correct.mean())
@@ -207,7 +207,7 @@ class CostModel:
         self.fit_scale[clf] = max(seconds - 0.2, 0.01) / (FIT_PRIOR[clf] * rows * dim)
 
     def finetune(self, backbone: str, train: int, compare: int, blocks: int) -> float:
-        from .boundary import DEFAULT_VIEWS
+        from featx.finetuning.boundary import DEFAULT_VIEWS
 
         frozen = self.extract(backbone, DEFAULT_VIEWS * train + compare)
         top = FINETUNE_EPOCHS * train * FINETUNE_TOP_PRIOR * blocks * RELATIVE_COST.get(backbone, 2.0)
@@ -329,9 +329,9 @@ class Search:
     def extract(self, backbone: str, mandatory: bool) -> dict | None:
         """Every ``--layer auto`` tap of ``backbone`` in one pass (cached rows reused): {tap: cache file}. It
         runs only when its taps' logreg heads fit in the budget too: features alone decide nothing."""
-        from . import store
-        from .backbones import resolve_backbone
-        from .extraction import extract_taps
+        from featx.extraction import store
+        from featx.extraction.backbones import resolve_backbone
+        from featx.extraction.runner import extract_taps
 
         options = {"step": "extract", "backbone": backbone}
         known = self.results.get(f"extract__{backbone}", options)
@@ -358,8 +358,8 @@ class Search:
 
     def head(self, candidate: Candidate, mandatory: bool = False) -> dict | None:
         """Fit ``candidate.clf`` on the training part (its C, k or epochs chosen by CV there) and score it."""
-        from . import store
-        from .heads import make_head, proba_over
+        from featx.extraction import store
+        from featx.heads.estimators import make_head, proba_over
 
         known = self.results.get(candidate.name, candidate.options())
         F = None
@@ -397,7 +397,7 @@ class Search:
 
     def run_finetune(self, backbone: str, unfreeze: str, splits: dict, out: Path) -> dict:
         """``featx finetune`` on a symlinked copy of ``splits``: its val is the holdout of the training part."""
-        from .finetuning import finetune
+        from featx.finetuning.training import finetune
 
         folder = out.parent / f"{out.name}_data"
         if link_dataset(folder, self.ds.root, splits, self.rows.labels, self.rows.classes):
@@ -409,7 +409,7 @@ class Search:
     def finetune(self, candidate: Candidate) -> dict | None:
         """Fine-tune the top blocks for a fixed schedule, keep the epoch its holdout of the training part chose,
         and score that model on the comparison rows."""
-        from .predictor import load_predictor
+        from featx.serve.predictor import load_predictor
 
         known = self.results.get(candidate.name, candidate.options())
         blocks = int(candidate.unfreeze.split(":")[1])
@@ -459,7 +459,7 @@ class Search:
 
     def plan_backbones(self) -> list:
         """The offline backbones whose weights are here, then any named (each once, in that order)."""
-        from .backbones import get_spec, local_path
+        from featx.extraction.backbones import get_spec, local_path
 
         here = [name for name in OFFLINE if local_path(get_spec(name).weights) is not None]
         names = list(dict.fromkeys(here + list(self.backbones or [])))
@@ -534,8 +534,8 @@ class Search:
     def scenario(self, winner: dict) -> dict:
         """Which of the four scenarios the measurements say: an earlier tap against pooled features (logreg on the
         winner's backbone, the earlier tap chosen by CV), and the best fine-tune against the best head."""
-        from .advice import SCENARIOS
-        from .backbones import get_spec
+        from featx.heads.advice import SCENARIOS
+        from featx.extraction.backbones import get_spec
 
         heads = [r for r in self.measured() if r["family"] == "head"]
         backbone = winner["backbone"] if winner["family"] == "head" else self.best_by_cv("head")["backbone"]
@@ -573,8 +573,8 @@ class Search:
 
     def learning_curve(self, winner: dict) -> dict:
         """The winning head (the best head when a fine-tune won) on 25, 50 and 100% of the training part."""
-        from . import store
-        from .heads import make_head, proba_over
+        from featx.extraction import store
+        from featx.heads.estimators import make_head, proba_over
 
         row = winner if winner["family"] == "head" else max(
             (r for r in self.measured() if r["family"] == "head"), key=lambda r: r["accuracy"])
@@ -612,9 +612,10 @@ class Search:
         return self.results.put("refit", options, plain({**result, "model_sha256": file_digest(model)}))
 
     def refit_head(self, winner: dict) -> dict:
-        from . import report, store
-        from .fit import write_outputs
-        from .heads import make_head, proba_over
+        from featx.report import metrics as report
+        from featx.extraction import store
+        from featx.heads.fit import write_outputs
+        from featx.heads.estimators import make_head, proba_over
 
         F = store.load(self.features[winner["backbone"]][winner["layer"]])
         rows = self.rows.indices(F.paths, self.rows.train + self.rows.compare)
@@ -648,7 +649,8 @@ class Search:
 
     def export(self) -> Path:
         """model.onnx through ``featx export`` (which checks it against featx's probabilities)."""
-        from .export import export_model, load_exported
+        from featx.serve.export import export_model
+        from featx.serve.onnxfile import load_exported
         from .files import file_digest
         from .modelfile import MODEL_NAME
 
@@ -663,8 +665,8 @@ class Search:
     def remember(self, winner: dict) -> None:
         """The workspace as if the winner's commands had run last: ``featx fit-head``, ``finetune`` and friends
         start from its backbone and tap, and ``finetune`` from its head."""
-        from .extraction import extract
-        from .fit import record_head
+        from featx.extraction.runner import extract
+        from featx.heads.fit import record_head
         from .modelfile import MODEL_NAME
 
         layer = winner["layer"] if winner["family"] == "head" else None
@@ -735,7 +737,7 @@ def auto(data: str, budget="10m", backbones=None, out: str | os.PathLike | None 
 def write_outputs(search: Search, result: dict) -> dict:
     """leaderboard.csv, auto.json and report.html (the winner's test report, the leaderboard, the scenario
     finding and the learning curve) in the run folder."""
-    from .report_page import write_page
+    from featx.report.page import write_page
 
     out = search.out
     result |= {"leaderboard_csv": str(out / "leaderboard.csv"), "report_page": str(out / "report.html")}
@@ -768,7 +770,7 @@ def csv_row(rank: int, r: dict) -> list:
 
 def auto_html(result: dict) -> str:
     """The scenario finding, the leaderboard, the learning curve and what was skipped, for the page."""
-    from .report_page import table
+    from featx.report.page import table
 
     e = html.escape
     rows = []

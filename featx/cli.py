@@ -91,7 +91,7 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
     """Cache a dataset's features from a frozen pretrained backbone (incremental, resumable)."""
     check_data(data, data_root)
     from .data import read_exclude
-    from .extraction import extract_taps
+    from featx.extraction.runner import extract_taps
 
     results = extract_taps(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir,
                            device=device, batch_size=batch_size, workers=workers, decode=decode, dtype=dtype,
@@ -147,12 +147,12 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
     """Fit an svm / logreg / knn / mlp head on cached features, with leak-free model selection."""
     check_data(None if features else data, data_root)
     for file in features:  # a wrong file is one line before scikit-learn and torch are imported
-        from .store import check_file
+        from featx.extraction.store import check_file
 
         check_file(file)
     from .data import read_exclude
-    from .fit import fit_head as run_fit_head
-    from .report import summary_line
+    from featx.heads.fit import fit_head as run_fit_head
+    from featx.report.metrics import summary_line
 
     m = run_fit_head(clf, list(features) or None, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
@@ -220,7 +220,7 @@ def taps_lines(selected: dict) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_json):
     """Label and probability for image files or folders."""
-    from .predictor import predict as run_predict
+    from featx.serve.predictor import predict as run_predict
 
     results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot,
                           runtime=runtime, cache_dir=cache_dir)
@@ -228,7 +228,7 @@ def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_
         from .provenance import UNKNOWN
 
         if str(model).endswith(".onnx"):
-            from .export import load_exported
+            from featx.serve.onnxfile import load_exported
 
             recorded = load_exported(model).get("provenance")
             recorded = json.loads(recorded) if recorded else None
@@ -268,11 +268,11 @@ def tsv_safe(text: str) -> str:
 def evaluate(model, data, data_root, split, cache_dir, out, weights, device, runtime, as_json, quiet):
     """Metrics, confusion matrix and top losses of a model on a split of any dataset."""
     check_data(data, data_root)
-    from .predictor import evaluate as run_evaluate
+    from featx.serve.predictor import evaluate as run_evaluate
 
     m = run_evaluate(model, data, split, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
                      weights=weights, runtime=runtime, progress=not quiet)
-    from .report import summary_line
+    from featx.report.metrics import summary_line
 
     emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}"
                      f"\nprovenance: {m['provenance_line']}")
@@ -329,8 +329,8 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
              val_fraction, resume, out, device, workers, seed, as_json, quiet):
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
     check_data(data, data_root)
-    from .finetuning import finetune as run_finetune
-    from .report import summary_line
+    from featx.finetuning.training import finetune as run_finetune
+    from featx.report.metrics import summary_line
 
     if layer:
         raise click.UsageError("finetune trains on the backbone's pooled features; --layer does not apply")
@@ -367,7 +367,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
 def compare(data, data_root, backbones, layers, clf, cache_dir, device, out, as_json, quiet):
     """Rank backbones, layers and heads on one dataset: score with its 95% interval, fit and extraction cost."""
     check_data(data, data_root)
-    from .leaderboard import compare as run_compare, leaderboard_table
+    from featx.heads.leaderboard import compare as run_compare, leaderboard_table
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
     result = run_compare(data, split(backbones) or [], split(layers), split(clf), data_root=data_root,
@@ -455,7 +455,7 @@ def demo(ctx, device, as_json, quiet):
 def advise(data, data_root, backbone, layer, cache_dir, device, as_json, quiet):
     """Measure which tap a linear head does best on, and the dataset's size; recommend one of the four scenarios."""
     check_data(data, data_root)
-    from .advice import advise as run_advise
+    from featx.heads.advice import advise as run_advise
 
     r = run_advise(data, backbone, data_root, device, layer, cache_dir, progress=not quiet)
     for warning in r["warnings"]:
@@ -490,7 +490,7 @@ def advise(data, data_root, backbone, layer, cache_dir, device, as_json, quiet):
 def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, device, as_json, quiet):
     """Find likely label errors, near-duplicates (leakage across splits) and outliers from cached features."""
     check_data(data, data_root)
-    from .audit import audit as run_audit
+    from featx.heads.audit import audit as run_audit
 
     r = run_audit(data, backbone, layer, clf, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
                   progress=not quiet)
@@ -529,7 +529,8 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
 @click.option("--force", is_flag=True, help="With --quantize: write it whatever the accuracy drop.")
 def export(model, out, opset, batch, quantize, force):
     """One ONNX file from uint8 images to class probabilities (backbone, head, calibration), runnable without featx."""
-    from .export import export_model, load_exported
+    from featx.serve.export import export_model
+    from featx.serve.onnxfile import load_exported
 
     path = export_model(model, out, opset, batch, quantize, force)
     meta = load_exported(path)
@@ -546,7 +547,7 @@ def export(model, out, opset, batch, quantize, force):
 def backbones(as_json):
     """List registered backbones, their layers with each one's width, what --layer auto tries, blocks, and
     whether their weights are here."""
-    from .backbones import list_backbones
+    from featx.extraction.backbones import list_backbones
 
     rows = list_backbones()
     if as_json:

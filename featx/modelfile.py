@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
+from featx import __version__
 from .errors import FeatxError
 from .files import atomic_write
 from .identity import FEATURE_CODE, FeatureIdentity
@@ -56,12 +56,6 @@ class ModelFile:
     def manifest(self) -> dict:
         return {**self.info, "kind": self.kind, "classes": self.classes, "identity": self.identity.as_dict(),
                 "preprocess": self.preprocess, "head": self.head_config, "weights_file": self.weights_file}
-
-    def head(self):
-        """The fitted head, as the estimator that wrote it."""
-        from .heads import load_head
-
-        return load_head(self.head_arrays, self.head_config)
 
     def save(self, path: str | os.PathLike) -> Path:
         from safetensors.numpy import save_file

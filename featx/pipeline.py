@@ -27,8 +27,8 @@ import tomllib
 from pathlib import Path
 
 from . import data as data_mod
-from . import report
-from .report_page import table, write_page
+from featx.report import metrics as report
+from featx.report.page import table, write_page
 from .errors import FeatxError
 from .files import REPORT_BYTES, room
 
@@ -138,9 +138,9 @@ def run_pipeline(path: str | os.PathLike, *, data_root: str | None = None, cache
                  out: str | os.PathLike | None = None, backbone: str | None = None, max_epochs: int | None = None,
                  device: str = "auto", progress: bool = True) -> dict:
     """Run every step; ``backbone`` overrides the file's, ``max_epochs`` caps fine-tuning (both recorded)."""
-    from .extraction import extract_taps
-    from .finetuning import finetune
-    from .fit import fit_head
+    from featx.extraction.runner import extract_taps
+    from featx.finetuning.training import finetune
+    from featx.heads.fit import fit_head
 
     spec = load_pipeline(path)
     name, folder, _ = data_mod.resolve(spec["data"], data_root, download=False)  # absent data fails here

@@ -8,11 +8,11 @@ import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .backbones import create_backbone
+from featx.extraction.backbones import create_backbone
 from .devices import resolve_device
 from .errors import FeatxError
-from .extraction import iter_features
-from .runtimes import resolve_runtime
+from featx.extraction.runner import iter_features
+from featx.extraction.runtimes import resolve_runtime
 
 
 class FeatureExtractor(TransformerMixin, BaseEstimator):

@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 import featx
-from featx.backbones import BackboneSpec, Preprocess, Tap, Weights
+from featx.extraction.backbones import BackboneSpec, Preprocess, Tap, Weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -156,7 +156,7 @@ def register_tiny_vgg16(folder: Path) -> BackboneSpec:
     """Stand in for vgg16 (whose random weights alone are 528 MB): VGG16's own spec, a tiny network."""
     from dataclasses import replace
 
-    from featx import backbones
+    from featx.extraction import backbones
 
     torch.manual_seed(0)
     torch.save(TinyVGG().state_dict(), folder / "tiny_vgg16.pth")

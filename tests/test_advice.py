@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import featx
-from featx.advice import advise
-from featx.backbones import BackboneSpec, Preprocess, Tap, Weights
+from featx.heads.advice import advise
+from featx.extraction.backbones import BackboneSpec, Preprocess, Tap, Weights
 from helpers import TinyNet, make_dataset
 
 

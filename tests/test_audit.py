@@ -7,9 +7,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 import featx
-from featx.audit import audit
+from featx.heads.audit import audit
 from featx.cli import cli
-from featx.fit import fit_head
+from featx.heads.fit import fit_head
 from helpers import SHARED_DATA, make_dataset
 
 
@@ -74,7 +74,7 @@ def test_audit_finds_planted_label_errors_and_every_leaking_copy(tmp_path, monke
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx import store
+    from featx.extraction import store
 
     X, y, paths = store.load(found["features"]).split("train")
     reference = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000)), X, y,
@@ -97,8 +97,8 @@ def test_the_audits_findings_are_cleanlabs_on_the_same_inputs(tiny, tmp_path):
     probabilities flags the same images, with the same suggestions."""
     from cleanlab import Datalab
 
-    from featx import store
-    from featx.audit import issue_types, out_of_fold
+    from featx.extraction import store
+    from featx.heads.audit import issue_types, out_of_fold
 
     data = make_dataset(tmp_path / "d", {"train": 12, "test": 6}, classes=("a", "b", "c"))
     for victim in ("train/a/000.jpg", "train/b/001.jpg"):  # two labels made wrong

@@ -10,7 +10,8 @@ from scipy.stats import binom
 
 import featx
 import helpers
-from featx import autosearch, heads
+from featx import autosearch
+from featx.heads import estimators as heads
 from featx import data as data_mod
 from featx.cli import main
 

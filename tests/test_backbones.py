@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import featx
-from featx import backbones, network
+from featx.extraction import backbones
+from featx.extraction import network
 from featx.errors import FeatxError
 
 
@@ -121,7 +122,7 @@ def test_blocks_partition_every_parameter_and_pool_has_feature_dim(name):
 
 
 def test_order_mapping_checks_every_position(tiny_weights):
-    from featx.weights import map_by_order
+    from featx.extraction.weights import map_by_order
 
     target = torch.load(tiny_weights, weights_only=True)
     renamed = {f"t{i}": v for i, v in enumerate(target.values())}
@@ -163,7 +164,7 @@ def test_recorded_torchvision_weights_match_torchvision(name):
 
 @pytest.mark.parametrize("env", [{}, {"XDG_CACHE_HOME": "xdg"}, {"TORCH_HOME": "th", "XDG_CACHE_HOME": "xdg"}])
 def test_hub_dir_without_torch_is_torchs(env, tmp_path, monkeypatch):
-    from featx.weights import torch_hub_dir
+    from featx.extraction.weights import torch_hub_dir
 
     monkeypatch.delenv("TORCH_HOME", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)

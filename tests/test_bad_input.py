@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import featx
-from featx import store
+from featx.extraction import store
 from featx.cli import main
-from featx.finetuning import finetune
+from featx.finetuning.training import finetune
 from helpers import make_dataset, register_tiny, save_tiny_weights
 
 

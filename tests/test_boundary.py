@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from torch import nn
 
 import featx
-from featx import boundary
-from featx import finetuning as ft
+from featx.finetuning import boundary
+from featx.finetuning import training as ft
 from featx.cli import cli
-from featx.specs import BackboneSpec, Preprocess, Tap, Weights
+from featx.extraction.specs import BackboneSpec, Preprocess, Tap, Weights
 
 import helpers
 
@@ -139,10 +139,10 @@ def test_a_network_whose_top_part_needs_more_than_the_boundary_is_not_cut():
     spec = BackboneSpec("skip", "tiny", SkipNet, Weights("file", "-"), Preprocess(32, 32), 32,
                         {"pool": Tap("fc", "input")}, "pool", {"stem": ["stem"], "block1": ["block1"],
                                                               "block2": ["block2"]}, "fc")
-    net = featx.network.Backbone(spec, SkipNet(), "pool", spec.preprocess, "w", "sha")
+    net = featx.extraction.network.Backbone(spec, SkipNet(), "pool", spec.preprocess, "w", "sha")
     why = boundary.find_cut(net, lambda name: name.startswith("block2"))
     assert why == "the features are not a function of what block2 receives alone"
-    plain = featx.network.Backbone(spec, helpers.TinyNet(), "pool", spec.preprocess, "w", "sha")
+    plain = featx.extraction.network.Backbone(spec, helpers.TinyNet(), "pool", spec.preprocess, "w", "sha")
     cut = boundary.find_cut(plain, lambda name: name.startswith("block2"))
     assert cut.module == "block2" and cut.frozen == ["stem", "block1"]
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
@@ -198,7 +198,7 @@ def test_a_boundary_pass_killed_midway_keeps_its_rows(tiny, tiny_weights, tmp_pa
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "densenet121", "convnext_tiny", "mobilenet_v3_large"])
 def test_every_family_is_cut_at_its_top_blocks(name):
     """The traced cut, proved by replaying it, on the registry's own architectures (random weights, 64 px)."""
-    from featx.finetuning import in_blocks, parse_unfreeze
+    from featx.finetuning.training import in_blocks, parse_unfreeze
 
     net = featx.create_backbone(name, pretrained=False, input_size=64).eval()
     blocks = parse_unfreeze("top:2", net)

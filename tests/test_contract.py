@@ -10,7 +10,7 @@ from sklearn.utils.estimator_checks import (check_get_params_invariance, check_n
                                             parametrize_with_checks)
 
 import featx
-from featx import heads
+from featx.heads import estimators as heads
 
 HEADS = [heads.LinearHead("logreg", Cs=[0.1, 1.0], cv=3), heads.LinearHead("svm", Cs=[0.1, 1.0], cv=3),
          heads.KNNHead(cv=3), heads.MLPHead(max_epochs=20, device="cpu")]

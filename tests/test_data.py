@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from featx import data
-from featx.images import open_rgb
+from featx.extraction.images import open_rgb
 from featx.errors import FeatxError
 from helpers import make_dataset
 

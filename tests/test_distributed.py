@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from featx import finetuning
+from featx.finetuning import training as finetuning
 from featx.errors import FeatxError
 from featx.modelfile import ModelFile
 from helpers import REPO, forked_cli, make_dataset
@@ -29,7 +29,7 @@ main(sys.argv[1:])
 
 def only_rank_zero_writes():
     """In every rank but 0, anything that writes a run's files fails the process."""
-    from featx import report
+    from featx.report import metrics as report
 
     if os.environ.get("RANK", "0") != "0":
         def forbidden(*args, **kwargs):

@@ -6,9 +6,10 @@ import onnx
 import pytest
 
 import featx
-from featx.export import export_model, load_exported
-from featx.fit import fit_head
-from featx.predictor import predict
+from featx.serve.export import export_model
+from featx.serve.onnxfile import load_exported
+from featx.heads.fit import fit_head
+from featx.serve.predictor import predict
 from helpers import make_dataset
 
 
@@ -43,7 +44,7 @@ def test_an_exported_head_gives_featxs_probabilities(colours, tmp_path, clf):
 
 
 def test_a_fine_tuned_model_exports_too(tiny, colours, tmp_path):
-    from featx.finetuning import finetune
+    from featx.finetuning.training import finetune
 
     data, _ = colours
     m = finetune(tiny, str(data), "block2", epochs=1, out=tmp_path / "ft", workers=0, progress=False, head="none")
@@ -70,7 +71,7 @@ def test_knn_and_tampered_files_are_one_line(colours, tmp_path):
 
 
 def test_int8_is_decided_on_train_without_val_and_refused_when_it_costs(colours, tmp_path, monkeypatch):
-    from featx import export
+    from featx.serve import export
 
     _, features = colours
     fit_head("logreg", features=features, out=tmp_path / "lr", progress=False)

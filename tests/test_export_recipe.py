@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 import featx
-from featx.backbones import BackboneSpec, Preprocess, Tap, Weights
-from featx.export import export_model, load_exported
-from featx.fit import fit_head
-from featx.predictor import predict
+from featx.extraction.backbones import BackboneSpec, Preprocess, Tap, Weights
+from featx.serve.export import export_model
+from featx.serve.onnxfile import load_exported
+from featx.heads.fit import fit_head
+from featx.serve.predictor import predict
 from helpers import REPO, TinyNet, linked_subset
 
 README = REPO / "README.md"

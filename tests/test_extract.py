@@ -16,11 +16,11 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
 import featx
-from featx import store
-from featx.backbones import Preprocess
+from featx.extraction import store
+from featx.extraction.backbones import Preprocess
 from featx.cli import cli
-from featx import extraction
-from featx.images import (DECODE_PIXELS, EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate_encoded, decode_jpegs,
+from featx.extraction import runner as extraction
+from featx.extraction.images import (DECODE_PIXELS, EXIF_ORIENTATION, EncodedFiles, ImageFiles, collate_encoded, decode_jpegs,
                           decode_on_device, pixel_groups)
 from helpers import colour_image, forked_cli, make_dataset
 
@@ -360,7 +360,7 @@ def test_precision_is_part_of_the_identity(tiny, dataset, tmp_path):
 
 def failing_reads(monkeypatch, name: str, times: int):
     """open_rgb raises a permission error for ``name`` the first ``times`` calls (workers=0: same process)."""
-    from featx import images
+    from featx.extraction import images
 
     real, calls = images.open_rgb, {"n": 0}
 
@@ -505,7 +505,7 @@ def test_onnx_runtime_gives_the_torch_features_in_the_same_cache(tiny, dataset, 
 def test_onnx_runtime_threads_follow_omp_num_threads(tiny, dataset, tmp_path, monkeypatch):
     """A job given one core's share (OMP_NUM_THREADS, which torch honours too) keeps ONNX Runtime to it."""
     from featx.devices import usable_cores
-    from featx.runtimes import OnnxForward
+    from featx.extraction.runtimes import OnnxForward
 
     run(tiny, dataset, tmp_path / "c", runtime="onnxruntime")
     exported = next((tmp_path / "c" / "onnx").glob("*.onnx"))
@@ -554,9 +554,9 @@ def test_an_export_torch_refuses_is_one_line_and_leaves_stdout_alone(tmp_path, c
     stderr, so ``--json`` output stays JSON."""
     from torch import nn
 
-    from featx.network import Backbone
-    from featx.runtimes import onnx_model
-    from featx.specs import BackboneSpec, Preprocess, Tap, Weights
+    from featx.extraction.network import Backbone
+    from featx.extraction.runtimes import onnx_model
+    from featx.extraction.specs import BackboneSpec, Preprocess, Tap, Weights
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.AdaptiveAvgPool2d(3), nn.Flatten())  # 4x4 -> 3x3
     spec = BackboneSpec("pooled", "tiny", lambda: model, Weights("file", "-"), Preprocess(32, 32), 36,

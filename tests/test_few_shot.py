@@ -59,7 +59,8 @@ def test_real_few_shot_logreg_beats_a_fixed_c(tmp_path, shared_data):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx import fit, store
+    from featx.heads import fit
+    from featx.extraction import store
 
     sources = {"ants": SHARED_DATA / "hymenoptera/train/ants", "bees": SHARED_DATA / "hymenoptera/train/bees",
                "cats": SHARED_DATA / "cats_dogs/train/cats", "dogs": SHARED_DATA / "cats_dogs/train/dogs"}

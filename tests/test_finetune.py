@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import featx
-from featx import finetuning as ft
-from featx import fit, predictor, warmstart
+from featx.finetuning import training as ft
+from featx.heads import fit
+from featx.serve import predictor
+from featx.finetuning import warmstart
 from featx.modelfile import ModelFile
 from featx.errors import FeatxError
 from helpers import forked_cli, make_dataset
@@ -146,7 +148,7 @@ def test_a_resume_right_after_the_checkpoint_reproduces_the_run_with_augmentatio
     """Killed as soon as epoch 1's checkpoint lands, with light augmentation drawn in two persistent DataLoader
     workers: the resumed run's history equals an uninterrupted run's (augmentation is seeded per image and
     epoch, not by whichever worker process draws it), and so does the patience count."""
-    from featx.checkpoints import read_checkpoint
+    from featx.finetuning.checkpoints import read_checkpoint
 
     data = make_dataset(tmp_path / "d", {"train": 12, "val": 3})
     out = tmp_path / "run"
@@ -182,7 +184,7 @@ def test_resume_says_which_option_differs_and_ignores_the_starting_head(tiny, da
 def test_fp16_scales_its_loss_and_bf16_does_not(tiny, dataset, tmp_path, precision, scaled):
     """fp16's range flushes small gradients to zero, so its loss goes through a GradScaler, whose state the
     checkpoint keeps for --resume; bf16 has fp32's range and needs none (autocast on the CPU here)."""
-    from featx.checkpoints import read_checkpoint
+    from featx.finetuning.checkpoints import read_checkpoint
 
     kw = dict(out=tmp_path / precision, workers=0, progress=False, precision=precision)
     m = ft.finetune(tiny, str(dataset), "block2", epochs=1, **kw)
@@ -218,7 +220,7 @@ def test_a_training_step_out_of_device_memory_is_split_and_keeps_its_batch(tiny,
 
 def test_resume_restores_the_generators_of_the_gpus_that_exist(tiny, tmp_path, monkeypatch):
     """Saved by a rank that saw two GPUs, resumed where one is visible: one generator restored, no crash."""
-    from featx import checkpoints
+    from featx.finetuning import checkpoints
 
     net = featx.create_backbone(tiny, pretrained=False).model
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -248,7 +250,7 @@ def test_folders_without_val_carve_a_stable_share_of_train(tiny, tmp_path):
     assert m["val_source"] == "15% of train, by path hash" and m["selected_on"] == "val"
     assert m["test"]["n"] == 6 and 1 <= m["val"]["n"] <= 8  # 15% of 20 on average, by hash
     from featx import data as data_mod
-    from featx.report import summary_line
+    from featx.report.metrics import summary_line
     carved = data_mod.load(str(data)).with_val_from_train(0.15)
     assert carved.splits == data_mod.load(str(data)).with_val_from_train(0.15).splits
     assert summary_line(m).startswith("val (chose the epoch, optimistic) acc")

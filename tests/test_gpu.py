@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import featx
-from featx import store
-from featx.advice import advise
+from featx.extraction import store
+from featx.heads.advice import advise
 from helpers import make_dataset
 
 pytestmark = pytest.mark.gpu

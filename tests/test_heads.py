@@ -10,7 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from featx import heads
+from featx.heads import estimators as heads
 from featx.errors import FeatxError
 
 
@@ -114,7 +114,7 @@ def test_every_head_runs_on_few_shot_classes(clf):
 
 
 def test_folds_train_on_single_image_classes_and_never_score_them():
-    from featx.selection import make_folds
+    from featx.heads.selection import make_folds
 
     _, y, _, _ = few_shot()
     folds = make_folds(5, y)
@@ -154,8 +154,8 @@ def test_select_on_val_scores_only_val_rows(blobs):
 
 @pytest.mark.parametrize("n_classes", [2, 3])
 def test_svm_probabilities_are_calibrated(blobs, n_classes):
-    from featx.selection import log_loss_of
-    from featx.solvers import softmax
+    from featx.heads.selection import log_loss_of
+    from featx.heads.solvers import softmax
 
     X, y, Xt, yt = blobs
     keep, keep_t = y < n_classes, yt < n_classes
@@ -170,7 +170,7 @@ def test_svm_probabilities_are_calibrated(blobs, n_classes):
 
 def test_c_ties_go_to_the_lowest_held_out_loss(blobs):
     """Easy data: many C values tie at full accuracy; the smallest C would give timid probabilities."""
-    from featx.selection import log_loss_of
+    from featx.heads.selection import log_loss_of
 
     X, y, Xt, yt = blobs
     head = heads.LinearHead("logreg").fit(X, y)
@@ -223,7 +223,7 @@ def test_class_weight_is_checked():
 def test_squared_hinge_path_solves_each_c_as_linearsvc_does(blobs):
     """Warm-started along the path, every C is solved to its own optimum (the old solver copied the previous
     C's model from C = 316 up): the decisions equal a cold LinearSVC's at that C."""
-    from featx.solvers import SquaredHinge, ovr_signs, scaling
+    from featx.heads.solvers import SquaredHinge, ovr_signs, scaling
 
     X, y, _, _ = blobs
     mean, scale = scaling(X)
@@ -255,7 +255,7 @@ def test_a_k_larger_than_a_fold_is_refused_in_one_line_and_the_grid_says_what_it
 
 
 def test_knn_probabilities_are_smoothed_never_zero(blobs):
-    from featx.selection import log_loss_of
+    from featx.heads.selection import log_loss_of
 
     X, y, Xt, yt = blobs
     head = heads.make_head("knn", k=3).fit(X, y)
@@ -299,7 +299,7 @@ def test_model_files_before_smoothing_predict_as_they_did(blobs):
 
 
 def test_k_of_one_is_not_flagged_as_an_edge():
-    from featx.selection import edge_note
+    from featx.heads.selection import edge_note
 
     assert edge_note("k", 0, [1, 3, 5], floor=1) is None
     assert edge_note("k", 2, [1, 3, 5], floor=1) == "k at the largest value tried (5)"
@@ -310,8 +310,8 @@ def test_the_svm_scores_each_c_as_linearsvc_at_the_selection_tolerance():
     """The fits that only score C stop at ``SVM_SELECT_GAP``, not 1e-9: on each fold, along the warm-started
     path, their held-out decisions are LinearSVC's (fitted directly on the same standardised rows) to 1% of
     their range, and the held-out accuracy of every C is LinearSVC's to one image."""
-    from featx.selection import make_folds
-    from featx.solvers import SVM_SELECT_GAP, SquaredHinge, ovr_signs, scaling
+    from featx.heads.selection import make_folds
+    from featx.heads.solvers import SVM_SELECT_GAP, SquaredHinge, ovr_signs, scaling
 
     X, y = make_classification(n_samples=300, n_features=60, n_informative=12, n_classes=4, n_clusters_per_class=1,
                                class_sep=1.0, flip_y=0.05, random_state=1)

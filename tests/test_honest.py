@@ -12,11 +12,13 @@ from click.testing import CliRunner
 
 import featx
 from featx import data as data_mod
-from featx import provenance, store, warmstart
+from featx import provenance
+from featx.extraction import store
+from featx.finetuning import warmstart
 from featx.cli import cli
 from featx.errors import FeatxError
-from featx.fit import fit_head
-from featx.heads import make_head
+from featx.heads.fit import fit_head
+from featx.heads.estimators import load_head, make_head
 from featx.modelfile import ModelFile
 from helpers import make_dataset
 
@@ -99,7 +101,7 @@ def synthetic(n_per_class=16, classes=3, flips=(), seed=0, dim=12):
 
 
 def test_audit_with_the_mlp_scores_every_row():
-    from featx.audit import out_of_fold
+    from featx.heads.audit import out_of_fold
 
     F = synthetic(n_per_class=12)
     proba, _ = out_of_fold(F, "mlp")
@@ -119,7 +121,7 @@ def test_audit_label_findings_are_cleanlabs_on_the_same_out_of_fold_probabilitie
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featx.audit import find_issues, out_of_fold
+    from featx.heads.audit import find_issues, out_of_fold
 
     flips = [0, 17, 35, 40, 60]
     F = synthetic(n_per_class=24, flips=flips)
@@ -145,8 +147,8 @@ def test_an_svm_warm_start_keeps_its_calibrated_probabilities(tiny, tmp_path):
         X = np.random.default_rng(0).normal(size=(20, 32)).astype(np.float32)
         with torch.no_grad():
             ours = torch.softmax(head(torch.as_tensor(X)).double(), 1).numpy()
-        np.testing.assert_allclose(ours, ModelFile.load(stage2["model"]).head().predict_proba(X), atol=1e-4)
-    from featx.finetuning import finetune
+        np.testing.assert_allclose(ours, load_head(ModelFile.load(stage2["model"]).head_arrays, ModelFile.load(stage2["model"]).head_config).predict_proba(X), atol=1e-4)
+    from featx.finetuning.training import finetune
 
     # an epoch that moves nothing: the fine-tune's val loss is fit-head's val log-loss
     m = finetune(tiny, str(data), "none", epochs=1, lr=1e-12, head=stage2["model"], out=tmp_path / "ft",
@@ -156,7 +158,8 @@ def test_an_svm_warm_start_keeps_its_calibrated_probabilities(tiny, tmp_path):
 
 
 def test_quantisation_is_decided_without_reading_test_labels(tiny, tmp_path):
-    from featx.export import export_model, load_exported
+    from featx.serve.export import export_model
+    from featx.serve.onnxfile import load_exported
 
     data = make_dataset(tmp_path / "d", {"train": 6, "val": 3, "test": 3})
     fit_head("logreg", backbone=tiny, data=str(data), cache_dir=tmp_path / "c", out=tmp_path / "lr", progress=False)
@@ -172,7 +175,7 @@ def test_quantisation_is_decided_without_reading_test_labels(tiny, tmp_path):
 
 
 def test_compare_ranks_every_head_on_the_same_rows_with_paired_intervals(tiny, tmp_path):
-    from featx.leaderboard import compare
+    from featx.heads.leaderboard import compare
 
     data = make_dataset(tmp_path / "d", {"train": 8}, classes=("a", "b", "c"))  # no val: 5-fold on train
     result = compare(str(data), [tiny], None, ["logreg", "svm", "mlp"], cache_dir=tmp_path / "c",
@@ -187,7 +190,7 @@ def test_compare_ranks_every_head_on_the_same_rows_with_paired_intervals(tiny, t
 
 
 def test_taps_are_ranked_on_the_rows_every_tap_scored():
-    from featx.selection import choose_tap
+    from featx.heads.selection import choose_tap
 
     def head(rows, right):
         return SimpleNamespace(held_out_=(np.asarray(rows), None), held_out_right_=np.asarray(right))

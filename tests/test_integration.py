@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import featx
-from featx import store
-from featx.extraction import extract_taps
+from featx.extraction import store
+from featx.extraction.runner import extract_taps
 from helpers import SHARED_DATA, linked_subset
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def test_the_gif_and_progressive_jpeg_are_features_not_skips(hymenoptera_feature
 
 def test_imagenet_rows_classify_ants_and_bees_before_training(hymenoptera_features):
     import torch
-    from featx.warmstart import head_from_imagenet
+    from featx.finetuning.warmstart import head_from_imagenet
 
     f = store.load(hymenoptera_features[0].path)
     head = head_from_imagenet("imagenet:ant,bee", featx.create_backbone("efficientnet_lite0"), f.classes)
@@ -62,7 +62,8 @@ def test_imagenet_rows_classify_ants_and_bees_before_training(hymenoptera_featur
 
 @pytest.mark.parametrize("clf", ["logreg", "svm", "knn", "mlp"])
 def test_heads_on_hymenoptera(hymenoptera_features, tmp_path, clf):
-    from featx import fit, predictor
+    from featx.heads import fit
+    from featx.serve import predictor
 
     m = fit.fit_head(clf, features=hymenoptera_features[0].path, out=tmp_path / clf, progress=False)
     assert m["val"]["n"] == 153
@@ -77,7 +78,8 @@ def test_heads_on_hymenoptera(hymenoptera_features, tmp_path, clf):
 
 
 def test_predict_agrees_with_fit_head_on_real_images(hymenoptera_features, tmp_path):
-    from featx import fit, predictor
+    from featx.heads import fit
+    from featx.serve import predictor
 
     m = fit.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
     val = SHARED_DATA / "hymenoptera" / "val"
@@ -89,7 +91,7 @@ def test_predict_agrees_with_fit_head_on_real_images(hymenoptera_features, tmp_p
 def test_layer_auto_keeps_pool_on_hymenoptera(hymenoptera_features, tmp_path):
     """Ants and bees are ImageNet's kind of image: the pooled features win, and the earlier taps, cached in
     the same pass with rows equal to their own runs', lose."""
-    from featx import fit
+    from featx.heads import fit
 
     pool, _, earlier = hymenoptera_features
     assert [r.layer for r in earlier] == ["block5", "block6", "block7"] and all(r.images == 398 for r in earlier)
@@ -101,7 +103,7 @@ def test_layer_auto_keeps_pool_on_hymenoptera(hymenoptera_features, tmp_path):
 
 
 def test_advise_hymenoptera_is_small_and_similar():
-    from featx.advice import advise
+    from featx.heads.advice import advise
 
     r = advise("hymenoptera", data_root=str(SHARED_DATA))
     assert (r["scenario"], r["size"], r["similarity"], r["layer"]) == (1, "small", "similar", "pool")
@@ -112,8 +114,8 @@ def test_advise_hymenoptera_is_small_and_similar():
 
 def test_advise_and_layer_auto_pick_an_early_tap_where_texture_tells_the_classes(tmp_path):
     """Classes told apart by pixel noise alone (``make_grain_dataset``): block5 sees it, pool barely."""
-    from featx import fit
-    from featx.advice import advise
+    from featx.heads import fit
+    from featx.heads.advice import advise
     from helpers import make_grain_dataset
 
     data = make_grain_dataset(tmp_path / "grain")
@@ -167,7 +169,7 @@ def sklearn_reference(clf: str, value, folds, n_classes: int):
     from sklearn.preprocessing import Normalizer, StandardScaler
     from sklearn.svm import LinearSVC
 
-    from featx.heads import LOGREG_MAX_ITER
+    from featx.heads.estimators import LOGREG_MAX_ITER
 
     if clf == "logreg":
         return make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=LOGREG_MAX_ITER))
@@ -184,8 +186,8 @@ def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_
     """At a fixed C or k, featx's probabilities are scikit-learn's to 1e-4 and its accuracy is equal: the
     binary logreg is fitted at C (not 2C), the SVM solves LinearSVC's problem and is calibrated as
     CalibratedClassifierCV calibrates it, kNN's votes are KNeighborsClassifier's (then smoothed)."""
-    from featx import heads
-    from featx.selection import make_folds
+    from featx.heads import estimators as heads
+    from featx.heads.selection import make_folds
 
     F = store.load(hymenoptera_features[0].path if dataset == "hymenoptera" else digits_features.path)
     X, y, _ = F.split("train")
@@ -206,9 +208,9 @@ def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_
 
 def test_an_exported_lite0_classifier_equals_featx_on_real_images(hymenoptera_features, tmp_path):
     """The whole classifier as one ONNX file (lite0 + logreg): its probabilities are featx's on 50 real photos."""
-    from featx import fit
-    from featx.export import export_model
-    from featx.predictor import predict
+    from featx.heads import fit
+    from featx.serve.export import export_model
+    from featx.serve.predictor import predict
 
     fit.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
     exported = export_model(tmp_path / "model.featx")

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="session")
 def cats_dogs_logreg(tmp_path_factory):
     """cats_dogs features extracted once, and a logreg head on them, for every cats_dogs test."""
-    from featx import fit
+    from featx.heads import fit
 
     work = tmp_path_factory.mktemp("cats_dogs")
     m = fit.fit_head("logreg", backbone="efficientnet_lite0", data="cats_dogs", data_root=str(SHARED_DATA),
@@ -29,7 +29,7 @@ def test_cats_dogs_logreg_test_accuracy(cats_dogs_logreg):
 def test_finetune_top_block_on_cats_dogs(cats_dogs_logreg, tmp_path):
     """One epoch of the top block from the logreg head (the README's stage 2 -> stage 3) on real images: every
     training image, every 2nd of val and every 4th of test (the head saw none of val or test)."""
-    from featx.finetuning import finetune
+    from featx.finetuning.training import finetune
 
     _, work = cats_dogs_logreg
     root = SHARED_DATA / "cats_dogs"

@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner
 
 import featx
-from featx import store
+from featx.extraction import store
 from featx.cli import cli
-from featx.fit import fit_head
-from featx.predictor import evaluate, predict
+from featx.heads.fit import fit_head
+from featx.serve.predictor import evaluate, predict
 from helpers import REPO, colour_image, make_dataset
 
 

@@ -6,7 +6,9 @@ import torch
 from click.testing import CliRunner
 
 import featx
-from featx import fit, predictor, store
+from featx.heads import fit
+from featx.serve import predictor
+from featx.extraction import store
 from featx.modelfile import ModelFile
 from featx.cli import cli
 from featx.errors import FeatxError

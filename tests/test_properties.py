@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from featx import store
+from featx.extraction import store
 from helpers import make_dataset
 from test_bad_input import cli
 

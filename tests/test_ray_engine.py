@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import featx
-from featx import store
-from featx.ray_engine import ACTOR_EXIT_ONCE
+from featx.extraction import store
+from featx.extraction.ray_engine import ACTOR_EXIT_ONCE
 from helpers import REPO, make_dataset
 
 ray = pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]' (.ci/run installs it)")
@@ -83,12 +83,12 @@ main(sys.argv[1:])
 def test_read_tasks_decode_the_local_pixels_without_torch(real_set):
     """Ray's read tasks decode with Pillow alone: the pixels the local engine's loader gives, and no torch
     imported in the worker (a fresh interpreter here)."""
-    from featx.backbones import get_spec
-    from featx.images import ImageFiles
+    from featx.extraction.backbones import get_spec
+    from featx.extraction.images import ImageFiles
 
     files = sorted(map(str, real_set.rglob("*.jpg")))
     pre = get_spec("efficientnet_lite0").preprocess
-    code = ("import pickle, sys; from featx.backbones import get_spec; from featx.ray_engine import read_files\n"
+    code = ("import pickle, sys; from featx.extraction.backbones import get_spec; from featx.extraction.ray_engine import read_files\n"
             f"out = read_files({{'index': list(range({len(files)})), 'path': {files!r}}}, "
             "get_spec('efficientnet_lite0').preprocess, False)\n"
             "sys.stdout.buffer.write(pickle.dumps((out['image'], list(out['reason']), 'torch' in sys.modules)))")
@@ -132,7 +132,7 @@ def running(started: list) -> list:
 def test_a_killed_driver_resumes_and_its_local_cluster_goes_with_it(cluster, tiny, tiny_weights, tmp_path):
     """A driver that started its own local cluster, killed mid-run: nothing of that cluster outlives it (its
     agents ignore SIGTERM; featx's reaper kills them), and the next run computes only what is missing."""
-    from featx.ray_engine import descendants
+    from featx.extraction.ray_engine import descendants
 
     data = make_dataset(tmp_path / "d", {"train": 40})
     cache = tmp_path / "c"

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from featx.files import atomic_write
-from featx.report import classification_metrics, expected_calibration_error
+from featx.report.metrics import classification_metrics, expected_calibration_error
 
 
 def test_absent_classes_do_not_count_and_nothing_leaks_to_stderr():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import featx
-from featx import report
-from featx.fit import fit_head
+from featx.report import metrics as report
+from featx.heads.fit import fit_head
 from helpers import make_dataset
 
 

@@ -6,12 +6,14 @@ import pytest
 from click.testing import CliRunner
 
 import featx
-from featx import backbones, extraction, store
+from featx.extraction import backbones
+from featx.extraction import runner as extraction
+from featx.extraction import store
 from featx.cli import cli
-from featx.fit import fit_head
-from featx.heads import make_head
-from featx.selection import choose_tap, paired_margin
-from featx.specs import auto_layers, parse_layers
+from featx.heads.fit import fit_head
+from featx.heads.estimators import make_head
+from featx.heads.selection import choose_tap, paired_margin
+from featx.extraction.specs import auto_layers, parse_layers
 
 
 def taps(tiny, data, cache, layer, **kw):
@@ -80,7 +82,7 @@ def test_layer_names_auto_and_order(tiny):
 
 
 def test_every_tap_dimension_backbones_prints_is_the_networks(monkeypatch):
-    from featx.network import tap_dims
+    from featx.extraction.network import tap_dims
 
     for name in ("vgg16", "resnet50", "efficientnet_b3", "mobilenet_v3_large", "densenet121", "convnext_tiny",
                  "efficientnet_lite2"):  # one of each family, and the widths that differ within one
@@ -153,8 +155,8 @@ def test_fit_head_auto_scores_test_for_the_chosen_tap_only(tiny, tmp_path, monke
     cache = tmp_path / "cache"
     several = taps(tiny, data, cache, "auto")
     scored = []
-    real = featx.report.classification_metrics
-    monkeypatch.setattr(featx.report, "classification_metrics", lambda y, proba, *a: scored.append(len(y)) or
+    real = featx.report.metrics.classification_metrics
+    monkeypatch.setattr(featx.report.metrics, "classification_metrics", lambda y, proba, *a: scored.append(len(y)) or
                         real(y, proba, *a))
     m = fit_head("logreg", cache_dir=cache, out=tmp_path / "run", progress=False)  # no --layer: the last extract's
     assert [t["layer"] for t in m["selected"]["layers"]] == ["block1", "block2", "pool"]
@@ -193,7 +195,7 @@ def test_cli_extract_several_taps_then_fit_head_chooses(tiny, tmp_path, monkeypa
 
 
 def test_compare_extracts_each_backbones_layers_in_one_pass(tiny, dataset, tmp_path, monkeypatch):
-    from featx.leaderboard import compare
+    from featx.heads.leaderboard import compare
 
     built = []
     real = extraction.create_backbone

@@ -6,7 +6,8 @@ import pytest
 import torch
 from threadpoolctl import threadpool_info
 
-from featx import heads, threads
+from featx import threads
+from featx.heads import estimators as heads
 
 
 def blas_threads() -> int:

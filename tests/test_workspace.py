@@ -5,7 +5,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from featx import backbones, network
+from featx.extraction import backbones
+from featx.extraction import network
 from featx.cli import cli
 from helpers import make_dataset, register_tiny_vgg16
 
@@ -50,7 +51,7 @@ def test_explicit_flags_win_and_no_record_says_what_to_run(project):
 
 def test_block4_block5_reproduce_seed_s3_on_the_real_vgg16():
     """Conv blocks 4-5 and the head train; everything else is frozen (VGG16's layer sizes, built on meta)."""
-    from featx.finetuning import FineTuneNet, training_setup, trainable, used_params
+    from featx.finetuning.training import FineTuneNet, training_setup, trainable, used_params
 
     spec = backbones.get_spec("vgg16")
     with torch.device("meta"):
@@ -67,7 +68,7 @@ def test_block4_block5_reproduce_seed_s3_on_the_real_vgg16():
 
 
 def test_vgg_dropouts_follow_train_and_eval():
-    from featx.finetuning import FineTuneNet
+    from featx.finetuning.training import FineTuneNet
 
     spec = backbones.get_spec("vgg16")
     with torch.device("meta"):
@@ -100,7 +101,7 @@ def test_fit_head_and_predict_follow_a_flip_extraction(tiny, tmp_path, monkeypat
     result = json.loads(fitted.stdout)
     assert result["features"] == json.loads(done.stdout)["path"]
     from featx.modelfile import ModelFile
-    from featx.predictor import load_predictor
+    from featx.serve.predictor import load_predictor
 
     assert ModelFile.load(result["model"]).identity.tta == "flip"
     predictor = load_predictor(result["model"])

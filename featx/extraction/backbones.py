@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING
 
-from .errors import FeatxError
+from featx.errors import FeatxError
 from .specs import (TF_LITE_MEAN, TF_LITE_STD, BackboneSpec, Preprocess, Tap, Weights, auto_layers, check_tta,
                     parse_layers, with_logits)
 from .weights import load_pretrained, local_path, state_digest, where

@@ -19,13 +19,13 @@ import shlex
 import numpy as np
 import torch
 
-from . import data as data_mod
-from .backbones import create_backbone, resolve_backbone
-from .devices import device_name
-from .errors import FeatxError
-from .extraction import iter_features, split_taps
-from .heads import make_head
-from .runtimes import resolve_runtime
+from featx import data as data_mod
+from featx.extraction.backbones import create_backbone, resolve_backbone
+from featx.devices import device_name
+from featx.errors import FeatxError
+from featx.extraction.runner import iter_features, split_taps
+from .estimators import make_head
+from featx.extraction.runtimes import resolve_runtime
 from .selection import choose_tap
 
 LARGE_PER_CLASS = 1000

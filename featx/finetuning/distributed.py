@@ -13,7 +13,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from .errors import FeatxError, first_line
+from featx.errors import FeatxError, first_line
 
 T = TypeVar("T")
 

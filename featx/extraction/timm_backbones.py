@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import FeatxError
+from featx.errors import FeatxError
 from .specs import BackboneSpec, Preprocess, Tap, Weights, with_logits
 
 

@@ -123,7 +123,7 @@ def reliability_svg(bins: list, size: int = 240) -> str:
 
 def thumbnail(path: Path) -> str | None:
     """A JPEG data URI, or None when the file cannot be read any more."""
-    from .images import open_rgb
+    from featx.extraction.images import open_rgb
 
     try:
         img = open_rgb(path, draft_size=2 * THUMBNAIL)

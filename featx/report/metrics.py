@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from .report_page import HEADLINE, split_label, write_page
+from .page import HEADLINE, split_label, write_page
 
 TOP_LOSSES = 16
 ECE_BINS = 15
@@ -139,7 +139,7 @@ def plot_confusion(matrix, classes: list, path: Path, title: str) -> Path:
 def plot_image_grid(files: list, titles: list, path: Path, columns: int = 4) -> Path:
     """Images titled with label and probability, as in the S1/S2 tutorials."""
     plt = pyplot()
-    from .images import open_rgb
+    from featx.extraction.images import open_rgb
 
     rows = max(1, -(-len(files) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.2 * rows), squeeze=False)

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import provenance, workspace
-from .network import Backbone
-from .errors import FeatxError
-from .heads import LinearHead, MLPHead, mlp_arrays
-from .modelfile import ModelFile
+from featx import provenance
+from featx import workspace
+from featx.extraction.network import Backbone
+from featx.errors import FeatxError
+from featx.heads.estimators import LinearHead, MLPHead, load_head, mlp_arrays
+from featx.modelfile import ModelFile
 
 
 def fresh_head(net: Backbone, n_classes: int) -> nn.Linear:
@@ -58,7 +59,7 @@ def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
                          "fit the head on this backbone's default layer first")
     if model.classes != classes:
         raise FeatxError(f"{path} knows classes {model.classes}, the dataset has {classes}: fit it on this data")
-    head = model.head()
+    head = load_head(model.head_arrays, model.head_config)
     if isinstance(head, MLPHead):
         return nn.Sequential(Standardise(head.mean_, head.scale_), head.module())
     if not isinstance(head, LinearHead) or len(head.classes_) != len(classes):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .specs import BackboneSpec, Preprocess, feature_identity
-from .identity import FeatureIdentity
+from featx.identity import FeatureIdentity
 
 
 class StopForward(Exception):

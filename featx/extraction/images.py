@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import first_line
+from featx.errors import first_line
 
 if TYPE_CHECKING:
     import torch

@@ -14,8 +14,8 @@ import urllib.error
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import FeatxError
-from .files import file_digest
+from featx.errors import FeatxError
+from featx.files import file_digest
 from .specs import BackboneSpec, Weights
 
 if TYPE_CHECKING:

@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import data as data_mod
-from . import workspace
-from .backbones import Preprocess, create_backbone
-from .devices import device_name
-from .errors import FeatxError
-from .files import REPORT_BYTES, room
-from .images import ImageFiles
-from .modelfile import ModelFile
-from .runtimes import OnnxForward, onnx_path, resolve_runtime, verified
+from featx import data as data_mod
+from featx import workspace
+from featx.extraction.backbones import Preprocess, create_backbone
+from featx.devices import device_name
+from featx.errors import FeatxError
+from featx.files import REPORT_BYTES, room
+from featx.extraction.images import ImageFiles
+from featx.modelfile import ModelFile
+from featx.extraction.runtimes import OnnxForward, onnx_path, resolve_runtime, verified
 
 if TYPE_CHECKING:
-    from .heads import Head
-    from .network import Backbone
+    from featx.heads.estimators import Head
+    from featx.extraction.network import Backbone
 
 
 @dataclass
@@ -77,8 +77,8 @@ class Predictor:
               runtime: str = "auto", cache_dir: str | os.PathLike = "cache"):
         """(probabilities, failures) for image files; failures are (index, reason). With ``workers=0`` and the
         backbone exported, the export runs here without torch; otherwise DataLoader workers decode."""
-        from .extraction import iter_features
-        from .heads import proba_over
+        from featx.extraction.runner import iter_features
+        from featx.heads.estimators import proba_over
 
         dev = device_name(device)
         rows, failures = [None] * len(files), []
@@ -102,8 +102,10 @@ class Predictor:
 def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predictor:
     """The model file's head, with its backbone made on first use (``Predictor.backbone``); with a
     ``weights`` FILE, at once, so weights other than the model's are refused here."""
+    from featx.heads.estimators import load_head
+
     model = ModelFile.load(path)
-    predictor = Predictor(model.head(), model, weights)
+    predictor = Predictor(load_head(model.head_arrays, model.head_config), model, weights)
     if weights:
         predictor.backbone  # built and checked now
     return predictor
@@ -150,7 +152,7 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
         results.append({"path": str(f), "label": classes[order[0]], "probability": float(proba[i, order[0]]),
                         "top_k": [{"label": classes[j], "probability": float(proba[i, j])} for j in order]})
     if plot:
-        from . import report
+        from featx.report import metrics as report
 
         ok = [r for r in results if "label" in r]
         report.plot_image_grid([r["path"] for r in ok], [f"{r['label']} ({r['probability']:.3f})" for r in ok],
@@ -177,7 +179,7 @@ def onnx_batches(export: Path, files: list, pre: Preprocess, batch_size: int, fi
 
 def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -> tuple[list, tuple]:
     """(classes, (probabilities, failures)) of an exported model (``export.py``), its digest checked first."""
-    from .export import load_exported
+    from .onnxfile import load_exported
 
     meta = load_exported(path)
     pre = Preprocess(int(meta["input_size"]), int(meta["resize_size"]), meta["interpolation"])
@@ -202,9 +204,11 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     if unknown:  # checked before any extraction
         raise FeatxError(f"{data} has classes the model does not know ({', '.join(unknown[:5])}): "
                          f"evaluate on data with the model's classes {', '.join(predictor.classes[:10])}")
-    from . import provenance, report, store
-    from .extraction import extract
-    from .heads import proba_over
+    from featx import provenance
+    from featx.report import metrics as report
+    from featx.extraction import store
+    from featx.extraction.runner import extract
+    from featx.heads.estimators import proba_over
 
     r = extract(predictor.backbone, data, data_root=data_root, cache_dir=cache_dir, device=device, runtime=runtime,
                 progress=progress)

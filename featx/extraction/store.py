@@ -23,10 +23,10 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from .errors import FeatxError, first_line
-from . import files
-from .files import atomic_write
-from .identity import FeatureIdentity
+from featx.errors import FeatxError, first_line
+from featx import files
+from featx.files import atomic_write
+from featx.identity import FeatureIdentity
 
 FORMAT = "featx-features-1"
 INTEGRITY = 1  # files that record it carry checksums: one without them is damaged, not older

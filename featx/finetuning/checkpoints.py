@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FeatxError
-from .files import atomic_write
+from featx.errors import FeatxError
+from featx.files import atomic_write
 
 
 @dataclass

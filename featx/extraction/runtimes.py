@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .errors import FeatxError, first_line
-from .devices import HalvingForward, cpu_threads, prepare
-from .files import atomic_write, file_digest, room
-from .identity import FeatureIdentity
+from featx.errors import FeatxError, first_line
+from featx.devices import HalvingForward, cpu_threads, prepare
+from featx.files import atomic_write, file_digest, room
+from featx.identity import FeatureIdentity
 
 if TYPE_CHECKING:
     import torch

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 
-from . import provenance, report, store, workspace
-from .data import match_exclude
-from .errors import FeatxError
-from .files import REPORT_BYTES, room
-from .extraction import extract_taps
-from .heads import make_head, proba_over
-from .modelfile import MODEL_NAME, ModelFile
+from featx import provenance
+from featx.report import metrics as report
+from featx.extraction import store
+from featx import workspace
+from featx.data import match_exclude
+from featx.errors import FeatxError
+from featx.files import REPORT_BYTES, room
+from featx.extraction.runner import extract_taps
+from .estimators import make_head, proba_over
+from featx.modelfile import MODEL_NAME, ModelFile
 from .selection import choose_tap
 
 

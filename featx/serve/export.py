@@ -10,7 +10,6 @@ checks before it trusts the file.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import FeatxError, first_line
-from .files import atomic_write, file_digest, full_disk, make_folder, not_writable, room
+from featx import __version__
+from featx.errors import FeatxError, first_line
+from featx.files import atomic_write, file_digest, full_disk, make_folder, not_writable, room
 
-FORMAT = "featx-onnx-1"
-DIGEST_KEY = "featx_sha256"
+from .onnxfile import DIGEST_KEY, FORMAT, stamp
+
 AGREEMENT = 1e-4  # largest difference in probability between ONNX Runtime and featx, checked on export
 
 
@@ -81,7 +80,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     import torch
 
     from .predictor import load_predictor
-    from .runtimes import write_onnx
+    from featx.extraction.runtimes import write_onnx
 
     predictor = load_predictor(model)
     net, head = predictor.backbone.cpu().eval(), head_module(predictor.head).eval()
@@ -209,12 +208,12 @@ def quantized(path: Path, predictor, force: bool) -> None:
 def model_splits(predictor) -> dict:
     """{split: (image files, class indices in the model's order)} of the model's own data (from its feature cache,
     or its fine-tuning data); one line when it has no train or val images here."""
-    from . import data as data_mod
+    from featx import data as data_mod
 
     info = predictor.model.info
     root = info.get("finetune", {}).get("data")
     if root is None and info.get("features") and Path(info["features"]).is_file():
-        from . import store
+        from featx.extraction import store
 
         root = store.load(info["features"]).attrs["dataset_root"]
     ds = data_mod.load(root) if root and Path(root).is_dir() else None
@@ -228,31 +227,16 @@ def model_splits(predictor) -> dict:
     return found
 
 
-def stamp(graph, metadata: dict) -> None:
-    """Set ``graph``'s metadata to ``metadata``, then add the digest of the graph carrying it."""
-    del graph.metadata_props[:]
-    for key, value in metadata.items():
-        graph.metadata_props.add(key=key, value=value)
-    graph.metadata_props.add(key=DIGEST_KEY, value=graph_digest(graph))
 
 
-def graph_digest(graph) -> str:
-    """SHA-256 of the serialised graph without its own digest entry."""
-    kept = [(p.key, p.value) for p in graph.metadata_props if p.key != DIGEST_KEY]
-    copy = type(graph)()
-    copy.CopyFrom(graph)
-    del copy.metadata_props[:]
-    for key, value in kept:
-        copy.metadata_props.add(key=key, value=value)
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
 def check_agreement(path: Path, predictor, size: int, count: int) -> None:
     """ONNX Runtime's probabilities on seeded random images against featx's (torch backbone, numpy head)."""
     import torch
 
-    from .heads import proba_over
-    from .runtimes import OnnxForward
+    from featx.heads.estimators import proba_over
+    from featx.extraction.runtimes import OnnxForward
 
     images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
@@ -265,19 +249,3 @@ def check_agreement(path: Path, predictor, size: int, count: int) -> None:
         raise FeatxError(f"the exported model's probabilities differ from featx's by {gap:.2g} (more than "
                          f"{AGREEMENT:g}): not written")
 
-
-def load_exported(path: str | os.PathLike) -> dict:
-    """The metadata of an exported model, its digest checked: a file featx did not write, or one changed since,
-    is refused in one line."""
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception:
-        raise FeatxError(f"{path} is not an ONNX model featx exported: pass a model.onnx from featx export") from None
-    meta = {p.key: p.value for p in graph.metadata_props}
-    if meta.get("format") != FORMAT:
-        raise FeatxError(f"{path} was not written by featx export: pass a model.onnx from featx export")
-    if meta.get(DIGEST_KEY) != graph_digest(graph):
-        raise FeatxError(f"{path} fails its SHA-256 check (changed since featx exported it): export the model again")
-    return meta

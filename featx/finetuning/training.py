@@ -28,20 +28,23 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
-from . import data as data_mod
-from . import boundary, provenance, report, workspace
-from .backbones import create_backbone
-from .network import Backbone
-from .devices import (BatchLimit, EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
+from featx import data as data_mod
+from . import boundary
+from featx import provenance
+from featx.report import metrics as report
+from featx import workspace
+from featx.extraction.backbones import create_backbone
+from featx.extraction.network import Backbone
+from featx.devices import (BatchLimit, EpochSampler, autocast, default_workers, make_loader, overlapped, resolve_device,
                       resolve_precision)
-from .errors import FeatxError
-from .files import REPORT_BYTES, make_folder, remove_stale_temporaries, room
-from .heads import class_weights
-from .images import ImageFiles, SeededImages, collate, path_keys
+from featx.errors import FeatxError
+from featx.files import REPORT_BYTES, make_folder, remove_stale_temporaries, room
+from featx.heads.estimators import class_weights
+from featx.extraction.images import ImageFiles, SeededImages, collate, path_keys
 from .distributed import World, join_world, restarted
 from .checkpoints import Progress, check_views, load_checkpoint, save_checkpoint
-from .modelfile import MODEL_NAME, ModelFile, digest
-from .predictor import load_predictor
+from featx.modelfile import MODEL_NAME, ModelFile, digest
+from featx.serve.predictor import load_predictor
 from .warmstart import choose_head, export_head, fine_tune_rows, starting_head
 
 AUGMENTATIONS = ("none", "light", "strong")

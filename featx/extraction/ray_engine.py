@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .devices import default_batch_size
-from .errors import FeatxError, first_line
+from featx.devices import default_batch_size
+from featx.errors import FeatxError, first_line
 from .images import EncodedFiles, ImageFiles, collate_encoded, decode_on_device
 from .runtimes import OnnxForward, embedding
 

@@ -22,12 +22,13 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from . import __version__, workspace
-from . import data as data_mod
+from featx import __version__
+from featx import workspace
+from featx import data as data_mod
 from .backbones import create_backbone, resolve_backbone
-from .devices import device_name, resolve_precision
-from .errors import FeatxError
-from .identity import FeatureIdentity
+from featx.devices import device_name, resolve_precision
+from featx.errors import FeatxError
+from featx.identity import FeatureIdentity
 from .runtimes import resolve_runtime
 from .specs import Preprocess, feature_identity
 from .store import FeatureStore, Rows, cache_path
@@ -61,7 +62,7 @@ def iter_features(net: Backbone, files: list, device: torch.device | str, batch_
     import torch
     from tqdm import tqdm
 
-    from .devices import HalvingForward, default_batch_size, default_workers, make_loader, overlapped
+    from featx.devices import HalvingForward, default_batch_size, default_workers, make_loader, overlapped
     from .images import EncodedFiles, ImageFiles, collate, collate_encoded, decode_batches
     from .runtimes import embedding, onnx_model, sidecar
 

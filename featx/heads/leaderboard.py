@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store
-from .errors import FeatxError
-from .extraction import extract, extract_taps
-from .files import REPORT_BYTES, room
+from featx.extraction import store
+from featx.errors import FeatxError
+from featx.extraction.runner import extract, extract_taps
+from featx.files import REPORT_BYTES, room
 from .fit import fit_head, record_head
-from .report_page import table, write_page
-from .heads import make_head, proba_over
-from .modelfile import ModelFile
+from featx.report.page import table, write_page
+from .estimators import load_head, make_head, proba_over
+from featx.modelfile import ModelFile
 from .selection import paired_margin, wilson
 
 HEADS = ("logreg", "svm", "knn", "mlp")
@@ -39,7 +39,8 @@ def held_out_right(result: dict, clf: str) -> tuple[str, dict]:
     F = store.load(result["features"])
     if "val" in F.split_names():
         X, y, paths = F.split("val")
-        head = ModelFile.load(result["model"]).head()
+        model = ModelFile.load(result["model"])
+        head = load_head(model.head_arrays, model.head_config)
         return "val", dict(zip(paths.tolist(), (proba_over(head, X, len(F.classes)).argmax(1) == y).tolist()))
     X, y, paths = F.split("train")
     right = {}

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from .errors import FeatxError
-from .identity import FeatureIdentity
+from featx.errors import FeatxError
+from featx.identity import FeatureIdentity
 
 if TYPE_CHECKING:
     from torch import nn

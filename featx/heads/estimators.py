@@ -23,9 +23,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import threads
-from .devices import resolve_device
-from .errors import FeatxError
+from featx import threads
+from featx.devices import resolve_device
+from featx.errors import FeatxError
 from .selection import Folds, best_index, calibrate, edge_note, holdout, log_loss_of, make_folds
 from .solvers import (SVM_GAP, SVM_SELECT_GAP, SquaredHinge, balanced_weights, nearest_labels, normalise, ovr_signs,
                       ovr_weights, scaling, sigmoid_pair, softmax, vote)

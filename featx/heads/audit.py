@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import store, workspace
-from .errors import FeatxError
-from .extraction import extract_taps
-from .files import REPORT_BYTES, room
-from .heads import MLPHead, make_head, proba_over
+from featx.extraction import store
+from featx import workspace
+from featx.errors import FeatxError
+from featx.extraction.runner import extract_taps
+from featx.files import REPORT_BYTES, room
+from .estimators import MLPHead, make_head, proba_over
 from .selection import make_folds
-from .report_page import image_grid, table, write_page
+from featx.report.page import image_grid, table, write_page
 
 # cleanlab's near-duplicate threshold is a fraction of the median distance to the nearest neighbour: on cats_dogs
 # (lite0 features) a test photo re-encoded and resized into train sits at 0.07-0.19 of it, different photos at 0.5

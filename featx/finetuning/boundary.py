@@ -34,16 +34,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from . import data as data_mod
-from .devices import autocast, make_loader, overlapped
-from .errors import FeatxError
-from .extraction import cache_attrs, distrusted, finish, to_compute, write_batches
-from .identity import FeatureIdentity
-from .images import SeededImages, collate, path_keys
-from .network import Backbone
-from .runtimes import embedding, onnx_model, resolve_runtime, sidecar
-from .specs import Tap
-from .store import MARGIN, ROW_STRINGS, FeatureStore, cache_path, open_h5, strings
+from featx import data as data_mod
+from featx.devices import autocast, make_loader, overlapped
+from featx.errors import FeatxError
+from featx.extraction.runner import cache_attrs, distrusted, finish, to_compute, write_batches
+from featx.identity import FeatureIdentity
+from featx.extraction.images import SeededImages, collate, path_keys
+from featx.extraction.network import Backbone
+from featx.extraction.runtimes import embedding, onnx_model, resolve_runtime, sidecar
+from featx.extraction.specs import Tap
+from featx.extraction.store import MARGIN, ROW_STRINGS, FeatureStore, cache_path, open_h5, strings
 
 DEFAULT_GB = 4.0  # --boundary-cache-gb
 DEFAULT_VIEWS = 2  # --views with augmentation (BENCHMARKS.md, "Stage 3 — the boundary cache": 2, 4, 8 measured)

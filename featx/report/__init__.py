@@ -1,0 +1,1 @@
+"""Reports: the metrics every stage prints and the page it writes."""

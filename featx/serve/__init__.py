@@ -1,0 +1,1 @@
+"""Serving: loading a model file, predicting, and exporting to ONNX."""
