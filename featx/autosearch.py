@@ -630,8 +630,19 @@ class Search:
         selected = {**fitted.selected_, "select_on": "cv", "refit": how}
         config["selected"] = selected
         written = write_outputs(self.out, F, winner["clf"], arrays, config, metrics, selected, "cv", None,
-                                self.cache_dir)
+                                self.cache_dir, self.refit_provenance())
         return {"test": metrics.get("test"), "how": how, "model": written["model"], "selected": selected}
+
+    def refit_provenance(self) -> dict:
+        """The refitted winner's rows: trained on the training part and the comparison rows, which chose the
+        candidate (backbone, tap, head); its C or k chosen by cross-validation on those same rows."""
+        from featx import provenance
+
+        compare = provenance.rows("compare", self.rows.compare,
+                                  "val" if self.rows.source == "val split" else "train")
+        train = provenance.rows("train", self.rows.train)
+        return provenance.record(self.ds.root, [train, compare], [compare, train], held_out=[
+            provenance.rows("test", self.rows.test)], chose="the candidate on compare; C or k by CV on train + compare")
 
     def refit_finetune(self, winner: dict) -> dict:
         from .modelfile import MODEL_NAME

@@ -102,9 +102,9 @@ class Predictor:
 def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predictor:
     """The model file's head, with its backbone made on first use (``Predictor.backbone``); with a
     ``weights`` FILE, at once, so weights other than the model's are refused here."""
+    model = ModelFile.load(path)  # a file that is no model is refused before the heads' imports
     from featx.heads.estimators import load_head
 
-    model = ModelFile.load(path)
     predictor = Predictor(load_head(model.head_arrays, model.head_config), model, weights)
     if weights:
         predictor.backbone  # built and checked now
