@@ -1,4 +1,4 @@
-"""The README's "without featx" script, run exactly as written, gives ``featx predict``'s probabilities on real
+"""The documented "without featx" script (docs/export.md), run exactly as written, gives ``featx predict``'s probabilities on real
 photos: large, EXIF-rotated, grey, palette, RGBA and 16-bit ones among them."""
 import json
 import re
@@ -18,12 +18,12 @@ from featx.heads.fit import fit_head
 from featx.serve.predictor import predict
 from helpers import REPO, TinyNet, linked_subset
 
-README = REPO / "README.md"
+DEPLOY_PAGE = REPO / "docs" / "export.md"
 
 
 def readme_script() -> str:
-    """The python block that follows "Without featx" in the README, as written there."""
-    text = README.read_text()
+    """The python block that follows "Without featx" on the deployment page, as written there."""
+    text = DEPLOY_PAGE.read_text()
     return re.search(r"```python\n(.*?)```", text[text.index("Without featx"):], re.S).group(1)
 
 
