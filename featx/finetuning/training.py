@@ -317,10 +317,11 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
 
 
 class Training:
-    """A fine-tuning run as its named steps: building it (``__init__``: data, network, optimizer, loaders, the
-    progress of a resumed run), an ``epoch`` of training on every rank, then rank 0's ``close`` of it
-    (``validate``, record, ``checkpoint``, patience), and ``finish`` (leave the process group, score, report).
-    The ranks share one point per epoch, ``World.decide`` around ``close``."""
+    """A fine-tuning run as its named steps: building it (``__init__``: ``load_data``, ``build_network`` with its
+    optimizer, ``prepare_boundary_cache``, ``make_loaders``, the progress of a resumed run), an ``epoch`` of
+    training on every rank, then rank 0's ``close`` of it (``validate``, record, ``checkpoint``, patience), and
+    ``finish`` (leave the process group, score, report). The ranks share one point per epoch, ``World.decide``
+    around ``close``."""
 
     def __init__(self, backbone, data, unfreeze, *, data_root, epochs, batch_size, lr, backbone_lr_scale, optimizer,
                  schedule, step_size, weight_decay, augment, head, from_scratch, patience, resume, out, device,
