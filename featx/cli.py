@@ -92,6 +92,7 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
     check_data(data, data_root)
     from .data import read_exclude
     from featx.extraction.runner import extract_taps
+    from featx.report.summary import extract_messages, extract_text
 
     results = extract_taps(backbone or DEFAULT_BACKBONE, data, layer, data_root=data_root, cache_dir=cache_dir,
                            device=device, batch_size=batch_size, workers=workers, decode=decode, dtype=dtype,
@@ -99,21 +100,10 @@ def extract(backbone, layer, weights, input_size, precision, data, data_root, ca
                            runtime=runtime, checkpoint_rows=checkpoint_rows, progress=not quiet, engine=engine,
                            address=address, actors=actors, gpus_per_actor=gpus_per_actor, tta=tta,
                            exclude=read_exclude(exclude))
-    r = results[0]
-    if r.excluded:
-        click.echo(f"featx: left out {len(r.excluded)} files --exclude names", err=True)
-    for s in {s["path"]: s for result in results for s in result.skipped_files}.values():
-        again = " (tried again next run)" if s.get("retried_next_run") else ""
-        click.echo(f"skipped {s['path']}: {s['reason']}{again}", err=True)
-    for note in r.notes:
-        click.echo(f"featx: note: {note}", err=True)
-    lines = []
-    for r in results:
-        unreadable = f", {r.unreadable} of them unreadable now and tried again next run" if r.unreadable else ""
-        lines.append(f"{r.images} images ({r.new} new, {r.skipped} skipped{unreadable}, {r.dropped} dropped) "
-                     f"{r.backbone}:{r.layer} {r.feature_dim}-d on {r.device} ({r.runtime}), {r.img_per_s} img/s"
-                     + (f" after {r.setup_s:.1f} s of setup" if r.setup_s else "") + f" -> {r.path}")
-    emit(r.as_dict() if len(results) == 1 else {"layers": [r.as_dict() for r in results]}, as_json, "\n".join(lines))
+    for message in extract_messages(results):
+        click.echo(message, err=True)
+    emit(results[0].as_dict() if len(results) == 1 else {"layers": [r.as_dict() for r in results]}, as_json,
+         extract_text(results))
 
 
 @cli.command("fit-head")
@@ -152,57 +142,13 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
         check_file(file)
     from .data import read_exclude
     from featx.heads.fit import fit_head as run_fit_head
-    from featx.report.metrics import summary_line
+    from featx.report.summary import fit_head_text
 
     m = run_fit_head(clf, list(features) or None, backbone, data, layer, data_root=data_root, cache_dir=cache_dir,
                      select_on=select_on, out=out, device=device, weights=weights, input_size=input_size,
                      precision=precision, C=C, k=k, class_weight=class_weight, tta=tta, progress=not quiet,
                      exclude=read_exclude(exclude))
-    second = "".join(f"\n{split} without the {m[split]['without_excluded']['excluded']} excluded images (optimistic: "
-                     f"a model that saw their labels chose them): accuracy {m[split]['without_excluded']['accuracy']:.4f}"
-                     f" (n={m[split]['without_excluded']['n']})" for split in ("val", "test")
-                     if split in m and m[split].get("without_excluded", {}).get("accuracy") is not None)
-    emit(m, as_json, f"{clf}: {selection_line(m['selected'])}\n{summary_line(m)}{second}\nmodel: {m['model']}\n"
-                     f"report: {m['report_page']}")
-
-
-def selection_line(selected: dict) -> str:
-    """How the hyper-parameter was chosen, in words: the value, on what, and what could not be scored."""
-    chosen = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in selected.items() if k in ("C", "k", "epochs"))
-    held = f"held-out accuracy {selected['cv_accuracy']:.4f} over {selected['scored_rows']} images, " \
-        if selected.get("cv_accuracy") is not None else ""
-    text = f"{chosen} (selected by {selected['selection']}; {held}select-on {selected['select_on']})"
-    if selected.get("unscored_classes"):
-        names = selected["unscored_classes"]
-        text += (f"; {len(names)} classes with one training image are always trained on, never scored: "
-                 f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
-    for note in ([selected["edge"]] if selected.get("edge") else []) + selected.get("warnings", []):
-        text += f"\nwarning: {note}"
-    if selected.get("excluded"):
-        text += (f"\nleft out of training {len(selected['excluded'])} files --exclude names (metrics.json: "
-                 "selected.excluded)")
-    if selected.get("excluded_but_scored"):
-        text += (f"\n{len(selected['excluded_but_scored'])} val/test files --exclude names are still scored; "
-                 "metrics.json's without_excluded is the figure without them")
-    return text + taps_lines(selected)
-
-
-def taps_lines(selected: dict) -> str:
-    """The taps a head chose between, each with its held-out accuracy, and the winner's margin."""
-    taps = [t for t in selected.get("layers", []) if "accuracy" in t]
-    if not taps:
-        return f"\nlayer {selected['layer']}: {selected['layer_selection']}" if "layers" in selected else ""
-    width = max(len(t["layer"]) for t in taps)
-    lines = [f"  {t['layer']:<{width}}  {t['accuracy']:.4f} [{t['interval95'][0]:.3f}, {t['interval95'][1]:.3f}]"
-             + ("  <- chosen" if t["chosen"] else "") for t in taps]
-    margin = selected["layer_margin"]
-    low, high = margin["interval95"]
-    verdict = (f"{selected['layer']} against {margin['over']}: {margin['margin']:+.4f} [{low:+.3f}, {high:+.3f}] "
-               + ("" if margin["told_apart"] else "(within noise: the taps are not told apart here)"))
-    return ("\nlayer chosen by held-out accuracy, 95% interval (the later of the taps within one standard error of "
-            "the best; these rows also chose C or k, so the figures are optimistic):\n"
-            + "\n".join(lines) + "\n" + verdict.rstrip())
+    emit(m, as_json, fit_head_text(clf, m))
 
 
 @cli.command()
@@ -220,38 +166,18 @@ def taps_lines(selected: dict) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_json):
     """Label and probability for image files or folders."""
-    from featx.serve.predictor import predict as run_predict
+    from featx.report.summary import prediction_line
+    from featx.serve.predictor import predict as run_predict, recorded_provenance
 
     results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot,
                           runtime=runtime, cache_dir=cache_dir)
     if as_json:
-        from .provenance import UNKNOWN
-
-        if str(model).endswith(".onnx"):
-            from featx.serve.onnxfile import load_exported
-
-            recorded = load_exported(model).get("provenance")
-            recorded = json.loads(recorded) if recorded else None
-        else:
-            from .modelfile import stored_manifest
-
-            recorded = stored_manifest(model).get("provenance")
-        emit({"predictions": results, "plot": plot, "provenance": recorded or UNKNOWN}, True, "")
+        emit({"predictions": results, "plot": plot, "provenance": recorded_provenance(model)}, True, "")
     for r in results:
-        if "error" in r:
-            click.echo(f"featx: {tsv_safe(r['path'])}: could not be read ({r['error']})", err=True)
-        elif not as_json:
-            ranked = ", ".join(f"{tsv_safe(t['label'])} {t['probability']:.6f}" for t in r["top_k"])
-            click.echo(f"{tsv_safe(r['path'])}\t{ranked}")
+        if "error" in r or not as_json:
+            click.echo(prediction_line(r), err="error" in r)
     if all("error" in r for r in results):
         raise FeatxError(f"none of the {len(results)} inputs could be predicted: pass image files")
-
-
-def tsv_safe(text: str) -> str:
-    """A path or label on one tab-separated UTF-8 line: backslash, tab, newline and carriage return are escaped,
-    and so is each byte of a file name that is not UTF-8 (as \\xff)."""
-    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @cli.command()
@@ -268,14 +194,12 @@ def tsv_safe(text: str) -> str:
 def evaluate(model, data, data_root, split, cache_dir, out, weights, device, runtime, as_json, quiet):
     """Metrics, confusion matrix and top losses of a model on a split of any dataset."""
     check_data(data, data_root)
+    from featx.report.summary import evaluate_text
     from featx.serve.predictor import evaluate as run_evaluate
 
     m = run_evaluate(model, data, split, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
                      weights=weights, runtime=runtime, progress=not quiet)
-    from featx.report.metrics import summary_line
-
-    emit(m, as_json, f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}"
-                     f"\nprovenance: {m['provenance_line']}")
+    emit(m, as_json, evaluate_text(split, m))
 
 
 @cli.command()
@@ -330,7 +254,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
     """Fine-tune named top blocks (or all, or none) of a pretrained backbone with a new or staged head."""
     check_data(data, data_root)
     from featx.finetuning.training import finetune as run_finetune
-    from featx.report.metrics import summary_line
+    from featx.report.summary import finetune_text
 
     if layer:
         raise click.UsageError("finetune trains on the backbone's pooled features; --layer does not apply")
@@ -345,12 +269,7 @@ def finetune(backbone, layer, weights, input_size, precision, data, data_root, u
         return
     for note in m["notes"]:
         click.echo(f"featx: note: {note}", err=True)
-    batches = f", {m['processes']} processes x {batch_size} = {m['global_batch_size']} images a step" \
-        if m["processes"] > 1 else ""
-    emit(m, as_json, f"trained {', '.join(m['unfreeze']) or 'the head only'}: {m['trainable_params']:,} of "
-                     f"{m['total_params']:,} parameters trainable{batches}\n"
-                     f"best epoch {m['best_epoch']} (chosen on val: {m['val_source']}): {summary_line(m)}\n"
-                     f"model: {m['model']}\nreport: {m['report_page']}")
+    emit(m, as_json, finetune_text(m, batch_size))
 
 
 @cli.command()
@@ -368,17 +287,12 @@ def compare(data, data_root, backbones, layers, clf, cache_dir, device, out, as_
     """Rank backbones, layers and heads on one dataset: score with its 95% interval, fit and extraction cost."""
     check_data(data, data_root)
     from featx.heads.leaderboard import compare as run_compare, leaderboard_table
+    from featx.report.summary import compare_text
 
     split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
     result = run_compare(data, split(backbones) or [], split(layers), split(clf), data_root=data_root,
                          cache_dir=cache_dir, device=device, out=out, progress=not quiet)
-    best = result["best"]
-    verdict = (f"best: {best['backbone']}:{best['layer']} + {best['clf']}, {best['ranked_on']} accuracy "
-               f"{best['accuracy']:.4f}" + (" (val chose it: optimistic)" if best["ranked_on"] == "val" else
-                                            " (CV chose its C or k, and the winner: optimistic)")
-               + (f", test {best['test_accuracy']:.4f}" if best["test_accuracy"] is not None else "")
-               + f"\nreproduce: {best['command']}") if best else "nothing could be scored: no val split, no CV"
-    emit(result, as_json, f"{leaderboard_table(result['rows'])}\n{verdict}\nreport: {result['report_page']}")
+    emit(result, as_json, compare_text(result, leaderboard_table(result["rows"])))
 
 
 @cli.command()
@@ -397,20 +311,14 @@ def auto(data, data_root, budget, backbones, out, cache_dir, device, as_json, qu
     and report the best model it can prove (runs/<data>__auto)."""
     check_data(data, data_root)
     from .autosearch import auto as run_auto, parse_budget
+    from featx.report.summary import auto_text
 
     parse_budget(budget)  # a wrong --budget is one line before torch is imported
     r = run_auto(data, budget, backbones, out, data_root=data_root, cache_dir=cache_dir, device=device,
                  progress=not quiet)
     for skipped in r["skipped"]:
         click.echo(f"featx: skipped {skipped['name']}: {skipped['reason']}", err=True)
-    test = r["test"]
-    emit(r, as_json, f"scenario {r['scenario']['scenario']}: {r['scenario']['finding']}\n"
-                     f"winner: {r['winner']['name']}, {r['winner']['accuracy']:.4f} on the comparison rows "
-                     f"({r['compare_rows']['source']}); {r['winner']['why']}\n{r['winner']['refit']}\n"
-                     + (f"test accuracy {test['accuracy']:.4f} (n={test['n']}, scored once, for the winner only)\n"
-                        if test else "no test split: nothing scored on test\n")
-                     + f"{r['learning_curve']['estimate']}\nmodel: {r['model']}  onnx: {r['onnx']}\n"
-                     f"report: {r['report_page']}  leaderboard: {r['leaderboard_csv']}")
+    emit(r, as_json, auto_text(r))
 
 
 @cli.command()
@@ -456,21 +364,12 @@ def advise(data, data_root, backbone, layer, cache_dir, device, as_json, quiet):
     """Measure which tap a linear head does best on, and the dataset's size; recommend one of the four scenarios."""
     check_data(data, data_root)
     from featx.heads.advice import advise as run_advise
+    from featx.report.summary import advise_text
 
     r = run_advise(data, backbone, data_root, device, layer, cache_dir, progress=not quiet)
     for warning in r["warnings"]:
         click.echo(f"featx: warning: {warning}", err=True)
-    probe = r["probe"]
-    emit(r, as_json, f"scenario {r['scenario']}: {r['verdict']}\n"
-                     f"  {r['images_per_class']} training images per class ({r['size']}; large from "
-                     f"{r['thresholds']['large_per_class']})\n"
-                     f"  {r['similarity']} from ImageNet: {'an earlier tap' if r['similarity'] == 'different' else 'no earlier tap'} "
-                     f"beats the last one{'' if r.get('layer_margin', {}).get('told_apart', True) else ' (within noise)'} "
-                     f"({probe['head']} on {probe['images']} training images, up to {probe['per_class']} a class; "
-                     f"{probe['selection']})"
-                     + taps_lines(r).replace("\n", "\n  ") + f"\n  BatchNorm shift {r['shift']} on "
-                     f"{r['shift_backbone']} (a diagnostic, not the decision)\n"
-                     + "\n".join(f"  {c}" for c in r["commands"]))
+    emit(r, as_json, advise_text(r))
 
 
 @cli.command()
@@ -491,30 +390,16 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
     """Find likely label errors, near-duplicates (leakage across splits) and outliers from cached features."""
     check_data(data, data_root)
     from featx.heads.audit import audit as run_audit
+    from featx.report.summary import audit_found, audit_summary
 
     r = run_audit(data, backbone, layer, clf, data_root=data_root, cache_dir=cache_dir, out=out, device=device,
                   progress=not quiet)
-    leaks = [d for d in r["duplicates"] if d["leak"]]
     if write_exclude:
-        from pathlib import Path
+        from .data import write_exclude as write_exclude_file
 
-        found = [i["path"] for i in r["label_issues"]] + r["leakage"]["leaking_test_images"] + \
-            [o["path"] for o in r["outliers"]]
-        Path(write_exclude).write_text("".join(f"{p}\n" for p in dict.fromkeys(found)), errors="surrogateescape")
-    cost = r["leakage"]
-    summary = {k: r[k] for k in ("data", "images", "class_counts", "class_imbalance", "leakage", "report_page")} | {
-        "label_issues": len(r["label_issues"]), "duplicates": len(r["duplicates"]), "leaks": len(leaks),
-        "outliers": len(r["outliers"])}
-    text = [f"{r['images']} images of {r['data']}: {len(r['label_issues'])} likely label errors, "
-            f"{len(r['duplicates'])} near-duplicate pairs ({len(leaks)} across splits), {len(r['outliers'])} outliers"]
-    text += [f"  label? {i['path']}: {i['given']} -> {i['suggested']} ({i['confidence']:.2f})"
-             for i in r["label_issues"][:10]]
-    text += [f"  leak: {d['split_a']} {d['a']} ~ {d['split_b']} {d['b']}" for d in leaks[:10]]
-    if cost.get("test_accuracy_without_leaks") is not None and leaks:
-        text.append(f"  test accuracy {cost['test_accuracy']:.4f}, {cost['test_accuracy_without_leaks']:.4f} "
-                    f"without the {len(cost['leaking_test_images'])} leaking test images")
-    text.append(f"report: {r['report_page']}")
-    emit(summary, as_json, "\n".join(text))
+        write_exclude_file(write_exclude, audit_found(r))
+    summary, text = audit_summary(r)
+    emit(summary, as_json, text)
 
 
 @cli.command()
@@ -530,16 +415,11 @@ def audit(data, data_root, backbone, layer, clf, cache_dir, out, write_exclude, 
 def export(model, out, opset, batch, quantize, force):
     """One ONNX file from uint8 images to class probabilities (backbone, head, calibration), runnable without featx."""
     from featx.serve.export import export_model
+    from featx.report.summary import export_text
     from featx.serve.onnxfile import load_exported
 
     path = export_model(model, out, opset, batch, quantize, force)
-    meta = load_exported(path)
-    on = meta.get("quantize_decided_on")
-    change = f"; int8 kept on {on} accuracy {meta[on + '_accuracy_fp32']} -> {meta[on + '_accuracy_int8']} over " \
-             f"{meta[on + '_images']} images" if quantize else ""
-    if quantize and "test_images" in meta:
-        change += f"; test, after: {meta['test_accuracy_fp32']} -> {meta['test_accuracy_int8']}"
-    click.echo(f"exported: {path} (checked against featx's probabilities in ONNX Runtime{change})")
+    click.echo(export_text(path, load_exported(path), quantize))
 
 
 @cli.command()
@@ -548,18 +428,13 @@ def backbones(as_json):
     """List registered backbones, their layers with each one's width, what --layer auto tries, blocks, and
     whether their weights are here."""
     from featx.extraction.backbones import list_backbones
+    from featx.report.summary import backbones_text
 
     rows = list_backbones()
     if as_json:
         emit({"backbones": rows}, True, "")
         return
-    for r in rows:
-        mark = "yes" if r["weights_available"] else "no "
-        dims = ", ".join(f"{tap} {dim}" if dim else tap for tap, dim in r["layer_dims"].items())
-        click.echo(f"{r['name']:<20} {r['feature_dim']:>5}-d  weights here: {mark}  default layer: {r['default_layer']}")
-        click.echo(f"{'':<20} layers (dim at {r['input_size']} px): {dims}")
-        click.echo(f"{'':<20} auto: {','.join(r['auto_layers'])}   blocks: {','.join(r['blocks'])}")
-    click.echo("timm:<name> also works for any timm model whose weights are in the Hugging Face cache.")
+    click.echo(backbones_text(rows))
 
 
 @cli.command()
@@ -568,17 +443,14 @@ def backbones(as_json):
 def datasets(data_root, as_json):
     """List registered dataset names and whether they are present under the data root."""
     from . import data
+    from featx.report.summary import datasets_text
 
     root = data.data_root(data_root)
-    rows = [{"name": s.name, "description": s.description, "present": (root / s.name).is_dir() or s.name == "digits",
-             "path": str(root / s.name), "source": s.url or s.manual or "bundled with scikit-learn"}
-            for s in data.DATASETS.values()]
+    rows = data.catalogue(root)
     if as_json:
         emit({"root": str(root), "datasets": rows}, True, "")
         return
-    click.echo(f"data root: {root}")
-    for r in rows:
-        click.echo(f"{r['name']:<18} {'present' if r['present'] else 'absent ':<8} {r['description']}")
+    click.echo(datasets_text(root, rows))
 
 
 def main(argv=None) -> None:

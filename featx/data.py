@@ -344,6 +344,18 @@ def unpack(spec: DatasetSpec, archive: Path, folder: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_exclude(path: str | os.PathLike, paths: list) -> None:
+    """An ``--exclude`` FILE: ``paths`` one a line, a file name that is not UTF-8 with its own bytes."""
+    Path(path).write_text("".join(f"{p}\n" for p in paths), errors="surrogateescape")
+
+
+def catalogue(root: Path) -> list[dict]:
+    """Each registered dataset: its name, what it is, whether it is under ``root``, and where it comes from."""
+    return [{"name": s.name, "description": s.description, "present": (root / s.name).is_dir() or s.name == "digits",
+             "path": str(root / s.name), "source": s.url or s.manual or "bundled with scikit-learn"}
+            for s in DATASETS.values()]
+
+
 def read_exclude(path: str | os.PathLike | None) -> list[str]:
     """The paths an ``--exclude`` FILE lists, one a line (blank lines and ``#`` comments ignored)."""
     if path is None:

@@ -17,8 +17,8 @@ ROLES = ("trained_on", "selected_on", "left_out", "held_out")
 
 
 def paths_digest(paths) -> str:
-    """SHA-256 of the sorted relative paths, one a line."""
-    return hashlib.sha256("\n".join(sorted(str(p) for p in paths)).encode()).hexdigest()
+    """SHA-256 of the sorted relative paths, one a line (a file name that is not UTF-8 hashed by its own bytes)."""
+    return hashlib.sha256("\n".join(sorted(str(p) for p in paths)).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def rows(split: str, paths, folder: str | None = None) -> dict:

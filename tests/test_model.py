@@ -151,7 +151,7 @@ def test_random_networks_are_named_by_their_tensors(tiny):
 
 
 def test_fit_head_summary_says_each_warning_on_a_line_of_its_own():
-    from featx.cli import selection_line
+    from featx.report.summary import selection_line
 
     line = selection_line({"C": 1e4, "selection": "5-fold stratified cross-validation on train", "select_on": "cv",
                            "cv_accuracy": 0.9, "scored_rows": 100, "edge": "C at the largest value tried (10000)",

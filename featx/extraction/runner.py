@@ -195,17 +195,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
     (``address``; a local one, started only if some image needs computing, when None) with ``actors``
     embedding actors of ``gpus_per_actor`` GPUs each (``ray_engine.py``); this process still writes the cache.
     """
-    if engine not in ENGINES:
-        raise FeatxError(f"--engine {engine} is not supported: use {' or '.join(ENGINES)}")
-    if engine == "ray":
-        from .ray_engine import require
-
-        require(address)  # a missing Ray or an unreachable cluster is said before any work
-    if verify not in data_mod.VERIFY:
-        raise FeatxError(f"--verify {verify} is not supported: use {' or '.join(data_mod.VERIFY)}")
-    if dtype not in ("float32", "float16"):
-        raise FeatxError(f"--dtype {dtype} is not supported: use float32 or float16")
-    check_decode(decode)
+    check_options(engine, address, verify, dtype, decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
     excluded = data_mod.match_exclude(list(exclude), ds.paths, ds.root)  # relative or absolute; none matching: an error
@@ -219,8 +209,8 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         indexes = [store.index() for store in stores]
         fingerprints = {f: data_mod.fingerprint(ds.root / f, verify) for f in ds.paths}
         onnx_dir = Path(cache_dir) / "onnx"
-        distrust = [distrusted(index, onnx_dir, store.path) for index, store in zip(indexes, stores)]
-        todos = [to_compute(index, ds.paths, fingerprints, doubtful) for index, doubtful in zip(indexes, distrust)]
+        todos = [to_compute(index, ds.paths, fingerprints, distrusted(index, onnx_dir, store.path))
+                 for index, store in zip(indexes, stores)]
         lacking = set().union(*todos)
         todo = [f for f in ds.paths if f in lacking]
         compute_start, unreadable, run = time.perf_counter(), {}, RunInfo(runtime)
@@ -230,19 +220,11 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
             for store, tap_todo in zip(stores, todos):
                 store.check_writable(len(tap_todo))
             net = p.build([tap for tap, tap_todo in zip(p.layers, todos) if tap_todo])
-            files, desc = [ds.root / f for f in todo], f"{p.spec.name}:{net.tap_name}"
-            if engine == "ray":
-                from .ray_engine import ray_features
-                from .runtimes import onnx_model, sidecar
-
-                onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
-                run.runtime = "onnxruntime" if onnx else "torch"
-                run.exports.update({onnx.name: sidecar(onnx).read_text()} if onnx else {})
-                batches = ray_features(net, files, dev, batch_size, decode, onnx and onnx.read_bytes(), address,
-                                       actors, gpus_per_actor, threads_per_actor, progress, desc, run, checkpoint_rows)
-            else:
-                batches = iter_features(net, files, dev, batch_size, workers, progress, desc=desc,
-                                        decode=decode, run=run, runtime=runtime, cache_dir=cache_dir)
+            batches = feature_batches(
+                net, [ds.root / f for f in todo], f"{p.spec.name}:{net.tap_name}", dev, runtime, run, cache_dir,
+                engine, batch_size=batch_size,
+                workers=workers, decode=decode, progress=progress, address=address, actors=actors,
+                gpus_per_actor=gpus_per_actor, threads_per_actor=threads_per_actor, checkpoint_rows=checkpoint_rows)
             targets = [(stores[p.layers.index(tap)], set(todos[p.layers.index(tap)])) for tap in net.tap_names]
             dims = net.tap_dims() if len(net.tap_names) > 1 else None
             unreadable = write_batches(targets, dims, batches, todo, fingerprints, checkpoint_rows,
@@ -252,37 +234,92 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
         ready = run.ready or compute_start
         compute_seconds = time.perf_counter() - ready
         rate = round(len(todo) / compute_seconds, 2) if todo and compute_seconds else 0.0
-        finished = []
         run.notes += split_note(indexes[0].main_meta, ds)
-        for identity, store, index, tap_todo in zip(p.identities, stores, indexes, todos):
-            speed = rate if tap_todo else index.main_meta.get("img_per_s")
-            finished.append(finish(store, ds, fingerprints, onnx_dir, lambda: {
-                **cache_attrs(identity, p.preprocess, ds), "runtime": run.runtime,
-                **({"img_per_s": float(speed)} if speed else {})}))
+        finished = finish_taps(p, stores, indexes, todos, ds, fingerprints, onnx_dir, run, rate)
     if isinstance(backbone, str):  # evaluate extracts with a model's own backbone: not a user's choice
-        workspace.record(cache_dir, "extract", {
-            "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": ",".join(p.layers),
-            "input_size": input_size, "precision": p.identities[0].precision, "tta": p.identities[0].tta,
-            "weights": weights and str(Path(weights).resolve()), "path": ", ".join(map(str, paths))})
+        record_extract(cache_dir, p, ds, input_size, weights, paths)
+    check_some_read(ds, finished, unreadable)
+    ran = {"seconds": round(time.perf_counter() - start, 3), "setup_s": round(ready - compute_start, 3),
+           "device": dev, "backbone": p.spec.name, "dataset": ds.name, "notes": run.notes, "runtime": run.runtime,
+           "engine": engine, "excluded": excluded}
+    return [tap_result(tap, path, tap_todo, done, unreadable, ds.broken, rate, ran)
+            for tap, path, tap_todo, done in zip(p.layers, paths, todos, finished)]
+
+
+def check_options(engine: str, address: str | None, verify: str, dtype: str, decode: str) -> None:
+    """Each wrong option is one line before any image is read (a missing Ray or an unreachable cluster too)."""
+    if engine not in ENGINES:
+        raise FeatxError(f"--engine {engine} is not supported: use {' or '.join(ENGINES)}")
+    if engine == "ray":
+        from .ray_engine import require
+
+        require(address)
+    if verify not in data_mod.VERIFY:
+        raise FeatxError(f"--verify {verify} is not supported: use {' or '.join(data_mod.VERIFY)}")
+    if dtype not in ("float32", "float16"):
+        raise FeatxError(f"--dtype {dtype} is not supported: use float32 or float16")
+    check_decode(decode)
+
+
+def feature_batches(net: Backbone, files: list, desc: str, dev: str, runtime: str, run: RunInfo, cache_dir,
+                    engine: str, *, batch_size, workers, decode, progress, address, actors, gpus_per_actor,
+                    threads_per_actor, checkpoint_rows):
+    """The (indices, features, failures) batches of ``files`` from this process (``iter_features``) or from a Ray
+    Data cluster (``ray_engine.py``); ``run`` learns the runtime that computes them."""
+    if engine != "ray":
+        return iter_features(net, files, dev, batch_size, workers, progress, desc=desc, decode=decode, run=run,
+                             runtime=runtime, cache_dir=cache_dir)
+    from .ray_engine import ray_features
+    from .runtimes import onnx_model, sidecar
+
+    onnx = onnx_model(net, cache_dir) if runtime == "onnxruntime" else None
+    run.runtime = "onnxruntime" if onnx else "torch"
+    run.exports.update({onnx.name: sidecar(onnx).read_text()} if onnx else {})
+    return ray_features(net, files, dev, batch_size, decode, onnx and onnx.read_bytes(), address, actors,
+                        gpus_per_actor, threads_per_actor, progress, desc, run, checkpoint_rows)
+
+
+def finish_taps(p: Plan, stores: list, indexes: list, todos: list, ds: data_mod.Dataset, fingerprints: dict,
+                onnx_dir: Path, run: RunInfo, rate: float) -> list:
+    """``finish`` each tap's cache, its attributes recording this run's rate where the tap computed images."""
+    finished = []
+    for identity, store, index, tap_todo in zip(p.identities, stores, indexes, todos):
+        speed = rate if tap_todo else index.main_meta.get("img_per_s")
+        finished.append(finish(store, ds, fingerprints, onnx_dir, lambda: {
+            **cache_attrs(identity, p.preprocess, ds), "runtime": run.runtime,
+            **({"img_per_s": float(speed)} if speed else {})}))
+    return finished
+
+
+def record_extract(cache_dir, p: Plan, ds: data_mod.Dataset, input_size: int | None, weights: str | None,
+                   paths: list) -> None:
+    """What this extraction was, for the later stages to take what they are not told (``workspace.py``)."""
+    workspace.record(cache_dir, "extract", {
+        "backbone": p.spec.name, "data": str(ds.root), "dataset": ds.name, "layer": ",".join(p.layers),
+        "input_size": input_size, "precision": p.identities[0].precision, "tta": p.identities[0].tta,
+        "weights": weights and str(Path(weights).resolve()), "path": ", ".join(map(str, paths))})
+
+
+def check_some_read(ds: data_mod.Dataset, finished: list, unreadable: dict) -> None:
+    """A dataset none of whose images decodes is an error, not an empty cache."""
     if ds.paths and not any(order for _, order, _, _ in finished):
         why = next(iter([reason for _, reason in finished[0][2].values()] + list(unreadable.values())), "unreadable")
         raise FeatxError(f"none of the {len(ds.paths)} images under {ds.root} could be read (first: {why}): replace "
                          "them with images (what could not be decoded is recorded and skipped until it changes)")
-    seconds = round(time.perf_counter() - start, 3)
-    results = []
-    for tap, path, tap_todo, (index, order, skipped, dropped) in zip(p.layers, paths, todos, finished):
-        failed = {f: reason for f, reason in unreadable.items() if f in set(tap_todo)}
-        results.append(ExtractResult(
-            path=str(path), images=len(order), new=sum(1 for f in tap_todo if f not in skipped and f not in failed),
-            skipped=len(skipped) + len(failed) + len(ds.broken), dropped=dropped, unreadable=len(failed),
-            img_per_s=rate if tap_todo else 0.0, seconds=seconds, setup_s=round(ready - compute_start, 3), device=dev,
-            backbone=p.spec.name, layer=tap,
-            feature_dim=int(index.dim or 0), dataset=ds.name, notes=run.notes, runtime=run.runtime, engine=engine,
-            excluded=excluded,
-            skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
-            + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in failed.items()]
-            + [{"path": f, "reason": reason} for f, reason in ds.broken]))
-    return results
+
+
+def tap_result(tap: str, path: Path, tap_todo: list, finished: tuple, unreadable: dict, broken: list, rate: float,
+               ran: dict) -> ExtractResult:
+    """One tap's result: its counts and skipped files, with what the whole run shares (``ran``)."""
+    index, order, skipped, dropped = finished
+    failed = {f: reason for f, reason in unreadable.items() if f in set(tap_todo)}
+    return ExtractResult(
+        path=str(path), images=len(order), new=sum(1 for f in tap_todo if f not in skipped and f not in failed),
+        skipped=len(skipped) + len(failed) + len(broken), dropped=dropped, unreadable=len(failed),
+        img_per_s=rate if tap_todo else 0.0, layer=tap, feature_dim=int(index.dim or 0), **ran,
+        skipped_files=[{"path": f, "reason": reason} for f, (_, reason) in skipped.items()]
+        + [{"path": f, "reason": reason, "retried_next_run": True} for f, reason in failed.items()]
+        + [{"path": f, "reason": reason} for f, reason in broken])
 
 
 def to_compute(index, paths: list, fingerprints: dict, doubtful=frozenset()) -> list:

@@ -317,10 +317,11 @@ def finetune(backbone: str | None = None, data: str | None = None, unfreeze: str
 
 
 class Training:
-    """A fine-tuning run as its named steps: building it (``__init__``: data, network, optimizer, loaders, the
-    progress of a resumed run), an ``epoch`` of training on every rank, then rank 0's ``close`` of it
-    (``validate``, record, ``checkpoint``, patience), and ``finish`` (leave the process group, score, report).
-    The ranks share one point per epoch, ``World.decide`` around ``close``."""
+    """A fine-tuning run as its named steps: building it (``__init__``: ``load_data``, ``build_network`` with its
+    optimizer, ``prepare_boundary_cache``, ``make_loaders``, the progress of a resumed run), an ``epoch`` of
+    training on every rank, then rank 0's ``close`` of it (``validate``, record, ``checkpoint``, patience), and
+    ``finish`` (leave the process group, score, report). The ranks share one point per epoch, ``World.decide``
+    around ``close``."""
 
     def __init__(self, backbone, data, unfreeze, *, data_root, epochs, batch_size, lr, backbone_lr_scale, optimizer,
                  schedule, step_size, weight_decay, augment, head, from_scratch, patience, resume, out, device,
@@ -335,7 +336,48 @@ class Training:
         self.progress, resume = progress and world.main, resume or restarted()
         self.epochs, self.patience, self.batch_size, self.cache_dir, self.asked_device = \
             epochs, patience, batch_size, cache_dir, device
-        ds = data_mod.load(given["data"], data_root)
+        ds = self.load_data(given["data"], data_root, val_fraction)
+        net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
+                                input_size=given["input_size"],
+                                precision=resolve_precision(given["precision"] or "auto", str(self.device)))
+        head = None if from_scratch else choose_head(head, net_b, ds, cache_dir, quiet=not world.main)
+        self.build_network(net_b, head, unfreeze, from_scratch, out, resume, lr, backbone_lr_scale, optimizer,
+                           schedule, epochs, step_size, weight_decay)
+        subsets = {s: ds.subset(s) for s in ds.split_names()}
+        self.files = {s: [ds.root / p for p in paths] for s, (paths, _) in subsets.items()}
+        self.labels = {s: y for s, (_, y) in subsets.items()}
+        self.workers = default_workers(self.device) if workers is None else workers
+        self.cache, self.cache_note = None, "boundary cache not used: --no-boundary-cache"
+        if boundary_cache:
+            self.prepare_boundary_cache(net_b, subsets, augment, views, epochs, seed, resume, boundary_cache_gb,
+                                        runtime)
+        if self.progress:
+            print(f"featx: {self.cache_note}", file=sys.stderr)
+        self.config = {"backbone": net_b.spec.name, "data": str(ds.root), "split": ds.split_source,
+                       "unfreeze": self.blocks, "from_scratch": from_scratch, "epochs": epochs,
+                       "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
+                       "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
+                       "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {}),
+                       # epoch e trains on view e mod views: another count is another run (uncached: a view an epoch);
+                       # the first min(views, epochs) epochs are the same whatever the count, so --epochs may grow
+                       **({"views": views} if self.cache and augment != "none" else {})}
+        # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler(self.device.type) if net_b.precision == "fp16" else None
+        self.state = load_checkpoint(self.checkpoint_path, self.net, self.opt, self.sched, self.config, self.scaler) \
+            if self.checkpoint_path.exists() else Progress([])
+        weights = class_weights(class_weight, self.labels["train"], ds.classes)
+        self.class_weights = None if weights is None else torch.as_tensor(weights)
+        self.make_loaders(net_b, subsets, augment, batch_size, shuffle, seed)
+        self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if world.distributed else self.net
+        # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
+        self.needed = 4 * sum(p.numel() * p.element_size() for p in self.net.parameters()) + REPORT_BYTES
+        self.micro = MicroBatches()
+        torch.manual_seed(seed + world.rank)  # the head's dropout: a stream per process (augmentation: SeededImages)
+
+    def load_data(self, data: str, data_root, val_fraction: float) -> data_mod.Dataset:
+        """The dataset, checked to have train/ and two classes; without val/, a stable share of train is val."""
+        ds = data_mod.load(data, data_root)
         if "train" not in ds.split_names():
             raise FeatxError(f"{ds.root} has no train/ split (it has {', '.join(ds.split_names())}): fine-tuning "
                              "trains on train/")
@@ -348,10 +390,13 @@ class Training:
             ds = ds.with_val_from_train(val_fraction)
         self.ds = ds
         self.val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
-        net_b = create_backbone(given["backbone"], None, given["weights"], pretrained=not from_scratch,
-                                input_size=given["input_size"],
-                                precision=resolve_precision(given["precision"] or "auto", str(self.device)))
-        head = None if from_scratch else choose_head(head, net_b, ds, cache_dir, quiet=not world.main)
+        return ds
+
+    def build_network(self, net_b, head, unfreeze, from_scratch, out, resume, lr, backbone_lr_scale, optimizer,
+                      schedule, epochs, step_size, weight_decay) -> None:
+        """The network with its starting head, the blocks that train, their optimizer and schedule, the run's
+        folder, and the provenance of the rows it trains and chooses on (and of a warm start's)."""
+        ds = self.ds
         warm = provenance.of_model(ModelFile.load(head)) if head and not str(head).startswith("imagenet:") else None
         self.provenance = provenance.record(ds.root, **fine_tune_rows(ds), chose="the epoch",
                                             **({"warm_start": warm} if warm else {}))
@@ -368,46 +413,31 @@ class Training:
         if self.checkpoint_path.exists() and not resume:
             raise FeatxError(f"{self.out} already holds a fine-tuning run: pass --resume to continue it or --out "
                              "elsewhere")
-        subsets = {s: ds.subset(s) for s in ds.split_names()}
-        self.files = {s: [ds.root / p for p in paths] for s, (paths, _) in subsets.items()}
-        self.labels = {s: y for s, (_, y) in subsets.items()}
-        self.workers = default_workers(self.device) if workers is None else workers
-        self.cache, self.cache_note = None, "boundary cache not used: --no-boundary-cache"
-        if boundary_cache and augment != "none" and resume and self.checkpoint_path.exists():
+
+    def prepare_boundary_cache(self, net_b, subsets, augment, views, epochs, seed, resume, boundary_cache_gb,
+                               runtime) -> None:
+        """The frozen part's outputs, computed once by rank 0 and read by every rank (``boundary.py``)."""
+        if augment != "none" and resume and self.checkpoint_path.exists():
             check_views(self.checkpoint_path, views)
-        if boundary_cache:
-            cut = boundary.find_cut(net_b, lambda name: in_blocks(name, net_b, self.blocks)) if self.blocks else \
-                boundary.Cut(None)  # only the head trains: the boundary is the features
-            prepare = partial(boundary.prepare, net_b, cut, ds, {s: subsets[s][0] for s in ("train", "val") if s in
-                                                                 subsets}, augment, augmentation(net_b, augment),
-                              views, epochs, seed, cache_dir, self.device, batch_size, self.workers, boundary_cache_gb,
-                              runtime, self.progress)
+        cut = boundary.find_cut(net_b, lambda name: in_blocks(name, net_b, self.blocks)) if self.blocks else \
+            boundary.Cut(None)  # only the head trains: the boundary is the features
+        prepare = partial(boundary.prepare, net_b, cut, self.ds, {s: subsets[s][0] for s in ("train", "val") if s in
+                                                                  subsets}, augment, augmentation(net_b, augment),
+                          views, epochs, seed, self.cache_dir, self.device, self.batch_size, self.workers,
+                          boundary_cache_gb, runtime, self.progress)
 
-            def build() -> None:  # rank 0, the one writer, builds it while the others wait
-                self.cache, self.cache_note = prepare()
+        def build() -> None:  # rank 0, the one writer, builds it while the others wait
+            self.cache, self.cache_note = prepare()
 
-            world.decide(build, self.device)
-            if not world.main:
-                self.cache, self.cache_note = prepare(build=False)
-            self.net.cut = self.cache and self.cache.cut
-        if self.progress:
-            print(f"featx: {self.cache_note}", file=sys.stderr)
-        self.config = {"backbone": net_b.spec.name, "data": str(ds.root), "split": ds.split_source,
-                       "unfreeze": self.blocks, "from_scratch": from_scratch, "epochs": epochs,
-                       "batch_size": batch_size, "lr": lr, "backbone_lr_scale": backbone_lr_scale,
-                       "optimizer": optimizer, "schedule": schedule, "augment": augment, "seed": seed,
-                       "head": str(head) if head else None, **({"class_weight": class_weight} if class_weight else {}),
-                       # epoch e trains on view e mod views: another count is another run (uncached: a view an epoch);
-                       # the first min(views, epochs) epochs are the same whatever the count, so --epochs may grow
-                       **({"views": views} if self.cache and augment != "none" else {})}
-        # fp16 needs its loss scaled (its range flushes small gradients to zero); bf16 has fp32's range
-        self.scaler = torch.amp.GradScaler(self.device.type) if net_b.precision == "fp16" else None
-        self.state = load_checkpoint(self.checkpoint_path, self.net, self.opt, self.sched, self.config, self.scaler) \
-            if self.checkpoint_path.exists() else Progress([])
+        self.world.decide(build, self.device)
+        if not self.world.main:
+            self.cache, self.cache_note = prepare(build=False)
+        self.net.cut = self.cache and self.cache.cut
+
+    def make_loaders(self, net_b, subsets, augment, batch_size, shuffle, seed) -> None:
+        """The epoch sampler (this rank's share under torchrun) and, without a boundary cache, the image loaders."""
+        world, train = self.world, self.files["train"]
         draft, size = net_b.preprocess.resize_size, net_b.preprocess.input_size
-        weights = class_weights(class_weight, self.labels["train"], ds.classes)
-        self.class_weights = None if weights is None else torch.as_tensor(weights)
-        train = self.files["train"]
         self.sampler = EpochTagged(DistributedSampler(train, world.size, world.rank, shuffle=shuffle, seed=seed)
                                    if world.distributed else EpochSampler(len(train), seed, shuffle))
         self.drop_last = len(self.sampler) > batch_size
@@ -419,12 +449,6 @@ class Training:
             self.val_loader = make_loader(ImageFiles(self.files.get("val", []), net_b.preprocess.transform(), draft),
                                           self.device, batch_size, self.workers, collate, 3 * size * size,
                                           persistent=True)
-        self.model = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if world.distributed else self.net
-        # what an epoch's writes need: the checkpoint (weights and two optimizer moments), the model, the report
-        self.needed = 4 * sum(p.numel() * p.element_size() for p in self.net.parameters()) + REPORT_BYTES
-        self.micro = MicroBatches()
-        torch.manual_seed(seed + world.rank)  # the head's dropout: a stream per process (augmentation: SeededImages)
 
     def epoch(self, epoch: int) -> dict:
         """Train one epoch on every rank: (loss, accuracy) over all of them, its seconds and learning rate."""

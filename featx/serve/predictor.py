@@ -160,6 +160,23 @@ def predict(model: str | os.PathLike, images: list, top_k: int = 1, device: str 
     return results
 
 
+def recorded_provenance(model: str | os.PathLike) -> dict | str:
+    """What a model file or ONNX export records of the rows it was trained and selected on, else ``UNKNOWN``;
+    read from the file's metadata, without loading the model."""
+    from featx.provenance import UNKNOWN
+
+    if str(model).endswith(".onnx"):
+        from .onnxfile import load_exported
+
+        recorded = load_exported(model).get("provenance")
+        recorded = json.loads(recorded) if recorded else None
+    else:
+        from featx.modelfile import stored_manifest
+
+        recorded = stored_manifest(model).get("provenance")
+    return recorded or UNKNOWN
+
+
 def onnx_batches(export: Path, files: list, pre: Preprocess, batch_size: int, fixed: int | None = None):
     """(indices, outputs, failures) per batch of an ONNX export over image files, decoded by Pillow to the same
     pixels as the torch path (``Preprocess.pil_array``). A ``fixed``-batch export gets its last batch padded."""
