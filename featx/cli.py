@@ -152,8 +152,9 @@ def fit_head(clf, features, backbone, layer, weights, input_size, precision, dat
 
 
 @cli.command()
-@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="model.featx from fit-head/finetune.")
+@click.option("--model", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="model.featx from fit-head/finetune/auto, or model.onnx (default: this folder's last fit-head "
+                   "or auto winner).")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG grid of titled images.")
@@ -169,6 +170,11 @@ def predict(model, images, top_k, plot, weights, device, runtime, cache_dir, as_
     from featx.report.summary import prediction_line
     from featx.serve.predictor import predict as run_predict, recorded_provenance
 
+    if model is None:
+        from .workspace import last_model
+
+        model = last_model(cache_dir)
+        click.echo(f"featx: using the last fitted model {model} (--model FILE picks another)", err=True)
     results = run_predict(model, list(images), top_k=top_k, device=device, weights=weights, plot=plot,
                           runtime=runtime, cache_dir=cache_dir)
     if as_json:

@@ -113,3 +113,13 @@ def fill(cache_dir: str | os.PathLike, command: str, **given) -> dict:
         print(f"featx: using {' · '.join(f'{k} {v}' for k, v in shown.items())} from the last extract "
               f"({state_path(cache_dir)})", file=sys.stderr)
     return filled
+
+
+def last_model(cache_dir: str | os.PathLike) -> str:
+    """The model file of this folder's last fit-head (or ``featx auto`` winner), for commands given no --model."""
+    last = read(cache_dir).get("fit_head")
+    if not last:
+        raise FeatxError("no --model given and no fit-head or auto ran in this folder: pass --model FILE")
+    if not Path(last["model"]).is_file():
+        raise FeatxError(f"the last fit-head's model {last['model']} no longer exists: pass --model FILE")
+    return last["model"]

@@ -106,3 +106,14 @@ def test_fit_head_and_predict_follow_a_flip_extraction(tiny, tmp_path, monkeypat
     assert ModelFile.load(result["model"]).identity.tta == "flip"
     predictor = load_predictor(result["model"])
     assert predictor.backbone.tta == "flip"
+
+
+def test_predict_without_model_uses_the_last_fit_head(project, tmp_path):
+    image = str(tmp_path / "data" / "cats_dogs" / "test" / "dogs" / "000.jpg")
+    missing = CliRunner().invoke(cli, ["predict", image])
+    assert missing.exit_code != 0 and "no --model given and no fit-head or auto ran in this folder" in str(missing.exception)
+    assert [typed(line).exit_code for line in THREE[:2]] == [0, 0]
+    fitted = json.loads((project / "cache" / "workspace.json").read_text())["fit_head"]["model"]
+    res = CliRunner().invoke(cli, ["predict", image, "--json"])
+    assert res.exit_code == 0 and f"using the last fitted model {fitted}" in res.stderr
+    assert json.loads(res.stdout)["predictions"][0]["label"] in ("cats", "dogs")

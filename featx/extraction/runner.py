@@ -190,7 +190,8 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
     ``runtime`` (``auto``: ONNX Runtime on a CPU, torch on CUDA) runs the network; it is recorded in the
     cache's attributes but is not part of the identity, as both give the same features.
     ``tta="flip"`` stores the mean of each image's and its mirror's features (its own cache; predict and
-    evaluate apply what the model file records). ``exclude`` lists files (relative paths) left out of the cache.
+    evaluate apply what the model file records). ``exclude`` lists files (relative or absolute paths): the training ones are left out of the cache; val and
+    test are kept whole.
     ``engine="ray"`` computes on a Ray Data cluster
     (``address``; a local one, started only if some image needs computing, when None) with ``actors``
     embedding actors of ``gpus_per_actor`` GPUs each (``ray_engine.py``); this process still writes the cache.
@@ -198,7 +199,11 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
     check_options(engine, address, verify, dtype, decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
-    excluded = data_mod.match_exclude(list(exclude), ds.paths, ds.root)  # relative or absolute; none matching: an error
+    named = set(data_mod.match_exclude(list(exclude), ds.paths, ds.root))  # relative or absolute; none matching: an error
+    excluded = [p for p, split in zip(ds.paths, ds.splits) if p in named and split == "train"]
+    if len(excluded) < len(named):  # val and test are scored in full: leaving their hard cases out would flatter them
+        print(f"featx: --exclude leaves out training images only: {len(named) - len(excluded)} of the files it "
+              "names are in val or test and stay in the cache, scored in full", file=sys.stderr)
     ds = ds.without(excluded)
     dev = ("cuda" if gpus_per_actor else "cpu") if engine == "ray" else device_name(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev), tta)

@@ -16,7 +16,7 @@ def tsv_safe(text: str) -> str:
 def extract_messages(results: list) -> list[str]:
     """What an extraction says on stderr: files --exclude left out, files skipped (once across taps), notes."""
     first = results[0]
-    messages = [f"featx: left out {len(first.excluded)} files --exclude names"] if first.excluded else []
+    messages = [f"featx: left out {len(first.excluded)} training files --exclude names"] if first.excluded else []
     for s in {s["path"]: s for result in results for s in result.skipped_files}.values():
         again = " (tried again next run)" if s.get("retried_next_run") else ""
         messages.append(f"skipped {s['path']}: {s['reason']}{again}")
