@@ -267,15 +267,23 @@ def link_dataset(folder: Path, root: Path, splits: dict, labels: dict, classes: 
     return True
 
 
-def curve_fit(points: list) -> dict:
-    """The gain from doubling the training part, extrapolated from accuracy against log2(images): an estimate."""
+def curve_fit(points: list, rows: int) -> dict:
+    """The gain from doubling the training part, extrapolated from accuracy against log2(images): an estimate,
+    with a 95% interval from each point's binomial noise on the ``rows`` comparison images."""
     n = np.log2([p["images"] for p in points])
     a = np.array([p["accuracy"] for p in points])
-    slope = float(np.polyfit(n, a, 1)[0]) if len(points) > 1 and np.ptp(n) > 0 else 0.0
+    spread = float(np.sum((n - n.mean()) ** 2))
+    slope = float(np.polyfit(n, a, 1)[0]) if len(points) > 1 and spread > 0 else 0.0
     gain = float(np.clip(slope, -a[-1], 1 - a[-1]))
-    return {"points": points, "gain_per_doubling": gain,
-            "estimate": f"doubling the training images would change accuracy by about {100 * gain:+.1f} points (an "
-                        f"estimate: a straight line through accuracy against log2(images) at {len(points)} sizes)"}
+    p = float(np.clip(a.mean(), 1 / (rows + 1), rows / (rows + 1)))
+    half = 1.96 * (p * (1 - p) / rows) ** 0.5 / spread ** 0.5 if spread > 0 else 1.0
+    interval = [gain - half, gain + half]
+    noise = interval[0] <= 0 <= interval[1]
+    return {"points": points, "gain_per_doubling": gain, "interval95": interval, "within_noise": noise,
+            "estimate": f"doubling the training images would change accuracy by about {100 * gain:+.1f} "
+                        f"[{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}] points (an estimate: a straight line "
+                        f"through accuracy against log2(images) at {len(points)} sizes, on {rows} comparison images"
+                        + ("; within noise, so it cannot tell whether more labels help)" if noise else ")")}
 
 
 class Search:
@@ -578,7 +586,7 @@ class Search:
 
         row = winner if winner["family"] == "head" else max(
             (r for r in self.measured() if r["family"] == "head"), key=lambda r: r["accuracy"])
-        options = {"curve": row["name"], "fractions": CURVE_FRACTIONS}
+        options = {"curve": row["name"], "fractions": CURVE_FRACTIONS, "rows": len(self.rows.compare)}
         known = self.results.get(f"curve__{row['name']}", options)
         if known is None:
             F = store.load(self.features[row["backbone"]][row["layer"]])
@@ -590,7 +598,7 @@ class Search:
                 accuracy = float((proba_over(fitted, F.X[compare], len(F.classes)).argmax(1) == F.y[compare]).mean())
                 points_.append({"fraction": fraction, "images": len(train), "accuracy": accuracy})
             points_.append({"fraction": 1.0, "images": row["rows"], "accuracy": row["accuracy"]})
-            known = self.results.put(f"curve__{row['name']}", options, {**curve_fit(points_), "head": row["name"]})
+            known = self.results.put(f"curve__{row['name']}", options, {**curve_fit(points_, len(compare)), "head": row["name"]})
         return known
 
 

@@ -384,12 +384,14 @@ class Training:
         if len(ds.classes) < 2:
             raise FeatxError(f"{ds.root} has one class ({ds.classes[0]}): a classifier needs at least two class "
                              "folders")
-        if "val" not in ds.split_names():
+        if "val" in ds.split_names():  # val/ folders, or the hashed split of a folder of class folders
+            self.val_source = "val/" if ds.split_source == "folders" else "the hashed val split"
+        else:
             if not 0 < val_fraction < 1:
                 raise FeatxError(f"--val-fraction {val_fraction}: use a number between 0 and 1")
             ds = ds.with_val_from_train(val_fraction)
+            self.val_source = f"{val_fraction:.0%} of train, by path hash"
         self.ds = ds
-        self.val_source = "val/" if ds.split_source == "folders" else f"{val_fraction:.0%} of train, by path hash"
         return ds
 
     def build_network(self, net_b, head, unfreeze, from_scratch, out, resume, lr, backbone_lr_scale, optimizer,
