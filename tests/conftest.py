@@ -18,9 +18,9 @@ import helpers  # noqa: E402
 
 # The longest test files, longest first: pytest-xdist hands whole files to its workers in collection order, so
 # starting these first keeps one worker from finishing a long file alone at the end.
-LONGEST_FIRST = ("test_integration_cats_dogs.py", "test_ray_engine.py", "test_integration.py", "test_audit.py",
-                 "test_few_shot.py",
-                 "test_distributed.py")
+LONGEST_FIRST = ("test_ray_engine.py", "test_integration.py", "test_integration_cats_dogs.py", "test_few_shot.py",
+                 "test_distributed.py", "test_finetune.py", "test_integration_advice.py", "test_audit.py",
+                 "test_integrity.py", "test_contract.py", "test_auto.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -102,46 +102,20 @@ def test_layer_auto_keeps_pool_on_hymenoptera(hymenoptera_features, tmp_path):
     assert m["val"]["accuracy"] >= 0.93
 
 
-def test_advise_hymenoptera_is_small_and_similar():
-    from featx.heads.advice import advise
-
-    r = advise("hymenoptera", data_root=str(SHARED_DATA))
-    assert (r["scenario"], r["size"], r["similarity"], r["layer"]) == (1, "small", "similar", "pool")
-    assert r["images_per_class"] == 122.5 and r["probe"]["images"] == 245 and 0.1 < r["shift"] < 0.25
-    assert r["commands"] == ["featx extract --backbone efficientnet_lite0 --data hymenoptera --data-root "
-                             f"{SHARED_DATA} --layer pool", "featx fit-head --clf logreg"]
-
-
-def test_advise_and_layer_auto_pick_an_early_tap_where_texture_tells_the_classes(tmp_path):
-    """Classes told apart by pixel noise alone (``make_grain_dataset``): block5 sees it, pool barely."""
-    from featx.heads import fit
-    from featx.heads.advice import advise
-    from helpers import make_grain_dataset
-
-    data = make_grain_dataset(tmp_path / "grain")
-    r = advise(str(data), cache_dir=str(tmp_path / "cache"))
-    assert (r["similarity"], r["scenario"]) == ("different", 3) and r["layer"] != "pool"
-    assert r["layer_margin"]["told_apart"] and r["layer_margin"]["over"] == "pool"  # measured: +0.25 [0.14, 0.36]
-    assert f"--layer {r['layer']}" in r["commands"][0]
-    m = fit.fit_head("logreg", data=str(data), layer="auto", cache_dir=tmp_path / "cache", out=tmp_path / "run",
-                     progress=False)
-    assert m["selected"]["layer"] == r["layer"]  # the whole train set is advise's sample here
-
-
 def test_onnx_runtime_and_torch_give_the_same_lite0_features(hymenoptera_features, tmp_path):
     """The runtime is not part of the feature identity because the features agree row by row, at every tap
-    (checked on every 5th image and the odd formats, linked under their own relative paths, to keep torch's
+    (checked on every 10th image and the odd formats, linked under their own relative paths, to keep torch's
     run short): the fixture's ONNX pass with four outputs against torch's one-tap runs."""
     first, _, earlier = hymenoptera_features
     assert first.runtime == "onnxruntime"  # auto, on a CPU
-    picked = sorted(set(list(store.load(first.path).paths)[::5]) | {"train/ants/imageNotFound.gif"})
+    picked = sorted(set(list(store.load(first.path).paths)[::10]) | {"train/ants/imageNotFound.gif"})
     subset = linked_subset(SHARED_DATA / "hymenoptera", tmp_path / "subset", picked)
     for onnx_run in (earlier[0], first):
         on_torch = featx.extract("efficientnet_lite0", str(subset), onnx_run.layer, cache_dir=tmp_path,
                                  runtime="torch", progress=False)
         assert on_torch.runtime == "torch"
         a, b = store.load(onnx_run.path), store.load(on_torch.path)
-        assert sorted(b.paths) == picked and len(picked) >= 80
+        assert sorted(b.paths) == picked and len(picked) >= 40
         row = {p: i for i, p in enumerate(a.paths)}
         onnx = a.X[[row[p] for p in b.paths]]
         cos = (onnx * b.X).sum(1) / np.linalg.norm(onnx, axis=1) / np.linalg.norm(b.X, axis=1)
