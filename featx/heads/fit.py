@@ -19,7 +19,8 @@ from featx.data import match_exclude
 from featx.errors import FeatxError
 from featx.files import REPORT_BYTES, room
 from featx.extraction.runner import extract_taps
-from .estimators import make_head, proba_over
+from .base import proba_over
+from .registry import make_head
 from featx.modelfile import MODEL_NAME, ModelFile
 from .selection import choose_tap
 
