@@ -45,7 +45,7 @@ impl, clf, classes, n, dim = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 X, y, Xt, yt = features(classes, n, dim)
 imports = time.perf_counter()
 if impl == "featx":  # what its fits import (torch for svm and mlp), timed apart, as scikit-learn's imports are
-    from featx.heads import estimators as heads
+    from featx import heads
     if clf in ("svm", "mlp"):
         import torch, torch.optim  # noqa: E401
     model = heads.make_head(clf, device="cpu")
@@ -53,7 +53,9 @@ else:
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import Normalizer, StandardScaler
-    from featx.heads.estimators import DEFAULT_CS, DEFAULT_KS, LOGREG_MAX_ITER
+    from featx.heads.knn import DEFAULT_KS
+    from featx.heads.linear import DEFAULT_CS
+    from featx.heads.logreg import LOGREG_MAX_ITER
     from featx.devices import usable_cores
     folds = StratifiedKFold(5, shuffle=True, random_state=0)
     if clf == "logreg":
@@ -85,12 +87,12 @@ import json, sys, time
 import numpy as np
 clf, classes, n, dim = sys.argv[1], *map(int, sys.argv[2:5])
 X, y, _, _ = features(classes, n, dim)
-from featx.heads import estimators as heads
+from featx import heads
 from featx.heads import solvers
 Xs = (X - X.mean(0)) / np.maximum(X.std(0), 1e-6)
 start = time.perf_counter()
 if clf == "logreg":  # one fit at C = 1, as a fold of the C path
-    heads.LinearHead("logreg")._logreg(C=1.0).fit(X, y)
+    heads.LogRegHead().pipeline(C=1.0).fit(X, y)
 elif clf == "svm":
     solvers.SquaredHinge(Xs, solvers.ovr_signs(y, classes)).solve(1e-3, gap=solvers.SVM_SELECT_GAP)
 elif clf == "knn":

@@ -3,20 +3,20 @@ Gaussian features: featx's rule (raw held-out decisions) against the old one (Pl
 then argmax), cross-fitted Platt, and logreg. Chance is 0.5. Run: python benchmarks/svm_noise_labels.py"""
 import numpy as np
 
-from featx.heads import estimators as heads
-from featx.heads.estimators import make_head
+from featx.heads import make_head
 from featx.heads.selection import calibrate
+from featx.heads.svm import SVMHead, calibrated
 
 captured = {}
-cross_fitted = heads.LinearHead._cross_fitted
+cross_fitted = SVMHead._handed_on
 
 
-def spy(self, decision, codes, class_weight):  # the held-out decisions at the chosen C
+def spy(self, decision, proba, codes, class_weight):  # the held-out decisions at the chosen C
     captured["decision"], captured["codes"] = decision, codes
-    return cross_fitted(self, decision, codes, class_weight)
+    return cross_fitted(self, decision, proba, codes, class_weight)
 
 
-heads.LinearHead._cross_fitted = spy
+SVMHead._handed_on = spy
 for n in (20, 40, 100):
     raw, in_sample, cross, logreg = [], [], [], []
     for seed in range(30):
@@ -25,7 +25,7 @@ for n in (20, 40, 100):
         head = make_head("svm", C=1.0).fit(X, y)
         raw.append(head.selected_["cv_accuracy"])
         d, c = captured["decision"], captured["codes"]
-        in_sample.append((heads.LinearHead._calibrated(d, calibrate(d, c, 2)).argmax(1) == c).mean())
+        in_sample.append((calibrated(d, calibrate(d, c, 2)).argmax(1) == c).mean())
         cross.append((head.held_out_[1].argmax(1) == c).mean())
         logreg.append(make_head("logreg", C=1.0).fit(X, y).selected_["cv_accuracy"])
     se = lambda v: np.std(v, ddof=1) / np.sqrt(len(v))  # noqa: E731

@@ -138,25 +138,6 @@ def hash_fraction(paths: list, labels: dict, fraction: float) -> list:
 # ------------------------------------------------------------------------------------------- measurement
 
 
-def paired_interval(leader: np.ndarray, other: np.ndarray) -> dict:
-    """``other`` minus ``leader`` in accuracy on the same rows, with the exact 95% interval of McNemar's test:
-    conditional on the discordant pairs, the rows only ``other`` gets right are binomial (Clopper-Pearson)."""
-    from scipy.stats import binomtest
-
-    n = len(leader)
-    only_other = int(np.sum(other & ~leader))
-    only_leader = int(np.sum(leader & ~other))
-    discordant = only_other + only_leader
-    margin = (only_other - only_leader) / n if n else 0.0
-    if discordant == 0:
-        return {"margin": 0.0, "interval95": [0.0, 0.0], "p_value": 1.0, "discordant": 0, "told_apart": False}
-    test = binomtest(only_other, discordant, 0.5)
-    low, high = test.proportion_ci(0.95, method="exact")
-    interval = [discordant / n * (2 * low - 1), discordant / n * (2 * high - 1)]
-    return {"margin": margin, "interval95": interval, "p_value": float(test.pvalue), "discordant": discordant,
-            "told_apart": bool(interval[0] > 0 or interval[1] < 0)}
-
-
 def scored(proba: np.ndarray, y: np.ndarray) -> dict:
     """Accuracy on the comparison rows with its Wilson interval, and which rows were right."""
     from featx.heads.selection import wilson
@@ -367,7 +348,8 @@ class Search:
     def head(self, candidate: Candidate, mandatory: bool = False) -> dict | None:
         """Fit ``candidate.clf`` on the training part (its C, k or epochs chosen by CV there) and score it."""
         from featx.extraction import store
-        from featx.heads.estimators import make_head, proba_over
+        from featx.heads.base import proba_over
+        from featx.heads.registry import make_head
 
         known = self.results.get(candidate.name, candidate.options())
         F = None
@@ -519,7 +501,9 @@ class Search:
         common = sorted(set(leader["paths"]) & set(other["paths"]))
         right = lambda r: np.array([bool(r["correct"][i]) for i in map({p: i for i, p in enumerate(r["paths"])}.get,
                                                                           common)])  # noqa: E731
-        return {**paired_interval(right(leader), right(other)), "rows": len(common)}
+        from featx.heads.selection import paired_comparison
+
+        return {**paired_comparison(right(leader), right(other)), "rows": len(common)}
 
     def decide(self) -> tuple[dict, dict, str]:
         """(winner, best, why): the best exportable candidate (equal scores: the better inside the training part),
@@ -582,7 +566,8 @@ class Search:
     def learning_curve(self, winner: dict) -> dict:
         """The winning head (the best head when a fine-tune won) on 25, 50 and 100% of the training part."""
         from featx.extraction import store
-        from featx.heads.estimators import make_head, proba_over
+        from featx.heads.base import proba_over
+        from featx.heads.registry import make_head
 
         row = winner if winner["family"] == "head" else max(
             (r for r in self.measured() if r["family"] == "head"), key=lambda r: r["accuracy"])
@@ -623,7 +608,8 @@ class Search:
         from featx.report import metrics as report
         from featx.extraction import store
         from featx.heads.fit import write_outputs
-        from featx.heads.estimators import make_head, proba_over
+        from featx.heads.base import proba_over
+        from featx.heads.registry import make_head
 
         F = store.load(self.features[winner["backbone"]][winner["layer"]])
         rows = self.rows.indices(F.paths, self.rows.train + self.rows.compare)

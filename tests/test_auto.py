@@ -11,7 +11,8 @@ from scipy.stats import binom
 import featx
 import helpers
 from featx import autosearch
-from featx.heads import estimators as heads
+from featx import heads
+from featx.heads import linear
 from featx import data as data_mod
 from featx.cli import main
 
@@ -38,7 +39,7 @@ def first_run(tiny, tmp_path_factory):
 def only_tiny(monkeypatch):
     monkeypatch.setattr(autosearch, "OFFLINE", ())
     monkeypatch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
-    monkeypatch.setattr(heads, "DEFAULT_CS", FEW_CS)
+    monkeypatch.setattr(linear, "DEFAULT_CS", FEW_CS)
 
 
 def choices(result: dict) -> dict:
@@ -80,10 +81,12 @@ def test_tie_goes_to_the_cheaper_candidate():
 
 
 def test_paired_interval_is_mcnemars_exact_test():
+    from featx.heads.selection import paired_comparison
+
     """The p-value is scipy's binomial on the discordant pairs, and the margin the accuracy difference."""
     rng = np.random.default_rng(0)
     leader, other = rng.random(200) < 0.8, rng.random(200) < 0.7
-    m = autosearch.paired_interval(leader, other)
+    m = paired_comparison(leader, other)
     b, c = int(np.sum(leader & ~other)), int(np.sum(other & ~leader))
     assert m["p_value"] == pytest.approx(min(1.0, 2 * binom.cdf(min(b, c), b + c, 0.5)))
     assert m["margin"] == pytest.approx(other.mean() - leader.mean())

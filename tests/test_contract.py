@@ -10,9 +10,9 @@ from sklearn.utils.estimator_checks import (check_get_params_invariance, check_n
                                             parametrize_with_checks)
 
 import featx
-from featx.heads import estimators as heads
+from featx import heads
 
-HEADS = [heads.LinearHead("logreg", Cs=[0.1, 1.0], cv=3), heads.LinearHead("svm", Cs=[0.1, 1.0], cv=3),
+HEADS = [heads.LogRegHead(Cs=[0.1, 1.0], cv=3), heads.SVMHead(Cs=[0.1, 1.0], cv=3),
          heads.KNNHead(cv=3), heads.MLPHead(max_epochs=20, device="cpu")]
 
 
@@ -26,7 +26,7 @@ def test_a_head_inside_cross_val_score():
     y = np.repeat(["ants", "bees", "wasps"], 20)
     X[y == "bees"] += 2.0
     X[y == "wasps"] -= 2.0
-    assert cross_val_score(heads.LinearHead("logreg", cv=3), X, y, cv=3).mean() > 0.9
+    assert cross_val_score(heads.LogRegHead(cv=3), X, y, cv=3).mean() > 0.9
 
 
 @pytest.mark.parametrize("check", [check_get_params_invariance, check_set_params, check_no_attributes_set_in_init,

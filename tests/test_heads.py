@@ -10,7 +10,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from featx.heads import estimators as heads
+from featx import heads
+from featx.heads import knn, linear, logreg
 from featx.errors import FeatxError
 
 
@@ -39,7 +40,7 @@ def test_each_head_learns_and_round_trips(blobs, clf):
 def test_logreg_solves_sklearns_problem(blobs, C):
     """Same objective as scikit-learn's LogisticRegression at the same C: same probabilities."""
     X, y, Xt, _ = blobs
-    head = heads.LinearHead("logreg", Cs=[C]).fit(X, y)
+    head = heads.LogRegHead(Cs=[C]).fit(X, y)
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, tol=1e-8)).fit(X, y)
     np.testing.assert_allclose(head.predict_proba(Xt), ref.predict_proba(Xt), atol=2e-3)
 
@@ -48,7 +49,7 @@ def test_logreg_solves_sklearns_problem(blobs, C):
 def test_svm_agrees_with_linearsvc_and_calibrates(blobs, n_classes):
     X, y, Xt, yt = blobs
     keep, keep_t = y < n_classes, yt < n_classes
-    head = heads.LinearHead("svm", Cs=[0.05]).fit(X[keep], y[keep])
+    head = heads.SVMHead(Cs=[0.05]).fit(X[keep], y[keep])
     ref = make_pipeline(StandardScaler(), LinearSVC(C=0.05, max_iter=20000, tol=1e-6)).fit(X[keep], y[keep])
     z, z_ref = head.margins(Xt[keep_t]), ref.decision_function(Xt[keep_t])
     assert np.corrcoef(z.ravel(), z_ref.ravel())[0, 1] > 0.99
@@ -67,9 +68,9 @@ def test_knn_matches_sklearn_cosine(blobs):
 
 def test_selection_sweeps_wide_c_range(blobs):
     X, y, _, _ = blobs
-    head = heads.LinearHead("logreg").fit(X, y)
-    assert head.selected_["candidates"] >= 20 and heads.DEFAULT_CS.min() <= 1e-6 and heads.DEFAULT_CS.max() >= 1e4
-    assert head.selected_["C"] in heads.DEFAULT_CS
+    head = heads.LogRegHead().fit(X, y)
+    assert head.selected_["candidates"] >= 20 and linear.DEFAULT_CS.min() <= 1e-6 and linear.DEFAULT_CS.max() >= 1e4
+    assert head.selected_["C"] in linear.DEFAULT_CS
 
 
 def test_select_on_predefined_validation_split(blobs):
@@ -78,7 +79,7 @@ def test_select_on_predefined_validation_split(blobs):
     Xall = np.vstack([X, Xt])
     flipped = np.r_[y, (yt + 1) % 3]
     cv = PredefinedSplit(np.r_[np.full(len(y), -1), np.zeros(len(yt), int)])
-    head = heads.LinearHead("logreg", Cs=[1e-4, 1.0], cv=cv).fit(Xall, flipped)
+    head = heads.LogRegHead(Cs=[1e-4, 1.0], cv=cv).fit(Xall, flipped)
     assert head.selected_["C"] == 1e-4
 
 
@@ -126,7 +127,7 @@ def test_folds_train_on_single_image_classes_and_never_score_them():
     assert folds.scored.sum() == len(y) - len(singles)
 
 
-@pytest.mark.parametrize("clf,key,default", [("logreg", "C", heads.FALLBACK_C), ("knn", "k", heads.FALLBACK_K)])
+@pytest.mark.parametrize("clf,key,default", [("logreg", "C", linear.FALLBACK_C), ("knn", "k", knn.FALLBACK_K)])
 def test_nothing_to_score_falls_back_and_says_so(clf, key, default):
     X = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
     head = heads.make_head(clf).fit(X, [0, 1, 2])
@@ -161,7 +162,7 @@ def test_svm_probabilities_are_calibrated(blobs, n_classes):
     keep, keep_t = y < n_classes, yt < n_classes
     cv = PredefinedSplit(np.r_[np.full(keep.sum(), -1), np.zeros(keep_t.sum() // 2, int)])
     Xs, ys = np.vstack([X[keep], Xt[keep_t][:keep_t.sum() // 2]]), np.r_[y[keep], yt[keep_t][:keep_t.sum() // 2]]
-    head = heads.LinearHead("svm", cv=cv).fit(Xs, ys)
+    head = heads.SVMHead(cv=cv).fit(Xs, ys)
     Xtest, ytest = Xt[keep_t][keep_t.sum() // 2:], yt[keep_t][keep_t.sum() // 2:]
     z = head.margins(Xtest)  # the uncalibrated decision values, one column for two classes
     raw = np.c_[-z / 2, z / 2] if z.shape[1] == 1 else z
@@ -173,9 +174,9 @@ def test_c_ties_go_to_the_lowest_held_out_loss(blobs):
     from featx.heads.selection import log_loss_of
 
     X, y, Xt, yt = blobs
-    head = heads.LinearHead("logreg").fit(X, y)
-    assert head.selected_["C"] > heads.DEFAULT_CS.min()
-    timid = heads.LinearHead("logreg", Cs=[heads.DEFAULT_CS.min()]).fit(X, y)
+    head = heads.LogRegHead().fit(X, y)
+    assert head.selected_["C"] > linear.DEFAULT_CS.min()
+    timid = heads.LogRegHead(Cs=[linear.DEFAULT_CS.min()]).fit(X, y)
     assert log_loss_of(head.predict_proba(Xt), yt) < log_loss_of(timid.predict_proba(Xt), yt)
     assert head.selected_["refit_iterations"] < 1000
 
@@ -197,11 +198,11 @@ def imbalanced(blobs):
 @pytest.mark.parametrize("C", [1e-3, 0.1])
 def test_balanced_logreg_solves_sklearns_balanced_problem(blobs, C):
     X, y, Xt, _ = imbalanced(blobs)
-    head = heads.LinearHead("logreg", Cs=[C], class_weight="balanced").fit(X, y)
+    head = heads.LogRegHead(Cs=[C], class_weight="balanced").fit(X, y)
     ref = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=5000,
                                                              tol=1e-8)).fit(X, y)
     np.testing.assert_allclose(head.predict_proba(Xt), ref.predict_proba(Xt), atol=2e-3)
-    plain = heads.LinearHead("logreg", Cs=[C]).fit(X, y)
+    plain = heads.LogRegHead(Cs=[C]).fit(X, y)
     assert head.predict_proba(Xt)[:, 0].mean() > plain.predict_proba(Xt)[:, 0].mean() + 0.01
 
 
@@ -217,7 +218,7 @@ def test_class_weight_is_checked():
     with pytest.raises(FeatxError, match="--class-weight applies to logreg, svm and mlp"):
         heads.make_head("knn", class_weight="balanced")
     with pytest.raises(FeatxError, match="use balanced"):
-        heads.LinearHead("logreg", class_weight="even").fit(np.eye(4), [0, 1, 0, 1])
+        heads.LogRegHead(class_weight="even").fit(np.eye(4), [0, 1, 0, 1])
 
 
 def test_squared_hinge_path_solves_each_c_as_linearsvc_does(blobs):
@@ -241,7 +242,7 @@ def test_binary_logreg_is_fitted_at_c_not_2c(blobs):
     X, y, Xt, _ = blobs
     two = y < 2
     head = heads.make_head("logreg", C=0.01).fit(X[two], y[two])
-    at_c = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=heads.LOGREG_MAX_ITER))
+    at_c = make_pipeline(StandardScaler(), LogisticRegression(C=0.01, max_iter=logreg.LOGREG_MAX_ITER))
     np.testing.assert_allclose(head.predict_proba(Xt), at_c.fit(X[two], y[two]).predict_proba(Xt), atol=1e-6)
 
 
@@ -262,7 +263,7 @@ def test_knn_probabilities_are_smoothed_never_zero(blobs):
     proba = head.predict_proba(Xt)
     assert proba.min() > 0 and 0 < head.smoothing_[0] < 100 and np.isfinite(log_loss_of(proba, yt))
     votes = KNeighborsClassifier(3, algorithm="brute").fit(X / np.linalg.norm(X, axis=1, keepdims=True), y)
-    np.testing.assert_allclose(proba, heads.smoothed(votes.predict_proba(
+    np.testing.assert_allclose(proba, knn.smoothed(votes.predict_proba(
         Xt / np.linalg.norm(Xt, axis=1, keepdims=True)) * 3, 3, head.smoothing_[0]), atol=1e-9)
 
 
@@ -277,15 +278,15 @@ def test_mlp_refits_on_train_and_val_for_the_selected_epochs(blobs):
 
 def test_chosen_value_at_the_edge_of_the_grid_is_flagged(blobs):
     X, y, _, _ = blobs
-    head = heads.LinearHead("logreg", Cs=[1e-6, 1.0]).fit(X, y)
+    head = heads.LogRegHead(Cs=[1e-6, 1.0]).fit(X, y)
     assert head.selected_["C"] == 1.0 and head.selected_["edge"] == "C at the largest value tried (1)"
-    assert "edge" not in heads.LinearHead("logreg", Cs=[1e-6, 1.0, 1e6]).fit(X, y).selected_
+    assert "edge" not in heads.LogRegHead(Cs=[1e-6, 1.0, 1e6]).fit(X, y).selected_
 
 
 def test_convergence_warnings_reach_the_summary(blobs, monkeypatch):
     X, y, _, _ = blobs
-    monkeypatch.setattr(heads, "LOGREG_MAX_ITER", 1)
-    head = heads.LinearHead("logreg", Cs=[1.0]).fit(X, y)
+    monkeypatch.setattr(logreg, "LOGREG_MAX_ITER", 1)
+    head = heads.LogRegHead(Cs=[1.0]).fit(X, y)
     assert head.selected_["warnings"] == [f"{head.selected_['fits']} of {head.selected_['fits']} fits stopped at "
                                           "their iteration limit before converging (scikit-learn's ConvergenceWarning)"]
 

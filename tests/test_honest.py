@@ -18,7 +18,7 @@ from featx.finetuning import warmstart
 from featx.cli import cli
 from featx.errors import FeatxError
 from featx.heads.fit import fit_head
-from featx.heads.estimators import load_head, make_head
+from featx.heads import load_head, make_head
 from featx.modelfile import ModelFile
 from helpers import make_dataset
 

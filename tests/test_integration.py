@@ -143,7 +143,7 @@ def sklearn_reference(clf: str, value, folds, n_classes: int):
     from sklearn.preprocessing import Normalizer, StandardScaler
     from sklearn.svm import LinearSVC
 
-    from featx.heads.estimators import LOGREG_MAX_ITER
+    from featx.heads.logreg import LOGREG_MAX_ITER
 
     if clf == "logreg":
         return make_pipeline(StandardScaler(), LogisticRegression(C=value, max_iter=LOGREG_MAX_ITER))
@@ -160,7 +160,8 @@ def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_
     """At a fixed C or k, featx's probabilities are scikit-learn's to 1e-4 and its accuracy is equal: the
     binary logreg is fitted at C (not 2C), the SVM solves LinearSVC's problem and is calibrated as
     CalibratedClassifierCV calibrates it, kNN's votes are KNeighborsClassifier's (then smoothed)."""
-    from featx.heads import estimators as heads
+    from featx import heads
+    from featx.heads import knn
     from featx.heads.selection import make_folds
 
     F = store.load(hymenoptera_features[0].path if dataset == "hymenoptera" else digits_features.path)
@@ -171,7 +172,7 @@ def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_
     ref = sklearn_reference(clf, value, folds, len(np.unique(y))).fit(X, y)
     expected = ref.predict_proba(Xt)
     if clf == "knn":
-        expected = heads.smoothed(expected * value, value, float(head.smoothing_[0]))
+        expected = knn.smoothed(expected * value, value, float(head.smoothing_[0]))
     np.testing.assert_allclose(head.predict_proba(Xt), expected, atol=1e-4)
     assert head.score(Xt, yt) == ref.score(Xt, yt)
     if clf == "svm":

@@ -11,8 +11,8 @@ from featx.extraction import runner as extraction
 from featx.extraction import store
 from featx.cli import cli
 from featx.heads.fit import fit_head
-from featx.heads.estimators import make_head
-from featx.heads.selection import choose_tap, paired_margin
+from featx.heads import make_head
+from featx.heads.selection import choose_tap, paired_comparison, wilson
 from featx.extraction.specs import auto_layers, parse_layers
 
 
@@ -140,12 +140,52 @@ def test_nothing_held_out_keeps_the_last_tap():
     assert index == 1 and record["layer_selection"].startswith("none")
 
 
-def test_paired_margin_is_narrower_than_separate_intervals():
+def test_paired_comparison_is_narrower_than_separate_intervals():
     a = np.r_[np.ones(90), np.zeros(10)].astype(bool)
     b = a.copy()
     b[:5] = False  # wrong on five more images, right wherever a is wrong
-    margin, (low, high) = paired_margin(a, b)
-    assert margin == pytest.approx(0.05) and 0 < low < 0.05 < high < 0.1
+    m = paired_comparison(b, a)
+    low, high = m["interval95"]
+    assert m["margin"] == pytest.approx(0.05) and m["discordant"] == 5 and m["p_value"] == pytest.approx(2 / 2 ** 5)
+    assert low < 0 < high == pytest.approx(0.05) and not m["told_apart"]  # five of five discordant rows: p = 0.0625
+    assert high - low < wilson(0.9, 100)[1] - wilson(0.9, 100)[0]
+    b[5:10] = False  # ten of ten: p = 0.002, told apart
+    assert paired_comparison(b, a)["told_apart"] and paired_comparison(b, a)["interval95"][0] > 0
+
+
+def test_paired_comparison_interval_is_clopper_pearson_on_the_discordant_rows():
+    from scipy.stats import beta
+
+    rng = np.random.default_rng(1)
+    leader, other = rng.random(60) < 0.7, rng.random(60) < 0.8
+    m = paired_comparison(leader, other)
+    wins, d = int(np.sum(other & ~leader)), int(np.sum(other != leader))
+    low, high = beta.ppf(0.025, wins, d - wins + 1), beta.ppf(0.975, wins + 1, d - wins)
+    np.testing.assert_allclose(m["interval95"], [d / 60 * (2 * low - 1), d / 60 * (2 * high - 1)], atol=1e-9)
+    assert m["margin"] == pytest.approx(other.mean() - leader.mean())
+    assert paired_comparison(leader, leader) == {"margin": 0.0, "interval95": [0.0, 0.0], "p_value": 1.0,
+                                                 "discordant": 0, "told_apart": False}
+
+
+@pytest.mark.parametrize("n", [1, 7, 40, 600])
+def test_wilson_is_the_textbook_formula(n):
+    z = 1.959963984540054
+    for k in range(n + 1):
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        np.testing.assert_allclose(wilson(p, n), [max(0, centre - half), min(1, centre + half)], atol=1e-6)
+
+
+def test_the_tap_tie_rule_is_best_index(monkeypatch):
+    from featx.heads import selection
+
+    seen = []
+    real = selection.best_index
+    monkeypatch.setattr(selection, "best_index", lambda *a: seen.append(a) or real(*a))
+    X, y = np.random.default_rng(0).normal(size=(40, 3)), np.arange(40) % 2
+    fitted = [make_head("logreg", C=1.0, cv=3).fit(X, y) for _ in range(2)]
+    assert choose_tap(["a", "b"], fitted)[0] == 1 and seen[-1][1] == [0, -1]  # equal taps: the later one
 
 
 def test_fit_head_auto_scores_test_for_the_chosen_tap_only(tiny, tmp_path, monkeypatch):

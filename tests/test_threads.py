@@ -7,7 +7,7 @@ import torch
 from threadpoolctl import threadpool_info
 
 from featx import threads
-from featx.heads import estimators as heads
+from featx import heads
 
 
 def blas_threads() -> int:

@@ -19,7 +19,9 @@ from featx import provenance
 from featx import workspace
 from featx.extraction.network import Backbone
 from featx.errors import FeatxError
-from featx.heads.estimators import LinearHead, MLPHead, load_head, mlp_arrays
+from featx.heads.knn import KNNHead
+from featx.heads.mlp import mlp_arrays
+from featx.heads.registry import load_head
 from featx.modelfile import ModelFile
 
 
@@ -39,19 +41,10 @@ def starting_head(head: str | None, net: Backbone, classes: list) -> nn.Module:
     return fresh_head(net, len(classes))
 
 
-class Standardise(nn.Module):
-    def __init__(self, mean: np.ndarray, scale: np.ndarray):
-        super().__init__()
-        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.float32))
-
-    def forward(self, x):
-        return (x - self.mean) / self.scale
-
-
 def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
-    """A stage-2 head as a torch module: logreg/svm folded into one Linear (the svm's Platt sigmoid or
-    temperature folded in too, so its probabilities are the stage-2 model's), or the MLP with its scaler."""
+    """A stage-2 head as a torch module from features to logits, the head's own (``torch_logits``): logreg/svm
+    as one Linear with standardisation and the svm's Platt sigmoid or temperature folded in, so its probabilities
+    are the stage-2 model's, or the MLP with its scaler."""
     model = ModelFile.load(path)
     if model.identity != net.identity():
         raise FeatxError(f"{path} was fitted on features of {model.identity.backbone}:{model.identity.layer} "
@@ -60,24 +53,10 @@ def head_from_model(path: str, net: Backbone, classes: list) -> nn.Module:
     if model.classes != classes:
         raise FeatxError(f"{path} knows classes {model.classes}, the dataset has {classes}: fit it on this data")
     head = load_head(model.head_arrays, model.head_config)
-    if isinstance(head, MLPHead):
-        return nn.Sequential(Standardise(head.mean_, head.scale_), head.module())
-    if not isinstance(head, LinearHead) or len(head.classes_) != len(classes):
+    if isinstance(head, KNNHead) or len(head.classes_) != len(classes):
         raise FeatxError(f"{path} holds a {model.head_config['kind']} head trained on a subset of the classes: "
                          "warm-start from fit-head --clf logreg or mlp")
-    W = head.coef_ / head.scale_
-    b = head.intercept_ - W @ head.mean_
-    if head.kind == "svm" and hasattr(head, "temperature_"):  # softmax(z / T)
-        W, b = W / head.temperature_[0], b / head.temperature_[0]
-    elif head.kind == "svm" and W.shape[0] == 1:  # Platt: p = 1 / (1 + exp(a z + b)), log-odds -(a z + b)
-        W, b = -head.calib_a_[0] * W, -(head.calib_a_[0] * b + head.calib_b_[0])
-    if W.shape[0] == 1:  # binary svm: one decision column -> two logits with the same difference
-        W, b = np.vstack([-W / 2, W / 2]), np.r_[-b / 2, b / 2]
-    linear = nn.Linear(W.shape[1], W.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(torch.as_tensor(W))
-        linear.bias.copy_(torch.as_tensor(b))
-    return linear
+    return head.torch_logits()
 
 
 def imagenet_categories() -> list[str]:

@@ -1,11 +1,13 @@
 """Stage 2: classical heads on cached features, their honest selection, and what is built on them.
 
-The estimators are imported on first use (PEP 562), so importing a sibling module stays cheap.
+One module per head (``logreg``, ``svm``, ``knn``, ``mlp``) on a shared base (``base``; ``linear`` for what logreg
+and svm share); ``registry`` makes and loads them. They are imported on first use (PEP 562), so importing a
+sibling module stays cheap.
 """
 from importlib import import_module
 
-_EXPORTS = {"Head": "estimators", "LinearHead": "estimators", "KNNHead": "estimators", "MLPHead": "estimators",
-            "make_head": "estimators", "load_head": "estimators"}
+_EXPORTS = {"Head": "base", "LinearHead": "linear", "LogRegHead": "logreg", "SVMHead": "svm", "KNNHead": "knn",
+            "MLPHead": "mlp", "make_head": "registry", "load_head": "registry"}
 __all__ = list(_EXPORTS)
 
 

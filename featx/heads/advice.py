@@ -24,7 +24,7 @@ from featx.extraction.backbones import create_backbone, resolve_backbone
 from featx.devices import device_name
 from featx.errors import FeatxError
 from featx.extraction.runner import iter_features, split_taps
-from .estimators import make_head
+from .registry import make_head
 from featx.extraction.runtimes import resolve_runtime
 from .selection import choose_tap
 

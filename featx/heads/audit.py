@@ -23,7 +23,9 @@ from featx import workspace
 from featx.errors import FeatxError
 from featx.extraction.runner import extract_taps
 from featx.files import REPORT_BYTES, room
-from .estimators import MLPHead, make_head, proba_over
+from .base import proba_over
+from .mlp import MLPHead
+from .registry import make_head
 from .selection import make_folds
 from featx.report.page import image_grid, table, write_page
 

@@ -19,7 +19,8 @@ from featx.data import match_exclude
 from featx.errors import FeatxError
 from featx.files import REPORT_BYTES, room
 from featx.extraction.runner import extract_taps
-from .estimators import make_head, proba_over
+from .base import proba_over
+from .registry import make_head
 from featx.modelfile import MODEL_NAME, ModelFile
 from .selection import choose_tap
 
@@ -74,6 +75,27 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
         if not np.array_equal(other.paths, F.paths) or not np.array_equal(other.splits, F.splits):
             raise FeatxError(f"{other.path} and {F.path} hold different images: run 'featx extract' with both "
                              "layers again to bring them up to date together")
+    head, F, selected, held_out = select(clf, candidates, select_on, device, C, k, class_weight, progress)
+    selected |= {**({"excluded": excluded} if excluded else {}),
+                 **({"excluded_but_scored": scored_despite} if scored_despite else {})}
+    metrics = score(head, F, held_out, scored_despite)
+    split_rows = lambda split: provenance.rows(split, F.paths[F.splits == split])  # noqa: E731
+    prov = provenance.record(F.attrs["dataset_root"], [split_rows(s) for s in ("train", "val")[:1 + (select_on == "val")]],
+                             [split_rows("train" if select_on == "cv" else "val")], [provenance.rows("train", excluded)],
+                             [split_rows(s) for s in held_out],
+                             chose="C, k or epochs" + (" and the tap" if len(candidates) > 1 else ""))
+    out = Path(out or Path("runs") / f"{F.attrs['dataset']}__{F.attrs['backbone']}__{F.attrs['layer']}__{clf}")
+    arrays, config = head.export()
+    config["selected"] = selected
+    with room(out, sum(np.asarray(a).nbytes for a in arrays.values()) + REPORT_BYTES):
+        return write_outputs(out, F, clf, arrays, config, metrics, selected, select_on, weights, cache_dir, prov)
+
+
+def select(clf: str, candidates: list, select_on: str, device: str, C, k, class_weight, progress: bool):
+    """The selection step: a head fitted on each tap's training rows (cross-validated, or selected on val and
+    refitted on train + val), the tap chosen by ``choose_tap``. Returns (head, its features, ``selected``, the
+    held-out splits left to score)."""
+    F = candidates[0]
     held_out = [s for s in ("val", "test") if s in F.split_names()]
     cv, rows = 5, F.splits == "train"
     if select_on == "val":
@@ -97,8 +119,7 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
     F, head = candidates[chosen], heads[chosen]
     fit_seconds = time.perf_counter() - start
     selected = {**head.selected_, "select_on": select_on, "fit_seconds": round(fit_seconds, 3),
-                "class_weight": class_weight, **taps, **({"excluded": excluded} if excluded else {}),
-                **({"excluded_but_scored": scored_despite} if scored_despite else {})}
+                "class_weight": class_weight, **taps}
     selected["unscored_classes"] = [F.classes[int(head.classes_[c])] for c in selected.get("unscored_classes", [])]
     untrained = [c for i, c in enumerate(F.classes) if i not in set(head.classes_.tolist())]
     if untrained:
@@ -106,6 +127,11 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
             f"{len(untrained)} classes have no training images ({', '.join(untrained[:8])}"
             f"{' ...' if len(untrained) > 8 else ''}): the head never predicts them, so their held-out images "
             "count as errors"]
+    return head, F, selected, held_out
+
+
+def score(head, F, held_out: list, scored_despite: list) -> dict:
+    """The report step's figures: each held-out split scored in full, and without the ``--exclude`` images."""
     metrics = {}
     for split in held_out:
         Xs, ys, paths = F.split(split)
@@ -119,16 +145,7 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
                 "n": int(kept.sum()), "excluded": int(named_here.sum()),
                 "note": "a second figure, without the images --exclude names: they were picked by a model that saw "
                         "their labels, so this one is optimistic; the split's own figure is on every image"}
-    split_rows = lambda split: provenance.rows(split, F.paths[F.splits == split])  # noqa: E731
-    prov = provenance.record(F.attrs["dataset_root"], [split_rows(s) for s in ("train", "val")[:1 + (select_on == "val")]],
-                             [split_rows("train" if select_on == "cv" else "val")], [provenance.rows("train", excluded)],
-                             [split_rows(s) for s in held_out],
-                             chose="C, k or epochs" + (" and the tap" if len(candidates) > 1 else ""))
-    out = Path(out or Path("runs") / f"{F.attrs['dataset']}__{F.attrs['backbone']}__{F.attrs['layer']}__{clf}")
-    arrays, config = head.export()
-    config["selected"] = selected
-    with room(out, sum(np.asarray(a).nbytes for a in arrays.values()) + REPORT_BYTES):
-        return write_outputs(out, F, clf, arrays, config, metrics, selected, select_on, weights, cache_dir, prov)
+    return metrics
 
 
 def write_outputs(out: Path, F, clf: str, arrays: dict, config: dict, metrics: dict, selected: dict,

@@ -23,9 +23,10 @@ from featx.extraction.runner import extract, extract_taps
 from featx.files import REPORT_BYTES, room
 from .fit import fit_head, record_head
 from featx.report.page import table, write_page
-from .estimators import load_head, make_head, proba_over
+from .base import proba_over
+from .registry import load_head, make_head
 from featx.modelfile import ModelFile
-from .selection import paired_margin, wilson
+from .selection import paired_comparison, wilson
 
 HEADS = ("logreg", "svm", "knn", "mlp")
 
@@ -51,7 +52,7 @@ def held_out_right(result: dict, clf: str) -> tuple[str, dict]:
 
 def rank_rows(rows: list, right: list) -> None:
     """Score every row on the images all rows were scored on, sort best first, and give each its accuracy's
-    Wilson interval and its paired margin against the best (``selection.paired_margin``)."""
+    Wilson interval and its paired margin against the best (``selection.paired_comparison``: McNemar's exact test)."""
     common = sorted(set.intersection(*(set(r) for r in right))) if right else []
     correct = [np.array([hits[p] for p in common], bool) for hits in right]
     for row, hits in zip(rows, correct):
@@ -61,8 +62,9 @@ def rank_rows(rows: list, right: list) -> None:
     order = sorted(range(len(rows)), key=lambda i: (rows[i]["accuracy"] is not None, rows[i]["accuracy"] or 0),
                    reverse=True)
     for i in order if common else []:
-        margin, interval = paired_margin(correct[i], correct[order[0]])
-        rows[i]["against_best"] = {"margin": margin, "interval95": interval, "told_apart": bool(interval[1] < 0)}
+        paired = paired_comparison(correct[order[0]], correct[i])
+        rows[i]["against_best"] = {"margin": paired["margin"], "interval95": paired["interval95"],
+                                   "told_apart": bool(paired["interval95"][1] < 0)}
     rows[:] = [rows[i] for i in order]
 
 

@@ -7,7 +7,6 @@ Every score, tie-break and calibration uses held-out rows only.
 """
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
@@ -15,7 +14,6 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 
 SEED = 0
-Z95 = 1.96  # the normal quantile of a two-sided 95% interval
 
 
 class Folds:
@@ -141,21 +139,35 @@ def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int, class_wei
     return {"temperature": np.array([1.0 / float(calibrator.beta_)])}
 
 
-def wilson(accuracy: float, n: int, z: float = Z95) -> list:
-    """The 95% Wilson interval of an accuracy measured on ``n`` images."""
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return [max(0.0, centre - half), min(1.0, centre + half)]
+def wilson(accuracy: float, n: int) -> list:
+    """The 95% Wilson score interval of an accuracy measured on ``n`` images (scipy's)."""
+    from scipy.stats import binomtest
+
+    interval = binomtest(int(round(accuracy * n)), n).proportion_ci(0.95, method="wilson")
+    return [float(interval.low), float(interval.high)]
 
 
-def paired_margin(correct: np.ndarray, other: np.ndarray, z: float = Z95) -> tuple[float, list]:
-    """(accuracy difference, its 95% interval) of two classifiers right or wrong on the same rows: the normal
-    interval of the mean per-row difference, which is much narrower than two separate intervals when the
-    classifiers err on the same images."""
-    difference = correct.astype(float) - other.astype(float)
-    mean = float(difference.mean())
-    half = z * float(difference.std(ddof=1)) / math.sqrt(len(difference)) if len(difference) > 1 else math.inf
-    return mean, [mean - half, mean + half]
+def paired_comparison(leader: np.ndarray, other: np.ndarray) -> dict:
+    """Two classifiers right or wrong on the same rows: ``other`` minus ``leader`` in accuracy, with McNemar's
+    exact test. Only the discordant rows (one right, the other wrong) carry information; given their number m,
+    the count that only ``other`` gets right is binomial(m, 1/2) when the two are equally accurate, so the
+    p-value is that binomial test's, and the 95% interval of the difference, m / n * (2 pi - 1), comes from the
+    Clopper-Pearson interval of pi, the share of discordant rows ``other`` wins. No discordant row: a
+    difference of 0, [0, 0]. Far narrower than two separate intervals when the classifiers err on the same
+    images, and exact for the small n of few-shot data (a normal interval is not)."""
+    from scipy.stats import binomtest
+
+    leader, other = np.asarray(leader, bool), np.asarray(other, bool)
+    n = len(leader)
+    only_other, only_leader = int(np.sum(other & ~leader)), int(np.sum(leader & ~other))
+    discordant = only_other + only_leader
+    if discordant == 0:
+        return {"margin": 0.0, "interval95": [0.0, 0.0], "p_value": 1.0, "discordant": 0, "told_apart": False}
+    test = binomtest(only_other, discordant, 0.5)
+    low, high = test.proportion_ci(0.95, method="exact")
+    interval = [discordant / n * (2 * low - 1), discordant / n * (2 * high - 1)]
+    return {"margin": (only_other - only_leader) / n, "interval95": interval, "p_value": float(test.pvalue),
+            "discordant": discordant, "told_apart": bool(interval[0] > 0 or interval[1] < 0)}
 
 
 def choose_tap(layers: list, heads: list) -> tuple[int, dict]:
@@ -164,7 +176,7 @@ def choose_tap(layers: list, heads: list) -> tuple[int, dict]:
     that chose each head's C or k, the same rows for every tap, as their folds depend on the labels only) is within one standard error of the best tie, and the tie goes to the later tap
     (the deeper features, the usual choice). The record holds every tap's accuracy with its Wilson interval,
     and the kept tap's margin over the last tap (over the best other when the last is kept) with its paired
-    interval. Without held-out rows the last tap is kept and the record says why. Returns (index, record)."""
+    interval (``paired_comparison``). Without held-out rows the last tap is kept and the record says why. Returns (index, record)."""
     held = [head.held_out_ for head in heads]
     if any(h is None for h in held):
         last = len(layers) - 1
@@ -174,17 +186,15 @@ def choose_tap(layers: list, heads: list) -> tuple[int, dict]:
     common = sorted(set.intersection(*(set(c) for c in correct)))  # every tap ranked on the same rows
     correct = [{r: c[r] for r in common} for c in correct]
     accuracy = [float(np.mean(list(c.values()))) for c in correct]
-    top = max(accuracy)
-    tolerance = (top * (1 - top) / len(common)) ** 0.5 + 1e-12
-    best = max(i for i, a in enumerate(accuracy) if a >= top - tolerance)
+    best = best_index(accuracy, [-i for i in range(len(layers))], len(common))  # a tie goes to the later tap
     other = len(layers) - 1 if best != len(layers) - 1 else \
         max(range(len(layers) - 1), key=lambda i: (accuracy[i], i))
-    margin, interval = paired_margin(np.array([correct[best][r] for r in common]),
-                                     np.array([correct[other][r] for r in common]))
+    paired = paired_comparison(np.array([correct[other][r] for r in common]),
+                               np.array([correct[best][r] for r in common]))
     return best, {
         "layer": layers[best], "layer_selection": "held-out accuracy: the later of the taps within one standard "
                                                   "error of the best",
         "layers": [{"layer": name, "accuracy": a, "interval95": wilson(a, len(c)), "scored_rows": len(c),
                     "chosen": i == best} for i, (name, a, c) in enumerate(zip(layers, accuracy, correct))],
-        "layer_margin": {"over": layers[other], "margin": margin, "interval95": interval, "rows": len(common),
-                         "told_apart": interval[0] > 0}}
+        "layer_margin": {"over": layers[other], "margin": paired["margin"], "interval95": paired["interval95"],
+                         "rows": len(common), "told_apart": paired["interval95"][0] > 0}}

@@ -3,7 +3,7 @@
 The graph takes uint8 images, N×3×H×W, already resized and centre-cropped as the model's preprocessing says
 (the metadata says how), and gives class probabilities: normalisation, the frozen or fine-tuned backbone, the
 head's standardisation, its linear layers and its calibration are all inside. torch's ONNX exporter writes it
-from a torch module that computes exactly what the head's numpy ``predict_proba`` does; the file is checked by
+from the head's own torch form (``Head.to_torch``), which computes what its numpy ``predict_proba`` does; the file is checked by
 ``onnx.checker`` and, in ONNX Runtime, against featx's own probabilities before it is kept. Its
 ``metadata_props`` carry the class names, the preprocessing and a SHA-256 of the graph, which ``featx predict``
 checks before it trusts the file.
@@ -26,46 +26,6 @@ from .onnxfile import DIGEST_KEY, FORMAT, stamp
 AGREEMENT = 1e-4  # largest difference in probability between ONNX Runtime and featx, checked on export
 
 
-def head_module(head):
-    """The fitted head as a torch module from standardised-or-not features to probabilities (linear heads with
-    their calibration, the MLP); a kNN head holds its training set and a vote, which is refused in one line."""
-    import torch
-
-    kind = head.kind
-    if kind == "knn":
-        raise FeatxError("a knn head does not export: its training features and vote are not a network; export a "
-                         "logreg, svm or mlp model instead")
-    tensor = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64))  # noqa: E731
-
-    class Head(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("mean", tensor(head.mean_))
-            self.register_buffer("scale", tensor(head.scale_))
-            if kind == "mlp":
-                self.weights = [tensor(head.state_[k]) for k in ("net__1__weight", "net__1__bias", "net__4__weight",
-                                                                 "net__4__bias")]
-            else:
-                self.register_buffer("coef", tensor(head.coef_))
-                self.register_buffer("intercept", tensor(head.intercept_))
-
-        def forward(self, features):
-            x = (features.double() - self.mean) / self.scale
-            if kind == "mlp":
-                w1, b1, w2, b2 = (w.float() for w in self.weights)
-                z = (torch.relu(x.float() @ w1.T + b1) @ w2.T + b2).double()
-                return torch.softmax(z, 1)
-            z = x @ self.coef.T + self.intercept
-            if kind == "svm" and hasattr(head, "temperature_"):
-                return torch.softmax(z / float(head.temperature_[0]), 1)
-            if kind == "svm":
-                p = 1 / (1 + torch.exp(float(head.calib_a_[0]) * z + float(head.calib_b_[0])))
-                return torch.cat([1 - p, p], 1) if p.shape[1] == 1 else p / p.sum(1, keepdim=True)
-            return torch.cat([1 - torch.sigmoid(z), torch.sigmoid(z)], 1) if z.shape[1] == 1 else torch.softmax(z, 1)
-
-    return Head()
-
-
 def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None, opset: int = 17,
                  batch: str | int = "dynamic", quantize: str | None = None, force: bool = False) -> Path:
     """Write ``out`` (default: beside the model, ``model.onnx``) and return its path. ``batch``: ``dynamic`` (any
@@ -83,7 +43,7 @@ def export_model(model: str | os.PathLike, out: str | os.PathLike | None = None,
     from featx.extraction.runtimes import write_onnx
 
     predictor = load_predictor(model)
-    net, head = predictor.backbone.cpu().eval(), head_module(predictor.head).eval()
+    net, head = predictor.backbone.cpu().eval(), predictor.head.to_torch().eval()
     columns = np.asarray(predictor.head.classes_, dtype=int)
     n_classes = len(predictor.classes)
 
@@ -227,15 +187,11 @@ def model_splits(predictor) -> dict:
     return found
 
 
-
-
-
-
 def check_agreement(path: Path, predictor, size: int, count: int) -> None:
     """ONNX Runtime's probabilities on seeded random images against featx's (torch backbone, numpy head)."""
     import torch
 
-    from featx.heads.estimators import proba_over
+    from featx.heads.base import proba_over
     from featx.extraction.runtimes import OnnxForward
 
     images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
