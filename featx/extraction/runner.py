@@ -157,6 +157,17 @@ def plan(backbone: str | Backbone, layer, weights: str | None, input_size: int |
                 [feature_identity(spec, found, tap, preprocess, precision, tta) for tap in layers], build)
 
 
+def training_exclusions(ds: data_mod.Dataset, exclude) -> list[str]:
+    """The training files ``exclude`` names (relative or absolute; none matching is an error). Val and test are
+    kept whole: leaving out the images a model disagreed with would flatter every later score on them."""
+    named = set(data_mod.match_exclude(list(exclude), ds.paths, ds.root))
+    excluded = [p for p, split in zip(ds.paths, ds.splits) if p in named and split == "train"]
+    if len(excluded) < len(named):
+        print(f"featx: --exclude leaves out training images only: {len(named) - len(excluded)} of the files it "
+              "names are in val or test and stay in the cache, scored in full", file=sys.stderr)
+    return excluded
+
+
 def extract(backbone: str | Backbone = "efficientnet_lite0", data: str = "digits", layer: str | None = None,
             **options) -> ExtractResult:
     """Extract (or bring up to date) the cached features of ``data`` at one tap of ``backbone``; ``extract_taps``
@@ -199,11 +210,7 @@ def extract_taps(backbone: str | Backbone = "efficientnet_lite0", data: str = "d
     check_options(engine, address, verify, dtype, decode)
     start = time.perf_counter()
     ds = data_mod.load(data, data_root)
-    named = set(data_mod.match_exclude(list(exclude), ds.paths, ds.root))  # relative or absolute; none matching: an error
-    excluded = [p for p, split in zip(ds.paths, ds.splits) if p in named and split == "train"]
-    if len(excluded) < len(named):  # val and test are scored in full: leaving their hard cases out would flatter them
-        print(f"featx: --exclude leaves out training images only: {len(named) - len(excluded)} of the files it "
-              "names are in val or test and stay in the cache, scored in full", file=sys.stderr)
+    excluded = training_exclusions(ds, exclude)
     ds = ds.without(excluded)
     dev = ("cuda" if gpus_per_actor else "cpu") if engine == "ray" else device_name(device)
     p = plan(backbone, layer, weights, input_size, resolve_precision(precision, dev), tta)
