@@ -29,7 +29,7 @@ def first_run(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(autosearch, "OFFLINE", ())
         patch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
-        patch.setattr(heads, "DEFAULT_CS", FEW_CS)
+        patch.setattr(linear, "DEFAULT_CS", FEW_CS)
         result = featx.auto(str(root), "10m", [tiny], home / "run", cache_dir=home / "cache", workers=0,
                             progress=False)
     return home, root, result

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 # Each torchvision model's DEFAULT weights: enum, file (under download.pytorch.org/models/), crop, resize and
 # interpolation (all use ImageNet's mean and std). Recorded from torchvision 0.29 so that reading the registry
-# imports no torchvision; tests/test_backbones.py checks every row against torchvision's own.
+# imports no torchvision; tests/extraction/test_backbones.py checks every row against torchvision's own.
 TORCHVISION_WEIGHTS = {
     "vgg16": ("VGG16_Weights.IMAGENET1K_V1", "vgg16-397923af.pth", 224, 256, "bilinear"),
     "vgg19": ("VGG19_Weights.IMAGENET1K_V1", "vgg19-dcbb9e9d.pth", 224, 256, "bilinear"),

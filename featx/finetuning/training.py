@@ -39,7 +39,7 @@ from featx.devices import (BatchLimit, EpochSampler, autocast, default_workers, 
                       resolve_precision)
 from featx.errors import FeatxError
 from featx.files import REPORT_BYTES, make_folder, remove_stale_temporaries, room
-from featx.heads.estimators import class_weights
+from featx.heads.base import class_weights
 from featx.extraction.images import ImageFiles, SeededImages, collate, path_keys
 from .distributed import World, join_world, restarted
 from .checkpoints import Progress, check_views, load_checkpoint, save_checkpoint

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 SVM_GAP = 1e-9  # relative duality gap at which a squared-hinge column counts as converged: the model a head keeps
-SVM_SELECT_GAP = 1e-4  # the same for the fits that only score a C on held-out rows (tests/test_heads.py: their
+SVM_SELECT_GAP = 1e-4  # the same for the fits that only score a C on held-out rows (tests/heads/test_heads.py: their
 # held-out decisions and accuracies agree with LinearSVC's at each C)
 SVM_LBFGS_ITER = 200  # L-BFGS iterations before unconverged columns are handed to Newton's method
 SVM_LBFGS_ROUND = 5  # L-BFGS iterations between two checks of the duality gap

@@ -27,7 +27,7 @@ from featx.modelfile import ModelFile
 from featx.extraction.runtimes import OnnxForward, onnx_path, resolve_runtime, verified
 
 if TYPE_CHECKING:
-    from featx.heads.estimators import Head
+    from featx.heads.base import Head
     from featx.extraction.network import Backbone
 
 
@@ -78,7 +78,7 @@ class Predictor:
         """(probabilities, failures) for image files; failures are (index, reason). With ``workers=0`` and the
         backbone exported, the export runs here without torch; otherwise DataLoader workers decode."""
         from featx.extraction.runner import iter_features
-        from featx.heads.estimators import proba_over
+        from featx.heads.base import proba_over
 
         dev = device_name(device)
         rows, failures = [None] * len(files), []
@@ -103,7 +103,7 @@ def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predi
     """The model file's head, with its backbone made on first use (``Predictor.backbone``); with a
     ``weights`` FILE, at once, so weights other than the model's are refused here."""
     model = ModelFile.load(path)  # a file that is no model is refused before the heads' imports
-    from featx.heads.estimators import load_head
+    from featx.heads.registry import load_head
 
     predictor = Predictor(load_head(model.head_arrays, model.head_config), model, weights)
     if weights:
@@ -225,7 +225,7 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     from featx.report import metrics as report
     from featx.extraction import store
     from featx.extraction.runner import extract
-    from featx.heads.estimators import proba_over
+    from featx.heads.base import proba_over
 
     r = extract(predictor.backbone, data, data_root=data_root, cache_dir=cache_dir, device=device, runtime=runtime,
                 progress=progress)

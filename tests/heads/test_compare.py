@@ -6,7 +6,7 @@ from click.testing import CliRunner
 from featx.cli import cli
 from featx.errors import FeatxError
 from helpers import make_dataset
-from test_report_page import Page
+from report.test_report_page import Page  # tests/report, on the path conftest sets
 
 
 def test_compare_ranks_layers_and_heads_and_links_their_pages(tiny, tmp_path):
