@@ -21,7 +21,7 @@ import numpy as np
 
 from featx.errors import FeatxError, first_line
 from featx.devices import HalvingForward, cpu_threads, prepare
-from featx.files import atomic_write, file_digest, room
+from featx.files import atomic_write, file_digest, remove_stale_temporaries, room
 from featx.identity import FeatureIdentity
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def onnx_model(net, cache_dir: str | os.PathLike) -> Path | None:
     architecture or tap does not export, or disagrees with torch: the caller stays on torch. Temporary files
     of an export killed midway are removed first."""
     path = onnx_path(cache_dir, net.identities())
-    remove_stale_temps(path.parent)
+    remove_stale_temporaries(path.parent)
     if verified(path):
         return path
     try:
@@ -143,24 +143,6 @@ def export_failed(path: Path, digest: str) -> bool:
     """Whether an export that rows were computed with (``digest`` recorded in the cache) is still here but no
     longer hashes to it: damaged or replaced since, so those rows are not to be trusted."""
     return path.is_file() and file_digest(path) != digest
-
-
-def remove_stale_temps(folder: Path) -> None:
-    """Remove ``*.tmp<pid>`` files in ``folder`` whose writing process is gone (a killed export)."""
-    for tmp in folder.glob("*.tmp*") if folder.is_dir() else []:
-        pid = tmp.name.rsplit(".tmp", 1)[1]
-        if pid.isdigit() and not alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
 
 
 def embedding(net, device: torch.device, onnx: Path | bytes | None = None, threads: int | None = None):
