@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from helpers import REPO, forked_cli, make_dataset
 # What torchrun starts in each rank: the tiny network registered, and the check that only rank 0 writes.
 CHILD = """
 import sys
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {here!r}]
 import helpers
 from test_distributed import only_rank_zero_writes
 helpers.register_tiny(__import__("pathlib").Path({weights!r}))
@@ -59,7 +60,7 @@ def in_process(out, batch_size, **kw):
 @pytest.fixture
 def child(tiny_weights, tmp_path):
     script = tmp_path / "child.py"
-    script.write_text(CHILD.format(tests=str(REPO / "tests"), weights=str(tiny_weights)))
+    script.write_text(CHILD.format(tests=str(REPO / "tests"), here=str(Path(__file__).parent), weights=str(tiny_weights)))
     return script
 
 
