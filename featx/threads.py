@@ -43,14 +43,12 @@ def for_fit(kind: str, rows: int, features: int, width: int) -> int:
 def limited(threads: int, uses_torch: bool = False):
     """BLAS and OpenMP (threadpoolctl) and torch held to ``threads`` inside the block, restored after; torch
     is imported first when the block ``uses_torch``, else limited only if something imported it already."""
-    from threadpoolctl import threadpool_limits
-
     torch = _torch(uses_torch)
     before = torch.get_num_threads() if torch else None
     if torch:
         torch.set_num_threads(threads)
     try:
-        with threadpool_limits(threads):
+        with _controller().limit(limits=threads):
             yield
     finally:
         if torch:
@@ -70,13 +68,26 @@ def side_by_side(function, items: list, uses_torch: bool = False) -> list:
             return list(pool.map(function, items))
 
 
+_found: list = [None, -1]  # (threadpoolctl's controller, len(sys.modules) when it looked)
+
+
+def _controller():
+    """threadpoolctl's view of the BLAS and OpenMP libraries loaded, found again only after a new module was
+    imported (only an import loads one): finding them walks every loaded library, 3 ms, where a small fit
+    takes a few ms itself."""
+    if _found[1] != len(sys.modules):
+        from threadpoolctl import ThreadpoolController
+
+        _found[0] = ThreadpoolController()
+        _found[1] = len(sys.modules)
+    return _found[0]
+
+
 def _one_openmp_thread() -> None:
     """OpenMP's thread count belongs to the calling thread (BLAS's to the process): each worker sets its own."""
-    from threadpoolctl import threadpool_limits
-
     if torch := _torch(False):
         torch.set_num_threads(1)
-    threadpool_limits(1, user_api="openmp")  # the worker ends with the pool, so nothing to restore
+    _controller().limit(limits=1, user_api="openmp")  # the worker ends with the pool, so nothing to restore
 
 
 def _torch(uses_torch: bool):

@@ -20,11 +20,13 @@ def hymenoptera_features(tmp_path_factory):
     return first, cache, earlier
 
 
-def test_lite0_predicts_imagenet_classes_on_real_images():
+def test_lite0_predicts_imagenet_classes_on_real_images(hymenoptera_features):
+    """ImageNet's own classifier on the first 30 val photos of each class (ants: 310, bees: 309)."""
     net = featx.create_backbone("efficientnet_lite0", "logits")
+    extractor = featx.FeatureExtractor("efficientnet_lite0", "logits", cache_dir=hymenoptera_features[1]).fit()
     for cls, imagenet_class in (("ants", 310), ("bees", 309)):
-        files = sorted((SHARED_DATA / "hymenoptera" / "val" / cls).iterdir())
-        logits = featx.FeatureExtractor("efficientnet_lite0", "logits").fit().transform(files)
+        files = sorted((SHARED_DATA / "hymenoptera" / "val" / cls).iterdir())[:30]
+        logits = extractor.transform(files)
         predicted = logits.argmax(1)
         assert np.bincount(predicted).argmax() == imagenet_class
         assert (predicted == imagenet_class).mean() >= 0.6, (cls, np.bincount(predicted).argsort()[-3:])
@@ -73,19 +75,28 @@ def test_heads_on_hymenoptera(hymenoptera_features, tmp_path, clf):
     if clf in ("logreg", "svm"):
         assert m["val"]["log_loss"] <= 0.2 and m["val"]["ece"] <= 0.08, (m["val"]["log_loss"], m["val"]["ece"])
     bees = sorted((SHARED_DATA / "hymenoptera" / "val" / "bees").iterdir())[:5]
-    predictions = predictor.predict(tmp_path / clf / "model.featx", bees)
+    predictions = predictor.predict(tmp_path / clf / "model.featx", bees, cache_dir=hymenoptera_features[1])
     assert sum(p["label"] == "bees" for p in predictions) >= 4
 
 
 def test_predict_agrees_with_fit_head_on_real_images(hymenoptera_features, tmp_path):
+    """fit-head's val figure is the saved model's on the cached val rows, and ``predict`` on 40 of those photos
+    gives the model's label on each photo's cached row (the rows fit-head scored)."""
     from featx.heads import fit
+    from featx.heads.base import proba_over
     from featx.serve import predictor
 
-    m = fit.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
-    val = SHARED_DATA / "hymenoptera" / "val"
-    predictions = predictor.predict(tmp_path / "model.featx", [val])
-    correct = [p["label"] == p["path"].split("/")[-2] for p in predictions]
-    assert len(correct) == 153 and np.mean(correct) == pytest.approx(m["val"]["accuracy"], abs=1e-9)
+    first, cache, _ = hymenoptera_features
+    m = fit.fit_head("logreg", features=first.path, out=tmp_path, progress=False)
+    F, model = store.load(first.path), predictor.load_predictor(tmp_path / "model.featx")
+    val = np.flatnonzero(F.splits == "val")
+    on_rows = proba_over(model.head, F.X[val], len(F.classes)).argmax(1)
+    assert len(val) == 153 and np.mean(on_rows == F.y[val]) == pytest.approx(m["val"]["accuracy"], abs=1e-9)
+    picked = val[::3][:40]
+    photos = [SHARED_DATA / "hymenoptera" / F.paths[i] for i in picked]
+    predictions = predictor.predict(tmp_path / "model.featx", photos, cache_dir=cache)
+    assert len(predictions) == 40
+    assert [p["label"] for p in predictions] == [F.classes[c] for c in on_rows[::3][:40]]
 
 
 def test_layer_auto_keeps_pool_on_hymenoptera(hymenoptera_features, tmp_path):
@@ -105,15 +116,15 @@ def test_layer_auto_keeps_pool_on_hymenoptera(hymenoptera_features, tmp_path):
 def test_onnx_runtime_and_torch_give_the_same_lite0_features(hymenoptera_features, tmp_path):
     """The runtime is not part of the feature identity because the features agree row by row, at every tap
     (checked on every 10th image and the odd formats, linked under their own relative paths, to keep torch's
-    run short): the fixture's ONNX pass with four outputs against torch's one-tap runs."""
+    run short): the fixture's ONNX pass with four outputs against one torch pass at two of those taps."""
     first, _, earlier = hymenoptera_features
     assert first.runtime == "onnxruntime"  # auto, on a CPU
     picked = sorted(set(list(store.load(first.path).paths)[::10]) | {"train/ants/imageNotFound.gif"})
     subset = linked_subset(SHARED_DATA / "hymenoptera", tmp_path / "subset", picked)
-    for onnx_run in (earlier[0], first):
-        on_torch = featx.extract("efficientnet_lite0", str(subset), onnx_run.layer, cache_dir=tmp_path,
-                                 runtime="torch", progress=False)
-        assert on_torch.runtime == "torch"
+    on_torch_runs = extract_taps("efficientnet_lite0", str(subset), f"{earlier[0].layer},{first.layer}",
+                                 cache_dir=tmp_path, runtime="torch", progress=False)  # one torch pass, two taps
+    for onnx_run, on_torch in zip((earlier[0], first), on_torch_runs):
+        assert on_torch.runtime == "torch" and on_torch.layer == onnx_run.layer
         a, b = store.load(onnx_run.path), store.load(on_torch.path)
         assert sorted(b.paths) == picked and len(picked) >= 40
         row = {p: i for i, p in enumerate(a.paths)}
@@ -182,15 +193,16 @@ def test_heads_equal_scikit_learn_on_real_features(hymenoptera_features, digits_
 
 
 def test_an_exported_lite0_classifier_equals_featx_on_real_images(hymenoptera_features, tmp_path):
-    """The whole classifier as one ONNX file (lite0 + logreg): its probabilities are featx's on 50 real photos."""
+    """The whole classifier as one ONNX file (lite0 + logreg): its probabilities are featx's on 25 real photos."""
     from featx.heads import fit
     from featx.serve.export import export_model
     from featx.serve.predictor import predict
 
     fit.fit_head("logreg", features=hymenoptera_features[0].path, out=tmp_path, progress=False)
     exported = export_model(tmp_path / "model.featx")
-    photos = sorted((SHARED_DATA / "hymenoptera" / "val").rglob("*.jpg"))[::3][:50]
-    ours, theirs = predict(exported, photos, top_k=2), predict(tmp_path / "model.featx", photos, top_k=2)
+    photos = sorted((SHARED_DATA / "hymenoptera" / "val").rglob("*.jpg"))[::6][:25]
+    ours = predict(exported, photos, top_k=2)
+    theirs = predict(tmp_path / "model.featx", photos, top_k=2, cache_dir=hymenoptera_features[1])
     by_label = lambda r: [t["probability"] for t in sorted(r["top_k"], key=lambda t: t["label"])]  # noqa: E731
-    assert len(photos) == 50
+    assert len(photos) == 25
     np.testing.assert_allclose([by_label(r) for r in ours], [by_label(r) for r in theirs], atol=1e-4)

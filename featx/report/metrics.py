@@ -87,22 +87,36 @@ def reliability(confidence: np.ndarray, correct: np.ndarray) -> list:
 def bootstrap_intervals(y_true: np.ndarray, pred: np.ndarray, loss: np.ndarray, confidence: np.ndarray,
                         n_classes: int, resamples: int = BOOTSTRAP, seed: int = 0) -> dict:
     """95% percentile intervals of the headline metrics over ``resamples`` seeded resamples of the split's
-    images (with replacement): how far the figure could move on another draw of this many images."""
+    images (with replacement): how far the figure could move on another draw of this many images. The
+    resamples are counted a block at a time as one array (per-class tallies by offset bincount)."""
     rng = np.random.default_rng(seed)
     correct, n = pred == y_true, len(y_true)
+    which_bin = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
     draws = {k: np.empty(resamples) for k in HEADLINE}
-    for r in range(resamples):
-        i = rng.integers(0, n, n)
-        support = np.bincount(y_true[i], minlength=n_classes)
-        hits = np.bincount(y_true[i][correct[i]], minlength=n_classes)
-        predicted = np.bincount(pred[i], minlength=n_classes)
+    block = max(1, min(resamples, 50_000 // max(n, 1)))  # a block of index draws stays in cache
+    for first in range(0, resamples, block):
+        rows = range(first, min(first + block, resamples))
+        i = np.stack([rng.integers(0, n, n) for _ in rows])  # one draw per resample, in the seeded order
+        offset = np.arange(len(rows))[:, None]
+
+        def tally(codes, size, weights=None):
+            """Per resample (row), the count (or summed ``weights``) of each code in 0..size-1."""
+            return np.bincount((offset * size + codes).ravel(), None if weights is None else weights.ravel(),
+                               minlength=len(rows) * size).reshape(len(rows), size)
+
+        hit = correct[i]
+        support, hits = tally(y_true[i], n_classes), tally(y_true[i], n_classes, hit.astype(float))
+        predicted = tally(pred[i], n_classes)
         present = support > 0
         recall = hits / np.maximum(support, 1)
         precision = hits / np.maximum(predicted, 1)
         f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
-        draws["accuracy"][r], draws["log_loss"][r] = correct[i].mean(), loss[i].mean()
-        draws["balanced_accuracy"][r], draws["macro_f1"][r] = recall[present].mean(), f1[present].mean()
-        draws["ece"][r] = ece_of(confidence[i], correct[i])
+        bins = which_bin[i]
+        gap = np.abs(tally(bins, ECE_BINS, hit.astype(float)) - tally(bins, ECE_BINS, confidence[i])).sum(1)
+        draws["accuracy"][rows], draws["log_loss"][rows] = hit.mean(1), loss[i].mean(1)
+        draws["balanced_accuracy"][rows] = (recall * present).sum(1) / present.sum(1)
+        draws["macro_f1"][rows] = (f1 * present).sum(1) / present.sum(1)
+        draws["ece"][rows] = gap / n
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in draws.items()}
 
 
