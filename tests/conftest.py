@@ -12,8 +12,8 @@ from featx.devices import keep_freed_memory
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 keep_freed_memory()  # as the CLI does, since most tests call the API in this process
 
-sys.path.insert(0, str(Path(__file__).parent))
-import helpers  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent))  # the test modules import helpers (torch, featx) themselves:
+# pytest-xdist's controlling process loads this file too, and starts its workers sooner without them
 
 
 # The longest test files, longest first: pytest-xdist hands whole files to its workers in collection order, so
@@ -46,12 +46,16 @@ def in_own_folder(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
+    import helpers
+
     return helpers.save_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.pth")
 
 
 @pytest.fixture(scope="session")
 def tiny(tiny_weights):
     """Name of a tiny registered backbone whose weights load from a local file."""
+    import helpers
+
     return helpers.register_tiny(tiny_weights).name
 
 
@@ -72,6 +76,8 @@ def ray_cluster():
     """One local two-CPU Ray cluster for the whole test run (starting one costs seconds): one embedding actor
     on one thread, one CPU left for the read tasks. Its workers inherit this environment, so they can import
     the tests' helpers (the tiny network's class). Yields its address."""
+    import helpers
+
     ray = pytest.importorskip("ray", reason="the Ray engine is an extra: pip install -e '.[ray]' (.ci/run installs it)")
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(helpers.REPO / "tests"), saved]))
@@ -86,11 +92,15 @@ def ray_cluster():
 
 @pytest.fixture
 def dataset(tmp_path):
+    import helpers
+
     return helpers.make_dataset(tmp_path / "colours")
 
 
 @pytest.fixture
 def shared_data():
+    import helpers
+
     if not (helpers.SHARED_DATA / "hymenoptera").is_dir():
         pytest.fail(f"real test images are missing: expected {helpers.SHARED_DATA}/hymenoptera beside the checkout")
     return helpers.SHARED_DATA

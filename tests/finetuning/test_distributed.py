@@ -1,9 +1,8 @@
 """``featx finetune`` under torchrun: two gloo processes on this machine's CPUs."""
 import json
+import multiprocessing
 import os
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -87,17 +86,30 @@ def test_two_processes_equal_one_at_twice_the_batch(tiny, tiny_weights, tmp_path
         np.testing.assert_allclose(ours.head_arrays[name], array, atol=1e-5)
 
 
+def torchrun(argv: list, stdout: Path, stderr: Path) -> None:
+    """torchrun's own entry point (``python -m torch.distributed.run``) in a forked copy of this process, whose
+    torch is already imported; the ranks it starts are fresh interpreters, as under torchrun anywhere. Its
+    output and its ranks' (inherited) go to ``stdout`` and ``stderr``."""
+    from torch.distributed.run import main
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    for fd, path in ((1, stdout), (2, stderr)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    main(argv)
+
+
 def test_torchrun_with_an_undecodable_batch_finishes(child, tiny, tmp_path):
     """One training image is not an image: with a batch of one, a process meets a batch with nothing to
     train on and skips it while the other trains; ``join`` keeps them in step (a bare skip would hang)."""
     data = make_dataset(tmp_path / "d", {"train": 5, "val": 2})
     (data / "train" / "a" / "broken.jpg").write_text("not an image")
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(child),
-           *finetune_args(data, out, 1)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    out, stdout, stderr = tmp_path / "run", tmp_path / "torchrun.out", tmp_path / "torchrun.err"
+    launcher = multiprocessing.get_context("fork").Process(target=torchrun, args=(
+        ["--standalone", "--nproc-per-node", "2", str(child), *finetune_args(data, out, 1)], stdout, stderr))
+    launcher.start()
+    launcher.join(240)
+    assert launcher.exitcode == 0, stderr.read_text()[-3000:]
+    result = json.loads(stdout.read_text().strip().splitlines()[-1])
     assert result["processes"] == 2 and [h["epoch"] for h in result["history"]] == [1, 2]
     assert len((out / "history.csv").read_text().strip().splitlines()) == 3
     assert (out / "checkpoint.pt").is_file() and (out / "model.featx").is_file()
