@@ -30,6 +30,20 @@ def test_limited_holds_blas_and_torch_and_restores_them():
     assert (torch.get_num_threads(), blas_threads()) == before
 
 
+def test_the_libraries_are_looked_up_again_only_after_an_import(monkeypatch):
+    """threadpoolctl's scan is kept while nothing new is imported, and redone after an import (which is what
+    loads a BLAS or OpenMP library), so a library loaded later is still held."""
+    import sys
+
+    first = threads._controller()
+    assert threads._controller() is first
+    monkeypatch.setitem(sys.modules, "featx_test_new_module", object())  # stands in for a new import
+    again = threads._controller()
+    assert again is not first and threads._controller() is again
+    with threads.limited(1):
+        assert blas_threads() == 1
+
+
 def test_side_by_side_keeps_order_runs_in_parallel_and_one_thread_each(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     seen, both = [], threading.Barrier(2, timeout=10)  # the barrier passes only if two items run at once

@@ -115,6 +115,32 @@ def test_bootstrap_intervals_hold_the_figure_and_narrow_with_more_images():
         assert 0.7 * normal < width < 1.3 * normal
 
 
+@pytest.mark.parametrize("n,classes", [(3, 5), (40, 2), (333, 12)])
+def test_bootstrap_intervals_are_each_resample_counted_on_its_own(n, classes):
+    """The intervals, counted a block of resamples at a time, equal one resample at a time with the same
+    seeded draws: per-class recall and F1 over the classes each resample holds, accuracy, log-loss and ECE."""
+    rng = np.random.default_rng(n)
+    y = rng.integers(0, classes, n)
+    pred = np.where(rng.random(n) < 0.7, y, rng.integers(0, classes, n))
+    loss, confidence = rng.random(n) * 3, rng.random(n)
+    draws, seeded = {k: [] for k in report.HEADLINE}, np.random.default_rng(0)
+    for _ in range(report.BOOTSTRAP):
+        i = seeded.integers(0, n, n)
+        support, predicted = (np.bincount(v[i], minlength=classes) for v in (y, pred))
+        hits = np.bincount(y[i][pred[i] == y[i]], minlength=classes)
+        recall, precision = hits / np.maximum(support, 1), hits / np.maximum(predicted, 1)
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0)
+        draws["accuracy"].append((pred[i] == y[i]).mean())
+        draws["log_loss"].append(loss[i].mean())
+        draws["balanced_accuracy"].append(recall[support > 0].mean())
+        draws["macro_f1"].append(f1[support > 0].mean())
+        draws["ece"].append(report.ece_of(confidence[i], pred[i] == y[i]))
+    expected = {k: [np.percentile(v, 2.5), np.percentile(v, 97.5)] for k, v in draws.items()}
+    got = report.bootstrap_intervals(y, pred, loss, confidence, classes)
+    for metric in report.HEADLINE:
+        np.testing.assert_allclose(got[metric], expected[metric], rtol=1e-12, atol=1e-12, err_msg=metric)
+
+
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless browser installed (apt install chromium)")
 def test_the_page_renders_in_a_headless_browser(tiny, noisy, tmp_path):
     fit_head("logreg", backbone=tiny, data=str(noisy), cache_dir=tmp_path / "c", out=tmp_path / "run", progress=False)
