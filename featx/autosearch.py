@@ -51,7 +51,7 @@ MORE_HEADS = ("svm", "knn", "mlp")
 CHEAPER = 0.8  # a candidate within the best's noise wins the tie when it costs at most this share of the best's
 TIE_MARGIN = 0.01  # ... and trails it by at most this much accuracy on the rows they are ranked on (``decide``)
 SMALL_COMPARE = 100  # fewer comparison rows: heads are ranked on their out-of-fold training rows too
-OUTER_FOLDS = 5  # of that nested cross-validation
+OUTER_FOLDS, OOF_INNER_FOLDS = 3, 3  # that nested cross-validation: about twice a head's own fit (5 folds)
 # priors, replaced by what this run measures: extraction images/s of lite0 on 2 CPU cores (ONNX Runtime, with
 # decoding), each backbone's cost relative to lite0 (FLOPs), and head fits in seconds per row x feature
 EXTRACT_RATE_PRIOR = 25.0
@@ -163,7 +163,7 @@ def out_of_fold(clf: str, X: np.ndarray, y: np.ndarray, n_classes: int, device: 
     folds = make_folds(OUTER_FOLDS, np.unique(y, return_inverse=True)[1])
     rows, proba = [], []
     for train, test in folds.pairs:
-        fitted = make_head(clf, cv=5, device=device).fit(X[train], y[train])
+        fitted = make_head(clf, cv=OOF_INNER_FOLDS, device=device).fit(X[train], y[train])
         rows.append(test)
         proba.append(proba_over(fitted, X[test], n_classes))
     if not rows:
@@ -389,7 +389,8 @@ class Search:
         if known is None:
             F = store.load(self.features[candidate.backbone][candidate.layer])
             train = self.rows.indices(F.paths, self.rows.train)
-            estimate = self.cost.fit(candidate.clf, len(train), F.X.shape[1]) * (1 + OUTER_FOLDS * self.small)
+            estimate = self.cost.fit(candidate.clf, len(train), F.X.shape[1]) * (
+                1 + self.small * OUTER_FOLDS * OOF_INNER_FOLDS / 5)
             if not mandatory and not self.fits(estimate):
                 return self.skip(candidate, estimate)
             started = time.perf_counter()
@@ -402,8 +403,8 @@ class Search:
                 rows, proba = out_of_fold(candidate.clf, F.X[train], F.y[train], len(F.classes), self.device)
                 oof = {k: v for k, v in scored(proba, F.y[train][rows]).items() if k != "proba"} | {
                     "paths": F.paths[train][rows].tolist(), "seconds": time.perf_counter() - started,
-                    "how": f"nested {OUTER_FOLDS}-fold CV on the training part (each fold's head chose its own "
-                           "hyper-parameter by CV on the other folds)"}
+                    "how": f"nested CV on the training part ({OUTER_FOLDS} folds, each fold's head choosing its "
+                           f"own hyper-parameter by {OOF_INNER_FOLDS}-fold CV on the other folds)"}
             known = self.results.put(candidate.name, options, {
                 **scored(proba_over(fitted, F.X[compare], len(F.classes)), F.y[compare]),
                 "paths": F.paths[compare].tolist(), "selected": plain(fitted.selected_),
