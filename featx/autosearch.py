@@ -401,6 +401,7 @@ class Search:
             if self.small:
                 started = time.perf_counter()
                 rows, proba = out_of_fold(candidate.clf, F.X[train], F.y[train], len(F.classes), self.device)
+            if self.small and len(rows):  # none when every class has one training image: the comparison rows rank
                 oof = {k: v for k, v in scored(proba, F.y[train][rows]).items() if k != "proba"} | {
                     "paths": F.paths[train][rows].tolist(), "seconds": time.perf_counter() - started,
                     "how": f"nested CV on the training part ({OUTER_FOLDS} folds, each fold's head choosing its "

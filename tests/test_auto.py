@@ -164,6 +164,8 @@ def test_out_of_fold_rows_were_never_trained_on(monkeypatch, only_tiny):
     assert len(seen) == autosearch.OUTER_FOLDS and all(not (f["trained"] & f["scored"]) for f in seen)
     assert sorted(rows.tolist()) == list(range(30)) and proba.shape == (30, 3)
     assert set().union(*(f["scored"] for f in seen)) == set(map(float, range(30)))
+    rows, proba = autosearch.out_of_fold("logreg", X[[0, 10, 20]], y[[0, 10, 20]], 3, "cpu")  # one image a class
+    assert len(rows) == 0 and proba.shape == (0, 3)
 
 
 def test_scenario_agrees_with_the_winner():
