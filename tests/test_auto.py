@@ -33,6 +33,7 @@ def first_run(tiny, tmp_path_factory):
         patch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
         patch.setattr(linear, "DEFAULT_CS", FEW_CS)
         patch.setattr(autosearch, "OUTER_FOLDS", 2)
+        patch.setattr(autosearch, "OOF_INNER_FOLDS", 2)
         result = featx.auto(str(root), "10m", [tiny], home / "run", cache_dir=home / "cache", workers=0,
                             progress=False)
     return home, root, result
@@ -44,6 +45,7 @@ def only_tiny(monkeypatch):
     monkeypatch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
     monkeypatch.setattr(linear, "DEFAULT_CS", FEW_CS)
     monkeypatch.setattr(autosearch, "OUTER_FOLDS", 2)
+    monkeypatch.setattr(autosearch, "OOF_INNER_FOLDS", 2)
 
 
 def choices(result: dict) -> dict:
