@@ -3,6 +3,7 @@ re-run reuses every result, --json has its keys, and a small budget skips and sa
 import html
 import json
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -11,13 +12,14 @@ from scipy.stats import binom
 import featx
 import helpers
 from featx import autosearch
+from featx.autosearch import evidence
 from featx import heads
 from featx.heads import linear
 from featx import data as data_mod
 from featx.cli import main
 
 SPLITS = {"train": 8, "val": 4, "test": 3}
-FEW_CS = np.logspace(-3, 3, 7)  # C's sweep, shortened for speed (the rule that picks from it is the same)
+FEW_CS = np.logspace(-2, 2, 4)  # C's sweep, shortened for speed (the rule that picks from it is the same)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,8 @@ def first_run(tiny, tmp_path_factory):
         patch.setattr(autosearch, "OFFLINE", ())
         patch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
         patch.setattr(linear, "DEFAULT_CS", FEW_CS)
+        patch.setattr(autosearch, "OUTER_FOLDS", 2)
+        patch.setattr(autosearch, "OOF_INNER_FOLDS", 2)
         result = featx.auto(str(root), "10m", [tiny], home / "run", cache_dir=home / "cache", workers=0,
                             progress=False)
     return home, root, result
@@ -40,11 +44,14 @@ def only_tiny(monkeypatch):
     monkeypatch.setattr(autosearch, "OFFLINE", ())
     monkeypatch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
     monkeypatch.setattr(linear, "DEFAULT_CS", FEW_CS)
+    monkeypatch.setattr(autosearch, "OUTER_FOLDS", 2)
+    monkeypatch.setattr(autosearch, "OOF_INNER_FOLDS", 2)
 
 
 def choices(result: dict) -> dict:
-    """What each candidate chose (C, k, epochs, its score inside the training part), by name."""
-    return {r["name"]: (r.get("selected"), r.get("cv_accuracy")) for r in result["leaderboard"] if not r["skipped"]}
+    """What each candidate chose (C, k, epochs, its score inside the training part and out of fold there), by name."""
+    return {r["name"]: (r.get("selected"), r.get("cv_accuracy"), (r.get("oof") or {}).get("accuracy"))
+            for r in result["leaderboard"] if not r["skipped"]}
 
 
 def test_carve_out_stays_put_when_files_are_added(tmp_path):
@@ -60,24 +67,143 @@ def test_carve_out_stays_put_when_files_are_added(tmp_path):
     assert len(after.compare) > len(before.compare) and before.fingerprint != after.fingerprint
 
 
-def row(name: str, correct: list, cost: float) -> dict:
-    return {"name": name, "family": "head", "skipped": False, "exportable": True, "cost_s": cost,
-            "accuracy": float(np.mean(correct)), "correct": correct, "paths": [f"p{i}" for i in range(len(correct))]}
+def row(name: str, correct: list, cost: float, oof: list | None = None, family: str = "head", layer: str = "pool",
+        clf: str = "logreg", unfreeze: str | None = None) -> dict:
+    """A measured candidate: right or wrong on the comparison rows (and on out-of-fold training rows)."""
+    r = {"name": name, "family": family, "backbone": "efficientnet_lite0", "layer": None if unfreeze else layer,
+         "clf": None if unfreeze else clf, "unfreeze": unfreeze, "skipped": False, "exportable": True, "cost_s": cost,
+         "accuracy": float(np.mean(correct)), "n": len(correct), "correct": correct,
+         "paths": [f"p{i}" for i in range(len(correct))], "cv_accuracy": None,
+         "oof": oof and {"correct": oof, "paths": [f"t{i}" for i in range(len(oof))], "n": len(oof),
+                         "accuracy": float(np.mean(oof))}}
+    right = evidence(r)[1]
+    return r | {"rank_accuracy": float(np.mean(right)), "rank_rows": len(right)}
+
+
+def searching(board: list, small: bool = False, compare: int = 100) -> autosearch.Search:
+    """A search holding ``board`` as measured (only what the decision and the scenario read)."""
+    search = object.__new__(autosearch.Search)
+    search.board, search.small = board, small
+    search.rows = types.SimpleNamespace(train=["t"] * 40, compare=["p"] * compare, classes=["a", "b"])
+    return search
+
+
+def wrong(correct: list, rows: list) -> list:
+    return [0 if i in rows else c for i, c in enumerate(correct)]
 
 
 def test_tie_goes_to_the_cheaper_candidate():
-    """Within the paired interval's noise the cheaper candidate wins; told apart, the better one does."""
-    search = object.__new__(autosearch.Search)
+    """Within the paired interval's noise and within one point, the cheaper candidate wins; told apart, the better
+    one does."""
     best = [1] * 80 + [0] * 20
-    close = best[:]
-    close[0] = close[1] = 0  # two rows worse: not told apart on 100 rows
+    close = wrong(best, [0])  # one row worse on 100: one point, not told apart
     far = [1] * 50 + [0] * 50  # 30 rows worse: told apart
-    search.board = [row("slow", best, 30.0), row("cheap", close, 5.0), row("cheapest", far, 1.0)]
+    search = searching([row("slow", best, 30.0), row("cheap", close, 5.0), row("cheapest", far, 1.0)])
     winner, top, why = search.decide()
     assert (winner["name"], top["name"]) == ("cheap", "slow") and "wins the tie" in why
     assert search.board[2]["vs_leader"]["told_apart"] and not search.board[1]["vs_leader"]["told_apart"]
-    search.board = [row("slow", best, 30.0), row("cheapest", far, 1.0)]
-    assert search.decide()[0]["name"] == "slow"
+    assert searching([row("slow", best, 30.0), row("cheapest", far, 1.0)]).decide()[0]["name"] == "slow"
+
+
+def test_within_noise_but_more_than_a_point_worse_does_not_win_the_tie():
+    """Hymenoptera's case: on 49 comparison rows .959 is within the paired noise of .980 but a point more than
+    the margin below it, so the better one ships although the other costs half as much."""
+    best = [1] * 48 + [0]
+    cheap = wrong(best, [0])  # .959 against .980
+    search = searching([row("lite1:pool + logreg", best, 30.0), row("lite0:pool + logreg", cheap, 15.0)], compare=49)
+    winner, top, why = search.decide()
+    assert not search.board[1]["vs_leader"]["told_apart"]  # within noise: the old rule shipped the cheaper one
+    assert winner["name"] == top["name"] == "lite1:pool + logreg" and why.startswith("the best on the ranking rows")
+
+
+def test_few_comparison_rows_rank_heads_on_their_out_of_fold_rows():
+    """On 5 comparison rows a head that is right on all 5 but poor out of fold loses to one right on 4 that is
+    strong out of fold; a fine-tune (no out-of-fold rows) must be told apart on the 5 to win, and 5 rows cannot.
+    With many comparison rows the out-of-fold rows rank nothing."""
+    lucky = row("lucky", [1] * 5, 10.0, oof=[1] * 20 + [0] * 20)
+    steady = row("steady", [1] * 4 + [0], 10.0, oof=[1] * 36 + [0] * 4)
+    tune = row("tuned", [1] * 5, 60.0, family="finetune", unfreeze="top:1")
+    search = searching([lucky, steady, tune], small=True, compare=5)
+    winner, best, why = search.decide()
+    assert winner["name"] == best["name"] == "steady"
+    assert "5 comparison rows + 40 training rows out of fold" in why and "0.8889 on the 45 rows" in why
+    assert search.board[0]["vs_leader"]["rows"] == 45 and search.board[2]["vs_leader"]["rows"] == 5
+    big = [1] * 60 + [0] * 40
+    tuned = row("tuned", [1] * 100, 60.0, family="finetune", unfreeze="top:1")  # told apart on 100 rows
+    assert searching([row("steady", big, 10.0, oof=[1] * 40), tuned], small=True).decide()[0]["name"] == "tuned"
+
+
+def test_out_of_fold_rows_were_never_trained_on(monkeypatch, only_tiny):
+    """Each outer fold's head (which chooses its C by its own CV) is fitted on rows it is never asked to score,
+    and every row is scored once."""
+    from featx.heads import registry
+
+    rng = np.random.default_rng(0)
+    X = np.c_[np.arange(30), rng.normal(size=(30, 4))].astype(np.float32)
+    y = np.repeat([0, 1, 2], 10)
+    seen = []
+    real = registry.make_head
+
+    class Spy:
+        def __init__(self, head):
+            self.head = head
+
+        def fit(self, X, y):
+            seen.append({"trained": set(X[:, 0].tolist())})
+            self.head.fit(X, y)
+            return self
+
+        def predict_proba(self, X):
+            seen[-1]["scored"] = set(X[:, 0].tolist())
+            return self.head.predict_proba(X)
+
+        @property
+        def classes_(self):
+            return self.head.classes_
+
+    monkeypatch.setattr(registry, "make_head", lambda *a, **k: Spy(real(*a, **k)))
+    rows, proba = autosearch.out_of_fold("logreg", X, y, 3, "cpu")
+    assert len(seen) == autosearch.OUTER_FOLDS and all(not (f["trained"] & f["scored"]) for f in seen)
+    assert sorted(rows.tolist()) == list(range(30)) and proba.shape == (30, 3)
+    assert set().union(*(f["scored"] for f in seen)) == set(map(float, range(30)))
+    rows, proba = autosearch.out_of_fold("logreg", X[[0, 10, 20]], y[[0, 10, 20]], 3, "cpu")  # one image a class
+    assert len(rows) == 0 and proba.shape == (0, 3)
+
+
+def test_scenario_agrees_with_the_winner():
+    """The finding is read off the comparisons that chose the winner: a head on block5 that wins within noise
+    makes the finding "different" (the old one said "similar" there), a fine-tune that wins makes it "large";
+    on random boards (ties, fine-tunes and every tap winning among them) the words never contradict the winner's
+    tap or fine-tune."""
+    pool = [1] * 80 + [0] * 20
+    block5 = pool[:]
+    block5[85] = 1  # one row better: within noise
+    board = [row("lite0:pool + logreg", pool, 10.0), row("lite0:block5 + logreg", block5, 10.0, layer="block5"),
+             row("lite0 fine-tuned top:1", wrong(pool, range(10)), 60.0, family="finetune", unfreeze="top:1")]
+    search = searching(board)
+    winner, best, _ = search.decide()
+    found = search.scenario(winner, best)
+    assert winner["layer"] == "block5" and found["label"] == "small & different" and found["scenario"] == 3
+    assert "the winner uses block5" in found["finding"] and "worse, so the head wins" in found["finding"]
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        taps = ["block5", "block6", "block7", "pool"]
+        truth = rng.random(200) < 0.8
+        board = [row(f"lite0:{t} + logreg", (truth ^ (rng.random(200) < 0.03)).astype(int).tolist(),
+                     float(rng.uniform(5, 20)), layer=t) for t in taps]
+        board += [row(f"lite0 fine-tuned top:{k}", (truth ^ (rng.random(200) < rng.uniform(0, 0.06))).astype(int).tolist(),
+                      float(rng.uniform(5, 80)), family="finetune", unfreeze=f"top:{k}") for k in (1, 2)]
+        search = searching(board, compare=200)
+        winner, best, _ = search.decide()
+        found = search.scenario(winner, best)
+        assert found["label"].startswith("large") == (winner["family"] == "finetune")
+        if winner["family"] == "head":
+            assert found["label"].endswith("different") == (winner["layer"] != "pool")
+            assert f"the winner uses {'pooled features' if winner['layer'] == 'pool' else winner['layer']}" in \
+                found["finding"]
+        else:
+            assert f"fine-tuning {winner['unfreeze']} against the best head" in found["finding"]
+        assert found["finding"].endswith(f"Winner: {winner['name']}.")
 
 
 def test_paired_interval_is_mcnemars_exact_test():
@@ -105,6 +231,13 @@ def test_outputs_and_workspace(first_run):
     assert len(lines) == 1 + len(result["leaderboard"])
     curve = result["learning_curve"]["points"]
     assert [p["fraction"] for p in curve] == [0.25, 0.5, 1.0] and curve[0]["images"] < curve[-1]["images"]
+    # 12 comparison rows are few: each head is ranked on the training part out of fold too, never on a compare row
+    assert result["compare_rows"]["ranked_out_of_fold"]
+    train = {str(p.relative_to(root)) for p in (root / "train").glob("*/*.jpg")}
+    for stored in (run / "candidates").glob("tiny-*logreg.json"):
+        oof = json.loads(stored.read_text())["result"]["oof"]
+        assert set(oof["paths"]) == train and oof["n"] == len(train) == 24
+    assert "12 comparison rows + 24 training rows out of fold" in result["winner"]["why"]
     state = json.loads((home / "cache" / "workspace.json").read_text())
     assert state["extract"]["backbone"] == result["winner"]["backbone"]
     if result["winner"]["family"] == "head":
@@ -132,7 +265,7 @@ def test_rerun_reuses_every_result_and_json_has_its_keys(first_run, tiny, only_t
     assert printed["winner"]["name"] == result["winner"]["name"]
     assert all({"accuracy", "interval95", "cost_s", "skipped"} <= set(r) for r in printed["leaderboard"])
     assert {p: p.stat().st_mtime_ns for p in stored} == times
-    lost = next(p for p in stored if p.name.endswith("svm.json"))
+    lost = next(p for p in stored if p.name.endswith("knn.json"))
     lost.unlink()
     main(argv)
     capsys.readouterr()
