@@ -12,8 +12,11 @@ The steps, each a function below:
    rates (``CostModel``) before it starts; what does not fit is skipped and said.
 3. ``measure``: each candidate's accuracy on the comparison rows, with its Wilson interval, and a paired interval
    against the leader (an exact interval from the discordant pairs: McNemar's conditional binomial). Nothing a
-   candidate chooses (C, k, epochs, tap, its members) sees those rows.
-4. ``decide``: the best; a cheaper candidate whose paired interval against it holds zero wins the tie.
+   candidate chooses (C, k, epochs, tap, its members) sees those rows. With fewer than ``SMALL_COMPARE`` of them,
+   each head is also scored on the training part out of fold (``out_of_fold``, nested cross-validation).
+4. ``decide``: the best on those ranking rows (a fine-tune, with no out-of-fold rows, only when told apart above
+   the best head); a candidate costing at most ``CHEAPER`` of it, within its paired noise and at most
+   ``TIE_MARGIN`` behind, wins the tie.
 5. ``scenario``, ``learning_curve``, ``refit`` (every labelled row but test; test scored once) and ``write_outputs``.
 
 Each finished candidate is a JSON file in the run folder, keyed by its options and the data's fingerprint, so a
@@ -48,7 +51,7 @@ FINETUNE_EPOCHS = 5
 ENSEMBLE_SIZE = 3
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 MORE_HEADS = ("svm", "knn", "mlp")
-CHEAPER = 0.8  # a candidate within the best's noise wins the tie when it costs at most this share of the best's
+CHEAPER = 0.8  # a candidate within the best's noise costing at most this share of the best's wins the tie ...
 TIE_MARGIN = 0.01  # ... and trails it by at most this much accuracy on the rows they are ranked on (``decide``)
 SMALL_COMPARE = 100  # fewer comparison rows: heads are ranked on their out-of-fold training rows too
 OUTER_FOLDS, OOF_INNER_FOLDS = 3, 3  # that nested cross-validation: about twice a head's own fit (5 folds)
@@ -397,7 +400,7 @@ class Search:
             fitted = make_head(candidate.clf, cv=5, device=self.device).fit(F.X[train], F.y[train])
             seconds = time.perf_counter() - started
             compare = self.rows.indices(F.paths, self.rows.compare)
-            oof = None
+            oof, rows = None, ()
             if self.small:
                 started = time.perf_counter()
                 rows, proba = out_of_fold(candidate.clf, F.X[train], F.y[train], len(F.classes), self.device)
@@ -566,7 +569,7 @@ class Search:
         model that costs at most 0.8x as much, and what the target (within 1 point of the best row found by
         hand) allows."""
         rows = [r for r in self.measured() if r["exportable"]]
-        ranked = [r for r in rows if r.get("oof")] if self.small else rows
+        ranked = [r for r in rows if r["family"] == "head"] if self.small else rows
         best = max(ranked or rows, key=ranking)
         head = best
         better = [r for r in rows if not any(r is q for q in ranked)
@@ -613,20 +616,24 @@ class Search:
             other = max(others, key=lambda r: (r["clf"] == tap_row["clf"], ranking(r)))
             m = self.paired(other, tap_row)
             findings.append(f"{who} uses {tap_row['layer']}, an earlier tap than pooled features: {points(m)} against "
-                            f"{other['name']}" + ("" if m["told_apart"] else " (within noise)"))
+                            f"{other['name']}" + ("" if m["told_apart"] else " (within noise)") + differ(tap_row, other))
         else:
             other = max(others, key=lambda r: (r["clf"] == tap_row["clf"], ranking(r)))
             m = self.paired(tap_row, other)
             findings.append(f"{who} uses pooled features; the best earlier tap ({other['name']}) "
                             f"{'trails' if m['margin'] < 0 else 'leads' if m['margin'] > 0 else 'is level'} by "
-                            f"{points(m)}" + ("" if m["told_apart"] else " (within noise)"))
+                            f"{points(m)}" + ("" if m["told_apart"] else " (within noise)") + differ(tap_row, other))
         tunes = [r for r in self.measured() if r["family"] == "finetune"]
         large = winner["family"] == "finetune"
         if large:
-            m = self.paired(tap_row, winner)
-            findings.append(f"fine-tuning {winner['unfreeze']} against the best head ({tap_row['name']}): {points(m)}, "
-                            + ("told apart, so the fine-tune ships" if m["told_apart"] else
-                               f"within noise but more than {100 * TIE_MARGIN:g} point, so the fine-tune ships"))
+            best_head = max((r for r in heads if r["exportable"]), key=ranking)  # as ``decide`` ranked the heads
+            m = self.paired(best_head, winner)
+            verdict = (f"within noise of {best['name']} and cheaper, so it wins the tie" if winner is not best else
+                       "told apart, so the fine-tune ships" if m["told_apart"] else
+                       f"within noise, but no candidate costing at most {CHEAPER:g}x as much is within "
+                       f"{100 * TIE_MARGIN:g} point of it, so the fine-tune ships")
+            findings.append(f"fine-tuning {winner['unfreeze']} against the best head ({best_head['name']}): "
+                            f"{points(m)}, {verdict}")
         elif tunes:
             tune = max(tunes, key=ranking)
             m = self.paired(winner, tune)
@@ -774,6 +781,11 @@ def ranking(r: dict) -> tuple:
     return r.get("rank_accuracy", r["accuracy"]), -1 if r.get("cv_accuracy") is None else r["cv_accuracy"], -r["cost_s"]
 
 
+def differ(r: dict, other: dict) -> str:
+    """A note when two candidates compared for their taps also differ in their heads."""
+    return "" if r["clf"] == other["clf"] else f" (the heads differ too: {r['clf']} against {other['clf']})"
+
+
 def ranked_on(r: dict) -> str:
     """Which rows a candidate's ranking figure is on (they chose the winner, so for it the figure is optimistic)."""
     oof = r.get("oof")
@@ -832,7 +844,7 @@ def auto(data: str, budget="10m", backbones=None, out: str | os.PathLike | None 
     result = {"data": search.ds.name, "budget_s": seconds, "seconds": round(time.perf_counter() - started, 1),
               "compare_rows": {"source": search.rows.source, "images": len(search.rows.compare),
                                "training_part": len(search.rows.train), "test": len(search.rows.test),
-                               "ranked_out_of_fold": search.small},
+                               "ranked_out_of_fold": any(r.get("oof") for r in search.measured())},
               "test": refit["test"],
               "winner": {**brief(winner), "why": why, "refit": refit["how"],
                          "best": best["name"]},

@@ -72,14 +72,16 @@ _found: list = [None, -1]  # (threadpoolctl's controller, len(sys.modules) when 
 
 
 def _controller():
-    """threadpoolctl's view of the BLAS and OpenMP libraries loaded, found again only after a new module was
-    imported (only an import loads one): finding them walks every loaded library, 3 ms, where a small fit
-    takes a few ms itself."""
-    if _found[1] != len(sys.modules):
+    """threadpoolctl's view of the BLAS and OpenMP libraries loaded, found again whenever the count of imported
+    modules has changed (Python packages load their libraries on import; one loaded through ctypes alone is
+    not noticed until the next import): finding them walks every loaded library, 3 ms, where a small fit takes
+    a few ms itself. The count is read before the walk, so an import during it is looked at again."""
+    modules = len(sys.modules)
+    if _found[1] != modules:
         from threadpoolctl import ThreadpoolController
 
         _found[0] = ThreadpoolController()
-        _found[1] = len(sys.modules)
+        _found[1] = modules
     return _found[0]
 
 

@@ -133,6 +133,24 @@ def test_few_comparison_rows_rank_heads_on_their_out_of_fold_rows():
     assert searching([row("steady", big, 10.0, oof=[1] * 40), tuned], small=True).decide()[0]["name"] == "tuned"
 
 
+def test_without_out_of_fold_rows_a_fine_tune_must_still_be_told_apart():
+    """Every class with one training image gives the heads no out-of-fold rows: they rank on the 5 comparison
+    rows alone, and a fine-tune right on one more of them is within noise, so the head ships and the finding
+    says why; told apart on 100 rows, the fine-tune ships and the finding says so."""
+    head = row("head", [1] * 4 + [0], 10.0)
+    tune = row("tuned", [1] * 5, 60.0, family="finetune", unfreeze="top:1")
+    search = searching([head, tune], small=True, compare=5)
+    winner, best, _ = search.decide()
+    assert winner["name"] == best["name"] == "head"
+    assert "as a fine-tune must be" in search.scenario(winner, best)["finding"]
+    search = searching([row("head", [1] * 60 + [0] * 40, 10.0),
+                        row("tuned", [1] * 100, 60.0, family="finetune", unfreeze="top:1")], small=True)
+    winner, best, _ = search.decide()
+    found = search.scenario(winner, best)
+    assert winner["name"] == "tuned" and found["label"].startswith("large")
+    assert "told apart, so the fine-tune ships" in found["finding"]
+
+
 def test_out_of_fold_rows_were_never_trained_on(monkeypatch, only_tiny):
     """Each outer fold's head (which chooses its C by its own CV) is fitted on rows it is never asked to score,
     and every row is scored once."""

@@ -40,8 +40,10 @@ def test_the_libraries_are_looked_up_again_only_after_an_import(monkeypatch):
     monkeypatch.setitem(sys.modules, "featx_test_new_module", object())  # stands in for a new import
     again = threads._controller()
     assert again is not first and threads._controller() is again
-    with threads.limited(1):
-        assert blas_threads() == 1
+    before = blas_threads()
+    with threads.limited(2):  # conftest holds every test process at one thread: two shows the limit is applied
+        assert blas_threads() == 2
+    assert blas_threads() == before
 
 
 def test_side_by_side_keeps_order_runs_in_parallel_and_one_thread_each(monkeypatch):

@@ -108,6 +108,9 @@ def test_torchrun_with_an_undecodable_batch_finishes(child, tiny, tmp_path):
         ["--standalone", "--nproc-per-node", "2", str(child), *finetune_args(data, out, 1)], stdout, stderr))
     launcher.start()
     launcher.join(240)
+    if launcher.is_alive():  # past the time limit: the launcher takes its ranks down with it
+        launcher.terminate()
+        launcher.join(30)
     assert launcher.exitcode == 0, stderr.read_text()[-3000:]
     result = json.loads(stdout.read_text().strip().splitlines()[-1])
     assert result["processes"] == 2 and [h["epoch"] for h in result["history"]] == [1, 2]
