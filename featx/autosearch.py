@@ -120,25 +120,24 @@ def comparison_rows(ds: data_mod.Dataset) -> RowSets:
     return RowSets(by["train"], by["val"], by["test"], source, labels, list(ds.classes), fingerprint)
 
 
+def in_hash_order(paths: list, labels: dict, seed: int) -> list:
+    """Each class's paths (classes in label order), sorted by their seeded path hash."""
+    return [[p for _, p in sorted((data_mod.unit_hash(p, seed), p) for p in paths if labels[p] == c)]
+            for c in sorted({labels[p] for p in paths})]
+
+
 def hash_share(paths: list, labels: dict, fraction: float, seed: int) -> list:
-    """The paths whose hash is below ``fraction``, per class, every class keeping at least one path outside."""
-    chosen = []
-    for c in sorted({labels[p] for p in paths}):
-        rows = sorted((data_mod.unit_hash(p, seed), p) for p in paths if labels[p] == c)
-        take = min(len(rows) - 1, max(0, round(len(rows) * fraction)))
-        chosen += [p for _, p in rows[:take]]
-    return chosen
+    """The first ``fraction`` of each class in hash order, every class keeping at least one path outside."""
+    return [p for rows in in_hash_order(paths, labels, seed)
+            for p in rows[:min(len(rows) - 1, max(0, round(len(rows) * fraction)))]]
 
 
 def hash_fraction(paths: list, labels: dict, fraction: float) -> list:
     """A stratified, hash-ordered ``fraction`` of ``paths`` (at least two a class where the class has them)."""
     if fraction >= 1:
         return list(paths)
-    kept = []
-    for c in sorted({labels[p] for p in paths}):
-        rows = sorted((data_mod.unit_hash(p, 2), p) for p in paths if labels[p] == c)
-        kept += [p for _, p in rows[:max(min(2, len(rows)), math.ceil(len(rows) * fraction))]]
-    return kept
+    return [p for rows in in_hash_order(paths, labels, 2)
+            for p in rows[:max(min(2, len(rows)), math.ceil(len(rows) * fraction))]]
 
 
 # ------------------------------------------------------------------------------------------- measurement
@@ -400,15 +399,15 @@ class Search:
             fitted = make_head(candidate.clf, cv=5, device=self.device).fit(F.X[train], F.y[train])
             seconds = time.perf_counter() - started
             compare = self.rows.indices(F.paths, self.rows.compare)
-            oof, rows = None, ()
+            oof = None
             if self.small:
                 started = time.perf_counter()
                 rows, proba = out_of_fold(candidate.clf, F.X[train], F.y[train], len(F.classes), self.device)
-            if self.small and len(rows):  # none when every class has one training image: the comparison rows rank
-                oof = {k: v for k, v in scored(proba, F.y[train][rows]).items() if k != "proba"} | {
-                    "paths": F.paths[train][rows].tolist(), "seconds": time.perf_counter() - started,
-                    "how": f"nested CV on the training part ({OUTER_FOLDS} folds, each fold's head choosing its "
-                           f"own hyper-parameter by {OOF_INNER_FOLDS}-fold CV on the other folds)"}
+                if len(rows):  # none when every class has one training image: the comparison rows rank
+                    oof = {k: v for k, v in scored(proba, F.y[train][rows]).items() if k != "proba"} | {
+                        "paths": F.paths[train][rows].tolist(), "seconds": time.perf_counter() - started,
+                        "how": f"nested CV on the training part ({OUTER_FOLDS} folds, each fold's head choosing "
+                               f"its own hyper-parameter by {OOF_INNER_FOLDS}-fold CV on the other folds)"}
             known = self.results.put(candidate.name, options, {
                 **scored(proba_over(fitted, F.X[compare], len(F.classes)), F.y[compare]),
                 "paths": F.paths[compare].tolist(), "selected": plain(fitted.selected_),
