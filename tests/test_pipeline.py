@@ -51,7 +51,7 @@ def test_pipeline_runs_end_to_end(tiny, dataset, tmp_path):
     table = (tmp_path / "report" / "comparison.md").read_text()
     assert "| logreg | tiny | test | 1.0000 | 1.0000 | 0.9 |" in table
     assert json.loads((tmp_path / "report" / "results.json").read_text())["max_epochs"] == 1
-    assert (tmp_path / "report" / "fine_tune_block2_from_the_logreg_head" / "curves_loss.png").exists()
+    assert (tmp_path / "report" / "fine_tune_block2_from_the_logreg_head" / "curves_loss.svg").exists()
 
 
 @pytest.mark.parametrize("body,message", [

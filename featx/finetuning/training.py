@@ -545,7 +545,6 @@ def final_report(out: Path, net: FineTuneNet, ds, files: dict, labels: dict, his
         out, result, ds.classes, f"{net.backbone.spec.name} fine-tuned on {ds.name} ({', '.join(blocks) or 'head only'})",
         {"data": str(ds.root), "backbone": net.backbone.spec.name, "unfrozen": ", ".join(blocks) or "none",
          "best epoch": result["best_epoch"], "val": val_source, "model": result["model"]}, image_root=ds.root))
-    report.plot_curves(history, out / "curves")
     return result
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from .page import HEADLINE, split_label, write_page
+from .page import HEADLINE, confusion_svg, curves_svg, split_label, write_page
 
 TOP_LOSSES = 16
 ECE_BINS = 15
@@ -129,27 +129,6 @@ def confused_pairs(matrix: np.ndarray, classes: list) -> list:
             for t, p in zip(*np.unravel_index(order, off.shape)) if off[t, p] > 0]
 
 
-def plot_confusion(matrix, classes: list, path: Path, title: str) -> Path:
-    plt = pyplot()
-    matrix = np.asarray(matrix)
-    size = max(4.0, 0.45 * len(classes) + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(matrix, cmap="Blues")
-    ticks = np.arange(len(classes))
-    ax.set_xticks(ticks, classes, rotation=90 if len(classes) > 6 else 0)
-    ax.set_yticks(ticks, classes)
-    if len(classes) <= 30:
-        for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > matrix.max() / 2 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def plot_image_grid(files: list, titles: list, path: Path, columns: int = 4) -> Path:
     """Images titled with label and probability, as in the S1/S2 tutorials."""
     plt = pyplot()
@@ -170,32 +149,10 @@ def plot_image_grid(files: list, titles: list, path: Path, columns: int = 4) -> 
     return path
 
 
-def plot_curves(history: list, path_prefix: Path) -> list:
-    """Loss and accuracy per epoch, train against val (fine-tuning)."""
-    plt = pyplot()
-    written = []
-    epochs = [h["epoch"] for h in history]
-    for metric in ("loss", "accuracy"):
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for split in ("train", "val"):
-            values = [h.get(f"{split}_{metric}") for h in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, values, marker="o", label=split)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(metric)
-        ax.legend()
-        fig.tight_layout()
-        out = Path(f"{path_prefix}_{metric}.png")
-        fig.savefig(out, dpi=100)
-        plt.close(fig)
-        written.append(out)
-    return written
-
-
 def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup: dict,
                  image_root: Path | None = None, extra: str = "") -> Path:
-    """metrics.json, a confusion-matrix PNG and a top-losses CSV per evaluated split, and the page that
-    shows them all (``report_page.py``); returns the page's path. ``image_root`` is the folder the
+    """metrics.json, a confusion-matrix SVG and a top-losses CSV per evaluated split, the training curves' SVGs
+    when ``metrics`` has a history, and the page that shows them all (``page.py``); returns the page's path. ``image_root`` is the folder the
     top losses' paths are relative to."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -203,12 +160,15 @@ def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup:
         if split not in metrics:
             continue
         m = metrics[split]
-        plot_confusion(m["confusion_matrix"], classes, out_dir / f"confusion_{split}.png",
-                       f"{split}: accuracy {m['accuracy']:.3f}")
+        svg = confusion_svg(m["confusion_matrix"], classes, f"{split}: accuracy {m['accuracy']:.3f}")
+        (out_dir / f"confusion_{split}.svg").write_text(svg, encoding="utf-8", errors="backslashreplace")
         with open(out_dir / f"top_losses_{split}.csv", "w", newline="", errors="surrogateescape") as f:
             writer = csv.DictWriter(f, fieldnames=["path", "true", "predicted", "p_true", "loss"])
             writer.writeheader()
             writer.writerows(m["top_losses"])
+    for metric in ("loss", "accuracy"):
+        if svg := curves_svg(metrics.get("history") or [], metric):
+            (out_dir / f"curves_{metric}.svg").write_text(svg, encoding="utf-8")
     return write_page(out_dir, metrics, title, setup, image_root, extra)
 
 

@@ -64,7 +64,7 @@ def test_top_n_names_the_last_blocks(tiny):
 def test_outputs_and_model_file_work_with_predict_and_evaluate(tiny, dataset, tmp_path):
     m, _, _ = trained(tiny, dataset, tmp_path, "all")
     run = tmp_path / "run"
-    for name in ("history.csv", "curves_loss.png", "curves_accuracy.png", "confusion_val.png", "metrics.json"):
+    for name in ("history.csv", "curves_loss.svg", "curves_accuracy.svg", "confusion_val.svg", "metrics.json"):
         assert (run / name).exists(), name
     assert len(m["history"]) == 2 and {"train_loss", "val_accuracy"} <= set(m["history"][0])
     preds = predictor.predict(m["model"], [dataset / "test" / "b"])

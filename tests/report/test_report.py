@@ -53,3 +53,21 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_the_confusion_svg_draws_the_matrix_and_escapes_names():
+    import xml.etree.ElementTree as ET
+
+    from featx.report.page import confusion_svg
+
+    rng = np.random.default_rng(0)
+    for k in (2, 17, 120):  # counts written in the cells up to 30 classes, in the tooltips always
+        matrix = rng.integers(0, 9, (k, k))
+        classes = [f"<class & {i}>" for i in range(k)]
+        root = ET.fromstring(confusion_svg(matrix, classes, "val: accuracy 0.5"))
+        ns = "{http://www.w3.org/2000/svg}"
+        cells = [r.find(f"{ns}title").text for r in root.iter(f"{ns}rect")]
+        assert cells == [f"true {classes[i]}, predicted {classes[j]}: {matrix[i, j]}" for i in range(k) for j in range(k)]
+        texts = [t.text for t in root.iter(f"{ns}text")]
+        assert texts.count(classes[k - 1]) == 2  # a row and a column label
+        assert (sum(t.isdigit() for t in texts) == k * k) == (k <= 30)
