@@ -7,6 +7,9 @@ import numpy as np
 from .linear import LinearHead, logit_proba
 
 LOGREG_MAX_ITER = 1000  # LogisticRegression's lbfgs iterations (its default, 100, stops short on wide features)
+LOGREG_SELECT_TOL = 1e-3  # lbfgs's tolerance along the C path: enough to rank C; the chosen C is solved at
+# scikit-learn's default (1e-4) again (``_polish``), so its held-out probabilities, which the audit and the tap
+# choice read, are as exact as before. On the few-shot test set (53 x 32, 15 classes) it halved the path's time.
 
 
 class LogRegHead(LinearHead):
@@ -19,10 +22,16 @@ class LogRegHead(LinearHead):
     def _fold_path(self, X_train, codes_train, X_test, unconverged: list):
         model = self.pipeline(warm_start=True)
 
-        def decisions(C, gap=None):
-            model.set_params(logisticregression__C=C).fit(X_train, codes_train)
+        def decisions(C, tol=LOGREG_SELECT_TOL):
+            model.set_params(logisticregression__C=C, logisticregression__tol=tol).fit(X_train, codes_train)
             return self._fold_logits(model, X_test)
         return decisions
+
+    def _polish(self, C: float, paths: list, folds, n: int) -> np.ndarray:
+        """The chosen C's held-out decisions solved again at scikit-learn's default tolerance (warm-started)."""
+        from sklearn.linear_model import LogisticRegression
+
+        return self._held_out(paths, folds, n, lambda path: path(C, LogisticRegression().tol))
 
     def pipeline(self, **options):
         """scikit-learn's pipeline for logreg: ``StandardScaler`` then ``LogisticRegression``."""
