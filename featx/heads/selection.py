@@ -13,6 +13,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import StratifiedKFold
 
+from featx import threads
+
 SEED = 0
 
 
@@ -125,10 +127,9 @@ def calibrate(decision: np.ndarray, codes: np.ndarray, n_classes: int, class_wei
     # some class has no held-out row (a class with one image is never scored)
     decision = np.vstack([decision, np.zeros((n_classes, decision.shape[1]))])
     weights = np.r_[np.ones(len(codes)) if class_weight is None else class_weight[codes], np.zeros(n_classes)]
-    from threadpoolctl import threadpool_limits
-
     # one BLAS thread: scipy's L-BFGS-B on a two-parameter problem ran 5x slower on two threads than on one
-    with warnings.catch_warnings(), threadpool_limits(1):
+    # (``threads.limited``: threadpoolctl's kept controller; a fresh ``threadpool_limits`` scan took 5 ms a call)
+    with warnings.catch_warnings(), threads.limited(1):
         warnings.filterwarnings("ignore", message=".*sample weights will only be used for the calibration")
         everything = [(np.arange(len(weights)), np.arange(len(weights)))]  # one "fold": it only replays decisions
         fitted = CalibratedClassifierCV(FrozenEstimator(HeldOutDecisions(n_classes)), method=method, cv=everything).fit(
