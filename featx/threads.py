@@ -55,11 +55,11 @@ def limited(threads: int, uses_torch: bool = False):
             torch.set_num_threads(before)
 
 
-def side_by_side(function, items: list, uses_torch: bool = False) -> list:
+def side_by_side(function, items: list) -> list:
     """``function`` over independent ``items`` (folds, grid points), in order, up to ``available()`` at a
     time, each on one thread; torch's kernels and BLAS release the GIL, so threads run them in parallel."""
     workers = min(len(items), available())
-    with limited(1, uses_torch):
+    with limited(1):
         if workers <= 1:
             return [function(item) for item in items]
         from concurrent.futures import ThreadPoolExecutor

@@ -35,9 +35,9 @@ def test_help_lists_every_command():
 
 
 def test_an_up_to_date_extract_and_predict_load_no_torch(tmp_path):
-    """Re-running an extraction whose cache is current answers from the index, and predicting with a model
-    whose backbone is exported answers from ONNX Runtime: no network is built, torch is never imported, and
-    the probabilities are torch's."""
+    """Re-running an extraction whose cache is current answers from the index, fitting an svm on the cache
+    needs numpy and scipy only, and predicting with a model whose backbone is exported answers from ONNX
+    Runtime: no network is built, torch is never imported, and the probabilities are torch's."""
     import featx
     from helpers import make_dataset
 
@@ -48,9 +48,12 @@ def test_an_up_to_date_extract_and_predict_load_no_torch(tmp_path):
     expected = featx.predict(model, [image], runtime="torch", cache_dir=cache)[0]["probability"]
     options = ["--cache-dir", str(cache), "--device", "cpu", "--json"]
     codes, out, _, loaded = fresh_cli(["extract", "--data", str(data), *options],
+                                      ["fit-head", "--clf", "svm", "--features", first.path, "--out",
+                                       str(tmp_path / "svm"), "--quiet", "--json"],
                                       ["predict", "--model", str(model), str(image), *options])
-    assert codes == [0, 0]
-    rerun, predicted = map(json.loads, out)
+    assert codes == [0, 0, 0]
+    rerun, svm, predicted = map(json.loads, out)
+    assert svm["selected"]["C"] > 0 and (tmp_path / "svm" / "model.featx").is_file()
     assert (rerun["path"], rerun["images"], rerun["new"]) == (first.path, 6, 0)
     assert predicted["predictions"][0]["probability"] == pytest.approx(expected, abs=1e-5)
     assert loaded == ["sklearn", "numpy", "h5py", "onnxruntime"]  # no torch, torchvision or timm

@@ -25,7 +25,6 @@ class LinearHead(Head):
     """The shared base of ``LogRegHead`` and ``SVMHead``. ``class_weight`` is scikit-learn's."""
 
     preprocessing = "standardise"
-    uses_torch = False  # whether the fold solver is torch's (then folds run side by side, one thread each)
     unconverged_means = ""
 
     def __init__(self, Cs=None, cv=5, class_weight: str | dict | None = None):
@@ -42,7 +41,7 @@ class LinearHead(Head):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             C, held_out = self._select(X, codes, Cs, folds, unconverged)
-            with threads.limited(threads.for_fit(self.kind, *X.shape, len(self.classes_)), self.uses_torch):
+            with threads.limited(threads.for_fit(self.kind, *X.shape, len(self.classes_))):
                 self._refit(X, codes, C, unconverged)
             self.selected_["fits"] += 1
         unconverged = len(unconverged) + sum(issubclass(w.category, ConvergenceWarning) for w in caught)
@@ -63,7 +62,7 @@ class LinearHead(Head):
             self.held_out_ = self.held_out_right_ = None
             return C, None
         paths = threads.side_by_side(lambda pair: self._fold_path(X[pair[0]], codes[pair[0]], X[pair[1]], unconverged),
-                                     folds.pairs, self.uses_torch)
+                                     folds.pairs)
         scored, class_weight = codes[folds.scored], self._class_weights(codes)
         scores, losses, decisions, probas = [], [], [], []
         for C in Cs:
@@ -93,7 +92,7 @@ class LinearHead(Head):
     def _held_out(self, paths: list, folds: Folds, n: int, solve) -> np.ndarray:
         """The scored rows' decisions, each from the fold model that did not see it (``solve(path)``)."""
         held = np.zeros((n, self._columns()))
-        for (_, test), part in zip(folds.pairs, threads.side_by_side(solve, paths, self.uses_torch)):
+        for (_, test), part in zip(folds.pairs, threads.side_by_side(solve, paths)):
             held[test] = part
         return held[folds.scored]
 

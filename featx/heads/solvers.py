@@ -4,7 +4,7 @@
 one-vs-rest, intercept as a regularised feature of value 1) to a certified duality gap, warm-started
 along a C path; ``LinearSVC`` itself took 11-38 s for one fit of 120 classes x 1,280 features on 2 cores,
 and a selection needs about a hundred. Also: standardisation and cosine nearest neighbours in
-memory-bounded chunks. torch is imported by the fits, so predicting with a fitted head needs only numpy.
+memory-bounded chunks. numpy and scipy only.
 """
 from __future__ import annotations
 
@@ -56,87 +56,86 @@ class SquaredHinge:
 
     The matrix (with its column of ones) is rotated once into its row space (an SVD, or the eigenvectors of
     its columns' Gram matrix when it has more rows than columns), where the Hessian of the all-active
-    problem is diagonal. L-BFGS runs on that diagonally preconditioned form in float64,
-    all columns at once; a column it leaves unconverged (large C, few active rows) is finished by Newton's
+    problem is diagonal. scipy's L-BFGS-B runs on that diagonally preconditioned form in float64, all
+    columns at once; a column it leaves unconverged (large C, few active rows) is finished by Newton's
     method on its active rows with backtracking. Each column stops on its relative duality gap
-    (``SVM_GAP``), which bounds the distance to the optimum whatever C is."""
+    (``SVM_GAP``), which bounds the distance to the optimum whatever C is. numpy and scipy only: torch's
+    optimisers import torch._dynamo on first use (874 modules, 2 s), which a fresh ``fit-head`` paid."""
 
     def __init__(self, X: np.ndarray, signs: np.ndarray, weights: np.ndarray | None = None):
-        import torch
-
-        Xa = torch.as_tensor(np.hstack([X, np.ones((len(X), 1))]), dtype=torch.float64)
+        Xa = np.hstack([X, np.ones((len(X), 1))]).astype(np.float64)
         if Xa.shape[0] > Xa.shape[1]:  # more rows than columns: the columns' Gram matrix is cheaper than an SVD
-            eigenvalues, V = torch.linalg.eigh(Xa.T @ Xa)  # (8,000 x 2,049: 3.2 s against 6.4 s)
-            self.S, self.Vh, self.Z = eigenvalues.clamp_min(0).sqrt(), V.T, Xa @ V
+            eigenvalues, V = np.linalg.eigh(Xa.T @ Xa)  # (8,000 x 2,049: 3.2 s against 6.4 s)
+            self.S, self.Vh, self.Z = np.sqrt(eigenvalues.clip(min=0)), V.T, Xa @ V
         else:
-            U, self.S, self.Vh = torch.linalg.svd(Xa, full_matrices=False)
+            U, self.S, self.Vh = np.linalg.svd(Xa, full_matrices=False)
             self.Z = U * self.S
-        self.ZT = self.Z.T.contiguous()  # its transpose laid out for the gradient (6 ms a product, not 11)
-        self.signs = torch.as_tensor(signs, dtype=torch.float64)
-        self.weights = torch.ones_like(self.signs) if weights is None else \
-            torch.as_tensor(np.broadcast_to(weights, signs.shape), dtype=torch.float64)
-        self.gamma = torch.zeros(len(self.S), signs.shape[1], dtype=torch.float64)  # warm start along the path
+        self.ZT = np.ascontiguousarray(self.Z.T)  # its transpose laid out for the gradient (6 ms a product, not 11)
+        self.signs = np.asarray(signs, dtype=np.float64)
+        self.weights = np.ones_like(self.signs) if weights is None else \
+            np.array(np.broadcast_to(weights, signs.shape), dtype=np.float64)
+        self.gamma = np.zeros((len(self.S), signs.shape[1]))  # warm start along the path
 
     def _objective(self, gamma, C: float, cols=slice(None)):
         """(primal objective per column, hinge margins) of ``gamma`` for the columns ``cols``."""
-        margin = (1 - self.signs[:, cols] * (self.Z @ gamma)).clamp_min(0)
+        margin = (1 - self.signs[:, cols] * (self.Z @ gamma)).clip(min=0)
         return 0.5 * (gamma * gamma).sum(0) + C * (self.weights[:, cols] * margin * margin).sum(0), margin
 
-    def gaps(self, C: float):
-        """(primal - dual) / primal per column at the current solution; the dual point is
+    def gaps(self, C: float, gamma=None) -> np.ndarray:
+        """(primal - dual) / primal per column at ``gamma`` (the current solution); the dual point is
         alpha = 2 C weight margin."""
-        import torch
-
-        with torch.no_grad():
-            primal, margin = self._objective(self.gamma, C)
-            alpha = 2 * C * self.weights * margin
-            v = self.ZT @ (alpha * self.signs)
-            dual = alpha.sum(0) - 0.5 * (v * v).sum(0) - (alpha * alpha / (4 * C * self.weights)).sum(0)
-            return (primal - dual) / primal.clamp_min(1e-300)
+        primal, margin = self._objective(self.gamma if gamma is None else gamma, C)
+        alpha = 2 * C * self.weights * margin
+        v = self.ZT @ (alpha * self.signs)
+        dual = alpha.sum(0) - 0.5 * (v * v).sum(0) - (alpha * alpha / (4 * C * self.weights)).sum(0)
+        return (primal - dual) / np.maximum(primal, 1e-300)
 
     def solve(self, C: float, gap: float = SVM_GAP) -> tuple[np.ndarray, np.ndarray, int, bool]:
         """(coef k x d, intercept k, iterations, converged to ``gap``) at C, starting from the last solution."""
-        import torch
+        from scipy.optimize import minimize
 
-        precondition = (1 + 2 * C * self.S * self.S).rsqrt()[:, None]
-        eta = self.gamma / precondition
-        iterations = 0
-        # one optimiser for the whole solve (its curvature history carries over), the gap checked every
-        # SVM_LBFGS_ROUND iterations: a warm start at a loose gap often needs only a few
-        opt = torch.optim.LBFGS([eta], lr=1, max_iter=SVM_LBFGS_ROUND, history_size=20, tolerance_grad=0,
-                                tolerance_change=0, line_search_fn="strong_wolfe")
+        precondition = 1 / np.sqrt(1 + 2 * C * self.S * self.S)[:, None]
+        shape = self.gamma.shape
 
-        def closure():  # the objective and its gradient by hand: autograd's backward pass took twice the forward
-            gamma = precondition * eta
+        def objective(eta):  # the value and its gradient by hand, in the preconditioned variables
+            gamma = precondition * eta.reshape(shape)
             value, margin = self._objective(gamma, C)
-            eta.grad = precondition * (gamma - 2 * C * self.ZT @ (self.weights * margin * self.signs))
-            return value.sum()
+            return value.sum(), (precondition * (gamma - 2 * C * self.ZT @ (self.weights * margin * self.signs))).ravel()
 
-        while (self.gaps(C) > gap).any() and iterations < SVM_LBFGS_ITER:
-            opt.step(closure)
-            iterations = opt.state[opt._params[0]]["n_iter"]
-            self.gamma = (precondition * eta).detach()
-        for column in torch.nonzero(self.gaps(C) > gap).flatten().tolist():
+        steps = [0]
+
+        def converged(intermediate_result) -> None:  # scipy passes the iterate under this name; the gap is checked
+            steps[0] += 1  # every SVM_LBFGS_ROUND iterations: a warm start at a loose gap often needs only a few
+            if steps[0] % SVM_LBFGS_ROUND == 0 and \
+                    (self.gaps(C, precondition * intermediate_result.x.reshape(shape)) <= gap).all():
+                raise StopIteration
+
+        iterations = 0
+        if (self.gaps(C) > gap).any():
+            # never stopped by L-BFGS-B's own tests (ftol, gtol 0): by the gap, or its iteration limit
+            result = minimize(objective, (self.gamma / precondition).ravel(), jac=True, method="L-BFGS-B",
+                              callback=converged, options={"maxiter": SVM_LBFGS_ITER, "maxcor": 20, "ftol": 0,
+                                                           "gtol": 0})
+            self.gamma, iterations = precondition * result.x.reshape(shape), steps[0]
+        for column in np.flatnonzero(self.gaps(C) > gap).tolist():
             iterations += self._newton(C, column, gap)
-        W = (self.Vh.T @ self.gamma).numpy()
+        W = self.Vh.T @ self.gamma
         return W[:-1].T.copy(), W[-1].copy(), iterations, bool((self.gaps(C) <= gap).all())
 
     def _newton(self, C: float, column: int, gap: float) -> int:
         """Newton's method on one column (the generalised Hessian of its active rows), with backtracking;
         returns its iterations."""
-        import torch
-
         cols = slice(column, column + 1)
-        gamma, signs, weights = self.gamma[:, cols].clone(), self.signs[:, column], self.weights[:, column]
-        eye = torch.eye(len(gamma), dtype=torch.float64)
+        gamma, signs, weights = self.gamma[:, cols].copy(), self.signs[:, column], self.weights[:, column]
+        eye = np.eye(len(gamma))
         for iteration in range(1, SVM_NEWTON_ITER + 1):
             value, margin = self._objective(gamma, C, cols)
             active = margin[:, 0] > 0
             Z, w = self.Z[active], weights[active]
             grad = gamma - 2 * C * Z.T @ (w * signs[active] * margin[active, 0])[:, None]
-            step = torch.linalg.solve(eye + 2 * C * Z.T @ (w[:, None] * Z), -grad)
+            step = np.linalg.solve(eye + 2 * C * Z.T @ (w[:, None] * Z), -grad)
             t, slope = 1.0, float((grad * step).sum())
-            while float(self._objective(gamma + t * step, C, cols)[0]) > float(value) + 1e-4 * t * slope and t > 1e-12:
+            while float(self._objective(gamma + t * step, C, cols)[0][0]) > float(value[0]) + 1e-4 * t * slope and t > 1e-12:
                 t /= 2
             gamma = gamma + t * step
             self.gamma[:, cols] = gamma

@@ -31,7 +31,6 @@ class SVMHead(LinearHead):
     C's held-out decisions. Its ``cv_accuracy`` is counted on the raw decisions, as ``LinearSVC.predict`` labels."""
 
     kind = "svm"
-    uses_torch = True
     unconverged_means = "short of the duality gap"
 
     def _fold_path(self, X_train, codes_train, X_test, unconverged: list):
