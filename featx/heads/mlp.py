@@ -32,6 +32,33 @@ def mlp_arrays(mean: np.ndarray, scale: np.ndarray, state: dict) -> dict:
             **{k.replace(".", "__"): v.detach().cpu().numpy() for k, v in state.items()}}
 
 
+class AdamW:
+    """torch's AdamW step (``torch.optim.adamw.adamw``, the function ``torch.optim.AdamW.step`` runs, at its
+    defaults) without the optimiser class, whose construction imports torch._dynamo: 874 modules, 2 s of
+    every fresh process that fits an MLP, on a fit that takes about as long."""
+
+    def __init__(self, params, lr: float, weight_decay: float):
+        import torch
+
+        self.params, self.lr, self.weight_decay = list(params), lr, weight_decay
+        self.exp_avgs = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
+        self.steps = [torch.tensor(0.0) for _ in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+        from torch.optim.adamw import adamw
+
+        with torch.no_grad():
+            adamw(self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [], self.steps,
+                  amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=self.weight_decay, eps=1e-8,
+                  maximize=False)
+
+
 class MLPHead(Head):
     """Standardised features -> one hidden layer with dropout, AdamW, early stopping on held-out rows:
     ``cv``'s val rows when it is a split object (``--select-on val``), else ``holdout`` of each class
@@ -78,7 +105,7 @@ class MLPHead(Head):
         Xs = torch.as_tensor((X - mean) / scale, dtype=torch.float32, device=device)
         ys = torch.as_tensor(codes, device=device)
         net = mlp_module(X.shape[1], self.hidden, len(self.classes_), self.dropout).to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        opt = AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         weights = class_weights(self.class_weight, codes[train], list(self.classes_))
         loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else
                                             torch.as_tensor(weights, dtype=torch.float32, device=device))

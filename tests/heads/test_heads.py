@@ -328,3 +328,27 @@ def test_the_svm_scores_each_c_as_linearsvc_at_the_selection_tolerance():
             assert converged, C
             np.testing.assert_allclose(z, z_ref, atol=1e-2 * np.abs(z_ref).max())
             assert abs((z.argmax(1) == y[test]).sum() - (ref.predict(Xt) == y[test]).sum()) <= 1, C
+
+
+def test_the_mlps_adamw_steps_as_torchs_optimiser_does():
+    """``mlp.AdamW`` (torch's functional step, no optimiser class) against ``torch.optim.AdamW`` at the MLP's
+    settings: the same weights, bit for bit, after 20 steps."""
+    import torch
+
+    from featx.heads.mlp import AdamW, mlp_module
+
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    ours, theirs = mlp_module(6, 8, 3, 0.0), mlp_module(6, 8, 3, 0.0)
+    theirs.load_state_dict(ours.state_dict())
+    start = {k: v.clone() for k, v in ours.state_dict().items()}
+    optimisers = AdamW(ours.parameters(), lr=1e-2, weight_decay=1e-2), \
+        torch.optim.AdamW(theirs.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(20):
+        for net, opt in zip((ours, theirs), optimisers):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not any(torch.equal(v, start[k]) for k, v in ours.state_dict().items())  # every tensor moved
