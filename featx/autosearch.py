@@ -546,6 +546,11 @@ class Search:
 
     # -- the decision ---------------------------------------------------------------------------------------
 
+    def best_head(self) -> dict:
+        """The exportable head that ranks first (``ranking``): the one ``decide`` weighs a fine-tune against, the
+        scenario compares with, and the learning curve follows when a fine-tune won."""
+        return max((r for r in self.measured() if r["family"] == "head" and r["exportable"]), key=ranking)
+
     def paired(self, leader: dict, other: dict) -> dict:
         """``other`` against ``leader`` on the ranking rows both have (``evidence``)."""
         from featx.heads.selection import paired_comparison
@@ -568,11 +573,10 @@ class Search:
         model that costs at most 0.8x as much, and what the target (within 1 point of the best row found by
         hand) allows."""
         rows = [r for r in self.measured() if r["exportable"]]
-        ranked = [r for r in rows if r["family"] == "head"] if self.small else rows
-        best = max(ranked or rows, key=ranking)
-        head = best
-        better = [r for r in rows if not any(r is q for q in ranked)
-                  and (m := self.paired(best, r))["told_apart"] and m["margin"] > 0]
+        head = self.best_head()
+        best = head if self.small else max(rows, key=ranking)
+        better = [r for r in rows if self.small and r["family"] != "head"
+                  and (m := self.paired(head, r))["told_apart"] and m["margin"] > 0]
         if better:
             best = max(better, key=ranking)
         for r in self.measured():
@@ -581,7 +585,7 @@ class Search:
                 and not r["vs_leader"]["told_apart"] and r["vs_leader"]["margin"] >= -TIE_MARGIN - 1e-9]
         if not ties:
             why = (f"told apart above the best head ({head['name']}: {points(self.paired(head, best))}"
-                   f") on the comparison rows" if best is not head else "the best on the ranking rows")
+                   f") on the comparison rows" if better else "the best on the ranking rows")
             return best, best, f"{why}; {ranked_on(best)}"
         winner = max(ties, key=ranking)
         return winner, best, (f"within noise of the best ({best['name']}: {points(winner['vs_leader'])}), within "
@@ -625,7 +629,7 @@ class Search:
         tunes = [r for r in self.measured() if r["family"] == "finetune"]
         large = winner["family"] == "finetune"
         if large:
-            best_head = max((r for r in heads if r["exportable"]), key=ranking)  # as ``decide`` ranked the heads
+            best_head = self.best_head()
             m = self.paired(best_head, winner)
             verdict = (f"within noise of {best['name']} and cheaper, so it wins the tie" if winner is not best else
                        "told apart, so the fine-tune ships" if m["told_apart"] else
@@ -650,7 +654,8 @@ class Search:
         label = f"{'large' if large else 'small'} & {'different' if different else 'similar'}"
         per_class = len(self.rows.train) / len(self.rows.classes)
         text = f"{label}: " + "; ".join(findings) + f". Winner: {winner['name']}."
-        return {"scenario": number, "label": label, "verdict": SCENARIOS[number], "finding": text,
+        return {"scenario": number, "label": label, "verdict": f"{label}: {route(winner, tap_row, pooled)}",
+                "advice": SCENARIOS[number], "finding": text,
                 "images_per_class": round(per_class, 1),
                 "how": "large = a fine-tune won the decision (it beat the best head on the ranking rows, measured, "
                        "not a size threshold); different = the winning route uses an earlier tap than the pooled "
@@ -662,8 +667,7 @@ class Search:
         from featx.heads.base import proba_over
         from featx.heads.registry import make_head
 
-        row = winner if winner["family"] == "head" else max(
-            (r for r in self.measured() if r["family"] == "head"), key=lambda r: r["accuracy"])
+        row = winner if winner["family"] == "head" else self.best_head()
         options = {"curve": row["name"], "fractions": CURVE_FRACTIONS, "rows": len(self.rows.compare)}
         known = self.results.get(f"curve__{row['name']}", options)
         if known is None:
@@ -678,7 +682,6 @@ class Search:
             points_.append({"fraction": 1.0, "images": row["rows"], "accuracy": row["accuracy"]})
             known = self.results.put(f"curve__{row['name']}", options, {**curve_fit(points_, len(compare)), "head": row["name"]})
         return known
-
 
     # -- the winner, refitted, scored on test, exported, remembered ------------------------------------------
 
@@ -778,6 +781,19 @@ class Search:
 def ranking(r: dict) -> tuple:
     """Best first: accuracy on the ranking rows (``evidence``), then inside the training part, then the cheaper."""
     return r.get("rank_accuracy", r["accuracy"]), -1 if r.get("cv_accuracy") is None else r["cv_accuracy"], -r["cost_s"]
+
+
+HEAD_WORDS = {"logreg": "a linear classifier (logistic regression)", "svm": "a linear classifier (linear SVM)",
+              "knn": "nearest neighbours", "mlp": "a small MLP"}
+
+
+def route(winner: dict, tap_row: dict, pooled: str) -> str:
+    """What the winner is, in the words of the four scenarios (``SCENARIOS`` gives the stock advice: it says
+    "linear classifier" where an MLP may have won)."""
+    if winner["family"] == "finetune":
+        return f"fine-tune the top {winner['unfreeze'].split(':')[1]} block(s) of {winner['backbone']}"
+    where = "last-layer" if tap_row["layer"] == pooled else f"earlier-layer ({tap_row['layer']})"
+    return f"{HEAD_WORDS[winner['clf']]} on {where} features of {winner['backbone']}"
 
 
 def differ(r: dict, other: dict) -> str:

@@ -203,6 +203,12 @@ def test_scenario_agrees_with_the_winner():
     found = search.scenario(winner, best)
     assert winner["layer"] == "block5" and found["label"] == "small & different" and found["scenario"] == 3
     assert "the winner uses block5" in found["finding"] and "worse, so the head wins" in found["finding"]
+    assert found["verdict"] == "small & different: a linear classifier (logistic regression) on earlier-layer " \
+                               "(block5) features of efficientnet_lite0"
+    mlp = row("lite0:pool + mlp", [1] * 100, 12.0, clf="mlp")  # told apart above every other: the MLP wins
+    winner, best, _ = (search := searching(board + [mlp])).decide()
+    assert winner is mlp and search.scenario(winner, best)["verdict"] == \
+        "small & similar: a small MLP on last-layer features of efficientnet_lite0"  # not "linear classifier"
     rng = np.random.default_rng(0)
     for _ in range(40):
         taps = ["block5", "block6", "block7", "pool"]
@@ -219,8 +225,10 @@ def test_scenario_agrees_with_the_winner():
             assert found["label"].endswith("different") == (winner["layer"] != "pool")
             assert f"the winner uses {'pooled features' if winner['layer'] == 'pool' else winner['layer']}" in \
                 found["finding"]
+            assert autosearch.HEAD_WORDS[winner["clf"]] in found["verdict"]
         else:
             assert f"fine-tuning {winner['unfreeze']} against the best head" in found["finding"]
+            assert f"fine-tune the top {winner['unfreeze'][-1]} block(s)" in found["verdict"]
         assert found["finding"].endswith(f"Winner: {winner['name']}.")
 
 
