@@ -204,6 +204,7 @@ class CostModel:
         self.extract_rate = None  # lite0-equivalent images/s
         self.fit_scale = {}  # clf -> measured / prior
         self.finetune_scale = None
+        self.oof_ratio = {}  # clf -> out-of-fold seconds per second of the head's own fit
 
     def extract(self, backbone: str, images: int) -> float:
         rate = (self.extract_rate or EXTRACT_RATE_PRIOR) / RELATIVE_COST.get(backbone, 2.0)
@@ -219,6 +220,16 @@ class CostModel:
 
     def saw_fit(self, clf: str, rows: int, dim: int, seconds: float) -> None:
         self.fit_scale[clf] = max(seconds - 0.2, 0.01) / (FIT_PRIOR[clf] * rows * dim)
+
+    def out_of_fold(self, clf: str, rows: int, dim: int) -> float:
+        """The nested CV of ``clf``: its fit's estimate times the ratio measured for it (else for logreg; the
+        prior, 9 inner fits against 5, counts folds only)."""
+        ratio = self.oof_ratio.get(clf, self.oof_ratio.get("logreg", OUTER_FOLDS * OOF_INNER_FOLDS / 5))
+        return self.fit(clf, rows, dim) * ratio
+
+    def saw_out_of_fold(self, clf: str, fit_seconds: float, seconds: float) -> None:
+        if fit_seconds > 0:
+            self.oof_ratio[clf] = seconds / fit_seconds
 
     def finetune(self, backbone: str, train: int, compare: int, blocks: int) -> float:
         from featx.finetuning.boundary import DEFAULT_VIEWS
@@ -391,8 +402,8 @@ class Search:
         if known is None:
             F = store.load(self.features[candidate.backbone][candidate.layer])
             train = self.rows.indices(F.paths, self.rows.train)
-            estimate = self.cost.fit(candidate.clf, len(train), F.X.shape[1]) * (
-                1 + self.small * OUTER_FOLDS * OOF_INNER_FOLDS / 5)
+            estimate = self.cost.fit(candidate.clf, len(train), F.X.shape[1]) + \
+                self.small * self.cost.out_of_fold(candidate.clf, len(train), F.X.shape[1])
             if not mandatory and not self.fits(estimate):
                 return self.skip(candidate, estimate)
             started = time.perf_counter()
@@ -416,6 +427,7 @@ class Search:
         self.cost.saw_fit(candidate.clf, known["rows"], known["dim"], known["fit_seconds"])
         self.charge(known["fit_seconds"], candidate.name, candidate.clf)
         if known["oof"]:
+            self.cost.saw_out_of_fold(candidate.clf, known["fit_seconds"], known["oof"]["seconds"])
             self.charge(known["oof"]["seconds"], f"{candidate.name}, out of fold", "out-of-fold ranking")
         return self.enter(candidate, known, known["fit_seconds"] + self.extract_seconds.get(candidate.backbone, 0))
 

@@ -344,3 +344,17 @@ def test_comparison_rows_choose_nothing(first_run, tiny, only_tiny):
     before = {r["name"]: r["accuracy"] for r in result["leaderboard"] if not r["skipped"]}
     after = {r["name"]: r["accuracy"] for r in again["leaderboard"] if not r["skipped"]}
     assert before != after  # the rows really were scored with the new labels
+
+
+def test_the_out_of_fold_estimate_follows_what_was_measured():
+    """The nested CV's cost is estimated from the ratio measured for the same head (else logreg's), not from
+    the fold count alone."""
+    cost = autosearch.CostModel()
+    prior = cost.out_of_fold("svm", 400, 1280)
+    assert prior == pytest.approx(cost.fit("svm", 400, 1280) * 1.8)
+    cost.saw_fit("logreg", 400, 1280, 2.0)
+    cost.saw_out_of_fold("logreg", 2.0, 9.0)  # 4.5x its own fit, as the nested CV took on a real set
+    assert cost.out_of_fold("logreg", 800, 1280) == pytest.approx(cost.fit("logreg", 800, 1280) * 4.5)
+    assert cost.out_of_fold("svm", 400, 1280) == pytest.approx(cost.fit("svm", 400, 1280) * 4.5)
+    cost.saw_out_of_fold("svm", 1.0, 2.0)
+    assert cost.out_of_fold("svm", 400, 1280) == pytest.approx(cost.fit("svm", 400, 1280) * 2.0)
