@@ -44,9 +44,10 @@ import json, os, sys, time
 impl, clf, classes, n, dim = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 X, y, Xt, yt = features(classes, n, dim)
 imports = time.perf_counter()
-if impl == "featx":  # what its fits import (torch for svm and mlp), timed apart, as scikit-learn's imports are
-    from featx import heads
-    if clf in ("svm", "mlp"):
+if impl == "featx":  # what its fits import, timed apart, as scikit-learn's imports are (torch for the mlp, and for
+    from featx import heads  # the svm of checkouts before its solver moved to scipy)
+    import importlib.util
+    if clf == "mlp" or "import torch" in open(importlib.util.find_spec("featx.heads.solvers").origin).read():
         import torch, torch.optim  # noqa: E401
     model = heads.make_head(clf, device="cpu")
 else:
