@@ -152,8 +152,8 @@ def plot_image_grid(files: list, titles: list, path: Path, columns: int = 4) -> 
 def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup: dict,
                  image_root: Path | None = None, extra: str = "") -> Path:
     """metrics.json, a confusion-matrix SVG and a top-losses CSV per evaluated split, the training curves' SVGs
-    when ``metrics`` has a history, and the page that shows them all (``page.py``); returns the page's path. ``image_root`` is the folder the
-    top losses' paths are relative to."""
+    when ``metrics`` has a history, and the page that shows them all (``page.py``); returns the page's path.
+    ``image_root`` is the folder the top losses' paths are relative to."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for split in ("train", "val", "test"):
