@@ -46,8 +46,9 @@ X, y, Xt, yt = features(classes, n, dim)
 imports = time.perf_counter()
 if impl == "featx":  # what its fits import, timed apart, as scikit-learn's imports are (torch for the mlp, and for
     from featx import heads  # the svm of checkouts before its solver moved to scipy)
-    import importlib.util
-    if clf == "mlp" or "import torch" in open(importlib.util.find_spec("featx.heads.solvers").origin).read():
+    import importlib.util, re  # noqa: E401
+    solver = open(importlib.util.find_spec("featx.heads.solvers").origin).read()
+    if clf == "mlp" or (clf == "svm" and re.search(r"^\s+import torch$", solver, re.M)):
         import torch, torch.optim  # noqa: E401
     model = heads.make_head(clf, device="cpu")
 else:
