@@ -54,7 +54,7 @@ MORE_HEADS = ("svm", "knn", "mlp")
 CHEAPER = 0.8  # a candidate within the best's noise costing at most this share of the best's wins the tie ...
 TIE_MARGIN = 0.01  # ... and trails it by at most this much accuracy on the rows they are ranked on (``decide``)
 SMALL_COMPARE = 100  # fewer comparison rows: heads are ranked on their out-of-fold training rows too
-OUTER_FOLDS, OOF_INNER_FOLDS = 3, 3  # that nested cross-validation: about twice a head's own fit (5 folds)
+OUTER_FOLDS, OOF_INNER_FOLDS = 3, 3  # that nested cross-validation (its cost: ``CostModel.out_of_fold``, measured)
 # priors, replaced by what this run measures: extraction images/s of lite0 on 2 CPU cores (ONNX Runtime, with
 # decoding), each backbone's cost relative to lite0 (FLOPs), and head fits in seconds per row x feature
 EXTRACT_RATE_PRIOR = 25.0

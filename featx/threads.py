@@ -57,7 +57,8 @@ def limited(threads: int, uses_torch: bool = False):
 
 def side_by_side(function, items: list) -> list:
     """``function`` over independent ``items`` (folds, grid points), in order, up to ``available()`` at a
-    time, each on one thread; torch's kernels and BLAS release the GIL, so threads run them in parallel."""
+    time, each on one thread; BLAS and torch's kernels release the GIL, so threads run them in parallel (the
+    svm's L-BFGS-B bookkeeping holds it, but its time goes to the matrix products of its objective)."""
     workers = min(len(items), available())
     with limited(1):
         if workers <= 1:

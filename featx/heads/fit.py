@@ -32,7 +32,7 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
              precision: str | None = None, C: float | None = None, k: int | None = None, progress: bool = True,
              class_weight: str | None = None, tta: str | None = None, exclude=()) -> dict:
     """Fit a head on cached features, select its hyper-parameter without leaking, score held-out splits,
-    and write model.featx, metrics.json, confusion PNGs and top losses to ``out``.
+    and write model.featx, metrics.json, confusion SVGs and top losses to ``out``.
 
     ``select_on="cv"`` selects by cross-validation on train (``selection.make_folds``) and scores val and
     test; ``"val"`` selects on val, refits on train + val and scores test only. ``C`` / ``k`` fix the value.

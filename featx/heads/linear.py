@@ -114,7 +114,8 @@ class LinearHead(Head):
 
     # --- what each linear head says for itself
     def _fold_path(self, X_train, codes_train, X_test, unconverged: list):
-        """A function (C, gap) -> held-out decision values of this fold's model at C, warm-started from the last C."""
+        """A function of C (and the head's own precision: the svm's gap, logreg's tolerance) -> held-out decision
+        values of this fold's model at C, warm-started from the last C."""
         raise NotImplementedError
 
     def _held_out_proba(self, decision: np.ndarray, codes: np.ndarray, class_weight) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import html
 import io
+import math
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -159,7 +161,8 @@ def curves_svg(history: list, metric: str, width: int = 360, height: int = 200) 
     """Train and val ``metric`` per epoch as lines: a standalone SVG (``curves_<metric>.svg``) that the page
     also shows inline; "" without a value."""
     series = {s: [h.get(f"{s}_{metric}") for h in history] for s in ("train", "val")}
-    values = [v for vs in series.values() for v in vs if v is not None]
+    series = {s: [v if v is not None and math.isfinite(v) else None for v in vs] for s, vs in series.items()}
+    values = [v for vs in series.values() for v in vs if v is not None]  # a diverged epoch's inf or nan is left out
     if not values:
         return ""
     low, high = min(values), max(values)
@@ -180,42 +183,52 @@ def curves_svg(history: list, metric: str, width: int = 360, height: int = 200) 
             f'<rect width="{width}" height="{height}" fill="none" stroke="#ddd"/>{"".join(lines)}</svg>')
 
 
+def xml_text(value) -> str:
+    """``value`` escaped for XML, with the control characters XML forbids (a standalone .svg is strict XML)
+    replaced by U+FFFD."""
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "\ufffd", html.escape(str(value)))
+
+
 def confusion_svg(matrix, classes: list, title: str) -> str:
     """The confusion matrix as a standalone SVG heatmap (``confusion_<split>.svg``): true classes down, predicted
-    across, each cell's count in its tooltip and, up to 30 classes, written in it. Text, not a rendered plot: a
-    120-class matrix drawn by matplotlib took 4.8 s per split, this takes milliseconds."""
+    across, each cell's count in its tooltip and, up to 30 classes, written in it; above that only non-zero cells
+    are drawn, on an empty grid, so 257 classes stay small. Text, not a rendered plot: a 120-class matrix drawn
+    by matplotlib took 4.8 s per split, this takes milliseconds."""
     matrix = np.asarray(matrix)
     k = len(classes)
-    cell = 36 if k <= 10 else 22 if k <= 30 else 9
-    font = 11 if k <= 30 else 7
-    names = [html.escape(str(c)[:32]) for c in classes]
-    margin = 12 + 0.6 * font * max(map(len, names), default=1)  # room for the longest (shortened) name
+    cell, font = (36, 11) if k <= 10 else (22, 11) if k <= 30 else (9, 7)
+    labels = [xml_text(str(c)[:32]) for c in classes]  # the axes shorten long names; the tooltips do not
+    names = [xml_text(c) for c in classes]
+    margin = round(12 + 0.6 * font * max((len(str(c)[:32]) for c in classes), default=1))
     top = max(int(matrix.max()), 1) if matrix.size else 1
     x0, y0, side = margin + 18, 26, k * cell
-    parts = [f'<text x="{x0}" y="16" font-size="13">{html.escape(title)}</text>']
+    parts = [f'<text x="{x0}" y="16" font-size="13">{xml_text(title)}</text>',
+             f'<rect x="{x0}" y="{y0}" width="{side}" height="{side}" fill="#f7fbff"/>']
     for i in range(k):
         y = y0 + i * cell
         parts.append(f'<text x="{x0 - 4}" y="{y + cell / 2 + font / 3:.1f}" font-size="{font}" '
-                     f'text-anchor="end">{names[i]}</text>')
+                     f'text-anchor="end">{labels[i]}</text>')
         x = x0 + i * cell + cell / 2 + font / 3
         parts.append(f'<text x="{x:.1f}" y="{y0 + side + 4}" font-size="{font}" text-anchor="end" '
-                     f'transform="rotate(-90 {x:.1f} {y0 + side + 4})">{names[i]}</text>')
+                     f'transform="rotate(-90 {x:.1f} {y0 + side + 4})">{labels[i]}</text>')
         for j in range(k):
             v = int(matrix[i, j])
+            if v == 0 and k > 30:
+                continue
             shade = v / top
             fill = "#" + "".join(f"{round(a + (b - a) * shade):02x}" for a, b in ((247, 8), (251, 48), (255, 107)))
             parts.append(f'<rect x="{x0 + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{fill}">'
                          f'<title>true {names[i]}, predicted {names[j]}: {v}</title></rect>')
             if k <= 30:
-                parts.append(f'<text x="{x0 + j * cell + cell / 2}" y="{y + cell / 2 + font / 3:.1f}" '
+                parts.append(f'<text x="{x0 + j * cell + cell / 2:.1f}" y="{y + cell / 2 + font / 3:.1f}" '
                              f'font-size="{font}" text-anchor="middle" fill="{"#fff" if shade > 0.5 else "#222"}">'
                              f'{v}</text>')
-    width, height = x0 + side + 10, y0 + side + margin + 22
-    parts.append(f'<text x="{x0 + side / 2}" y="{height - 4}" font-size="12" text-anchor="middle">predicted</text>'
-                 f'<text x="12" y="{y0 + side / 2}" font-size="12" text-anchor="middle" '
-                 f'transform="rotate(-90 12 {y0 + side / 2})">true</text>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif">{"".join(parts)}</svg>')
+    width, height = max(x0 + side + 10, x0 + 8 * len(title)), y0 + side + margin + 22
+    parts.append(f'<text x="{x0 + side / 2:.1f}" y="{height - 4}" font-size="12" text-anchor="middle">predicted</text>'
+                 f'<text x="12" y="{y0 + side / 2:.1f}" font-size="12" text-anchor="middle" '
+                 f'transform="rotate(-90 12 {y0 + side / 2:.1f})">true</text>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}" font-family="sans-serif">{"".join(parts)}</svg>')
 
 
 def write_page(out_dir: Path, result: dict, title: str, setup: dict, image_root: Path | None = None,

@@ -58,16 +58,23 @@ def test_atomic_writes_follow_the_umask(tmp_path):
 def test_the_confusion_svg_draws_the_matrix_and_escapes_names():
     import xml.etree.ElementTree as ET
 
-    from featx.report.page import confusion_svg
+    from featx.report.page import confusion_svg, curves_svg
 
     rng = np.random.default_rng(0)
-    for k in (2, 17, 120):  # counts written in the cells up to 30 classes, in the tooltips always
-        matrix = rng.integers(0, 9, (k, k))
-        classes = [f"<class & {i}>" for i in range(k)]
+    ns = "{http://www.w3.org/2000/svg}"
+    for k in (2, 17, 120):  # every cell up to 30 classes, counts written in them; above, the non-zero cells only
+        matrix = rng.integers(0, 9, (k, k)) * (rng.random((k, k)) < 0.5)
+        classes = [f'<"class" & {i}>\x07' + "x" * 40 for i in range(k)]  # quotes, a control character, long
         root = ET.fromstring(confusion_svg(matrix, classes, "val: accuracy 0.5"))
-        ns = "{http://www.w3.org/2000/svg}"
-        cells = [r.find(f"{ns}title").text for r in root.iter(f"{ns}rect")]
-        assert cells == [f"true {classes[i]}, predicted {classes[j]}: {matrix[i, j]}" for i in range(k) for j in range(k)]
+        cells = [r.find(f"{ns}title").text for r in root.iter(f"{ns}rect") if r.find(f"{ns}title") is not None]
+        shown = [c.replace("\x07", "\ufffd") for c in classes]
+        assert cells == [f"true {shown[i]}, predicted {shown[j]}: {matrix[i, j]}" for i in range(k) for j in range(k)
+                         if k <= 30 or matrix[i, j]]
         texts = [t.text for t in root.iter(f"{ns}text")]
-        assert texts.count(classes[k - 1]) == 2  # a row and a column label
+        assert texts.count(shown[k - 1][:32]) == 2  # a row and a column label, shortened
         assert (sum(t.isdigit() for t in texts) == k * k) == (k <= 30)
+        assert float(root.get("width")) >= 8 * len("val: accuracy 0.5")  # the title fits
+    curve = ET.fromstring(curves_svg([{"train_loss": 1.0, "val_loss": float("nan")}, {"train_loss": 0.5,
+                                                                                      "val_loss": 0.7}], "loss"))
+    assert "nan" not in ET.tostring(curve, encoding="unicode") and curve.find(f"{ns}title").text == \
+        "loss per epoch (0.500 – 1.000)"

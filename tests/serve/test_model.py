@@ -29,7 +29,8 @@ def confusion_counts(path) -> list:
     import xml.etree.ElementTree as ET
 
     ns = "{http://www.w3.org/2000/svg}"
-    counts = [int(r.find(f"{ns}title").text.rsplit(": ", 1)[1]) for r in ET.parse(path).getroot().iter(f"{ns}rect")]
+    counts = [int(r.find(f"{ns}title").text.rsplit(": ", 1)[1]) for r in ET.parse(path).getroot().iter(f"{ns}rect")
+              if r.find(f"{ns}title") is not None]
     k = int(round(len(counts) ** 0.5))
     return [counts[i * k:(i + 1) * k] for i in range(k)]
 
