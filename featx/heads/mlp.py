@@ -33,17 +33,21 @@ def mlp_arrays(mean: np.ndarray, scale: np.ndarray, state: dict) -> dict:
 
 
 class AdamW:
-    """torch's AdamW step (``torch.optim.adamw.adamw``, the function ``torch.optim.AdamW.step`` runs, at its
-    defaults) without the optimiser class, whose construction imports torch._dynamo: 874 modules, 2 s of
-    every fresh process that fits an MLP, on a fit that takes about as long."""
+    """torch's AdamW step (``torch.optim.adamw.adamw``, the function ``torch.optim.AdamW.step`` runs), fused
+    where torch has a fused kernel (CPU, CUDA), without the optimiser class, whose construction imports
+    torch._dynamo (874 modules) in every fresh process that fits an MLP. Fused, a step of the 1,280 x 512 head
+    took 0.39 ms against 4.2 ms one tensor at a time (the class's CPU default). Every parameter has a gradient
+    here, which the functional form needs."""
 
     def __init__(self, params, lr: float, weight_decay: float):
         import torch
 
         self.params, self.lr, self.weight_decay = list(params), lr, weight_decay
+        self.fused = all(p.device.type in ("cpu", "cuda") for p in self.params) or None
         self.exp_avgs = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sqs = [torch.zeros_like(p) for p in self.params]
-        self.steps = [torch.tensor(0.0) for _ in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device if self.fused else "cpu")
+                      for p in self.params]
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -55,8 +59,8 @@ class AdamW:
 
         with torch.no_grad():
             adamw(self.params, [p.grad for p in self.params], self.exp_avgs, self.exp_avg_sqs, [], self.steps,
-                  amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr, weight_decay=self.weight_decay, eps=1e-8,
-                  maximize=False)
+                  fused=self.fused, amsgrad=False, beta1=0.9, beta2=0.999, lr=self.lr,
+                  weight_decay=self.weight_decay, eps=1e-8, maximize=False)
 
 
 class MLPHead(Head):
