@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -112,14 +113,19 @@ def child(script: str, args: list, checkout: Path = REPO, threads: int | None = 
     env = {**os.environ, "PYTHONPATH": str(checkout)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    # a session of its own, so that a fit stopped at the timeout takes its joblib (loky) workers with it: left
+    # behind, a dozen of them kept about a tenth of a core busy through the later runs
+    process = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
         return {"seconds": None, "timeout": timeout}
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if process.returncode:
+        raise RuntimeError(err[-2000:])
+    return json.loads(out.strip().splitlines()[-1])
 
 
 class Busy:
