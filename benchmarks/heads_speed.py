@@ -115,8 +115,10 @@ def child(script: str, args: list, checkout: Path = REPO, threads: int | None = 
         env["OMP_NUM_THREADS"] = str(threads)
     # a session of its own, so that a fit stopped at the timeout takes its joblib (loky) workers with it: left
     # behind, a dozen of them kept about a tenth of a core busy through the later runs
+    # run in the checkout: ``python -c`` puts the working directory first on sys.path, ahead of PYTHONPATH, so run
+    # from another checkout it imported that one's featx (the baseline rows of earlier runs timed this checkout)
     process = subprocess.Popen([sys.executable, "-c", script, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=checkout)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
