@@ -60,10 +60,10 @@ class SquaredHinge:
     columns at once; a column it leaves unconverged (large C, few active rows) is finished by Newton's
     method on its active rows with backtracking. Each column stops on its relative duality gap
     (``SVM_GAP``), which bounds the distance to the optimum whatever C is. numpy and scipy only: torch's
-    optimisers import torch._dynamo on first use (874 modules, 2 s), which a fresh ``fit-head`` paid."""
+    optimisers import torch._dynamo on first use (874 modules), which a fresh ``fit-head`` paid."""
 
     def __init__(self, X: np.ndarray, signs: np.ndarray, weights: np.ndarray | None = None):
-        Xa = np.hstack([X, np.ones((len(X), 1))]).astype(np.float64)
+        Xa = np.hstack([X, np.ones((len(X), 1))]).astype(np.float64, copy=False)  # hstack already promoted float32
         if Xa.shape[0] > Xa.shape[1]:  # more rows than columns: the columns' Gram matrix is cheaper than an SVD
             eigenvalues, V = np.linalg.eigh(Xa.T @ Xa)  # (8,000 x 2,049: 3.2 s against 6.4 s)
             self.S, self.Vh, self.Z = np.sqrt(eigenvalues.clip(min=0)), V.T, Xa @ V

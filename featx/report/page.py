@@ -160,9 +160,9 @@ def image_grid(items: list, image_root: Path | None) -> str:
 def curves_svg(history: list, metric: str, width: int = 360, height: int = 200) -> str:
     """Train and val ``metric`` per epoch as lines: a standalone SVG (``curves_<metric>.svg``) that the page
     also shows inline; "" without a value."""
-    series = {s: [h.get(f"{s}_{metric}") for h in history] for s in ("train", "val")}
-    series = {s: [v if v is not None and math.isfinite(v) else None for v in vs] for s, vs in series.items()}
-    values = [v for vs in series.values() for v in vs if v is not None]  # a diverged epoch's inf or nan is left out
+    finite = lambda v: v if v is not None and math.isfinite(v) else None  # noqa: E731 (a diverged epoch's inf or nan)
+    series = {s: [finite(h.get(f"{s}_{metric}")) for h in history] for s in ("train", "val")}
+    values = [v for vs in series.values() for v in vs if v is not None]
     if not values:
         return ""
     low, high = min(values), max(values)
