@@ -66,6 +66,21 @@ def test_exclude_drops_training_rows_only_and_a_file_that_matches_nothing_fails(
     assert out.exit_code == 0 and "val without the 1 excluded images (optimistic" in out.stdout, out.output
 
 
+def test_a_head_fitted_without_some_images_keeps_the_run_it_is_compared_with(features, tmp_path):
+    data, cache = features
+    (tmp_path / "drop.txt").write_text("train/a/000.jpg\n")
+    runs = []
+    for extra in ([], ["--exclude", str(tmp_path / "drop.txt")]):
+        res = CliRunner().invoke(cli, ["fit-head", "--features", str(cache), *extra, "--quiet", "--json"])
+        assert res.exit_code == 0, res.output
+        runs.append(Path(json.loads(res.stdout)["model"]).parent)
+    assert runs[0].name.startswith("d__") and runs[0].name.endswith("__logreg")
+    assert runs[1].name.startswith(runs[0].name + "__exclude-1-")
+    assert (runs[0] / "model.featx").is_file() and (runs[1] / "model.featx").is_file()
+    kept = ModelFile.load(runs[0] / "model.featx").info["provenance"]["trained_on"][0]["n"]
+    assert kept == ModelFile.load(runs[1] / "model.featx").info["provenance"]["trained_on"][0]["n"] + 1
+
+
 def test_a_head_that_saw_the_fine_tunes_val_is_not_warm_started(tiny, tmp_path, capsys):
     net = featx.create_backbone(tiny)
     data = make_dataset(tmp_path / "d", {"train": 6, "val": 3})

@@ -2,6 +2,7 @@
 -> model file and report."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -84,11 +85,21 @@ def fit_head(clf: str = "logreg", features=None, backbone: str | None = None,
                              [split_rows("train" if select_on == "cv" else "val")], [provenance.rows("train", excluded)],
                              [split_rows(s) for s in held_out],
                              chose="C, k or epochs" + (" and the tap" if len(candidates) > 1 else ""))
-    out = Path(out or Path("runs") / f"{F.attrs['dataset']}__{F.attrs['backbone']}__{F.attrs['layer']}__{clf}")
+    out = Path(out or Path("runs") / default_run_name(F.attrs, clf, excluded))
     arrays, config = head.export()
     config["selected"] = selected
     with room(out, sum(np.asarray(a).nbytes for a in arrays.values()) + REPORT_BYTES):
         return write_outputs(out, F, clf, arrays, config, metrics, selected, select_on, weights, cache_dir, prov)
+
+
+def default_run_name(attrs, clf: str, excluded: list) -> str:
+    """``runs/<data>__<backbone>__<tap>__<clf>``; a head trained without some images gets a folder of its own
+    (``__exclude-<n>-<digest>``), so it never overwrites the run it is compared with."""
+    name = f"{attrs['dataset']}__{attrs['backbone']}__{attrs['layer']}__{clf}"
+    if not excluded:
+        return name
+    digest = hashlib.sha256("\n".join(sorted(excluded)).encode()).hexdigest()[:8]
+    return f"{name}__exclude-{len(excluded)}-{digest}"
 
 
 def select(clf: str, candidates: list, select_on: str, device: str, C, k, class_weight, progress: bool):
