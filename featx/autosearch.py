@@ -8,7 +8,8 @@ The steps, each a function below:
 2. ``plan``: the candidates: each backbone's ``--layer auto`` taps (extracted in one pass) with logreg; svm, kNN and
    the MLP on the best tap by cross-validation inside the training part; fine-tuning the top one and two blocks of
    the backbone that did best there (through the boundary cache; the epoch chosen on a holdout of the training
-   part); an ensemble of the best three by the same cross-validation. Each one's cost is estimated from measured
+   part); svm, kNN and the MLP on the next ``HEAD_TAPS`` - 1 taps by that cross-validation, with what budget is
+   left; an ensemble of the best three by the same cross-validation. Each one's cost is estimated from measured
    rates (``CostModel``) before it starts; what does not fit is skipped and said.
 3. ``measure``: each candidate's accuracy on the comparison rows, with its Wilson interval, and a paired interval
    against the leader (an exact interval from the discordant pairs: McNemar's conditional binomial). Nothing a
@@ -51,6 +52,7 @@ FINETUNE_EPOCHS = 5
 ENSEMBLE_SIZE = 3
 CURVE_FRACTIONS = (0.25, 0.5, 1.0)
 MORE_HEADS = ("svm", "knn", "mlp")
+HEAD_TAPS = 3  # MORE_HEADS try the best taps by CV: the first before the fine-tunes, the next ones after them
 CHEAPER = 0.8  # a candidate within the best's noise costing at most this share of the best's wins the tie ...
 TIE_MARGIN = 0.01  # ... and trails it by at most this much accuracy on the rows they are ranked on (``decide``)
 SMALL_COMPARE = 100  # fewer comparison rows: heads are ranked on their out-of-fold training rows too
@@ -525,7 +527,7 @@ class Search:
         """The whole plan's cost from the priors: what the bar starts from."""
         n, taps = len(self.rows.train), 4
         per_backbone = [self.cost.extract(b, len(self.ds)) + taps * self.cost.fit("logreg", n, 1280) for b in backbones]
-        heads = sum(self.cost.fit(c, n, 1280) for c in MORE_HEADS)
+        heads = HEAD_TAPS * sum(self.cost.fit(c, n, 1280) for c in MORE_HEADS)
         tunes = sum(self.cost.finetune(backbones[0], n, len(self.rows.compare), k) for k in (1, 2))
         return min(sum(per_backbone) + heads + tunes, self.budget) + self.reserve()
 
@@ -538,23 +540,30 @@ class Search:
                 continue
             for layer in self.features[backbone]:
                 self.head(Candidate(f"{backbone}:{layer} + logreg", "head", backbone, layer, "logreg"), i == 0)
-        best = self.best_by_cv("head")
-        for clf in MORE_HEADS:
-            self.head(Candidate(f"{best['backbone']}:{best['layer']} + {clf}", "head", best["backbone"],
-                                best["layer"], clf))
+        taps = self.by_cv("head")[:HEAD_TAPS]
+        best = taps[0]
+        self.more_heads(best)
         for unfreeze in ("top:1", "top:2"):
             self.finetune(Candidate(f"{best['backbone']} fine-tuned {unfreeze}", "finetune", best["backbone"],
                                     unfreeze=unfreeze))
+        for runner_up in taps[1:]:
+            self.more_heads(runner_up)
         self.ensemble()
 
-    def best_by_cv(self, family: str) -> dict:
-        """The candidate of ``family`` that did best inside the training part; a tie goes to the earlier backbone
+    def more_heads(self, tap: dict) -> None:
+        """svm, kNN and the MLP on the tap of ``tap`` (a logreg candidate), where the budget allows."""
+        for clf in MORE_HEADS:
+            self.head(Candidate(f"{tap['backbone']}:{tap['layer']} + {clf}", "head", tap["backbone"], tap["layer"],
+                                clf))
+
+    def by_cv(self, family: str) -> list:
+        """The candidates of ``family``, best inside the training part first; a tie goes to the earlier backbone
         (the cheaper), then to the later tap (the deeper features, as ``--layer auto`` breaks ties)."""
         rows = [r for r in self.measured() if r["family"] == family]
         backbones = list(self.features)
-        return max(rows, key=lambda r: (-1 if r["cv_accuracy"] is None else r["cv_accuracy"],
-                                        -backbones.index(r["backbone"]),
-                                        list(self.features[r["backbone"]]).index(r["layer"]) if r["layer"] else 0))
+        return sorted(rows, reverse=True, key=lambda r: (
+            -1 if r["cv_accuracy"] is None else r["cv_accuracy"], -backbones.index(r["backbone"]),
+            list(self.features[r["backbone"]]).index(r["layer"]) if r["layer"] else 0))
 
     # -- the decision ---------------------------------------------------------------------------------------
 

@@ -25,12 +25,13 @@ FEW_CS = np.logspace(-2, 2, 4)  # C's sweep, shortened for speed (the rule that 
 @pytest.fixture(scope="module")
 def first_run(tiny, tmp_path_factory):
     """One auto run on three colour classes, its folders, and the result; the offline lite backbones are left out
-    (their weights are real networks) and fine-tuning runs 2 epochs."""
+    (their weights are real networks), fine-tuning runs 2 epochs, and svm, kNN and the MLP try two taps."""
     home = tmp_path_factory.mktemp("auto")
     root = helpers.make_dataset(home / "colours", SPLITS, classes=("a", "b", "c"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(autosearch, "OFFLINE", ())
         patch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
+        patch.setattr(autosearch, "HEAD_TAPS", 2)  # of the tiny network's three
         patch.setattr(linear, "DEFAULT_CS", FEW_CS)
         patch.setattr(autosearch, "OUTER_FOLDS", 2)
         patch.setattr(autosearch, "OOF_INNER_FOLDS", 2)
@@ -43,6 +44,7 @@ def first_run(tiny, tmp_path_factory):
 def only_tiny(monkeypatch):
     monkeypatch.setattr(autosearch, "OFFLINE", ())
     monkeypatch.setattr(autosearch, "FINETUNE_EPOCHS", 2)
+    monkeypatch.setattr(autosearch, "HEAD_TAPS", 2)
     monkeypatch.setattr(linear, "DEFAULT_CS", FEW_CS)
     monkeypatch.setattr(autosearch, "OUTER_FOLDS", 2)
     monkeypatch.setattr(autosearch, "OOF_INNER_FOLDS", 2)
@@ -255,6 +257,12 @@ def test_outputs_and_workspace(first_run):
     assert "Leaderboard" in page and "Learning curve" in page and html.escape(result["scenario"]["finding"]) in page
     lines = (run / "leaderboard.csv").read_text().splitlines()
     assert len(lines) == 1 + len(result["leaderboard"])
+    heads = [r for r in result["leaderboard"] if not r["skipped"] and r["family"] == "head"]
+    logreg = {r["layer"]: r["cv_accuracy"] for r in heads if r["clf"] == "logreg"}
+    more = {r["layer"] for r in heads if r["clf"] != "logreg"}  # svm, kNN and MLP on the best 2 taps (HEAD_TAPS) by CV
+    assert len(logreg) == 3 and len(more) == 2 and min(logreg[t] for t in more) >= max(logreg[t] for t in {*logreg} - more)
+    assert {(r["layer"], r["clf"]) for r in heads if r["clf"] != "logreg"} == {
+        (t, c) for t in more for c in autosearch.MORE_HEADS}
     curve = result["learning_curve"]["points"]
     assert [p["fraction"] for p in curve] == [0.25, 0.5, 1.0] and curve[0]["images"] < curve[-1]["images"]
     # 12 comparison rows are few: each head is ranked on the training part out of fold too, never on a compare row
