@@ -231,6 +231,13 @@ def run_epoch(net, batches, labels, device, optimizer=None, bar=None, world: Wor
     return mean, correct / max(count, 1)
 
 
+def drops_last_batch(images: int, batch_size: int) -> bool:
+    """Whether an epoch leaves out its last batch: only when that batch is a single image (a one-image step is
+    noise, and BatchNorm in training mode cannot normalise one row). A few-shot set keeps every image: dropping
+    any partial batch left 15 of 47 training images out of every epoch."""
+    return images > batch_size and images % batch_size == 1
+
+
 def training_setup(net: FineTuneNet, blocks: list, lr: float, lr_scale: float, optimizer: str, schedule: str,
                    epochs: int, step_size: int, weight_decay: float):
     """Freeze everything, then give the head and each unfrozen block a parameter group; build the
@@ -442,7 +449,7 @@ class Training:
         draft, size = net_b.preprocess.resize_size, net_b.preprocess.input_size
         self.sampler = EpochTagged(DistributedSampler(train, world.size, world.rank, shuffle=shuffle, seed=seed)
                                    if world.distributed else EpochSampler(len(train), seed, shuffle))
-        self.drop_last = len(self.sampler) > batch_size
+        self.drop_last = drops_last_batch(len(self.sampler), batch_size)
         if self.cache is None:  # images decoded every epoch, by workers kept across epochs
             train_set = SeededImages(train, augmentation(net_b, augment), draft, seed, path_keys(subsets["train"][0]))
             self.train_loader = make_loader(train_set, self.device, batch_size, self.workers, collate,

@@ -332,3 +332,28 @@ def test_balanced_class_weight_weighs_the_training_loss(tiny, tmp_path):
     balanced = ft.finetune(tiny, str(data), out=tmp_path / "balanced", class_weight="balanced", **kw)
     assert balanced["history"][0]["train_loss"] != pytest.approx(plain["history"][0]["train_loss"], abs=1e-4)
     assert ModelFile.load(balanced["model"]).info["finetune"]["class_weight"] == "balanced"
+
+
+@pytest.mark.parametrize("boundary_cache", [True, False])
+def test_an_epoch_trains_every_image_but_a_last_one_alone(tiny, tmp_path, monkeypatch, boundary_cache):
+    """14 training images in steps of 4 train all 14 each epoch (a last step of 2); 13 train 12, since a step of
+    one image is left out. Both the boundary cache's batches and the image loader's."""
+    import shutil
+
+    assert not ft.drops_last_batch(14, 4) and ft.drops_last_batch(13, 4) and not ft.drops_last_batch(1, 4)
+    real, seen = ft.FineTuneNet.forward, [0]
+
+    def counted(self, images):
+        seen[0] += len(images) if self.training else 0
+        return real(self, images)
+
+    monkeypatch.setattr(ft.FineTuneNet, "forward", counted)
+    for per_class, trained in ((7, 14), (6, 12)):
+        data = make_dataset(tmp_path / f"d{per_class}", {"train": per_class, "val": 2})
+        if per_class == 6:  # 13 images: one more in class a
+            shutil.copy(data / "train" / "a" / "000.jpg", data / "train" / "a" / "extra.jpg")
+        seen[0] = 0
+        ft.finetune(tiny, str(data), "block2", epochs=2, batch_size=4, workers=0, progress=False, augment="none",
+                    head="none", boundary_cache=boundary_cache, out=tmp_path / f"run{per_class}",
+                    cache_dir=tmp_path / "cache")
+        assert seen[0] == 2 * trained, (per_class, seen)
