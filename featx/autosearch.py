@@ -875,7 +875,8 @@ def auto(data: str, budget="10m", backbones=None, out: str | os.PathLike | None 
         search.charge(time.perf_counter() - steps, "refit, test, export", "refit, test, export")
     finally:
         search.bar.close()
-    board = sorted(search.measured(), key=ranking, reverse=True) + [r for r in search.board if r["skipped"]]
+    board = sorted(search.measured(), key=lambda r: (r["exportable"], ranking(r)), reverse=True) + \
+        [r for r in search.board if r["skipped"]]  # what can ship, then what is only reported, then what was skipped
     summary = [brief(r) for r in board]
     result = {"data": search.ds.name, "budget_s": seconds, "seconds": round(time.perf_counter() - started, 1),
               "compare_rows": {"source": search.rows.source, "images": len(search.rows.compare),
@@ -901,7 +902,7 @@ def write_outputs(search: Search, result: dict) -> dict:
     with open(out / "leaderboard.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_COLUMNS)
-        writer.writerows(csv_row(i + 1, r) for i, r in enumerate(result["leaderboard"]))
+        writer.writerows(csv_row(i + 1, r, result["winner"]["name"]) for i, r in enumerate(result["leaderboard"]))
     (out / "auto.json").write_text(json.dumps(result, indent=2, default=str))
     write_page(out, {"test": result["test"]} if result["test"] else {}, f"featx auto on {result['data']}",
                {"data": str(search.ds.root), "budget": f"{result['budget_s']:.0f} s",
@@ -913,17 +914,27 @@ def write_outputs(search: Search, result: dict) -> dict:
 
 CSV_COLUMNS = ["rank", "name", "family", "backbone", "layer", "head", "unfreeze", "accuracy", "low95", "high95",
                "vs_leader", "vs_leader_low95", "vs_leader_high95", "p_value", "train_part_accuracy", "cost_s",
-               "skipped", "reason", "ranked_accuracy", "ranked_rows", "out_of_fold_accuracy"]
+               "skipped", "reason", "ranked_accuracy", "ranked_rows", "out_of_fold_accuracy", "winner", "not_shipped"]
 
 
-def csv_row(rank: int, r: dict) -> list:
+def not_shipped(r: dict) -> str:
+    """Why a measured candidate is reported but cannot be the model auto ships ('' when it can be)."""
+    if r["skipped"] or r["exportable"]:
+        return ""
+    if r.get("clf") == "knn":
+        return "kNN votes do not export to ONNX"
+    return (f"a model file holds one backbone and head (its members: the best {len(r['selected']['members'])} by "
+            "accuracy inside the training part)")
+
+
+def csv_row(rank: int, r: dict, winner: str) -> list:
     vs = r.get("vs_leader") or {}
     low, high = r.get("interval95") or (None, None)
     vlow, vhigh = vs.get("interval95") or (None, None)
     return [rank, r["name"], r["family"], r.get("backbone"), r.get("layer"), r.get("clf"), r.get("unfreeze"),
             r.get("accuracy"), low, high, vs.get("margin"), vlow, vhigh, vs.get("p_value"), r.get("cv_accuracy"),
             r.get("cost_s", r.get("estimate_s")), r["skipped"], r.get("reason", ""), r.get("rank_accuracy"),
-            r.get("rank_rows"), (r.get("oof") or {}).get("accuracy")]
+            r.get("rank_rows"), (r.get("oof") or {}).get("accuracy"), r["name"] == winner, not_shipped(r)]
 
 
 def auto_html(result: dict) -> str:
@@ -941,9 +952,7 @@ def auto_html(result: dict) -> str:
                      f"{r['accuracy']:.4f} [{r['interval95'][0]:.3f}, {r['interval95'][1]:.3f}]",
                      f"{r['rank_accuracy']:.4f} on {r['rank_rows']}", e(points(vs)) if vs else "-",
                      "-" if r.get("cv_accuracy") is None else f"{r['cv_accuracy']:.4f}", f"{r['cost_s']:.1f}",
-                     "" if r["exportable"] else "reported, not shipped: " + (
-                         "kNN votes do not export to ONNX" if r.get("clf") == "knn" else
-                         "a model file holds one backbone and head")])
+                     "reported, not shipped: " + not_shipped(r) if not_shipped(r) else ""])
     curve = result["learning_curve"]
     points_ = [[f"{100 * p['fraction']:.0f}%", str(p["images"]), f"{p['accuracy']:.4f}"] for p in curve["points"]]
     return (f"<h2>Scenario</h2><p>{e(result['scenario']['finding'])}</p><p>{e(result['scenario']['how'])}</p>"

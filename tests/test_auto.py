@@ -1,5 +1,6 @@
 """featx auto: the comparison rows choose nothing, the carve-out stays put, ties go to the cheaper candidate, a
 re-run reuses every result, --json has its keys, and a small budget skips and says so (tiny network, tiny data)."""
+import csv
 import html
 import json
 import shutil
@@ -257,6 +258,12 @@ def test_outputs_and_workspace(first_run):
     assert "Leaderboard" in page and "Learning curve" in page and html.escape(result["scenario"]["finding"]) in page
     lines = (run / "leaderboard.csv").read_text().splitlines()
     assert len(lines) == 1 + len(result["leaderboard"])
+    rows = list(csv.DictReader(lines))
+    assert [r["name"] for r in rows if r["winner"] == "True"] == [result["winner"]["name"]]
+    kinds = [("skipped" if r["skipped"] == "True" else "reported" if r["not_shipped"] else "ships") for r in rows]
+    assert kinds == sorted(kinds, key=["ships", "reported", "skipped"].index)  # what can ship ranks first
+    assert {r["not_shipped"] for r in rows if r["head"] == "knn"} == {"kNN votes do not export to ONNX"}
+    assert all("by accuracy inside the training part" in r["not_shipped"] for r in rows if r["family"] == "ensemble")
     heads = [r for r in result["leaderboard"] if not r["skipped"] and r["family"] == "head"]
     logreg = {r["layer"]: r["cv_accuracy"] for r in heads if r["clf"] == "logreg"}
     more = {r["layer"] for r in heads if r["clf"] != "logreg"}  # svm, kNN and MLP on the best 2 taps (HEAD_TAPS) by CV
