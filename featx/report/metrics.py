@@ -172,8 +172,14 @@ def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup:
     return write_page(out_dir, metrics, title, setup, image_root, extra)
 
 
+def absent_classes(m: dict) -> str:
+    """How many classes a split has no image of (its balanced accuracy averages over the rest), or ''."""
+    absent = len(m["per_class"]) - m["classes_present"]
+    return f"; {absent} of {len(m['per_class'])} classes have no image here" if absent else ""
+
+
 def summary_line(metrics: dict) -> str:
     parts = [f"{split_label(s, metrics)} acc {m['accuracy']:.4f} bal {m['balanced_accuracy']:.4f} "
-             f"log-loss {m['log_loss']:.4f} ECE {m['ece']:.4f} (n={m['n']})"
+             f"log-loss {m['log_loss']:.4f} ECE {m['ece']:.4f} (n={m['n']}{absent_classes(m)})"
              for s, m in ((s, metrics[s]) for s in ("val", "test") if s in metrics)]
     return "; ".join(parts) or "no held-out split to score"

@@ -82,15 +82,21 @@ def taps_section(selected: dict) -> str:
             + table(["tap", "held-out accuracy", "95% interval (Wilson)", "images"], rows) + f"<p>{verdict}.</p>")
 
 
+NOT_HERE = "—"  # a per-class figure of a class with no image in the split (and, for precision, none predicted)
+
+
 def metrics_section(split: str, m: dict, result: dict) -> str:
     rows = [[METRIC_NAMES[k], number(m[k], f"{split}.{k}"),
              f"{number(m['interval95'][k][0], f'{split}.interval95.{k}.0')} – "
              f"{number(m['interval95'][k][1], f'{split}.interval95.{k}.1')}"] for k in HEADLINE]
     headline = table(["metric", "value", "95% interval (bootstrap, 1,000 resamples)"], rows)
+    predicted_absent = set(m.get("predicted_absent", []))
     per_class = table(["class", "precision", "recall", "F1", "images"],
-                      [[html.escape(c), number(v["precision"], f"{split}.per_class.{c}.precision"),
-                        number(v["recall"], f"{split}.per_class.{c}.recall"),
-                        number(v["f1"], f"{split}.per_class.{c}.f1"), str(v["support"])]
+                      [[html.escape(c),
+                        number(v["precision"], f"{split}.per_class.{c}.precision")
+                        if v["support"] or c in predicted_absent else NOT_HERE,
+                        *([number(v[k], f"{split}.per_class.{c}.{k}") for k in ("recall", "f1")]
+                          if v["support"] else [NOT_HERE, NOT_HERE]), str(v["support"])]
                        for c, v in m["per_class"].items()])
     pairs = table(["true", "predicted as", "images"],
                   [[html.escape(p["true"]), html.escape(p["predicted"]), str(p["count"])] for p in m["confused_pairs"]],
