@@ -356,9 +356,11 @@ class Search:
         self.bar.refresh()
 
     def skip(self, candidate: Candidate, estimate: float, why: str | None = None) -> None:
-        left = max(self.budget - self.spent - self.reserve(), 0)
+        reserve = self.reserve()
+        left = max(self.budget - self.spent - reserve, 0)
         self.board.append({**candidate.options(), "skipped": True, "estimate_s": round(estimate, 1),
-                           "reason": why or f"needs ~{estimate:.0f} s, {left:.0f} s of the budget left"})
+                           "reason": why or f"needs ~{estimate:.0f} s, {left:.0f} s of the budget left (beside "
+                                            f"~{reserve:.0f} s kept for the learning curve, refit and export)"})
 
     # -- extraction and heads -------------------------------------------------------------------------------
 
@@ -604,14 +606,15 @@ class Search:
             r["vs_leader"] = self.paired(best, r)
         ties = [r for r in rows if r is not best and r["cost_s"] <= CHEAPER * best["cost_s"]
                 and not r["vs_leader"]["told_apart"] and r["vs_leader"]["margin"] >= -TIE_MARGIN - 1e-9]
+        tested = bool(self.rows.test)
         if not ties:
             why = (f"told apart above the best head ({head['name']}: {points(self.paired(head, best))}"
                    f") on the comparison rows" if better else "the best on the ranking rows")
-            return best, best, f"{why}; {ranked_on(best)}"
+            return best, best, f"{why}; {ranked_on(best, tested)}"
         winner = max(ties, key=ranking)
         return winner, best, (f"within noise of the best ({best['name']}: {points(winner['vs_leader'])}), within "
                               f"{100 * TIE_MARGIN:g} point of it and at most {CHEAPER:g}x its cost ({winner['cost_s']:.0f} "
-                              f"s against {best['cost_s']:.0f} s), so it wins the tie; {ranked_on(winner)}")
+                              f"s against {best['cost_s']:.0f} s), so it wins the tie; {ranked_on(winner, tested)}")
 
     # -- what was measured, in words ------------------------------------------------------------------------
 
@@ -822,12 +825,14 @@ def differ(r: dict, other: dict) -> str:
     return "" if r["clf"] == other["clf"] else f" (the heads differ too: {r['clf']} against {other['clf']})"
 
 
-def ranked_on(r: dict) -> str:
-    """Which rows a candidate's ranking figure is on (they chose the winner, so for it the figure is optimistic)."""
+def ranked_on(r: dict, tested: bool) -> str:
+    """Which rows a candidate's ranking figure is on (they chose the winner, so for it the figure is optimistic),
+    and where the figure that nothing chose comes from (``tested``: the data has a test split)."""
     oof = r.get("oof")
     rows = f"{r['n']} comparison rows" + (f" + {oof['n']} training rows out of fold" if oof else "")
     return (f"{r['rank_accuracy']:.4f} on the {r['rank_rows']} rows that ranked the candidates ({rows}): "
-            "optimistic for the winner, which they chose; test is scored once")
+            "optimistic for the winner, which they chose; " +
+            ("test is scored once" if tested else "there is no test split: add a test/ folder for a figure nothing chose"))
 
 
 def points(m: dict) -> str:

@@ -87,7 +87,7 @@ def searching(board: list, small: bool = False, compare: int = 100) -> autosearc
     """A search holding ``board`` as measured (only what the decision and the scenario read)."""
     search = object.__new__(autosearch.Search)
     search.board, search.small = board, small
-    search.rows = types.SimpleNamespace(train=["t"] * 40, compare=["p"] * compare, classes=["a", "b"])
+    search.rows = types.SimpleNamespace(train=["t"] * 40, compare=["p"] * compare, test=["x"] * 10, classes=["a", "b"])
     return search
 
 
@@ -106,6 +106,10 @@ def test_tie_goes_to_the_cheaper_candidate():
     assert (winner["name"], top["name"]) == ("cheap", "slow") and "wins the tie" in why
     assert search.board[2]["vs_leader"]["told_apart"] and not search.board[1]["vs_leader"]["told_apart"]
     assert searching([row("slow", best, 30.0), row("cheapest", far, 1.0)]).decide()[0]["name"] == "slow"
+    assert why.endswith("optimistic for the winner, which they chose; test is scored once")
+    untested = searching([row("slow", best, 30.0)])
+    untested.rows.test = []  # a folder without test/: no figure that nothing chose, and the reason says so
+    assert untested.decide()[2].endswith("there is no test split: add a test/ folder for a figure nothing chose")
 
 
 def test_within_noise_but_more_than_a_point_worse_does_not_win_the_tie():
@@ -321,7 +325,8 @@ def test_small_budget_still_returns_a_model_and_says_what_it_skipped(tiny, only_
     assert measured == {"tiny:block1 + logreg", "tiny:block2 + logreg", "tiny:pool + logreg"}
     skipped = {s["name"]: s["reason"] for s in result["skipped"]}
     assert {"tiny:block2 + svm", "tiny fine-tuned top:1"} <= set(skipped) or len(skipped) >= 4
-    assert all("s of the budget left" in why for why in skipped.values())
+    assert all("s of the budget left (beside ~" in why and "kept for the learning curve, refit and export)" in why
+               for why in skipped.values())
     assert result["compare_rows"]["source"].startswith("20% of train")
     assert (tmp_path / "run" / "model.onnx").is_file() and result["test"]["n"] == 4
 
