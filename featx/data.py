@@ -204,23 +204,37 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
 
 
 def class_files(folder: Path, broken: list, prefix: str = "") -> dict[str, list[str]]:
-    """Files per class folder (hidden ones excluded); format is decided later, by content. Symbolic links
+    """Files per class folder, sub-folders included (as torchvision's ImageFolder reads them; hidden ones
+    excluded), each as its path below the class folder; format is decided later, by content. Symbolic links
     that lead nowhere go to ``broken`` as (relative path, reason) instead of vanishing silently."""
     classes = sorted(d.name for d in listing(folder) if d.is_dir() and not d.name.startswith("."))
     out = {}
     for c in classes:
-        names = []
-        for f in sorted(listing(folder / c)):
-            if f.name.startswith("."):
-                continue
-            if f.is_file():
-                names.append(f.name)
-            elif f.is_symlink() and not f.exists():
-                broken.append((f"{prefix}{c}/{f.name}", symlink_problem(f)))
+        names = files_below(folder / c, "", broken, f"{prefix}{c}/", set())
         if not names:
             raise FeatxError(f"class folder {folder / c} is empty: add images or remove the folder")
         out[c] = names
     return out
+
+
+def files_below(folder: Path, below: str, broken: list, prefix: str, visited: set) -> list[str]:
+    """The files under ``folder`` as paths starting with ``below``, in sorted order; a folder reached twice
+    through symbolic links is read once."""
+    real = os.path.realpath(folder)
+    if real in visited:
+        return []
+    visited.add(real)
+    names = []
+    for f in sorted(listing(folder)):
+        if f.name.startswith("."):
+            continue
+        if f.is_file():
+            names.append(below + f.name)
+        elif f.is_dir():
+            names += files_below(f, f"{below}{f.name}/", broken, prefix, visited)
+        elif f.is_symlink() and not f.exists():
+            broken.append((f"{prefix}{below}{f.name}", symlink_problem(f)))
+    return names
 
 
 def listing(folder: Path) -> list[Path]:

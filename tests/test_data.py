@@ -41,6 +41,25 @@ def test_adding_or_removing_files_moves_no_other_file(tmp_path):
     assert len(after) == len(before) + 2
 
 
+def test_files_in_sub_folders_of_a_class_belong_to_it(tmp_path, tiny):
+    """As torchvision's ImageFolder reads them: a class folder's sub-folders are part of it, listed by their path
+    below it (hidden folders not), a folder linked twice is read once, and extract caches what predict reads."""
+    import os
+    import featx
+
+    root = make_dataset(tmp_path / "d", {"train": 3, "test": 2})
+    (root / "train" / "a" / "more" / "deeper").mkdir(parents=True)
+    (root / "train" / "a" / ".hidden").mkdir()
+    for where in ("more", "more/deeper", ".hidden"):
+        (root / "train" / "a" / where / "x.jpg").write_bytes((root / "train" / "a" / "000.jpg").read_bytes())
+    os.symlink(root / "train" / "a" / "more", root / "train" / "a" / "zz_link")  # the same folder, later in order
+    ds = data.scan(root)
+    nested = [p for p in ds.paths if p.count("/") > 2]
+    assert nested == ["train/a/more/deeper/x.jpg", "train/a/more/x.jpg"] and ds.counts["train"]["a"] == 5
+    result = featx.extract(tiny, str(root), cache_dir=tmp_path / "c", workers=0, progress=False)
+    assert result.images == 12 and set(nested) <= set(featx.extraction.store.load(result.path).paths)
+
+
 def test_train_per_class_policy():
     paths = [f"{c}/{i:03d}.jpg" for c in "ab" for i in range(70)]
     splits = data.hashed_split(paths, np.repeat([0, 1], 70), train_per_class=60)
