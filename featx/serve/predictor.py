@@ -210,6 +210,12 @@ def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -
     return classes, (proba, failures)
 
 
+def listed(names: list, shown: int) -> str:
+    """The first ``shown`` names, and how many more there are."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "test", *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", out: str | os.PathLike | None = None, device: str = "auto",
              weights: str | None = None, runtime: str = "auto", progress: bool = True) -> dict:
@@ -217,10 +223,15 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     ``data`` left out is the last extraction's in ``cache_dir``."""
     data = workspace.fill(cache_dir, "evaluate", data=data)["data"]
     predictor = load_predictor(model, weights)
-    unknown = sorted(set(data_mod.load(data, data_root).classes) - set(predictor.classes))
+    ds = data_mod.load(data, data_root)
+    unknown = sorted(set(ds.classes) - set(predictor.classes))
     if unknown:  # checked before any extraction
-        raise FeatxError(f"{data} has classes the model does not know ({', '.join(unknown[:5])}): "
-                         f"evaluate on data with the model's classes {', '.join(predictor.classes[:10])}")
+        raise FeatxError(f"{data} has classes the model does not know ({listed(unknown, 5)}): "
+                         f"evaluate on data with the model's classes {listed(predictor.classes, 10)}")
+    if split not in ds.splits:  # said before the backbone is built
+        has = [s for s in data_mod.SPLITS if s in set(ds.splits)]
+        raise FeatxError(f"dataset {data} has no '{split}' split (it has {', '.join(has)}): pass --split with one "
+                         "of those")
     from featx import provenance
     from featx.report import metrics as report
     from featx.extraction import store
@@ -231,8 +242,8 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
                 progress=progress)
     F = store.load(r.path)
     if split not in F.split_names():
-        raise FeatxError(f"dataset {data} has no '{split}' split (it has {', '.join(F.split_names())}): "
-                         f"pass --split with one of those")
+        raise FeatxError(f"no '{split}' image of {data} could be read (the skipped files and why: featx extract "
+                         f"--data {data}): evaluate on another --split")
     X, y, paths = F.split(split)
     y_model = np.asarray([predictor.classes.index(F.classes[i]) for i in y])
     proba = proba_over(predictor.head, X, len(predictor.classes))

@@ -1,4 +1,5 @@
 import json
+import types
 
 import numpy as np
 import pytest
@@ -169,3 +170,18 @@ def test_fit_head_summary_says_each_warning_on_a_line_of_its_own():
                            "warnings": ["3 of 86 fits stopped at their iteration limit before converging"]})
     assert line.splitlines()[1:] == ["warning: C at the largest value tried (10000)",
                                      "warning: 3 of 86 fits stopped at their iteration limit before converging"]
+
+
+def test_evaluate_refuses_a_split_the_data_lacks_before_building_the_backbone(tmp_path, monkeypatch):
+    """The split is checked on the folder's listing: no backbone is built and nothing extracted."""
+    from featx.serve import predictor as predictor_mod
+
+    data = make_dataset(tmp_path / "d", {"train": 2, "test": 2})
+    model = tmp_path / "m.featx"
+    monkeypatch.setattr(predictor_mod, "load_predictor", lambda path, weights=None: types.SimpleNamespace(
+        classes=["a", "b"]))  # no backbone, no head: the check must come before either is used
+    with pytest.raises(FeatxError, match=r"has no 'val' split \(it has train, test\): pass --split"):
+        predictor_mod.evaluate(model, str(data), "val", cache_dir=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+    assert predictor_mod.listed(list("abcdefg"), 5) == "a, b, c, d, e and 2 more"
+    assert predictor_mod.listed(["a"], 5) == "a"
