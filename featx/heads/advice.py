@@ -43,6 +43,17 @@ SCENARIOS = {
 }
 
 
+def training_warnings(classes: list, counts) -> list[str]:
+    """What advise says of classes with few training images, and of those with none."""
+    few = [c for c, n in zip(classes, counts) if 0 < n < FEW_IMAGES]
+    none = [c for c, n in zip(classes, counts) if n == 0]
+    names = lambda found: ", ".join(found[:8]) + (" ..." if len(found) > 8 else "")  # noqa: E731
+    return ([f"{len(few)} classes have fewer than {FEW_IMAGES} training images ({names(few)}): figures on them are "
+             "noisy, and fine-tuning will overfit; prefer a linear head"] if few else []) + \
+        ([f"no training image for {names(none)}: no head can predict {'it' if len(none) == 1 else 'them'}; add "
+          "training images"] if none else [])
+
+
 def batchnorm_layers(net) -> list:
     return [(n, m) for n, m in net.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
@@ -97,10 +108,7 @@ def advise(data: str, backbone: str = "efficientnet_lite0", data_root: str | Non
     train = np.array([i for i, s in enumerate(ds.splits) if s == split]) if split else np.arange(len(ds))
     counts = np.bincount(ds.labels[train], minlength=len(ds.classes))
     per_class = float(counts.mean())
-    few = [c for c, n in zip(ds.classes, counts) if n < FEW_IMAGES]
-    warnings = [f"{len(few)} classes have fewer than {FEW_IMAGES} training images ({', '.join(few[:8])}"
-                f"{' ...' if len(few) > 8 else ''}): figures on them are noisy, and fine-tuning will overfit; "
-                "prefer a linear head"] if few else []
+    warnings = training_warnings(ds.classes, counts)
     rows, sample_per_class = probe_sample(ds.labels[train], len(ds.classes))
     rows = train[rows]
     files = [ds.root / ds.paths[i] for i in rows]

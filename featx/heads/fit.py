@@ -135,9 +135,10 @@ def select(clf: str, candidates: list, select_on: str, device: str, C, k, class_
     untrained = [c for i, c in enumerate(F.classes) if i not in set(head.classes_.tolist())]
     if untrained:
         selected["warnings"] = selected.get("warnings", []) + [
-            f"{len(untrained)} classes have no training images ({', '.join(untrained[:8])}"
-            f"{' ...' if len(untrained) > 8 else ''}): the head never predicts them, so their held-out images "
-            "count as errors"]
+            f"{len(untrained)} {'class has' if len(untrained) == 1 else 'classes have'} no training images "
+            f"({', '.join(untrained[:8])}{' ...' if len(untrained) > 8 else ''}): the head never predicts "
+            f"{'it' if len(untrained) == 1 else 'them'}, so {'its' if len(untrained) == 1 else 'their'} held-out "
+            "images count as errors"]
     return head, F, selected, held_out
 
 

@@ -175,7 +175,9 @@ def write_report(out_dir: Path, metrics: dict, classes: list, title: str, setup:
 def absent_classes(m: dict) -> str:
     """How many classes a split has no image of (its balanced accuracy averages over the rest), or ''."""
     absent = len(m["per_class"]) - m["classes_present"]
-    return f"; {absent} of {len(m['per_class'])} classes have no image here" if absent else ""
+    if not absent:
+        return ""
+    return f"; {absent} of {len(m['per_class'])} classes {'has' if absent == 1 else 'have'} no image here"
 
 
 def summary_line(metrics: dict) -> str:

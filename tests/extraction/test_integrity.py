@@ -216,7 +216,7 @@ def test_classes_absent_from_training_are_named(tiny, tmp_path):
     make_dataset(tmp_path / "d", {"test": 3}, classes=("c",))  # c only in test
     r = run(tiny, data, tmp_path / "c")
     m = fit_head("logreg", features=r.path, out=tmp_path / "run", progress=False)
-    warning = "1 classes have no training images (c): the head never predicts them"
+    warning = "1 class has no training images (c): the head never predicts it, so its held-out images count"
     assert any(warning in w for w in m["selected"]["warnings"])
     assert m["test"]["per_class"]["c"]["recall"] == 0.0
     assert warning in (tmp_path / "run" / "report.html").read_text()

@@ -29,6 +29,15 @@ def no_bn_backbone(tmp_path):
     return featx.register_backbone(spec).name
 
 
+def test_classes_with_few_or_no_training_images_are_named_apart():
+    from featx.heads.advice import training_warnings
+
+    few, none = training_warnings(["a", "b", "c", "d"], [3, 0, 9, 1])
+    assert few.startswith("2 classes have fewer than 5 training images (a, d)")
+    assert none == "no training image for b: no head can predict it; add training images"
+    assert training_warnings(["a"], [9]) == []
+
+
 def test_few_shot_data_gets_a_warning_and_runnable_commands(tiny, tmp_path, monkeypatch):
     from featx.cli import main
 

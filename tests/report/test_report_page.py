@@ -162,7 +162,7 @@ def test_a_class_with_no_image_in_the_split_is_said_and_shows_no_figure():
     proba = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
     m = report.classification_metrics(np.array([0, 1, 1, 1]), proba, ["a", "b", "c"])
     assert m["classes_present"] == 2 and m["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
-    assert report.summary_line({"test": m}).endswith("(n=4; 1 of 3 classes have no image here)")
+    assert report.summary_line({"test": m}).endswith("(n=4; 1 of 3 classes has no image here)")
     assert report.summary_line({"test": report.classification_metrics(np.array([0, 1, 2]), np.eye(3), list("abc"))}
                                ).endswith("(n=3)")
     per_class = metrics_section("test", m, {}).split("<h3>Per class</h3>")[1].split("</table>")[0]
