@@ -98,7 +98,7 @@ def evaluate_text(split: str, m: dict) -> str:
     from .metrics import summary_line
 
     return f"{split}: " + summary_line({"test": m[split]}).split(" ", 1)[1] + f"\nreport: {m['report_page']}" \
-           f"\nprovenance: {m['provenance_line']}"
+           f"\nprovenance: {m['provenance_line']}" + "".join(f"\nwarning: {w}" for w in m.get("warnings", []))
 
 
 def finetune_text(m: dict, batch_size: int) -> str:

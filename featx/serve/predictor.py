@@ -249,7 +249,12 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     proba = proba_over(predictor.head, X, len(predictor.classes))
     prov = provenance.of_model(predictor.model)
     shared = provenance.overlap(prov, F.attrs["dataset_root"], [provenance.rows(split, paths)])
+    trained = {predictor.classes[int(c)] for c in predictor.head.classes_}
+    untrained = [c for c in predictor.classes if c not in trained and c in {F.classes[i] for i in y}]
     metrics = {split: report.classification_metrics(y_model, proba, predictor.classes, paths),
+               **({"warnings": [f"the model never trained on {listed(untrained, 8)}, so it never predicts "
+                                f"{'that class' if len(untrained) == 1 else 'those classes'}: their {split} images "
+                                "count as errors"]} if untrained else {}),
                "model": str(predictor.path), "features": str(F.path), "provenance": prov or provenance.UNKNOWN,
                "provenance_line": provenance.describe(prov) + (
                    f"; warning: it trained on or chose its settings on {split} images, so this figure is optimistic"

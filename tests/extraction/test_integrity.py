@@ -222,6 +222,10 @@ def test_classes_absent_from_training_are_named(tiny, tmp_path):
     assert warning in (tmp_path / "run" / "report.html").read_text()
     out = CliRunner().invoke(cli, ["fit-head", "--features", r.path, "--out", str(tmp_path / "cli"), "--quiet"])
     assert f"warning: {warning}" in out.output
+    out = CliRunner().invoke(cli, ["evaluate", "--model", str(tmp_path / "run" / "model.featx"), "--data", str(data),
+                                   "--cache-dir", str(tmp_path / "c"), "--quiet"])  # evaluate says so too
+    assert out.exit_code == 0 and "warning: the model never trained on c, so it never predicts that class: their " \
+        "test images count as errors" in out.output, out.output
 
 
 def test_evaluate_takes_a_folder_with_one_class(tiny, tmp_path):
