@@ -643,7 +643,9 @@ class Search:
             other = max(others, key=lambda r: (r["clf"] == tap_row["clf"], ranking(r)))
             m = self.paired(other, tap_row)
             findings.append(f"{who} uses {tap_row['layer']}, an earlier tap than pooled features: {points(m)} against "
-                            f"{other['name']}" + ("" if m["told_apart"] else " (within noise)") + differ(tap_row, other))
+                            f"{other['name']}" + ("" if m["told_apart"] else " (within noise: \"different\" names the "
+                                                  "route taken, not a difference the rows told apart)")
+                            + differ(tap_row, other))
         else:
             other = max(others, key=lambda r: (r["clf"] == tap_row["clf"], ranking(r)))
             m = self.paired(tap_row, other)
@@ -683,7 +685,9 @@ class Search:
                 "images_per_class": round(per_class, 1),
                 "how": "large = a fine-tune won the decision (it beat the best head on the ranking rows, measured, "
                        "not a size threshold); different = the winning route uses an earlier tap than the pooled "
-                       "features (for a fine-tune: the best head on its backbone does)"}
+                       "features (for a fine-tune: the best head on its backbone does), told apart from them or not "
+                       "as the finding's interval says (featx advise measures similarity otherwise: BatchNorm "
+                       "statistics and a tap margin, so the two can differ within noise)"}
 
     def learning_curve(self, winner: dict) -> dict:
         """The winning head (the best head when a fine-tune won) on 25, 50 and 100% of the training part."""

@@ -210,6 +210,7 @@ def test_scenario_agrees_with_the_winner():
     found = search.scenario(winner, best)
     assert winner["layer"] == "block5" and found["label"] == "small & different" and found["scenario"] == 3
     assert "the winner uses block5" in found["finding"] and "worse, so the head wins" in found["finding"]
+    assert '(within noise: "different" names the route taken, not a difference the rows told apart)' in found["finding"]
     assert found["verdict"] == "small & different: a linear classifier (logistic regression) on earlier-layer " \
                                "(block5) features of efficientnet_lite0"
     mlp = row("lite0:pool + mlp", [1] * 100, 12.0, clf="mlp")  # told apart above every other: the MLP wins

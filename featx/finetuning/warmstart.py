@@ -135,7 +135,7 @@ def choose_head(head: str | None, net: Backbone, ds, cache_dir, quiet: bool = Fa
     else a fresh one. A ``--head FILE`` that saw them is refused. The choice is printed either way, unless
     ``quiet`` (the ranks but 0 under torchrun)."""
     if head == "none":
-        say("featx: starting from a fresh (Xavier) head, as --head none asks", quiet)
+        say("featx: starting from a fresh (Xavier) head (head: none)", quiet)
         return None
     val = "val (carved from train)" if "+val:" in ds.split_source else "val"
     if head is not None:
