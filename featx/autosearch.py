@@ -234,7 +234,7 @@ class CostModel:
             self.oof_ratio[clf] = seconds / fit_seconds
 
     def finetune(self, backbone: str, train: int, compare: int, blocks: int) -> float:
-        from featx.finetuning.boundary import DEFAULT_VIEWS
+        from featx.finetuning import DEFAULT_VIEWS
 
         frozen = self.extract(backbone, DEFAULT_VIEWS * train + compare)
         top = FINETUNE_EPOCHS * train * FINETUNE_TOP_PRIOR * blocks * RELATIVE_COST.get(backbone, 2.0)

@@ -28,6 +28,15 @@ def test_the_cli_imports_nothing_heavy():
     assert loaded == [], f"featx.cli imports {loaded} at start-up"
 
 
+def test_what_a_cached_auto_rerun_imports_loads_no_torch():
+    """A re-run of auto with every candidate cached needs its cost model, the scenario words and the heads'
+    loaders: none of them may import torch (it cost a 10 s re-run 4 s here)."""
+    code = ("import sys, featx.autosearch, featx.heads.advice, featx.finetuning, featx.heads.registry\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "torch" not in loaded, loaded
+
+
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "featx", "--help"], capture_output=True, text=True, check=True).stdout
     for command in ("extract", "fit-head", "finetune", "predict", "evaluate", "compare", "advise", "run"):

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from featx import data as data_mod
+from featx.finetuning import DEFAULT_VIEWS
 from featx.devices import autocast, make_loader, overlapped
 from featx.errors import FeatxError
 from featx.extraction.runner import cache_attrs, distrusted, finish, to_compute, write_batches
@@ -46,7 +47,6 @@ from featx.extraction.specs import Tap
 from featx.extraction.store import MARGIN, ROW_STRINGS, FeatureStore, cache_path, open_h5, strings
 
 DEFAULT_GB = 4.0  # --boundary-cache-gb
-DEFAULT_VIEWS = 2  # --views with augmentation (BENCHMARKS.md, "Stage 3 — the boundary cache": 2, 4, 8 measured)
 PART_BYTES = 64 << 20  # computed rows held in memory before they go to a part file
 CHECKPOINT_SECONDS = 15.0
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import shlex
 
 import numpy as np
-import torch
 
 from featx import data as data_mod
 from featx.extraction.backbones import create_backbone, resolve_backbone
@@ -55,6 +54,8 @@ def training_warnings(classes: list, counts) -> list[str]:
 
 
 def batchnorm_layers(net) -> list:
+    import torch  # here: auto reads SCENARIOS from this module on a re-run that needs no network
+
     return [(n, m) for n, m in net.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
 
 
