@@ -21,7 +21,7 @@ import numpy as np
 from featx import data as data_mod
 from featx.extraction.backbones import create_backbone, resolve_backbone
 from featx.devices import device_name
-from featx.errors import FeatxError
+from featx.errors import FeatxError, listed
 from featx.extraction.runner import iter_features, split_taps
 from .registry import make_head
 from featx.extraction.runtimes import resolve_runtime
@@ -46,10 +46,9 @@ def training_warnings(classes: list, counts) -> list[str]:
     """What advise says of classes with few training images, and of those with none."""
     few = [c for c, n in zip(classes, counts) if 0 < n < FEW_IMAGES]
     none = [c for c, n in zip(classes, counts) if n == 0]
-    names = lambda found: ", ".join(found[:8]) + (" ..." if len(found) > 8 else "")  # noqa: E731
-    return ([f"{len(few)} classes have fewer than {FEW_IMAGES} training images ({names(few)}): figures on them are "
+    return ([f"{len(few)} classes have fewer than {FEW_IMAGES} training images ({listed(few)}): figures on them are "
              "noisy, and fine-tuning will overfit; prefer a linear head"] if few else []) + \
-        ([f"no training image for {names(none)}: no head can predict {'it' if len(none) == 1 else 'them'}; add "
+        ([f"no training image for {listed(none)}: no head can predict {'it' if len(none) == 1 else 'them'}; add "
           "training images"] if none else [])
 
 

@@ -17,7 +17,7 @@ from featx.report import metrics as report
 from featx.extraction import store
 from featx import workspace
 from featx.data import match_exclude
-from featx.errors import FeatxError
+from featx.errors import FeatxError, listed
 from featx.files import REPORT_BYTES, room
 from featx.extraction.runner import extract_taps
 from .base import proba_over
@@ -136,7 +136,7 @@ def select(clf: str, candidates: list, select_on: str, device: str, C, k, class_
     if untrained:
         selected["warnings"] = selected.get("warnings", []) + [
             f"{len(untrained)} {'class has' if len(untrained) == 1 else 'classes have'} no training images "
-            f"({', '.join(untrained[:8])}{' ...' if len(untrained) > 8 else ''}): the head never predicts "
+            f"({listed(untrained)}): the head never predicts "
             f"{'it' if len(untrained) == 1 else 'them'}, so {'its' if len(untrained) == 1 else 'their'} held-out "
             "images count as errors"]
     return head, F, selected, held_out

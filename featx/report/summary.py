@@ -5,6 +5,8 @@ Nothing heavy is imported here at start-up: ``summary_line`` (numpy, scikit-lear
 """
 from __future__ import annotations
 
+from featx.errors import listed
+
 
 def tsv_safe(text: str) -> str:
     """A path or label on one tab-separated UTF-8 line: backslash, tab, newline and carriage return are escaped,
@@ -56,7 +58,7 @@ def selection_line(selected: dict) -> str:
     if selected.get("unscored_classes"):
         names = selected["unscored_classes"]
         text += (f"; {len(names)} classes with one training image are always trained on, never scored: "
-                 f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+                 f"{listed(names)}")
     for note in ([selected["edge"]] if selected.get("edge") else []) + selected.get("warnings", []):
         text += f"\nwarning: {note}"
     if selected.get("excluded"):

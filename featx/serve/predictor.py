@@ -20,7 +20,7 @@ from featx import data as data_mod
 from featx import workspace
 from featx.extraction.backbones import Preprocess, create_backbone
 from featx.devices import device_name
-from featx.errors import FeatxError
+from featx.errors import FeatxError, listed
 from featx.files import REPORT_BYTES, room
 from featx.extraction.images import ImageFiles
 from featx.modelfile import ModelFile
@@ -210,12 +210,6 @@ def exported_proba(path: str | os.PathLike, files: list, batch_size: int = 32) -
     return classes, (proba, failures)
 
 
-def listed(names: list, shown: int) -> str:
-    """The first ``shown`` names, and how many more there are."""
-    more = len(names) - shown
-    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
 def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "test", *, data_root: str | None = None,
              cache_dir: str | os.PathLike = "cache", out: str | os.PathLike | None = None, device: str = "auto",
              weights: str | None = None, runtime: str = "auto", progress: bool = True) -> dict:
@@ -252,7 +246,7 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     trained = {predictor.classes[int(c)] for c in predictor.head.classes_}
     untrained = [c for c in predictor.classes if c not in trained and c in {F.classes[i] for i in y}]
     metrics = {split: report.classification_metrics(y_model, proba, predictor.classes, paths),
-               **({"warnings": [f"the model never trained on {listed(untrained, 8)}, so it never predicts "
+               **({"warnings": [f"the model never trained on {listed(untrained)}, so it never predicts "
                                 f"{'that class' if len(untrained) == 1 else 'those classes'}: their {split} images "
                                 "count as errors"]} if untrained else {}),
                "model": str(predictor.path), "features": str(F.path), "provenance": prov or provenance.UNKNOWN,

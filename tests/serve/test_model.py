@@ -183,5 +183,6 @@ def test_evaluate_refuses_a_split_the_data_lacks_before_building_the_backbone(tm
     with pytest.raises(FeatxError, match=r"has no 'val' split \(it has train, test\): pass --split"):
         predictor_mod.evaluate(model, str(data), "val", cache_dir=tmp_path / "c", progress=False)
     assert not (tmp_path / "c").exists()
-    assert predictor_mod.listed(list("abcdefg"), 5) == "a, b, c, d, e and 2 more"
-    assert predictor_mod.listed(["a"], 5) == "a"
+    from featx.errors import listed
+
+    assert listed(list("abcdefg"), 5) == "a, b, c, d, e and 2 more" and listed(["a"]) == "a"
