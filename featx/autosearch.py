@@ -278,8 +278,8 @@ def plain(value):
 
 def link_dataset(folder: Path, root: Path, splits: dict, labels: dict, classes: list) -> bool:
     """A dataset folder of symlinks: ``splits`` maps split -> relative paths under ``root``, each filed under its
-    class (the path flattened into the name, so no two collide). Rebuilt only when its listing changes: returns
-    whether it was."""
+    class at its whole relative path (a sub-folder of the class, so no two collide). Rebuilt only when its
+    listing changes: returns whether it was."""
     listing = {s: sorted(paths) for s, paths in splits.items()}
     stamp = folder / "listing.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == listing:
@@ -287,7 +287,7 @@ def link_dataset(folder: Path, root: Path, splits: dict, labels: dict, classes: 
     shutil.rmtree(folder, ignore_errors=True)
     for split, paths in listing.items():
         for p in paths:
-            target = folder / split / classes[labels[p]] / p.replace("/", "__")
+            target = folder / split / classes[labels[p]] / p
             target.parent.mkdir(parents=True, exist_ok=True)
             target.symlink_to((root / p).resolve())
     stamp.write_text(json.dumps(listing))

@@ -176,8 +176,9 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
     folder = Path(folder)
     split_dirs = [s for s in SPLITS if (folder / s).is_dir()]
     broken: list = []
+    seen = folders_seen(folder, split_dirs)
     if split_dirs:
-        per_split = {s: class_files(folder / s, broken, f"{s}/") for s in split_dirs}
+        per_split = {s: class_files(folder / s, broken, f"{s}/", seen) for s in split_dirs}
         classes = sorted({c for files in per_split.values() for c in files})
         paths, labels, splits = [], [], []
         for s, files in per_split.items():
@@ -188,7 +189,7 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
                     splits.append(s)
         source = "folders"
     else:
-        files = class_files(folder, broken)
+        files = class_files(folder, broken, "", seen)
         classes = sorted(files)
         paths = [f"{c}/{n}" for c in classes for n in files[c]]
         labels = [classes.index(p.split("/", 1)[0]) for p in paths]
@@ -203,27 +204,34 @@ def scan(folder: Path, name: str | None = None, spec: DatasetSpec | None = None)
     return Dataset(name or folder.name, folder, classes, paths, labels, splits, source, spec, counts, broken)
 
 
-def class_files(folder: Path, broken: list, prefix: str = "") -> dict[str, list[str]]:
+def class_folders(folder: Path) -> list[str]:
+    return sorted(d.name for d in listing(folder) if d.is_dir() and not d.name.startswith("."))
+
+
+def folders_seen(root: Path, split_dirs: list) -> set:
+    """The real paths of the dataset folder, its split folders and every class folder: a sub-folder that links
+    to one of them (or to one read already) is not read again, so no image is listed twice, under another
+    class or in another split."""
+    parents = [root / s for s in split_dirs] or [root]
+    return {os.path.realpath(p) for p in [root, *parents, *(d / c for d in parents for c in class_folders(d))]}
+
+
+def class_files(folder: Path, broken: list, prefix: str, seen: set) -> dict[str, list[str]]:
     """Files per class folder, sub-folders included (as torchvision's ImageFolder reads them; hidden ones
     excluded), each as its path below the class folder; format is decided later, by content. Symbolic links
     that lead nowhere go to ``broken`` as (relative path, reason) instead of vanishing silently."""
-    classes = sorted(d.name for d in listing(folder) if d.is_dir() and not d.name.startswith("."))
     out = {}
-    for c in classes:
-        names = files_below(folder / c, "", broken, f"{prefix}{c}/", set())
+    for c in class_folders(folder):
+        names = files_below(folder / c, "", broken, f"{prefix}{c}/", seen)
         if not names:
             raise FeatxError(f"class folder {folder / c} is empty: add images or remove the folder")
         out[c] = names
     return out
 
 
-def files_below(folder: Path, below: str, broken: list, prefix: str, visited: set) -> list[str]:
-    """The files under ``folder`` as paths starting with ``below``, in sorted order; a folder reached twice
-    through symbolic links is read once."""
-    real = os.path.realpath(folder)
-    if real in visited:
-        return []
-    visited.add(real)
+def files_below(folder: Path, below: str, broken: list, prefix: str, seen: set) -> list[str]:
+    """The files under ``folder`` as paths starting with ``below``, in sorted order; a sub-folder whose real
+    path is in ``seen`` (a dataset, split or class folder, or one read already) is not read (again)."""
     names = []
     for f in sorted(listing(folder)):
         if f.name.startswith("."):
@@ -231,7 +239,10 @@ def files_below(folder: Path, below: str, broken: list, prefix: str, visited: se
         if f.is_file():
             names.append(below + f.name)
         elif f.is_dir():
-            names += files_below(f, f"{below}{f.name}/", broken, prefix, visited)
+            real = os.path.realpath(f)
+            if real not in seen:
+                seen.add(real)
+                names += files_below(f, f"{below}{f.name}/", broken, prefix, seen)
         elif f.is_symlink() and not f.exists():
             broken.append((f"{prefix}{below}{f.name}", symlink_problem(f)))
     return names

@@ -43,9 +43,12 @@ def test_adding_or_removing_files_moves_no_other_file(tmp_path):
 
 def test_files_in_sub_folders_of_a_class_belong_to_it(tmp_path, tiny):
     """As torchvision's ImageFolder reads them: a class folder's sub-folders are part of it, listed by their path
-    below it (hidden folders not), a folder linked twice is read once, and extract caches what predict reads."""
+    below it (hidden folders not); a link to a folder listed already, or to another class, split or the dataset
+    itself, is not read again (an image listed twice, under another class or split, would leak); predict on the
+    folder reads the same files."""
     import os
     import featx
+    from featx.serve.predictor import image_files
 
     root = make_dataset(tmp_path / "d", {"train": 3, "test": 2})
     (root / "train" / "a" / "more" / "deeper").mkdir(parents=True)
@@ -53,9 +56,14 @@ def test_files_in_sub_folders_of_a_class_belong_to_it(tmp_path, tiny):
     for where in ("more", "more/deeper", ".hidden"):
         (root / "train" / "a" / where / "x.jpg").write_bytes((root / "train" / "a" / "000.jpg").read_bytes())
     os.symlink(root / "train" / "a" / "more", root / "train" / "a" / "zz_link")  # the same folder, later in order
+    os.symlink(root / "train" / "b", root / "test" / "a" / "other_class")  # another split's other class
+    os.symlink(root, root / "train" / "b" / "up")  # the dataset itself
     ds = data.scan(root)
     nested = [p for p in ds.paths if p.count("/") > 2]
     assert nested == ["train/a/more/deeper/x.jpg", "train/a/more/x.jpg"] and ds.counts["train"]["a"] == 5
+    assert len(ds) == 12 and len(set(map(os.path.realpath, (root / p for p in ds.paths)))) == 12
+    listed = set(map(os.path.realpath, image_files([root])))  # predict reads the files extract lists, hidden ones not
+    assert listed == set(os.path.realpath(root / p) for p in ds.paths)
     result = featx.extract(tiny, str(root), cache_dir=tmp_path / "c", workers=0, progress=False)
     assert result.images == 12 and set(nested) <= set(featx.extraction.store.load(result.path).paths)
 

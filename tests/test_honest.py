@@ -77,6 +77,10 @@ def test_a_head_fitted_without_some_images_keeps_the_run_it_is_compared_with(fea
     assert runs[0].name.startswith("d__") and runs[0].name.endswith("__logreg")
     assert runs[1].name.startswith(runs[0].name + "__exclude-1-")
     assert (runs[0] / "model.featx").is_file() and (runs[1] / "model.featx").is_file()
+    from featx.heads.fit import default_run_name
+
+    odd = default_run_name({"dataset": "d", "backbone": "b", "layer": "pool"}, "svm", ["train/a/\udcff.jpg"])
+    assert odd.startswith("d__b__pool__svm__exclude-1-")  # a file name that is not UTF-8 has a digest too
     kept = ModelFile.load(runs[0] / "model.featx").info["provenance"]["trained_on"][0]["n"]
     assert kept == ModelFile.load(runs[1] / "model.featx").info["provenance"]["trained_on"][0]["n"] + 1
 

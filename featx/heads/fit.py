@@ -2,7 +2,6 @@
 -> model file and report."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -98,8 +97,7 @@ def default_run_name(attrs, clf: str, excluded: list) -> str:
     name = f"{attrs['dataset']}__{attrs['backbone']}__{attrs['layer']}__{clf}"
     if not excluded:
         return name
-    digest = hashlib.sha256("\n".join(sorted(excluded)).encode()).hexdigest()[:8]
-    return f"{name}__exclude-{len(excluded)}-{digest}"
+    return f"{name}__exclude-{len(excluded)}-{provenance.paths_digest(excluded)[:8]}"
 
 
 def select(clf: str, candidates: list, select_on: str, device: str, C, k, class_weight, progress: bool):

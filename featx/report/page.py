@@ -51,7 +51,8 @@ def setup_section(result: dict, setup: dict) -> str:
     rows = [[html.escape(k), shown(v)] for k, v in setup.items() if v is not None]
     rows += [[f"selected {html.escape(k)}", shown(v)]
              for k, v in result.get("selected", {}).items() if v is not None and not isinstance(v, (list, dict))]
-    rows += [["warning", html.escape(note)] for note in result.get("selected", {}).get("warnings", [])]
+    rows += [["warning", html.escape(note)]
+             for note in result.get("selected", {}).get("warnings", []) + result.get("warnings", [])]
     excluded = result.get("selected", {}).get("excluded", [])
     rows += [["excluded (--exclude)", f"{len(excluded)} files: " + ", ".join(f"<code>{html.escape(p)}</code>"
                                                                           for p in excluded)]] if excluded else []
@@ -82,7 +83,8 @@ def taps_section(selected: dict) -> str:
             + table(["tap", "held-out accuracy", "95% interval (Wilson)", "images"], rows) + f"<p>{verdict}.</p>")
 
 
-NOT_HERE = "—"  # a per-class figure of a class with no image in the split (and, for precision, none predicted)
+NOT_HERE = "—"  # a per-class figure that is 0 / 0: recall and F1 of a class with no image in the split,
+# precision of a class nothing was predicted as
 
 
 def metrics_section(split: str, m: dict, result: dict) -> str:
@@ -90,14 +92,13 @@ def metrics_section(split: str, m: dict, result: dict) -> str:
              f"{number(m['interval95'][k][0], f'{split}.interval95.{k}.0')} – "
              f"{number(m['interval95'][k][1], f'{split}.interval95.{k}.1')}"] for k in HEADLINE]
     headline = table(["metric", "value", "95% interval (bootstrap, 1,000 resamples)"], rows)
-    predicted_absent = set(m.get("predicted_absent", []))
+    predicted = np.asarray(m["confusion_matrix"]).sum(0)  # images predicted as each class
     per_class = table(["class", "precision", "recall", "F1", "images"],
                       [[html.escape(c),
-                        number(v["precision"], f"{split}.per_class.{c}.precision")
-                        if v["support"] or c in predicted_absent else NOT_HERE,
+                        number(v["precision"], f"{split}.per_class.{c}.precision") if predicted[i] else NOT_HERE,
                         *([number(v[k], f"{split}.per_class.{c}.{k}") for k in ("recall", "f1")]
                           if v["support"] else [NOT_HERE, NOT_HERE]), str(v["support"])]
-                       for c, v in m["per_class"].items()])
+                       for i, (c, v) in enumerate(m["per_class"].items())])
     pairs = table(["true", "predicted as", "images"],
                   [[html.escape(p["true"]), html.escape(p["predicted"]), str(p["count"])] for p in m["confused_pairs"]],
                   left=2) if m["confused_pairs"] else "<p>No mistakes.</p>"

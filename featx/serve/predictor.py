@@ -114,10 +114,11 @@ def load_predictor(path: str | os.PathLike, weights: str | None = None) -> Predi
 def image_files(inputs: list) -> list[Path]:
     files = []
     for item in map(Path, inputs):
-        if item.is_dir():  # broken symlinks stay in, so they are reported per file rather than dropped
+        if item.is_dir():  # the files extract would list there; broken symlinks stay in, reported per file
             try:
-                files += sorted(p for p in item.rglob("*") if (p.is_file() or p.is_symlink() and not p.exists())
-                                and not p.name.startswith("."))
+                broken: list = []
+                names = data_mod.files_below(item, "", broken, "", {os.path.realpath(item)})
+                files += sorted(item / name for name in names + [path for path, _ in broken])
             except OSError as exc:  # a path too long for the system, a folder that cannot be listed
                 where = f"{exc.filename}"[:120] + ("..." if len(f"{exc.filename}") > 120 else "")
                 raise FeatxError(f"cannot list {item}: {exc.strerror or exc} at {where}: pass the image files, "
@@ -223,9 +224,8 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
         raise FeatxError(f"{data} has classes the model does not know ({listed(unknown, 5)}): "
                          f"evaluate on data with the model's classes {listed(predictor.classes, 10)}")
     if split not in ds.splits:  # said before the backbone is built
-        has = [s for s in data_mod.SPLITS if s in set(ds.splits)]
-        raise FeatxError(f"dataset {data} has no '{split}' split (it has {', '.join(has)}): pass --split with one "
-                         "of those")
+        raise FeatxError(f"dataset {data} has no '{split}' split (it has {', '.join(ds.split_names())}): pass "
+                         "--split with one of those")
     from featx import provenance
     from featx.report import metrics as report
     from featx.extraction import store
@@ -243,8 +243,8 @@ def evaluate(model: str | os.PathLike, data: str | None = None, split: str = "te
     proba = proba_over(predictor.head, X, len(predictor.classes))
     prov = provenance.of_model(predictor.model)
     shared = provenance.overlap(prov, F.attrs["dataset_root"], [provenance.rows(split, paths)])
-    trained = {predictor.classes[int(c)] for c in predictor.head.classes_}
-    untrained = [c for c in predictor.classes if c not in trained and c in {F.classes[i] for i in y}]
+    trained, here = {predictor.classes[int(c)] for c in predictor.head.classes_}, {F.classes[i] for i in y}
+    untrained = [c for c in predictor.classes if c not in trained and c in here]
     metrics = {split: report.classification_metrics(y_model, proba, predictor.classes, paths),
                **({"warnings": [f"the model never trained on {listed(untrained)}, so it never predicts "
                                 f"{'that class' if len(untrained) == 1 else 'those classes'}: their {split} images "

@@ -226,6 +226,7 @@ def test_classes_absent_from_training_are_named(tiny, tmp_path):
                                    "--cache-dir", str(tmp_path / "c"), "--quiet"])  # evaluate says so too
     assert out.exit_code == 0 and "warning: the model never trained on c, so it never predicts that class: their " \
         "test images count as errors" in out.output, out.output
+    assert "the model never trained on c" in (tmp_path / "run" / "evaluate_d_test" / "report.html").read_text()
 
 
 def test_evaluate_takes_a_folder_with_one_class(tiny, tmp_path):

@@ -155,16 +155,19 @@ def test_the_page_renders_in_a_headless_browser(tiny, noisy, tmp_path):
 
 
 def test_a_class_with_no_image_in_the_split_is_said_and_shows_no_figure():
-    """Three classes, none of class c in the split: the summary line says so, and the page's per-class row for
-    c shows a dash where a 0 would read as a figure (precision too, as nothing was predicted c)."""
+    """Four classes, none of class c in the split and nothing predicted as d: the summary line says one class has
+    no image, and the page shows a dash for each 0 / 0 (c's three figures, d's precision), where 0.0000 would
+    read as a measurement; d's recall, 0 of its 1 image, is a figure."""
     from featx.report.page import NOT_HERE, metrics_section
 
-    proba = np.array([[0.9, 0.05, 0.05], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1]])
-    m = report.classification_metrics(np.array([0, 1, 1, 1]), proba, ["a", "b", "c"])
-    assert m["classes_present"] == 2 and m["balanced_accuracy"] == pytest.approx((1 + 2 / 3) / 2)
-    assert report.summary_line({"test": m}).endswith("(n=4; 1 of 3 classes has no image here)")
+    proba = np.array([[0.9, 0.05, 0.05, 0.0], [0.2, 0.7, 0.1, 0.0], [0.6, 0.3, 0.1, 0.0], [0.1, 0.8, 0.1, 0.0],
+                      [0.1, 0.5, 0.1, 0.3]])
+    m = report.classification_metrics(np.array([0, 1, 1, 1, 3]), proba, ["a", "b", "c", "d"])
+    assert m["classes_present"] == 3 and m["balanced_accuracy"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert report.summary_line({"test": m}).endswith("(n=5; 1 of 4 classes has no image here)")
     assert report.summary_line({"test": report.classification_metrics(np.array([0, 1, 2]), np.eye(3), list("abc"))}
                                ).endswith("(n=3)")
     per_class = metrics_section("test", m, {}).split("<h3>Per class</h3>")[1].split("</table>")[0]
-    row, = [r for r in per_class.split("<tr>") if r.startswith('<td class="l">c</td>')]
-    assert row.count(f"<td>{NOT_HERE}</td>") == 3 and "<td>—</td>" not in per_class.replace(row, ""), per_class
+    rows = {r.split("</td>", 1)[0].rsplit(">", 1)[1]: r for r in per_class.split("<tr>")[2:]}
+    assert [rows[c].count(f"<td>{NOT_HERE}</td>") for c in "abcd"] == [0, 0, 3, 1], per_class
+    assert rows["d"].startswith(f'<td class="l">d</td><td>{NOT_HERE}</td><td><span data-key="test.per_class.d.recall">0.0000<')
