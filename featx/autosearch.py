@@ -375,7 +375,8 @@ class Search:
         known = self.results.get(f"extract__{backbone}", options)
         estimate = known["seconds"] if known else self.cost.extract(backbone, len(self.ds))
         taps = resolve_backbone(backbone, "auto")[1]
-        heads = sum(self.cost.fit("logreg", len(self.rows.train), 1280 if tap == taps[-1] else 256) for tap in taps)
+        rows = len(self.rows.train)
+        heads = sum(self.head_estimate("logreg", rows, 1280 if tap == taps[-1] else 256) for tap in taps)
         if not mandatory and not self.fits(estimate + heads):
             self.skip(Candidate(f"{backbone} taps", "extract", backbone), estimate + heads)
             return None
@@ -394,6 +395,12 @@ class Search:
         self.features[backbone] = {r.layer: r.path for r in extracted}
         return self.features[backbone]
 
+    def head_estimate(self, clf: str, rows: int, dim: int) -> float:
+        """A head's fit and, when the comparison rows are few, its out-of-fold pass: what ``head`` will spend, and
+        what a backbone's extraction must leave room for (without the pass, lite1's taps were extracted at
+        --budget 1m and then none of their heads fitted)."""
+        return self.cost.fit(clf, rows, dim) + self.small * self.cost.out_of_fold(clf, rows, dim)
+
     def head(self, candidate: Candidate, mandatory: bool = False) -> dict | None:
         """Fit ``candidate.clf`` on the training part (its C, k or epochs chosen by CV there) and score it; when
         the comparison rows are few, score it out of fold on the training part too (``out_of_fold``)."""
@@ -406,8 +413,7 @@ class Search:
         if known is None:
             F = store.load(self.features[candidate.backbone][candidate.layer])
             train = self.rows.indices(F.paths, self.rows.train)
-            estimate = self.cost.fit(candidate.clf, len(train), F.X.shape[1]) + \
-                self.small * self.cost.out_of_fold(candidate.clf, len(train), F.X.shape[1])
+            estimate = self.head_estimate(candidate.clf, len(train), F.X.shape[1])
             if not mandatory and not self.fits(estimate):
                 return self.skip(candidate, estimate)
             started = time.perf_counter()
@@ -836,7 +842,8 @@ def ranked_on(r: dict, tested: bool) -> str:
     rows = f"{r['n']} comparison rows" + (f" + {oof['n']} training rows out of fold" if oof else "")
     return (f"{r['rank_accuracy']:.4f} on the {r['rank_rows']} rows that ranked the candidates ({rows}): "
             "optimistic for the winner, which they chose; " +
-            ("test is scored once" if tested else "there is no test split: add a test/ folder for a figure nothing chose"))
+            ("test is scored once" if tested else
+             "there is no test split: add a test/ folder for a figure nothing chose"))
 
 
 def points(m: dict) -> str:

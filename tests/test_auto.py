@@ -380,3 +380,8 @@ def test_the_out_of_fold_estimate_follows_what_was_measured():
     assert cost.out_of_fold("svm", 400, 1280) == pytest.approx(cost.fit("svm", 400, 1280) * 4.5)
     cost.saw_out_of_fold("svm", 1.0, 2.0)
     assert cost.out_of_fold("svm", 400, 1280) == pytest.approx(cost.fit("svm", 400, 1280) * 2.0)
+    search = object.__new__(autosearch.Search)  # what a head is budgeted at, and a backbone's taps before extraction
+    search.cost, search.small = cost, True
+    assert search.head_estimate("svm", 400, 1280) == pytest.approx(cost.fit("svm", 400, 1280) * 3.0)
+    search.small = False  # many comparison rows: no out-of-fold pass
+    assert search.head_estimate("svm", 400, 1280) == pytest.approx(cost.fit("svm", 400, 1280))
