@@ -204,7 +204,7 @@ class CostModel:
 
     def __init__(self):
         self.extract_rate = None  # lite0-equivalent images/s
-        self.fit_scale = {}  # clf -> measured / prior
+        self.fits_seen = {}  # clf -> [(rows x dimension, seconds)], as measured
         self.finetune_scale = None
         self.oof_ratio = {}  # clf -> out-of-fold seconds per second of the head's own fit
 
@@ -217,11 +217,31 @@ class CostModel:
             self.extract_rate = images / seconds * RELATIVE_COST.get(backbone, 2.0)
 
     def fit(self, clf: str, rows: int, dim: int) -> float:
-        scale = self.fit_scale.get(clf, self.fit_scale.get("logreg", 1.0))
-        return 0.2 + FIT_PRIOR[clf] * rows * dim * scale
+        """A fit's seconds: a fixed part (the CV's folds and grid) plus a part in rows x dimension, both read off
+        the fits of ``clf`` measured so far (a line through them), else the prior scaled as logreg's were."""
+        if clf in self.fits_seen:
+            return self.measured_fit(clf, rows * dim)
+        prior = 0.2 + FIT_PRIOR[clf] * rows * dim
+        if "logreg" in self.fits_seen:
+            return prior * self.measured_fit("logreg", rows * dim) / (0.2 + FIT_PRIOR["logreg"] * rows * dim)
+        return prior
+
+    def measured_fit(self, clf: str, size: int) -> float:
+        """The line through the measured (size, seconds) of ``clf``: with one fit, or fits of one size, the prior's
+        fixed 0.2 s and a slope through the mean; a slope is never below 0, a fixed part never below 0.2 s. A
+        single rate in seconds per row and dimension, refitted on each fit, swung with the last tap's size: on
+        hymenoptera a small tap's 1.5 s fit (most of it fixed) put lite1's 1,280-d head at ~24 s and the
+        reserve at ~28 s, after lite1's taps had been extracted on a ~12 s reserve."""
+        sizes, seconds = map(np.asarray, zip(*self.fits_seen[clf]))
+        if np.ptp(sizes) > 0:
+            slope = max(float(np.polyfit(sizes, seconds, 1)[0]), 0.0)
+            fixed = max(float(seconds.mean() - slope * sizes.mean()), 0.2)
+        else:
+            fixed, slope = 0.2, max(float(seconds.mean()) - 0.2, 0.0) / float(sizes.mean())
+        return fixed + slope * size
 
     def saw_fit(self, clf: str, rows: int, dim: int, seconds: float) -> None:
-        self.fit_scale[clf] = max(seconds - 0.2, 0.01) / (FIT_PRIOR[clf] * rows * dim)
+        self.fits_seen.setdefault(clf, []).append((rows * dim, seconds))
 
     def out_of_fold(self, clf: str, rows: int, dim: int) -> float:
         """The nested CV of ``clf``: its fit's estimate times the ratio measured for it (else for logreg; the

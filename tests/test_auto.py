@@ -368,6 +368,22 @@ def test_comparison_rows_choose_nothing(first_run, tiny, only_tiny):
     assert before != after  # the rows really were scored with the new labels
 
 
+def test_a_fits_estimate_has_a_fixed_part_and_a_part_in_rows_and_dimension():
+    """Fits of ~1.5 s whatever the tap's size (their cost mostly fixed) predict ~1.5 s for a 1,280-d tap too,
+    not 16x that; a heads' estimate with no fit of its own follows logreg's measured/prior ratio."""
+    cost = autosearch.CostModel()
+    assert cost.fit("logreg", 200, 1280) == pytest.approx(0.2 + autosearch.FIT_PRIOR["logreg"] * 200 * 1280)
+    cost.saw_fit("logreg", 200, 80, 1.5)
+    one = cost.fit("logreg", 200, 1280)
+    assert one == pytest.approx(0.2 + 1.3 * 1280 / 80)  # one fit: the prior's fixed part, the rest per size
+    cost.saw_fit("logreg", 200, 160, 1.5)
+    assert cost.fit("logreg", 200, 1280) == pytest.approx(1.5) and cost.fit("logreg", 200, 1280) < one / 10
+    cost.saw_fit("logreg", 200, 1280, 3.0)
+    assert 2.9 < cost.fit("logreg", 200, 1280) < 3.1 and cost.fit("logreg", 400, 1280) > 4.0
+    ratio = cost.fit("logreg", 200, 1280) / (0.2 + autosearch.FIT_PRIOR["logreg"] * 200 * 1280)
+    assert cost.fit("mlp", 200, 1280) == pytest.approx((0.2 + autosearch.FIT_PRIOR["mlp"] * 200 * 1280) * ratio)
+
+
 def test_the_out_of_fold_estimate_follows_what_was_measured():
     """The nested CV's cost is estimated from the ratio measured for the same head (else logreg's), not from
     the fold count alone."""
