@@ -58,7 +58,8 @@ TIE_MARGIN = 0.01  # ... and trails it by at most this much accuracy on the rows
 SMALL_COMPARE = 100  # fewer comparison rows: heads are ranked on their out-of-fold training rows too
 OUTER_FOLDS, OOF_INNER_FOLDS = 3, 3  # that nested cross-validation (its cost: ``CostModel.out_of_fold``, measured)
 # priors, replaced by what this run measures: extraction images/s of lite0 on 2 CPU cores (ONNX Runtime, with
-# decoding), each backbone's cost relative to lite0 (FLOPs), and head fits in seconds per row x feature
+# decoding), each backbone's cost relative to lite0 (FLOPs), and head fits in seconds per row x feature beyond a
+# fixed 0.2 s (``CostModel.fit``: both parts are then read off the fits measured)
 EXTRACT_RATE_PRIOR = 25.0
 RELATIVE_COST = {"efficientnet_lite0": 1.0, "efficientnet_lite1": 1.5, "efficientnet_lite2": 2.3}
 FIT_PRIOR = {"logreg": 6e-6, "svm": 8e-6, "knn": 4e-7, "mlp": 1.5e-5}
